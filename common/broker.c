@@ -1,0 +1,242 @@
+/* broker.c -- see broker.h */
+#include "broker.h"
+
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+void broker_opts_init(struct broker_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->fd = -1;
+	o->port = 5672;
+	o->verify_hostname = true;
+	o->heartbeat = 30;
+}
+
+const char *broker_reply_describe(amqp_rpc_reply_t r, char *buf, size_t len)
+{
+	switch (r.reply_type) {
+	case AMQP_RESPONSE_NORMAL:
+		snprintf(buf, len, "ok");
+		break;
+	case AMQP_RESPONSE_NONE:
+		snprintf(buf, len, "missing RPC reply");
+		break;
+	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+		snprintf(buf, len, "%s", amqp_error_string2(r.library_error));
+		break;
+	case AMQP_RESPONSE_SERVER_EXCEPTION:
+		if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+			const amqp_connection_close_t *m = r.reply.decoded;
+			snprintf(buf, len, "server connection error %u: %.*s", m->reply_code,
+				 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		} else if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+			const amqp_channel_close_t *m = r.reply.decoded;
+			snprintf(buf, len, "server channel error %u: %.*s", m->reply_code,
+				 (int)m->reply_text.len, (const char *)m->reply_text.bytes);
+		} else {
+			snprintf(buf, len, "unexpected server method 0x%08x", r.reply.id);
+		}
+		break;
+	}
+	return buf;
+}
+
+static int reply_errno(amqp_rpc_reply_t r)
+{
+	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION)
+		return -EACCES;
+	if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+	    r.library_error == AMQP_STATUS_TIMEOUT)
+		return -ETIMEDOUT;
+	return -ECONNABORTED;
+}
+
+static amqp_table_entry_t entry_bool(const char *k, bool v)
+{
+	amqp_table_entry_t e;
+
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+	e.value.value.boolean = v;
+	return e;
+}
+
+static amqp_table_entry_t entry_str(const char *k, const char *v)
+{
+	amqp_table_entry_t e;
+
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_UTF8;
+	e.value.value.bytes = amqp_cstring_bytes(v);
+	return e;
+}
+
+static int setup_tls(const struct broker_opts *o, amqp_socket_t *s, char *err, size_t errlen)
+{
+	int r;
+
+	if (!o->ca) {
+		snprintf(err, errlen, "TLS needs a CA file (no default CA paths)");
+		return -EINVAL;
+	}
+	r = amqp_ssl_socket_set_ssl_versions(s, AMQP_TLSv1_2, AMQP_TLSvLATEST);
+	if (r == AMQP_STATUS_OK)
+		r = amqp_ssl_socket_set_cacert(s, o->ca);
+	if (r != AMQP_STATUS_OK) {
+		snprintf(err, errlen, "CA file \"%s\": %s", o->ca, amqp_error_string2(r));
+		return -EINVAL;
+	}
+	if (o->cert) {
+		if (!o->key) {
+			snprintf(err, errlen, "client certificate given without a key");
+			return -EINVAL;
+		}
+		r = amqp_ssl_socket_set_key(s, o->cert, o->key);
+		if (r != AMQP_STATUS_OK) {
+			snprintf(err, errlen, "client certificate \"%s\" / key \"%s\": %s",
+				 o->cert, o->key, amqp_error_string2(r));
+			return -EINVAL;
+		}
+	}
+	amqp_ssl_socket_set_verify_peer(s, 1);
+	amqp_ssl_socket_set_verify_hostname(s, o->verify_hostname ? 1 : 0);
+	return 0;
+}
+
+int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, char *err,
+		   size_t errlen)
+{
+	amqp_connection_state_t conn;
+	amqp_socket_t *s;
+	amqp_rpc_reply_t rr;
+	struct timeval tv;
+	int timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 10000;
+	int r;
+	char desc[300];
+
+	conn = amqp_new_connection();
+	if (!conn) {
+		if (o->fd >= 0)
+			close(o->fd);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	s = o->tls && o->fd < 0 ? amqp_ssl_socket_new(conn) : amqp_tcp_socket_new(conn);
+	if (!s) {
+		if (o->fd >= 0)
+			close(o->fd);
+		snprintf(err, errlen, "cannot create socket object");
+		r = -ENOMEM;
+		goto fail;
+	}
+	tv.tv_sec = timeout_ms / 1000;
+	tv.tv_usec = (timeout_ms % 1000) * 1000;
+	amqp_set_handshake_timeout(conn, &tv);
+	amqp_set_rpc_timeout(conn, &tv);
+
+	if (o->fd >= 0) {
+		amqp_tcp_socket_set_sockfd(s, o->fd);
+	} else {
+		if (o->tls) {
+			r = setup_tls(o, s, err, errlen);
+			if (r < 0)
+				goto fail;
+		}
+		r = amqp_socket_open_noblock(s, o->host, o->port, &tv);
+		if (r != AMQP_STATUS_OK) {
+			snprintf(err, errlen, "connect %s:%u%s: %s", o->host, o->port,
+				 o->tls ? " (TLS)" : "", amqp_error_string2(r));
+			r = r == AMQP_STATUS_TIMEOUT ? -ETIMEDOUT : -ECONNREFUSED;
+			goto fail;
+		}
+	}
+
+	{
+		amqp_table_entry_t caps[] = {
+			entry_bool("connection.blocked", true),
+			entry_bool("authentication_failure_close", true),
+			entry_bool("publisher_confirms", true),
+			entry_bool("basic.nack", true),
+			entry_bool("consumer_cancel_notify", true),
+		};
+		amqp_table_entry_t props[3];
+		amqp_table_t table;
+		int n = 0;
+
+		props[n].key = amqp_cstring_bytes("capabilities");
+		props[n].value.kind = AMQP_FIELD_KIND_TABLE;
+		props[n].value.value.table.num_entries = (int)(sizeof(caps) / sizeof(caps[0]));
+		props[n].value.value.table.entries = caps;
+		n++;
+		if (o->connection_name)
+			props[n++] = entry_str("connection_name", o->connection_name);
+		if (o->product)
+			props[n++] = entry_str("product", o->product);
+		table.num_entries = n;
+		table.entries = props;
+
+		if (o->auth == BROKER_AUTH_EXTERNAL)
+			rr = amqp_login_with_properties(conn, o->vhost ? o->vhost : "/",
+							o->channel_max ? o->channel_max : 16,
+							o->frame_max ? (int)o->frame_max : 131072,
+							o->heartbeat, &table,
+							AMQP_SASL_METHOD_EXTERNAL, "");
+		else
+			rr = amqp_login_with_properties(
+				conn, o->vhost ? o->vhost : "/", o->channel_max ? o->channel_max : 16,
+				o->frame_max ? (int)o->frame_max : 131072, o->heartbeat, &table,
+				AMQP_SASL_METHOD_PLAIN, o->user ? o->user : "guest",
+				o->password ? o->password : "guest");
+	}
+	if (rr.reply_type != AMQP_RESPONSE_NORMAL) {
+		snprintf(err, errlen, "login to %s:%u vhost \"%s\": %s", o->host ? o->host : "fd",
+			 o->port, o->vhost ? o->vhost : "/",
+			 broker_reply_describe(rr, desc, sizeof(desc)));
+		r = reply_errno(rr);
+		goto fail;
+	}
+	*out = conn;
+	return 0;
+fail:
+	amqp_destroy_connection(conn);
+	return r;
+}
+
+int broker_channel_open(amqp_connection_state_t conn, amqp_channel_t channel, bool confirm,
+			char *err, size_t errlen)
+{
+	amqp_rpc_reply_t rr;
+	char desc[300];
+
+	amqp_channel_open(conn, channel);
+	rr = amqp_get_rpc_reply(conn);
+	if (rr.reply_type != AMQP_RESPONSE_NORMAL) {
+		snprintf(err, errlen, "channel.open: %s",
+			 broker_reply_describe(rr, desc, sizeof(desc)));
+		return reply_errno(rr);
+	}
+	if (confirm) {
+		amqp_confirm_select(conn, channel);
+		rr = amqp_get_rpc_reply(conn);
+		if (rr.reply_type != AMQP_RESPONSE_NORMAL) {
+			snprintf(err, errlen, "confirm.select: %s",
+				 broker_reply_describe(rr, desc, sizeof(desc)));
+			return reply_errno(rr);
+		}
+	}
+	return 0;
+}
+
+void broker_close(amqp_connection_state_t conn)
+{
+	if (!conn)
+		return;
+	amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+	amqp_destroy_connection(conn);
+}

@@ -1,0 +1,122 @@
+/* guest_session.h -- the guest-facing AMQP 0-9-1 server engine: bytes in,
+ * bytes and events out. No sockets, no threads, no clock of its own: the
+ * caller feeds what the guest sent, writes what the engine produced, passes
+ * the time in, and settles publishes when the broker confirmed them. */
+#pragma once
+
+#include <amqp.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct guest_session;
+
+/* Authentication hook: MECHANISM is "PLAIN", "AMQPLAIN" or "EXTERNAL";
+ * USER is the parsed login name ("" for EXTERNAL or when absent). Return 0
+ * to accept, negative to refuse (403 ACCESS_REFUSED). */
+typedef int (*guest_auth_fn)(void *userdata, const char *mechanism, const char *user);
+
+/* A complete basic.publish. Pointers are valid only during the callback,
+ * except BODY, whose ownership passes to the callee (free() it). */
+struct guest_publish {
+	uint16_t channel;
+	uint32_t channel_gen;	  /* distinguishes reopened channels with the same number */
+	uint64_t delivery_tag;	  /* 1, 2, ... per channel in confirm mode; 0 otherwise */
+	bool confirm;		  /* the channel is in confirm mode: settle this publish */
+	bool mandatory;
+	amqp_bytes_t exchange;
+	amqp_bytes_t routing_key;
+	const amqp_basic_properties_t *properties; /* decoded, depth-checked */
+	amqp_bytes_t raw_properties; /* the header frame's property flags + list, as sent */
+	void *body;		      /* malloc'd, owned by the callee; NULL when body_len 0 */
+	size_t body_len;
+};
+
+enum guest_event_type {
+	GUEST_EVENT_OPENED,	    /* connection.open accepted: user and vhost known */
+	GUEST_EVENT_PUBLISH,	    /* .publish */
+	GUEST_EVENT_CHANNEL_CLOSED, /* .channel, .channel_gen: no further confirms needed */
+	GUEST_EVENT_CLOSED,	    /* the connection is finished: close the socket once
+				       the output is flushed (guest_session_done) */
+};
+
+struct guest_event {
+	enum guest_event_type type;
+	uint16_t channel;
+	uint32_t channel_gen;
+	uint16_t reply_code; /* CLOSED: the code sent or received (200 clean) */
+	const char *text;    /* CLOSED: why, for the log */
+	struct guest_publish publish;
+};
+
+/* Events are delivered synchronously from guest_session_feed/_tick. The
+ * callback must not destroy the session. */
+typedef void (*guest_event_fn)(void *userdata, const struct guest_event *ev);
+
+struct guest_session_config {
+	uint16_t channel_max;	       /* proposed in tune; default 64 */
+	uint32_t frame_max;	       /* proposed in tune; default 131072 */
+	uint16_t heartbeat;	       /* proposed in tune, seconds; default 60 */
+	uint64_t max_message_bytes;    /* larger declared body: 406 on the channel */
+	size_t max_output_bytes;       /* unsent output past this: connection dropped */
+	uint32_t handshake_timeout_ms; /* header to open-ok; default 10000 */
+	unsigned max_table_depth;      /* nested field tables; default 8 */
+	uint32_t max_unconfirmed;      /* per channel; past it guest_session_wants_read is false */
+	const char *const *allowed_exchanges; /* NULL-terminated; NULL allows none */
+	const char *vhost;		      /* NULL: any vhost is accepted */
+	const char *product;		      /* server property "product" */
+	guest_auth_fn auth;		      /* NULL accepts everyone */
+	void *auth_userdata;
+	guest_event_fn on_event;
+	void *event_userdata;
+};
+
+/* Fill C with the defaults above (no exchange allowed, no callbacks). */
+void guest_session_config_init(struct guest_session_config *c);
+
+/* A new session in the "waiting for protocol header" state. CONFIG and the
+ * strings it points to must outlive the session. NOW_MS starts the
+ * handshake timer. NULL on allocation failure. */
+struct guest_session *guest_session_new(const struct guest_session_config *config,
+					uint64_t now_ms);
+void guest_session_free(struct guest_session *s);
+
+/* Feed LEN bytes the guest sent at NOW_MS. Consumes all of them (partial
+ * frames are buffered, bounded by frame_max). Returns 0, or -EPROTO once the
+ * session is closing or closed (the rest is discarded). */
+int guest_session_feed(struct guest_session *s, const void *data, size_t len, uint64_t now_ms);
+
+/* Timers: heartbeats due, heartbeat and handshake timeouts. Returns the
+ * next absolute deadline in ms (UINT64_MAX for none). */
+uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms);
+
+/* Output not yet written to the guest. */
+size_t guest_session_output(struct guest_session *s, const void **data);
+/* N bytes of the output were written. NOW_MS feeds the heartbeat timer. */
+void guest_session_output_consumed(struct guest_session *s, size_t n, uint64_t now_ms);
+
+/* Settle a publish that was announced with confirm=true: ACK false nacks.
+ * Acks go out in delivery-tag order; "multiple" never covers a tag that is
+ * not settled. Settling a closed channel's generation is a no-op.
+ * Returns 0 or -ENOENT for an unknown tag. */
+int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			 uint64_t delivery_tag, bool ack);
+
+/* Server-initiated close (320 CONNECTION_FORCED on VM stop or drain, ...). */
+void guest_session_close(struct guest_session *s, uint16_t code, const char *text);
+
+/* Send connection.blocked (with REASON) or unblocked, when the client
+ * advertised the capability and the state changes. */
+void guest_session_set_blocked(struct guest_session *s, bool blocked, const char *reason);
+
+/* False while the session is at a bound (output buffer above half its
+ * limit, a channel at max_unconfirmed) or closing: stop reading the socket. */
+bool guest_session_wants_read(const struct guest_session *s);
+
+/* True once the connection is over and the output, if any, is flushed. */
+bool guest_session_done(const struct guest_session *s);
+
+/* For logs: the login name ("" before open) and whether the client
+ * advertised connection.blocked. */
+const char *guest_session_user(const struct guest_session *s);
+bool guest_session_is_open(const struct guest_session *s);
