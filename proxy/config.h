@@ -1,0 +1,103 @@
+/* config.h -- vmproxyd's configuration: the JSON file's schema as a struct,
+ * loaded and validated in one place (docs/configuration.md). */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "broker.h"
+
+enum listener_type {
+	LISTENER_TCP,
+	LISTENER_VSOCK,
+	LISTENER_UNIX,
+};
+
+struct listener_config {
+	enum listener_type type;
+	char *address; /* tcp: bind address, default "0.0.0.0" */
+	uint32_t port; /* tcp and vsock; default 5672 */
+	char *path;    /* unix: socket path */
+	char *vm;      /* unix: the VM (name or uuid) the socket belongs to */
+};
+
+struct static_identity {
+	char *address; /* numeric IPv4 or IPv6 source address */
+	char *vm;      /* name (or uuid) of the VM */
+	char *uuid;    /* optional; required when no libvirt_uri resolves vm */
+};
+
+enum unknown_peers {
+	UNKNOWN_PEERS_REJECT,
+	UNKNOWN_PEERS_BY_ADDRESS, /* identify by the address itself (uuid derived from it) */
+};
+
+struct proxy_config {
+	char *file;
+
+	struct listener_config *listeners;
+	size_t n_listeners;
+
+	struct {
+		char *libvirt_uri; /* NULL: no libvirt */
+		struct static_identity *statics;
+		size_t n_statics;
+		enum unknown_peers unknown_peers;
+	} identity;
+
+	struct {
+		unsigned count; /* 0: one per CPU in the affinity mask */
+		int *cpus;	/* NULL: the affinity mask's CPUs in order */
+		size_t n_cpus;
+	} threads;
+
+	struct {
+		char *host;
+		uint16_t port; /* default 5671 with tls, 5672 without */
+		char *vhost;   /* default "/" */
+		bool tls;      /* true when the "tls" object is present */
+		char *ca;
+		char *cert;
+		char *key;
+		bool verify_hostname; /* default true */
+		enum broker_auth mechanism;
+		char *user;
+		char *password;
+		char *exchange;		     /* required */
+		uint16_t heartbeat;	     /* seconds, default 30 */
+		uint32_t connect_timeout_ms; /* default 10000 */
+		uint32_t stuck_timeout_ms;   /* watchdog: unwritable this long -> shutdown; 30000 */
+	} upstream;
+
+	struct {
+		char **allowed_exchanges; /* NULL-terminated; default { "metrics", NULL } */
+		uint64_t max_message_bytes;	/* default 1 MiB, at most 128 MiB */
+		uint16_t channel_max;		/* default 64 */
+		uint32_t max_connections_per_vm; /* default 16 */
+		uint16_t heartbeat;		/* default 60 */
+		uint32_t handshake_timeout_ms;	/* default 10000 */
+	} guest;
+
+	struct {
+		uint64_t unconfirmed_bytes_per_vm;     /* default 8 MiB */
+		uint64_t unconfirmed_bytes_per_thread; /* default 64 MiB */
+		uint32_t max_connections;	       /* whole daemon, default 65536 */
+	} limits;
+
+	struct {
+		char *socket; /* NULL: no admin socket */
+		char *group;  /* NULL: root only */
+	} admin;
+
+	uint32_t drain_timeout_ms; /* "drain_timeout_ms", SIGTERM wait for confirms; 10000 */
+	char *log_level;	   /* "log_level": error|warn|info|debug, default info */
+	char *hostname;		   /* "hostname": x-vmproxy-host; default gethostname() */
+};
+
+/* Load and validate FILE. On error returns -EINVAL (or -errno) and writes
+ * "FILE: key.path: what was expected" into ERR; nothing to free then. */
+int proxy_config_load(const char *file, struct proxy_config **out, char *err, size_t errlen);
+
+/* Accepts NULL. */
+void proxy_config_free(struct proxy_config *c);

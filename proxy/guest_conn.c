@@ -1,0 +1,1 @@
+/* guest_conn.c -- being written */

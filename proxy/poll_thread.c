@@ -1,0 +1,1 @@
+/* poll_thread.c -- being written */

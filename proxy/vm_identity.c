@@ -1,0 +1,1 @@
+/* vm_identity.c -- being written */

@@ -1,0 +1,56 @@
+/* vm_identity.h -- who is behind a guest connection: vsock CID, source
+ * address or per-VM socket mapped to a VM (uuid, name) through the static
+ * table or libvirt, with a cache kept fresh by libvirt lifecycle events.
+ * Thread-safe; lookups may block on libvirt RPCs, so never call them from a
+ * poll thread. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "config.h"
+
+#define VM_UUID_LEN 36
+#define VM_NAME_MAX 128
+
+struct vm_info {
+	char uuid[VM_UUID_LEN + 1]; /* canonical lower-case 8-4-4-4-12 */
+	char name[VM_NAME_MAX];	    /* libvirt domain name, or the static "vm" */
+	uint32_t cid;		    /* vsock CID, 0 when none */
+};
+
+struct vm_identity;
+
+/* Build from the config's identity section; opens the libvirt connection
+ * when libvirt_uri is set (blocking). Errors name the URI in ERR. */
+int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, char *err,
+		    size_t errlen);
+/* Stops the event thread if started. Accepts NULL. */
+void vm_identity_free(struct vm_identity *id);
+
+/* Resolve a vsock peer CID (a running domain whose
+ * /domain/devices/vsock/cid/@address is CID). Looked up again on each call
+ * unless cached; 0 or -ENOENT. */
+int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out);
+
+/* Resolve a TCP peer: the static table first, then libvirt (interface
+ * addresses), then unknown_peers=by_address. 0 or -ENOENT. */
+int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
+			   struct vm_info *out);
+
+/* Resolve a VM by name or uuid (per-VM Unix sockets, static entries). */
+int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out);
+
+/* Called from the event thread when a domain stops, is undefined or
+ * migrates away: UUID is no longer running here. */
+typedef void (*vm_gone_fn)(void *userdata, const struct vm_info *vm);
+
+/* Start the thread that runs libvirt's event loop and registers lifecycle
+ * callbacks. A no-op returning 0 without libvirt. */
+int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *userdata);
+
+/* Destroy the running domain NAME on the connection this object holds.
+ * For tests with libvirt's test driver, whose state is private to each
+ * connection. */
+int vm_identity_destroy_domain(struct vm_identity *id, const char *name);
