@@ -1,1 +1,190 @@
-/* listener.c -- being written */
+/* listener.c -- see listener.h */
+#include "listener.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/vm_sockets.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define BACKLOG 1024
+
+static int open_tcp(const struct listener_config *lc, struct listener *l, char *err, size_t errlen)
+{
+	const char *addr = lc->address ? lc->address : "0.0.0.0";
+	struct sockaddr_storage ss;
+	socklen_t len;
+	int one = 1, fd;
+
+	memset(&ss, 0, sizeof(ss));
+	if (inet_pton(AF_INET, addr, &((struct sockaddr_in *)&ss)->sin_addr) == 1) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons((uint16_t)lc->port);
+		len = sizeof(*sin);
+	} else if (inet_pton(AF_INET6, addr, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons((uint16_t)lc->port);
+		len = sizeof(*sin6);
+	} else {
+		snprintf(err, errlen, "tcp listener: \"%s\" is not a numeric address", addr);
+		return -EINVAL;
+	}
+	snprintf(l->name, sizeof(l->name), "tcp %s:%u", addr, lc->port);
+	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(fd, (struct sockaddr *)&ss, len) < 0 || listen(fd, BACKLOG) < 0)
+		goto fail;
+	l->fd = fd;
+	return 0;
+fail:
+	snprintf(err, errlen, "%s: %s", l->name, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return -errno;
+}
+
+static int open_vsock(const struct listener_config *lc, struct listener *l, char *err,
+		      size_t errlen)
+{
+	struct sockaddr_vm svm;
+	int fd, e;
+
+	snprintf(l->name, sizeof(l->name), "vsock port %u", lc->port);
+	fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	memset(&svm, 0, sizeof(svm));
+	svm.svm_family = AF_VSOCK;
+	svm.svm_cid = VMADDR_CID_ANY;
+	svm.svm_port = lc->port;
+	if (bind(fd, (struct sockaddr *)&svm, sizeof(svm)) < 0 || listen(fd, BACKLOG) < 0)
+		goto fail;
+	l->fd = fd;
+	return 0;
+fail:
+	e = errno;
+	snprintf(err, errlen, "%s: %s", l->name, strerror(e));
+	if (fd >= 0)
+		close(fd);
+	return -e;
+}
+
+static int open_unix(const struct listener_config *lc, struct listener *l, char *err,
+		     size_t errlen)
+{
+	struct sockaddr_un sun;
+	struct stat st;
+	int fd, e;
+
+	snprintf(l->name, sizeof(l->name), "unix %s", lc->path);
+	if (strlen(lc->path) >= sizeof(sun.sun_path)) {
+		snprintf(err, errlen, "%s: path longer than %zu bytes", l->name,
+			 sizeof(sun.sun_path) - 1);
+		return -ENAMETOOLONG;
+	}
+	/* A stale socket from a previous run is replaced; anything else is not. */
+	if (lstat(lc->path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode)) {
+			snprintf(err, errlen, "%s: exists and is not a socket", l->name);
+			return -EEXIST;
+		}
+		unlink(lc->path);
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	memset(&sun, 0, sizeof(sun));
+	sun.sun_family = AF_UNIX;
+	strcpy(sun.sun_path, lc->path);
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 || listen(fd, BACKLOG) < 0)
+		goto fail;
+	l->fd = fd;
+	return 0;
+fail:
+	e = errno;
+	snprintf(err, errlen, "%s: %s", l->name, strerror(e));
+	if (fd >= 0)
+		close(fd);
+	return -e;
+}
+
+int listener_open(const struct listener_config *lc, struct listener *out, char *err,
+		  size_t errlen)
+{
+	memset(out, 0, sizeof(*out));
+	out->cfg = lc;
+	out->fd = -1;
+	switch (lc->type) {
+	case LISTENER_TCP:
+		return open_tcp(lc, out, err, errlen);
+	case LISTENER_VSOCK:
+		return open_vsock(lc, out, err, errlen);
+	case LISTENER_UNIX:
+		return open_unix(lc, out, err, errlen);
+	}
+	return -EINVAL;
+}
+
+int listener_accept(struct listener *l, int *fd, struct sockaddr_storage *peer, socklen_t *len)
+{
+	int one = 1, r;
+
+	*len = sizeof(*peer);
+	r = accept4(l->fd, (struct sockaddr *)peer, len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (r < 0)
+		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+	if (l->cfg->type == LISTENER_TCP)
+		setsockopt(r, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	*fd = r;
+	return 0;
+}
+
+void listener_close(struct listener *l)
+{
+	if (l->fd < 0)
+		return;
+	close(l->fd);
+	l->fd = -1;
+	if (l->cfg && l->cfg->type == LISTENER_UNIX)
+		unlink(l->cfg->path);
+}
+
+const char *listener_peer_str(const struct sockaddr_storage *sa, socklen_t len, char *buf,
+			      size_t buflen)
+{
+	char a[INET6_ADDRSTRLEN];
+
+	switch (sa->ss_family) {
+	case AF_INET: {
+		const struct sockaddr_in *s = (const struct sockaddr_in *)sa;
+		inet_ntop(AF_INET, &s->sin_addr, a, sizeof(a));
+		snprintf(buf, buflen, "%s:%u", a, ntohs(s->sin_port));
+		break;
+	}
+	case AF_INET6: {
+		const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)sa;
+		inet_ntop(AF_INET6, &s->sin6_addr, a, sizeof(a));
+		snprintf(buf, buflen, "[%s]:%u", a, ntohs(s->sin6_port));
+		break;
+	}
+	case AF_VSOCK: {
+		const struct sockaddr_vm *s = (const struct sockaddr_vm *)sa;
+		snprintf(buf, buflen, "vsock cid %u port %u", s->svm_cid, s->svm_port);
+		break;
+	}
+	default:
+		snprintf(buf, buflen, "unix");
+		break;
+	}
+	(void)len;
+	return buf;
+}

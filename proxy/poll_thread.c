@@ -1,1 +1,967 @@
-/* poll_thread.c -- being written */
+/* poll_thread.c -- see poll_thread.h.
+ *
+ * Ownership: a guest_conn lives while its socket is open or while any of
+ * its messages is held (refs); a vm_state while it has connections or held
+ * messages. Neither is freed inside an engine callback: a closing
+ * connection is marked and closed after the dispatch round.
+ *
+ * Fairness: each VM has its own FIFO of messages waiting for the link, and
+ * the link takes one message at a time from VMs in round-robin order, so a
+ * VM publishing flat out queues behind itself, not in front of others.
+ * Order within a connection is kept because a VM's FIFO is one queue. */
+#include "poll_thread.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "guest_conn.h"
+#include "guest_session.h"
+#include "log.h"
+#include "upstream.h"
+
+#define READ_CHUNK     65536
+#define MAX_EVENTS     256
+#define SCAN_EVERY_MS  250
+#define VM_BUCKETS     1024
+#define PROPS_BUF_SIZE (256u << 10)
+
+struct vm_state {
+	struct vm_info info;
+	struct vm_state *hash_next;
+	struct guest_conn *conns;
+	uint32_t nconns;
+	uint32_t refs; /* connections + held messages */
+	uint64_t held_bytes, held_msgs;
+	struct upstream_msg *pend_head, *pend_tail; /* waiting for the link */
+	struct vm_state *ring_next;		    /* in the active ring */
+	bool in_ring;
+	bool blocked; /* over its unconfirmed-bytes bound */
+	uint64_t msgs_in, bytes_in, acked, nacked;
+};
+
+struct poll_thread {
+	unsigned id;
+	int cpu;
+	const struct poll_shared *sh;
+	pthread_t tid;
+	int epfd;
+	struct mailbox mb;
+	struct upstream *up;
+	struct guest_session_config scfg;
+
+	struct vm_state *vms[VM_BUCKETS];
+	uint32_t nvms;
+	struct guest_conn *conns; /* all, doubly linked */
+	uint32_t nconns;
+	struct guest_conn *dirty;
+	struct vm_state *ring_head, *ring_tail; /* VMs with messages waiting */
+
+	struct guest_conn *cur; /* the connection whose engine is running */
+	bool kick;		/* new messages for the link */
+	bool stopping;
+	bool started;
+	bool blocked; /* the whole thread is over its bound */
+	uint64_t held_bytes, held_msgs;
+	uint64_t next_scan;
+
+	amqp_pool_t pool;
+	unsigned char *props_buf;
+	unsigned char read_buf[READ_CHUNK];
+	struct poll_gauges g;
+};
+
+static uint64_t hash_uuid(const char *s)
+{
+	uint64_t h = 1469598103934665603ull;
+
+	while (*s)
+		h = (h ^ (unsigned char)*s++) * 1099511628211ull;
+	return h;
+}
+
+static struct vm_state *vm_find(struct poll_thread *pt, const char *uuid)
+{
+	struct vm_state *v = pt->vms[hash_uuid(uuid) % VM_BUCKETS];
+
+	while (v && strcmp(v->info.uuid, uuid) != 0)
+		v = v->hash_next;
+	return v;
+}
+
+static struct vm_state *vm_get(struct poll_thread *pt, const struct vm_info *info)
+{
+	struct vm_state *v = vm_find(pt, info->uuid);
+	size_t b;
+
+	if (v)
+		return v;
+	v = calloc(1, sizeof(*v));
+	if (!v)
+		return NULL;
+	v->info = *info;
+	b = hash_uuid(info->uuid) % VM_BUCKETS;
+	v->hash_next = pt->vms[b];
+	pt->vms[b] = v;
+	pt->nvms++;
+	return v;
+}
+
+static void vm_unref(struct poll_thread *pt, struct vm_state *v)
+{
+	struct vm_state **pv;
+
+	if (--v->refs > 0)
+		return;
+	for (pv = &pt->vms[hash_uuid(v->info.uuid) % VM_BUCKETS]; *pv != v; pv = &(*pv)->hash_next)
+		;
+	*pv = v->hash_next;
+	pt->nvms--;
+	free(v);
+}
+
+static void conn_unref(struct poll_thread *pt, struct guest_conn *c)
+{
+	if (--c->refs > 0)
+		return;
+	vm_unref(pt, c->vm);
+	free(c);
+}
+
+static void mark_dirty(struct poll_thread *pt, struct guest_conn *c)
+{
+	if (c->dirty || !c->sess)
+		return;
+	c->dirty = true;
+	c->dirty_next = pt->dirty;
+	pt->dirty = c;
+}
+
+static void msg_free(struct poll_thread *pt, struct upstream_msg *m)
+{
+	struct vm_state *v = m->vm;
+
+	v->held_bytes -= m->size;
+	v->held_msgs--;
+	pt->held_bytes -= m->size;
+	pt->held_msgs--;
+	atomic_store_explicit(&pt->g.held_messages, pt->held_msgs, memory_order_relaxed);
+	free(m->body);
+	conn_unref(pt, m->conn);
+	vm_unref(pt, v);
+	free(m);
+}
+
+/* ---- backpressure ------------------------------------------------------ */
+
+static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool blocked)
+{
+	struct guest_conn *c;
+
+	if (v->blocked == blocked)
+		return;
+	v->blocked = blocked;
+	if (blocked)
+		log_warn("vm=%s thread=%u: %llu unconfirmed bytes held, over the bound: "
+			 "pausing its connections until the broker confirms",
+			 v->info.name, pt->id, (unsigned long long)v->held_bytes);
+	else
+		log_info("vm=%s thread=%u: below the bound again, resuming", v->info.name, pt->id);
+	for (c = v->conns; c; c = c->vm_next) {
+		pt->cur = c;
+		guest_session_set_blocked(c->sess, blocked || pt->blocked,
+					  "vmproxy: unconfirmed message limit");
+		mark_dirty(pt, c);
+	}
+	pt->cur = NULL;
+}
+
+static void check_bounds(struct poll_thread *pt, struct vm_state *v)
+{
+	const struct proxy_config *cfg = pt->sh->cfg;
+	uint64_t vm_max = cfg->limits.unconfirmed_bytes_per_vm;
+	uint64_t pt_max = cfg->limits.unconfirmed_bytes_per_thread;
+
+	if (!pt->blocked && pt->held_bytes > pt_max) {
+		pt->blocked = true;
+		log_warn("thread=%u: %llu unconfirmed bytes held, over the thread bound: "
+			 "pausing all its guests", pt->id, (unsigned long long)pt->held_bytes);
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
+			pt->cur = c;
+			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
+			mark_dirty(pt, c);
+		}
+		pt->cur = NULL;
+	} else if (pt->blocked && pt->held_bytes <= pt_max / 2) {
+		pt->blocked = false;
+		log_info("thread=%u: below the thread bound again", pt->id);
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
+			pt->cur = c;
+			if (!c->vm->blocked)
+				guest_session_set_blocked(c->sess, false, NULL);
+			mark_dirty(pt, c);
+		}
+		pt->cur = NULL;
+	}
+	if (v) {
+		if (!v->blocked && v->held_bytes > vm_max)
+			vm_set_blocked(pt, v, true);
+		else if (v->blocked && v->held_bytes <= vm_max / 2)
+			vm_set_blocked(pt, v, false);
+	}
+}
+
+/* ---- the link's view of the queues ------------------------------------- */
+
+static struct upstream_msg *op_peek(void *ud)
+{
+	struct poll_thread *pt = ud;
+
+	return pt->ring_head ? pt->ring_head->pend_head : NULL;
+}
+
+static void op_pop(void *ud, struct upstream_msg *m)
+{
+	struct poll_thread *pt = ud;
+	struct vm_state *v = pt->ring_head;
+
+	v->pend_head = m->next;
+	if (!v->pend_head)
+		v->pend_tail = NULL;
+	m->next = NULL;
+	/* Rotate: the next message comes from the next VM. */
+	pt->ring_head = v->ring_next;
+	if (!pt->ring_head)
+		pt->ring_tail = NULL;
+	v->ring_next = NULL;
+	v->in_ring = false;
+	if (v->pend_head) {
+		v->in_ring = true;
+		if (pt->ring_tail)
+			pt->ring_tail->ring_next = v;
+		else
+			pt->ring_head = v;
+		pt->ring_tail = v;
+	}
+}
+
+static void ring_add(struct poll_thread *pt, struct vm_state *v)
+{
+	if (v->in_ring)
+		return;
+	v->in_ring = true;
+	v->ring_next = NULL;
+	if (pt->ring_tail)
+		pt->ring_tail->ring_next = v;
+	else
+		pt->ring_head = v;
+	pt->ring_tail = v;
+}
+
+static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
+{
+	struct poll_thread *pt = ud;
+	struct guest_conn *c = m->conn;
+	struct vm_state *v = m->vm;
+
+	if (ack)
+		v->acked++;
+	else
+		v->nacked++;
+	if (m->confirm && c->sess) {
+		guest_session_settle(c->sess, m->channel, m->chan_gen, m->guest_tag, ack);
+		mark_dirty(pt, c);
+	}
+	msg_free(pt, m);
+	check_bounds(pt, v->refs ? v : NULL);
+}
+
+static void op_requeue(void *ud, struct upstream_msg *m)
+{
+	struct poll_thread *pt = ud;
+	struct vm_state *v = m->vm;
+
+	m->next = v->pend_head;
+	v->pend_head = m;
+	if (!v->pend_tail)
+		v->pend_tail = m;
+	ring_add(pt, v);
+	pt->kick = true;
+}
+
+static void op_state_changed(void *ud, bool up)
+{
+	struct poll_thread *pt = ud;
+
+	atomic_store_explicit(&pt->g.link_up, up, memory_order_relaxed);
+}
+
+static const struct upstream_ops pt_upstream_ops = {
+	.peek = op_peek,
+	.pop = op_pop,
+	.confirmed = op_confirmed,
+	.requeue = op_requeue,
+	.state_changed = op_state_changed,
+};
+
+/* ---- guest publishes ---------------------------------------------------- */
+
+static bool reserved_header(amqp_bytes_t key)
+{
+	return (key.len >= 5 && strncasecmp(key.bytes, "x-vm-", 5) == 0) ||
+	       (key.len >= 10 && strncasecmp(key.bytes, "x-vmproxy-", 10) == 0);
+}
+
+static amqp_table_entry_t stamp_str(const char *k, const char *v)
+{
+	amqp_table_entry_t e;
+
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_UTF8;
+	e.value.value.bytes = amqp_cstring_bytes(v);
+	return e;
+}
+
+static amqp_table_entry_t stamp_i64(const char *k, int64_t v)
+{
+	amqp_table_entry_t e;
+
+	e.key = amqp_cstring_bytes(k);
+	e.value.kind = AMQP_FIELD_KIND_I64;
+	e.value.value.i64 = v;
+	return e;
+}
+
+/* The guest's properties with user_id dropped, x-vm-* and x-vmproxy-*
+ * headers removed and the proxy's stamp added, encoded into pt->props_buf.
+ * Returns the encoded length or a negative rabbitmq-c status. */
+static int stamp_properties(struct poll_thread *pt, struct vm_state *v,
+			    const amqp_basic_properties_t *in)
+{
+	amqp_basic_properties_t p = *in;
+	const amqp_table_t *gh = (in->_flags & AMQP_BASIC_HEADERS_FLAG) ? &in->headers : NULL;
+	int n = gh ? gh->num_entries : 0, k = 0;
+	amqp_table_entry_t *e;
+	amqp_bytes_t out = { PROPS_BUF_SIZE, pt->props_buf };
+	int r;
+
+	e = amqp_pool_alloc(&pt->pool, sizeof(*e) * (size_t)(n + 5));
+	if (!e)
+		return AMQP_STATUS_NO_MEMORY;
+	for (int i = 0; i < n; i++)
+		if (!reserved_header(gh->entries[i].key))
+			e[k++] = gh->entries[i];
+	e[k++] = stamp_str("x-vm-uuid", v->info.uuid);
+	e[k++] = stamp_str("x-vm-name", v->info.name);
+	if (v->info.cid)
+		e[k++] = stamp_i64("x-vm-cid", v->info.cid);
+	e[k++] = stamp_str("x-vmproxy-host", pt->sh->cfg->hostname);
+	e[k++] = stamp_i64("x-vmproxy-received-ms", (int64_t)clock_wall_ms());
+	p.headers.num_entries = k;
+	p.headers.entries = e;
+	p._flags |= AMQP_BASIC_HEADERS_FLAG;
+	p._flags &= ~AMQP_BASIC_USER_ID_FLAG;
+	r = amqp_encode_properties(AMQP_BASIC_CLASS, &p, out);
+	recycle_amqp_pool(&pt->pool);
+	return r;
+}
+
+static void reject_publish(struct poll_thread *pt, struct guest_conn *c,
+			   const struct guest_publish *pub, const char *why)
+{
+	log_warn("vm=%s conn=%u: message dropped: %s", c->vm->info.name, c->id, why);
+	if (pub->confirm) {
+		guest_session_settle(c->sess, pub->channel, pub->channel_gen, pub->delivery_tag,
+				     false);
+		mark_dirty(pt, c);
+	}
+	free(pub->body);
+}
+
+static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struct guest_publish *pub)
+{
+	struct vm_state *v = c->vm;
+	size_t uuid_len = strlen(v->info.uuid);
+	size_t rk_len = uuid_len + 1 + pub->routing_key.len;
+	struct upstream_msg *m;
+	int plen;
+
+	if (rk_len > 255) {
+		reject_publish(pt, c, pub, "routing key too long once prefixed with the VM uuid");
+		return;
+	}
+	plen = stamp_properties(pt, v, pub->properties);
+	if (plen < 0) {
+		reject_publish(pt, c, pub, amqp_error_string2(plen));
+		return;
+	}
+	m = malloc(sizeof(*m) + rk_len + (size_t)plen);
+	if (!m) {
+		reject_publish(pt, c, pub, "out of memory");
+		return;
+	}
+	memset(m, 0, sizeof(*m));
+	memcpy(m->data, v->info.uuid, uuid_len);
+	m->data[uuid_len] = '.';
+	memcpy(m->data + uuid_len + 1, pub->routing_key.bytes, pub->routing_key.len);
+	memcpy(m->data + rk_len, pt->props_buf, (size_t)plen);
+	m->rk_len = (uint16_t)rk_len;
+	m->props_len = (uint32_t)plen;
+	m->body = pub->body;
+	m->body_len = pub->body_len;
+	m->channel = pub->channel;
+	m->chan_gen = pub->channel_gen;
+	m->guest_tag = pub->delivery_tag;
+	m->confirm = pub->confirm;
+	m->size = (uint32_t)(sizeof(*m) + rk_len + (size_t)plen + pub->body_len);
+	m->conn = c;
+	m->vm = v;
+	c->refs++;
+	v->refs++;
+	c->msgs_in++;
+	v->msgs_in++;
+	v->bytes_in += pub->body_len;
+	v->held_bytes += m->size;
+	v->held_msgs++;
+	pt->held_bytes += m->size;
+	pt->held_msgs++;
+	atomic_store_explicit(&pt->g.held_messages, pt->held_msgs, memory_order_relaxed);
+	if (v->pend_tail)
+		v->pend_tail->next = m;
+	else
+		v->pend_head = m;
+	v->pend_tail = m;
+	ring_add(pt, v);
+	pt->kick = true;
+	check_bounds(pt, v);
+}
+
+static void on_session_event(void *ud, const struct guest_event *ev)
+{
+	struct poll_thread *pt = ud;
+	struct guest_conn *c = pt->cur;
+
+	switch (ev->type) {
+	case GUEST_EVENT_OPENED: {
+		char user[80];
+		const char *u = guest_session_user(c->sess);
+		log_info("vm=%s conn=%u: AMQP connection open from %s, user \"%s\"",
+			 c->vm->info.name, c->id, c->peer,
+			 log_sanitize(user, sizeof(user), u, (unsigned)strlen(u)));
+		if (c->vm->blocked || pt->blocked)
+			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
+		break;
+	}
+	case GUEST_EVENT_PUBLISH:
+		on_publish(pt, c, &ev->publish);
+		break;
+	case GUEST_EVENT_CHANNEL_CLOSED:
+		break;
+	case GUEST_EVENT_CLOSED:
+		if (ev->reply_code == 200 || ev->reply_code == 0)
+			log_info("vm=%s conn=%u: closed: %s", c->vm->info.name, c->id,
+				 ev->text ? ev->text : "");
+		else
+			log_warn("vm=%s conn=%u: closed with %u: %s", c->vm->info.name, c->id,
+				 ev->reply_code, ev->text ? ev->text : "");
+		break;
+	}
+	mark_dirty(pt, c);
+}
+
+/* ---- connections --------------------------------------------------------- */
+
+static void conn_close(struct poll_thread *pt, struct guest_conn *c)
+{
+	struct vm_state *v = c->vm;
+
+	if (!c->sess)
+		return;
+	epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	c->fd = -1;
+	guest_session_free(c->sess);
+	c->sess = NULL;
+	partition_release_conn(pt->sh->partition, v->info.uuid);
+	if (c->vm_prev)
+		c->vm_prev->vm_next = c->vm_next;
+	else
+		v->conns = c->vm_next;
+	if (c->vm_next)
+		c->vm_next->vm_prev = c->vm_prev;
+	v->nconns--;
+	if (c->all_prev)
+		c->all_prev->all_next = c->all_next;
+	else
+		pt->conns = c->all_next;
+	if (c->all_next)
+		c->all_next->all_prev = c->all_prev;
+	pt->nconns--;
+	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	log_debug("vm=%s conn=%u: socket closed (%llu bytes in, %llu out)", v->info.name, c->id,
+		  (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+	conn_unref(pt, c);
+}
+
+static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool want_out)
+{
+	uint32_t ev = 0;
+	struct epoll_event e;
+
+	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked)
+		ev |= EPOLLIN;
+	if (want_out)
+		ev |= EPOLLOUT;
+	if (ev == c->ep_events)
+		return;
+	e.events = ev;
+	e.data.ptr = c;
+	if (epoll_ctl(pt->epfd, EPOLL_CTL_MOD, c->fd, &e) == 0)
+		c->ep_events = ev;
+}
+
+/* Write output, update epoll interest, close when the engine is done. */
+static void conn_service(struct poll_thread *pt, struct guest_conn *c, uint64_t now)
+{
+	int r;
+
+	if (!c->sess)
+		return;
+	r = guest_conn_flush(c, now);
+	if (r < 0 && r != -EAGAIN) {
+		conn_close(pt, c);
+		return;
+	}
+	if (guest_session_done(c->sess) || c->closing) {
+		conn_close(pt, c);
+		return;
+	}
+	conn_update_epoll(pt, c, r == -EAGAIN);
+}
+
+static void flush_dirty(struct poll_thread *pt, uint64_t now)
+{
+	while (pt->dirty) {
+		struct guest_conn *c = pt->dirty;
+
+		pt->dirty = c->dirty_next;
+		c->dirty = false;
+		c->refs++; /* conn_service may close it */
+		conn_service(pt, c, now);
+		conn_unref(pt, c);
+	}
+}
+
+static void conn_handle_events(struct poll_thread *pt, struct guest_conn *c, uint32_t events,
+			       uint64_t now)
+{
+	if (events & EPOLLIN) {
+		int r;
+
+		pt->cur = c;
+		r = guest_conn_read(c, pt->read_buf, sizeof(pt->read_buf), now);
+		pt->cur = NULL;
+		if (r == 0 || (r < 0 && r != -EAGAIN)) {
+			log_debug("vm=%s conn=%u: peer went away", c->vm->info.name, c->id);
+			c->closing = true;
+		}
+		c->deadline = 0; /* re-evaluate timers at the next scan */
+	} else if (events & (EPOLLERR | EPOLLHUP)) {
+		c->closing = true;
+	}
+	mark_dirty(pt, c);
+}
+
+static void adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_t now)
+{
+	struct guest_conn *c = calloc(1, sizeof(*c));
+	struct vm_state *v = c ? vm_get(pt, &nm->vm) : NULL;
+	struct epoll_event e;
+
+	if (!c || !v)
+		goto fail;
+	c->sess = guest_session_new(&pt->scfg, now);
+	if (!c->sess)
+		goto fail;
+	c->fd = nm->fd;
+	c->id = nm->conn_id;
+	c->vm = v;
+	c->refs = 1;
+	snprintf(c->peer, sizeof(c->peer), "%s", nm->peer);
+	e.events = EPOLLIN;
+	e.data.ptr = c;
+	if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
+		goto fail;
+	c->ep_events = EPOLLIN;
+	v->refs++;
+	c->vm_next = v->conns;
+	if (v->conns)
+		v->conns->vm_prev = c;
+	v->conns = c;
+	v->nconns++;
+	c->all_next = pt->conns;
+	if (pt->conns)
+		pt->conns->all_prev = c;
+	pt->conns = c;
+	pt->nconns++;
+	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	log_debug("vm=%s conn=%u: adopted by thread %u from %s", v->info.name, c->id, pt->id,
+		  c->peer);
+	return;
+fail:
+	log_error("vm=%s conn=%u: cannot adopt connection: out of memory", nm->vm.name,
+		  nm->conn_id);
+	if (c && c->sess)
+		guest_session_free(c->sess);
+	free(c);
+	if (v && v->refs == 0)
+		vm_unref(pt, (v->refs++, v));
+	close(nm->fd);
+	partition_release_conn(pt->sh->partition, nm->vm.uuid);
+}
+
+static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t code,
+			   const char *text)
+{
+	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+		pt->cur = c;
+		guest_session_close(c->sess, code, text);
+		pt->cur = NULL;
+		mark_dirty(pt, c);
+	}
+}
+
+/* ---- queries --------------------------------------------------------------- */
+
+static json_t *report(struct poll_thread *pt)
+{
+	json_t *o = json_object(), *vms = json_array(), *link = json_object();
+	struct upstream_stats st;
+
+	for (size_t b = 0; b < VM_BUCKETS; b++) {
+		for (struct vm_state *v = pt->vms[b]; v; v = v->hash_next) {
+			json_t *vo = json_pack("{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:b}",
+					       "uuid", v->info.uuid, "name", v->info.name, "cid",
+					       (json_int_t)v->info.cid, "connections",
+					       (json_int_t)v->nconns, "held_bytes",
+					       (json_int_t)v->held_bytes, "held_messages",
+					       (json_int_t)v->held_msgs, "messages_in",
+					       (json_int_t)v->msgs_in, "acked", (json_int_t)v->acked,
+					       "nacked", (json_int_t)v->nacked, "blocked", v->blocked);
+			json_array_append_new(vms, vo);
+		}
+	}
+	upstream_get_stats(pt->up, &st);
+	json_object_set_new(link, "up", json_boolean(st.up));
+	json_object_set_new(link, "node", json_string(st.node));
+	json_object_set_new(link, "published", json_integer((json_int_t)st.published));
+	json_object_set_new(link, "acked", json_integer((json_int_t)st.acked));
+	json_object_set_new(link, "nacked", json_integer((json_int_t)st.nacked));
+	json_object_set_new(link, "republished", json_integer((json_int_t)st.republished));
+	json_object_set_new(link, "connects", json_integer((json_int_t)st.reconnects));
+	json_object_set_new(link, "unconfirmed", json_integer(st.unconfirmed));
+	json_object_set_new(link, "broker_blocked", json_boolean(st.broker_blocked));
+	json_object_set_new(link, "last_error", json_string(st.last_error));
+	json_object_set_new(o, "thread", json_integer(pt->id));
+	json_object_set_new(o, "cpu", json_integer(pt->cpu));
+	json_object_set_new(o, "connections", json_integer(pt->nconns));
+	json_object_set_new(o, "vm_count", json_integer(pt->nvms));
+	json_object_set_new(o, "held_bytes", json_integer((json_int_t)pt->held_bytes));
+	json_object_set_new(o, "held_messages", json_integer((json_int_t)pt->held_msgs));
+	json_object_set_new(o, "blocked", json_boolean(pt->blocked));
+	json_object_set_new(o, "upstream", link);
+	json_object_set_new(o, "vms", vms);
+	return o;
+}
+
+/* ---- the loop ------------------------------------------------------------ */
+
+static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
+{
+	switch ((enum mail_type)m->type) {
+	case MAIL_NEW_CONN:
+		adopt_conn(pt, (struct new_conn_mail *)m, now);
+		free(m);
+		break;
+	case MAIL_UPSTREAM_CONNECTED:
+		if (pt->stopping)
+			upstream_mail_discard(m);
+		else
+			upstream_handle_mail(pt->up, m, now);
+		break;
+	case MAIL_VM_GONE: {
+		struct vm_gone_mail *gm = (struct vm_gone_mail *)m;
+		struct vm_state *v = vm_find(pt, gm->uuid);
+		if (v) {
+			log_info("vm=%s thread=%u: VM stopped or went away: closing its %u "
+				 "connections", v->info.name, pt->id, v->nconns);
+			close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
+		}
+		free(m);
+		break;
+	}
+	case MAIL_QUERY: {
+		struct query *q = ((struct query_mail *)m)->q;
+		json_t *r = report(pt);
+		pthread_mutex_lock(&q->lock);
+		json_array_set_new(q->result, pt->id, r);
+		if (--q->pending == 0)
+			pthread_cond_broadcast(&q->cond);
+		pthread_mutex_unlock(&q->lock);
+		free(m);
+		break;
+	}
+	case MAIL_DRAIN:
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
+			pt->cur = c;
+			guest_session_close(c->sess, 320, "CONNECTION_FORCED - vmproxyd shutdown");
+			pt->cur = NULL;
+			mark_dirty(pt, c);
+		}
+		free(m);
+		break;
+	case MAIL_STOP:
+		pt->stopping = true;
+		free(m);
+		break;
+	case MAIL_MIGRATE_OUT:
+	case MAIL_MIGRATE_IN:
+		free(m);
+		break;
+	}
+}
+
+static void scan_timers(struct poll_thread *pt, uint64_t now)
+{
+	for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
+		if (c->deadline > now)
+			continue;
+		pt->cur = c;
+		c->deadline = guest_session_tick(c->sess, now);
+		pt->cur = NULL;
+		mark_dirty(pt, c);
+	}
+	pt->next_scan = now + SCAN_EVERY_MS;
+}
+
+static void *poll_main(void *arg)
+{
+	struct poll_thread *pt = arg;
+	struct epoll_event evs[MAX_EVENTS];
+	char name[16];
+
+	snprintf(name, sizeof(name), "vmproxy-poll%u", pt->id);
+	pthread_setname_np(pthread_self(), name);
+	if (pt->cpu >= 0) {
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(pt->cpu, &set);
+		int r = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+		if (r)
+			log_warn("thread=%u: cannot pin to CPU %d: %s; running unpinned", pt->id,
+				 pt->cpu, strerror(r));
+	}
+	while (!pt->stopping) {
+		uint64_t now = clock_mono_ms();
+		uint64_t next = upstream_tick(pt->up, now);
+		int timeout, n;
+
+		if (now >= pt->next_scan)
+			scan_timers(pt, now);
+		flush_dirty(pt, now);
+		if (next > pt->next_scan)
+			next = pt->next_scan;
+		timeout = next <= now ? 0 : (int)(next - now);
+		atomic_store_explicit(&pt->g.loop_ms, now, memory_order_relaxed);
+		n = epoll_wait(pt->epfd, evs, MAX_EVENTS, timeout);
+		now = clock_mono_ms();
+		for (int i = 0; i < n; i++) {
+			void *p = evs[i].data.ptr;
+
+			if (p == &pt->mb) {
+				struct mail *m;
+				mailbox_ack(&pt->mb);
+				while ((m = mailbox_take(&pt->mb)))
+					handle_mail(pt, m, now);
+			} else if (p == (void *)pt->up) {
+				upstream_handle_events(pt->up, evs[i].events, now);
+			} else {
+				conn_handle_events(pt, p, evs[i].events, now);
+			}
+		}
+		if (pt->kick) {
+			pt->kick = false;
+			upstream_kick(pt->up, now);
+		}
+		flush_dirty(pt, now);
+	}
+	return NULL;
+}
+
+int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct poll_thread **out)
+{
+	struct poll_thread *pt = calloc(1, sizeof(*pt));
+	const struct proxy_config *cfg = sh->cfg;
+	struct epoll_event e;
+	int r;
+
+	if (!pt)
+		return -ENOMEM;
+	pt->id = id;
+	pt->cpu = cpu;
+	pt->sh = sh;
+	pt->epfd = -1;
+	pt->mb.efd = -1;
+	pt->props_buf = malloc(PROPS_BUF_SIZE);
+	init_amqp_pool(&pt->pool, 4096);
+	if (!pt->props_buf) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	pt->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (pt->epfd < 0) {
+		r = -errno;
+		goto fail;
+	}
+	r = mailbox_init(&pt->mb);
+	if (r < 0)
+		goto fail;
+	e.events = EPOLLIN;
+	e.data.ptr = &pt->mb;
+	if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, mailbox_fd(&pt->mb), &e) < 0) {
+		r = -errno;
+		goto fail;
+	}
+	guest_session_config_init(&pt->scfg);
+	pt->scfg.channel_max = cfg->guest.channel_max;
+	pt->scfg.heartbeat = cfg->guest.heartbeat;
+	pt->scfg.max_message_bytes = cfg->guest.max_message_bytes;
+	pt->scfg.handshake_timeout_ms = cfg->guest.handshake_timeout_ms;
+	pt->scfg.allowed_exchanges = sh->allowed_exchanges;
+	pt->scfg.product = "vmproxyd";
+	pt->scfg.on_event = on_session_event;
+	pt->scfg.event_userdata = pt;
+	r = upstream_new(cfg, id, pt->epfd, sh->helpers, &pt->mb, &pt_upstream_ops, pt, &pt->up);
+	if (r < 0)
+		goto fail;
+	*out = pt;
+	return 0;
+fail:
+	if (pt->epfd >= 0)
+		close(pt->epfd);
+	mailbox_destroy(&pt->mb);
+	empty_amqp_pool(&pt->pool);
+	free(pt->props_buf);
+	free(pt);
+	return r;
+}
+
+int poll_thread_start(struct poll_thread *pt)
+{
+	int r = pthread_create(&pt->tid, NULL, poll_main, pt);
+
+	pt->started = r == 0;
+	return -r;
+}
+
+void poll_thread_post(struct poll_thread *pt, struct mail *m)
+{
+	mailbox_post(&pt->mb, m);
+}
+
+const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)
+{
+	return &pt->g;
+}
+
+bool poll_thread_watchdog(struct poll_thread *pt, uint64_t now_ms, uint64_t stuck_ms)
+{
+	return upstream_watchdog(pt->up, now_ms, stuck_ms);
+}
+
+static void discard_mail(struct mail *m)
+{
+	switch ((enum mail_type)m->type) {
+	case MAIL_NEW_CONN:
+		close(((struct new_conn_mail *)m)->fd);
+		free(m);
+		break;
+	case MAIL_UPSTREAM_CONNECTED:
+		upstream_mail_discard(m);
+		break;
+	case MAIL_QUERY: {
+		struct query *q = ((struct query_mail *)m)->q;
+		pthread_mutex_lock(&q->lock);
+		if (--q->pending == 0)
+			pthread_cond_broadcast(&q->cond);
+		pthread_mutex_unlock(&q->lock);
+		free(m);
+		break;
+	}
+	default:
+		free(m);
+		break;
+	}
+}
+
+void poll_thread_stop(struct poll_thread *pt)
+{
+	struct mail *m;
+
+	if (!pt || !pt->started)
+		return;
+	m = calloc(1, sizeof(*m));
+	if (m) {
+		m->type = MAIL_STOP;
+		mailbox_post(&pt->mb, m);
+	} else {
+		pt->stopping = true; /* best effort; the loop wakes within a scan period */
+	}
+	pthread_join(pt->tid, NULL);
+	pt->started = false;
+}
+
+void poll_thread_free(struct poll_thread *pt)
+{
+	struct mail *m;
+
+	if (!pt)
+		return;
+	poll_thread_stop(pt);
+	/* The link first: its unconfirmed messages come back to the VM queues. */
+	upstream_free(pt->up);
+	pt->up = NULL;
+	while (pt->conns)
+		conn_close(pt, pt->conns);
+	for (size_t b = 0; b < VM_BUCKETS; b++) {
+		struct vm_state *v = pt->vms[b];
+
+		while (v) {
+			struct upstream_msg *mm = v->pend_head;
+
+			if (!mm) {
+				v = v->hash_next;
+				continue;
+			}
+			v->pend_head = mm->next;
+			if (!v->pend_head)
+				v->pend_tail = NULL;
+			msg_free(pt, mm); /* may free v: start the bucket again */
+			v = pt->vms[b];
+		}
+	}
+	mailbox_ack(&pt->mb);
+	while ((m = mailbox_take(&pt->mb)))
+		discard_mail(m);
+	close(pt->epfd);
+	mailbox_destroy(&pt->mb);
+	empty_amqp_pool(&pt->pool);
+	free(pt->props_buf);
+	free(pt);
+}

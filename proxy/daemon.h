@@ -1,0 +1,45 @@
+/* daemon.h -- vmproxyd as an object: identity, helper threads, poll
+ * threads, listeners and the admin socket wired together, and the acceptor
+ * loop that partitions new connections. main.c is a thin shell around it;
+ * tests run it in-process. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+
+#include "config.h"
+#include "vm_identity.h"
+
+struct vmproxy;
+
+/* Takes ownership of CFG. */
+int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out);
+
+/* Open libvirt, start helpers, poll threads, listeners and the admin
+ * socket. Errors are described in ERR. Returns 0 or -errno. */
+int vmproxy_start(struct vmproxy *p, char *err, size_t errlen);
+
+/* Handle SIGTERM/SIGINT (drain) and SIGHUP (reopen LOG_FILE, if any) in
+ * vmproxy_run through a signalfd. The caller must have blocked them in
+ * every thread (before vmproxy_start). */
+void vmproxy_handle_signals(struct vmproxy *p, const char *log_file);
+
+/* The acceptor loop; returns after a drain completes. 0 or -errno. */
+int vmproxy_run(struct vmproxy *p);
+
+/* From any thread: stop accepting, wait for confirms (drain_timeout_ms),
+ * close guests with 320, and make vmproxy_run return. */
+void vmproxy_stop(struct vmproxy *p);
+
+/* Stop threads and free everything. Accepts NULL. */
+void vmproxy_free(struct vmproxy *p);
+
+struct vm_identity *vmproxy_identity(struct vmproxy *p);
+
+/* Ask every poll thread for its report (claim 5: by message, never by
+ * reading its memory). A new array of thread objects, or NULL if a thread
+ * did not answer within TIMEOUT_MS. */
+json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms);
+
+/* Daemon-wide counters as a JSON object (accepted, refused, ...). */
+json_t *vmproxy_counters(struct vmproxy *p);

@@ -1,0 +1,30 @@
+/* listener.h -- the endpoints guests connect to: TCP, AF_VSOCK, and per-VM
+ * Unix sockets (whose path names the VM). Non-blocking listening sockets. */
+#pragma once
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "config.h"
+
+struct listener {
+	const struct listener_config *cfg;
+	int fd;
+	uint64_t accepted, refused;
+	char name[128]; /* "tcp 127.0.0.1:5672", "vsock port 5672", "unix /run/vm1.sock" */
+};
+
+/* Bind and listen. Errors name the endpoint in ERR. Returns 0 or -errno. */
+int listener_open(const struct listener_config *lc, struct listener *out, char *err,
+		  size_t errlen);
+
+/* Accept one connection: 0 with *FD (non-blocking, close-on-exec) and the
+ * peer's address, -EAGAIN when none is waiting, or -errno. */
+int listener_accept(struct listener *l, int *fd, struct sockaddr_storage *peer, socklen_t *len);
+
+/* Close (and unlink a Unix socket path). Accepts an unopened listener. */
+void listener_close(struct listener *l);
+
+/* "127.0.0.1:4242", "vsock cid 5 port 1025" or "unix" for logs. */
+const char *listener_peer_str(const struct sockaddr_storage *sa, socklen_t len, char *buf,
+			      size_t buflen);

@@ -1,0 +1,84 @@
+/* poll_thread.h -- a CPU-pinned event loop that owns the guest connections
+ * of the VMs delegated to it and exactly one upstream link. It shares no
+ * mutable state with other poll threads: everything reaches it through its
+ * mailbox. */
+#pragma once
+
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "helper.h"
+#include "mailbox.h"
+#include "partition.h"
+#include "vm_identity.h"
+
+/* What every poll thread reads and nobody changes while they run. */
+struct poll_shared {
+	const struct proxy_config *cfg;
+	struct partition *partition;
+	struct helper_pool *helpers;
+	const char *const *allowed_exchanges;
+};
+
+/* MAIL_NEW_CONN: the acceptor delegates FD (stolen) of VM. */
+struct new_conn_mail {
+	struct mail mail;
+	int fd;
+	uint32_t conn_id;
+	struct vm_info vm;
+	char peer[80];
+};
+
+/* MAIL_VM_GONE: close every connection of UUID with 320. */
+struct vm_gone_mail {
+	struct mail mail;
+	char uuid[VM_UUID_LEN + 1];
+};
+
+/* MAIL_QUERY: each thread adds its report to RESULT[thread] and counts
+ * PENDING down; the asker waits on COND. Owned by the asker. */
+struct query {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned pending;
+	json_t *result; /* array, one object per thread */
+};
+
+struct query_mail {
+	struct mail mail;
+	struct query *q;
+};
+
+/* Counters readable from any thread (relaxed atomics, for the watchdog,
+ * drain and sd_notify; reports go through MAIL_QUERY). */
+struct poll_gauges {
+	_Atomic uint64_t loop_ms;	/* last loop iteration */
+	_Atomic uint64_t held_messages; /* not yet confirmed by the broker */
+	_Atomic uint32_t connections;
+	_Atomic bool link_up;
+};
+
+struct poll_thread;
+
+/* Create thread ID, to be pinned to CPU (-1: not pinned). */
+int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct poll_thread **out);
+int poll_thread_start(struct poll_thread *pt);
+
+/* Any thread: deliver M (ownership passes to the poll thread). */
+void poll_thread_post(struct poll_thread *pt, struct mail *m);
+
+/* Post MAIL_STOP and join. Accepts NULL and a thread never started. */
+void poll_thread_stop(struct poll_thread *pt);
+
+/* Free a stopped thread: close its connections, drop held messages and
+ * discard its mail. Accepts NULL. */
+void poll_thread_free(struct poll_thread *pt);
+
+const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt);
+
+/* For the watchdog thread: see upstream_watchdog. */
+bool poll_thread_watchdog(struct poll_thread *pt, uint64_t now_ms, uint64_t stuck_ms);

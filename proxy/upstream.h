@@ -1,0 +1,97 @@
+/* upstream.h -- a poll thread's one AMQP link to the management broker
+ * (rabbitmq-c, TLS): publishes the thread's held messages in confirm mode,
+ * never blocking the thread, and hands back broker confirms. Connects and
+ * reconnects through a helper thread with backoff; on link loss every
+ * unconfirmed message is handed back for republishing in order. */
+#pragma once
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "helper.h"
+#include "mailbox.h"
+
+struct vm_state;
+struct guest_conn;
+
+/* A guest message held until the broker confirms it. Allocated by the poll
+ * thread with the routing key and encoded properties inline. */
+struct upstream_msg {
+	struct upstream_msg *next;
+	struct vm_state *vm;	 /* counted reference */
+	struct guest_conn *conn; /* counted reference */
+	uint64_t guest_tag;	 /* 0 when the guest channel is not in confirm mode */
+	uint64_t tag;		 /* upstream delivery tag once published */
+	uint32_t chan_gen;
+	uint16_t channel;
+	bool confirm;
+	int8_t outcome; /* 0 unsettled, 1 acked, -1 nacked */
+	uint32_t size;	/* what it counts against the bounds */
+	uint16_t rk_len;
+	uint32_t props_len;
+	void *body;
+	size_t body_len;
+	unsigned char data[]; /* routing key, then encoded basic properties */
+};
+
+struct upstream_ops {
+	/* The next message to publish, without removing it; NULL when none. */
+	struct upstream_msg *(*peek)(void *userdata);
+	/* Remove the message peek returned: it is being published. */
+	void (*pop)(void *userdata, struct upstream_msg *m);
+	/* The broker acked (ACK) or nacked it; the callee owns M. */
+	void (*confirmed)(void *userdata, struct upstream_msg *m, bool ack);
+	/* The link was lost before M was confirmed: put M back at the front of
+	 * its queue. Called newest first, so the oldest ends up in front. */
+	void (*requeue)(void *userdata, struct upstream_msg *m);
+	/* The link came up or went down. */
+	void (*state_changed)(void *userdata, bool up);
+};
+
+struct upstream_stats {
+	uint64_t published, acked, nacked, reconnects, republished;
+	uint32_t unconfirmed;
+	bool up, broker_blocked;
+	char last_error[160];
+	char node[128]; /* host:port of the current or last link */
+};
+
+struct upstream;
+
+/* A link for poll thread THREAD_ID that registers its socket in EPFD and
+ * gets connect results through MB (MAIL_UPSTREAM_CONNECTED). CFG outlives
+ * it. The first connect starts with upstream_tick. */
+int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
+		 struct helper_pool *helpers, struct mailbox *mb, const struct upstream_ops *ops,
+		 void *userdata, struct upstream **out);
+
+/* Destroy the connection; unconfirmed messages go back through requeue.
+ * A connect still running on a helper delivers its result to the mailbox,
+ * which the owner drains with upstream_mail_discard. Accepts NULL. */
+void upstream_free(struct upstream *up);
+
+/* The epoll handle registered for the link socket: its data.ptr. */
+void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now_ms);
+
+/* A MAIL_UPSTREAM_CONNECTED arrived (steals M). */
+void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms);
+/* Free a MAIL_UPSTREAM_CONNECTED without a link to give it to. */
+void upstream_mail_discard(struct mail *m);
+
+/* Publish what the socket can take now, then drain the broker's frames. */
+void upstream_kick(struct upstream *up, uint64_t now_ms);
+
+/* Reconnect timer, heartbeats, stuck-link detection. Returns the next
+ * deadline (absolute ms). */
+uint64_t upstream_tick(struct upstream *up, uint64_t now_ms);
+
+bool upstream_is_up(const struct upstream *up);
+void upstream_get_stats(const struct upstream *up, struct upstream_stats *st);
+
+/* For the watchdog thread: if a rabbitmq-c call on this link has been
+ * running for more than STUCK_MS, shut the socket down so it returns.
+ * Safe from any thread. Returns true when it did. */
+bool upstream_watchdog(struct upstream *up, uint64_t now_ms, uint64_t stuck_ms);

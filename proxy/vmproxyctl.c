@@ -1,0 +1,226 @@
+/* vmproxyctl.c -- the operator's view into a running vmproxyd through its
+ * admin socket: status, threads, vms, vm NAME|UUID; --json for scripts. */
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define DEFAULT_SOCKET "/run/vmproxyd/admin.sock"
+#define MAX_REPLY      (16u << 20)
+#define TIMEOUT_MS     10000
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: vmproxyctl [--socket PATH] [--json] COMMAND\n"
+		   "\n"
+		   "Commands:\n"
+		   "  status          daemon counters and one line per poll thread\n"
+		   "  threads         poll threads and their upstream links\n"
+		   "  vms             every VM with connections, and its thread\n"
+		   "  vm NAME|UUID    one VM\n"
+		   "\n"
+		   "Options:\n"
+		   "  -s, --socket PATH  admin socket (default " DEFAULT_SOCKET ")\n"
+		   "  -j, --json         print the daemon's JSON reply\n"
+		   "  -h, --help         this text\n");
+}
+
+static char *roundtrip(const char *path, const char *req)
+{
+	struct sockaddr_un sun;
+	size_t n = 0, cap = 65536;
+	char *buf;
+	int fd;
+
+	if (strlen(path) >= sizeof(sun.sun_path)) {
+		fprintf(stderr, "vmproxyctl: socket path too long\n");
+		return NULL;
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	memset(&sun, 0, sizeof(sun));
+	sun.sun_family = AF_UNIX;
+	strcpy(sun.sun_path, path);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+		fprintf(stderr, "vmproxyctl: cannot connect to %s: %s (is vmproxyd running?)\n",
+			path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return NULL;
+	}
+	if (write(fd, req, strlen(req)) < 0 || write(fd, "\n", 1) < 0) {
+		fprintf(stderr, "vmproxyctl: write: %s\n", strerror(errno));
+		close(fd);
+		return NULL;
+	}
+	buf = malloc(cap + 1);
+	while (buf) {
+		struct pollfd pfd = { fd, POLLIN, 0 };
+		ssize_t r;
+
+		if (poll(&pfd, 1, TIMEOUT_MS) <= 0) {
+			fprintf(stderr, "vmproxyctl: no reply within %d ms\n", TIMEOUT_MS);
+			free(buf);
+			buf = NULL;
+			break;
+		}
+		r = read(fd, buf + n, cap - n);
+		if (r <= 0)
+			break;
+		n += (size_t)r;
+		if (n == cap) {
+			char *nb;
+			if (cap >= MAX_REPLY) {
+				fprintf(stderr, "vmproxyctl: reply larger than %u bytes\n", MAX_REPLY);
+				free(buf);
+				buf = NULL;
+				break;
+			}
+			cap *= 2;
+			nb = realloc(buf, cap + 1);
+			if (!nb) {
+				free(buf);
+				buf = NULL;
+			}
+			buf = nb;
+		}
+	}
+	if (buf)
+		buf[n] = '\0';
+	close(fd);
+	return buf;
+}
+
+static long long num(json_t *o, const char *k)
+{
+	return (long long)json_integer_value(json_object_get(o, k));
+}
+
+static const char *str(json_t *o, const char *k)
+{
+	const char *s = json_string_value(json_object_get(o, k));
+	return s ? s : "";
+}
+
+static void print_threads(json_t *threads)
+{
+	size_t i;
+	json_t *t;
+
+	printf("%-6s %-4s %-6s %-5s %-8s %-10s %-10s %-10s %-12s %s\n", "THREAD", "CPU", "CONNS",
+	       "VMS", "LINK", "PUBLISHED", "ACKED", "UNCONF", "HELD_BYTES", "NODE");
+	json_array_foreach(threads, i, t) {
+		json_t *u = json_object_get(t, "upstream");
+		printf("%-6lld %-4lld %-6lld %-5lld %-8s %-10lld %-10lld %-10lld %-12lld %s\n",
+		       num(t, "thread"), num(t, "cpu"), num(t, "connections"), num(t, "vm_count"),
+		       json_is_true(json_object_get(u, "up")) ? "up" : "down", num(u, "published"),
+		       num(u, "acked"), num(u, "unconfirmed"), num(t, "held_bytes"), str(u, "node"));
+		if (*str(u, "last_error"))
+			printf("       last link error: %s\n", str(u, "last_error"));
+	}
+}
+
+static void print_vm_row(json_t *v)
+{
+	printf("%-36s %-20s %-6lld %-6lld %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
+	       str(v, "name"), num(v, "cid"), num(v, "thread"), num(v, "connections"),
+	       num(v, "messages_in"), num(v, "acked"), num(v, "held_bytes"),
+	       json_is_true(json_object_get(v, "blocked")) ? "blocked" : "");
+}
+
+static void print_vm_header(void)
+{
+	printf("%-36s %-20s %-6s %-6s %-6s %-10s %-10s %-10s %s\n", "UUID", "NAME", "CID",
+	       "THREAD", "CONNS", "MSGS_IN", "ACKED", "HELD_BYTES", "STATE");
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "socket", required_argument, NULL, 's' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *path = DEFAULT_SOCKET, *cmd;
+	bool as_json = false;
+	json_t *req, *reply;
+	char *reqtext, *text;
+	int c, rc = 0;
+
+	while ((c = getopt_long(argc, argv, "s:jh", opts, NULL)) != -1) {
+		switch (c) {
+		case 's':
+			path = optarg;
+			break;
+		case 'j':
+			as_json = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	cmd = argv[optind];
+	req = json_pack("{s:s}", "command", cmd);
+	if (strcmp(cmd, "vm") == 0) {
+		if (optind + 1 >= argc) {
+			fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
+			return 2;
+		}
+		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
+	}
+	reqtext = json_dumps(req, JSON_COMPACT);
+	json_decref(req);
+	text = roundtrip(path, reqtext);
+	free(reqtext);
+	if (!text)
+		return 1;
+	reply = json_loads(text, 0, NULL);
+	if (!reply) {
+		fprintf(stderr, "vmproxyctl: the daemon's reply is not JSON\n");
+		free(text);
+		return 1;
+	}
+	if (!json_is_true(json_object_get(reply, "ok"))) {
+		fprintf(stderr, "vmproxyctl: %s\n", str(reply, "error"));
+		rc = 1;
+	} else if (as_json) {
+		fputs(text, stdout);
+	} else if (strcmp(cmd, "status") == 0) {
+		json_t *d = json_object_get(reply, "daemon");
+		printf("connections %lld, held messages %lld, accepted %lld, refused (unknown "
+		       "peer) %lld, refused (limits) %lld%s\n\n",
+		       num(d, "connections"), num(d, "held_messages"), num(d, "accepted"),
+		       num(d, "refused_unknown_peer"), num(d, "refused_limit"),
+		       json_is_true(json_object_get(d, "draining")) ? ", draining" : "");
+		print_threads(json_object_get(reply, "threads"));
+	} else if (strcmp(cmd, "threads") == 0) {
+		print_threads(json_object_get(reply, "threads"));
+	} else if (strcmp(cmd, "vms") == 0) {
+		size_t i;
+		json_t *v;
+		print_vm_header();
+		json_array_foreach(json_object_get(reply, "vms"), i, v)
+			print_vm_row(v);
+	} else {
+		print_vm_header();
+		print_vm_row(json_object_get(reply, "vm"));
+	}
+	json_decref(reply);
+	free(text);
+	return rc;
+}
