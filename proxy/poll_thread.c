@@ -278,8 +278,10 @@ static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
 		guest_session_settle(c->sess, m->channel, m->chan_gen, m->guest_tag, ack);
 		mark_dirty(pt, c);
 	}
+	v->refs++; /* msg_free may drop the last reference */
 	msg_free(pt, m);
-	check_bounds(pt, v->refs ? v : NULL);
+	check_bounds(pt, v);
+	vm_unref(pt, v);
 }
 
 static void op_requeue(void *ud, struct upstream_msg *m)

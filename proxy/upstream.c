@@ -509,7 +509,8 @@ uint64_t upstream_tick(struct upstream *up, uint64_t now_ms)
 	case LINK_UP:
 		break;
 	}
-	if (up->n_unconfirmed > 0 &&
+	/* A broker that blocked publishers (resource alarm) is not stuck. */
+	if (up->n_unconfirmed > 0 && !up->broker_blocked &&
 	    now_ms - up->last_progress_ms > up->cfg->upstream.stuck_timeout_ms) {
 		link_fail(up, now_ms, "no confirm from the broker for %u ms",
 			  up->cfg->upstream.stuck_timeout_ms);
