@@ -171,11 +171,14 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	p->shared.partition = p->partition;
 	p->shared.helpers = p->helpers;
 	p->shared.allowed_exchanges = (const char *const *)cfg->guest.allowed_exchanges;
+	poll_thread_session_config(cfg, p->shared.allowed_exchanges, &p->shared.scfg);
 	p->threads = calloc(p->nthreads, sizeof(*p->threads));
 	if (!p->threads) {
 		free(cpus);
 		return -ENOMEM;
 	}
+	p->shared.threads = p->threads;
+	p->shared.nthreads = p->nthreads;
 	for (unsigned i = 0; i < p->nthreads; i++) {
 		r = poll_thread_new(i, cpus[i], &p->shared, &p->threads[i]);
 		if (r == 0)

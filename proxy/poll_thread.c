@@ -54,7 +54,6 @@ struct poll_thread {
 	int epfd;
 	struct mailbox mb;
 	struct upstream *up;
-	struct guest_session_config scfg;
 
 	struct vm_state *vms[VM_BUCKETS];
 	uint32_t nvms;
@@ -444,9 +443,14 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	check_bounds(pt, v);
 }
 
+/* The poll thread running on this OS thread: engine callbacks find their
+ * thread through it, since one session config serves every thread and a
+ * session may move between threads with its VM. */
+static _Thread_local struct poll_thread *tls_pt;
+
 static void on_session_event(void *ud, const struct guest_event *ev)
 {
-	struct poll_thread *pt = ud;
+	struct poll_thread *pt = tls_pt;
 	struct guest_conn *c = pt->cur;
 
 	switch (ev->type) {
@@ -588,7 +592,7 @@ static void adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 
 	if (!c || !v)
 		goto fail;
-	c->sess = guest_session_new(&pt->scfg, now);
+	c->sess = guest_session_new(&pt->sh->scfg, now);
 	if (!c->sess)
 		goto fail;
 	c->fd = nm->fd;
@@ -758,6 +762,7 @@ static void *poll_main(void *arg)
 	struct epoll_event evs[MAX_EVENTS];
 	char name[16];
 
+	tls_pt = pt;
 	snprintf(name, sizeof(name), "vmproxy-poll%u", pt->id);
 	pthread_setname_np(pthread_self(), name);
 	if (pt->cpu >= 0) {
@@ -840,15 +845,6 @@ int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct p
 		r = -errno;
 		goto fail;
 	}
-	guest_session_config_init(&pt->scfg);
-	pt->scfg.channel_max = cfg->guest.channel_max;
-	pt->scfg.heartbeat = cfg->guest.heartbeat;
-	pt->scfg.max_message_bytes = cfg->guest.max_message_bytes;
-	pt->scfg.handshake_timeout_ms = cfg->guest.handshake_timeout_ms;
-	pt->scfg.allowed_exchanges = sh->allowed_exchanges;
-	pt->scfg.product = "vmproxyd";
-	pt->scfg.on_event = on_session_event;
-	pt->scfg.event_userdata = pt;
 	r = upstream_new(cfg, id, pt->epfd, sh->helpers, &pt->mb, &pt_upstream_ops, pt, &pt->up);
 	if (r < 0)
 		goto fail;
@@ -875,6 +871,20 @@ int poll_thread_start(struct poll_thread *pt)
 void poll_thread_post(struct poll_thread *pt, struct mail *m)
 {
 	mailbox_post(&pt->mb, m);
+}
+
+void poll_thread_session_config(const struct proxy_config *cfg, const char *const *allowed,
+				struct guest_session_config *out)
+{
+	guest_session_config_init(out);
+	out->channel_max = cfg->guest.channel_max;
+	out->heartbeat = cfg->guest.heartbeat;
+	out->max_message_bytes = cfg->guest.max_message_bytes;
+	out->handshake_timeout_ms = cfg->guest.handshake_timeout_ms;
+	out->allowed_exchanges = allowed;
+	out->product = "vmproxyd";
+	out->on_event = on_session_event;
+	out->event_userdata = NULL;
 }
 
 const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)

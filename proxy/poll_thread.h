@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "guest_session.h"
 #include "helper.h"
 #include "mailbox.h"
 #include "partition.h"
@@ -22,7 +23,15 @@ struct poll_shared {
 	struct partition *partition;
 	struct helper_pool *helpers;
 	const char *const *allowed_exchanges;
+	struct guest_session_config scfg; /* every session, on every thread */
+	struct poll_thread **threads;	  /* for handing VMs over */
+	unsigned nthreads;
 };
+
+/* The engine configuration every guest session uses: limits from CFG,
+ * exchanges ALLOWED (NULL-terminated), events to the running poll thread. */
+void poll_thread_session_config(const struct proxy_config *cfg, const char *const *allowed,
+				struct guest_session_config *out);
 
 /* MAIL_NEW_CONN: the acceptor delegates FD (stolen) of VM. */
 struct new_conn_mail {
