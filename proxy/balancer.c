@@ -1,0 +1,124 @@
+/* balancer.c -- see balancer.h */
+#include "balancer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+int balancer_config_parse(struct conf_ctx *c, json_t *obj, struct balancer_config *out)
+{
+	static const char *const keys[] = { "enabled", "interval_ms", "ratio", "hold_ms",
+					    "min_load", "migrate_timeout_ms", NULL };
+	uint64_t u;
+	int r = 0;
+
+	out->enabled = true;
+	out->interval_ms = 5000;
+	out->ratio = 1.5;
+	out->hold_ms = 10000;
+	out->min_load = 50;
+	out->migrate_timeout_ms = 5000;
+	if (!obj)
+		return 0;
+	if (!json_is_object(obj))
+		return conf_error(c, "balancer", "expected an object");
+	r |= conf_check_keys(c, obj, "balancer", keys);
+	r |= conf_get_bool(c, obj, "balancer", "enabled", false, &out->enabled);
+	u = out->interval_ms;
+	r |= conf_get_uint(c, obj, "balancer", "interval_ms", false, 100, 3600000, &u);
+	out->interval_ms = (uint32_t)u;
+	u = out->hold_ms;
+	r |= conf_get_uint(c, obj, "balancer", "hold_ms", false, 0, 86400000, &u);
+	out->hold_ms = (uint32_t)u;
+	u = out->migrate_timeout_ms;
+	r |= conf_get_uint(c, obj, "balancer", "migrate_timeout_ms", false, 100, 600000, &u);
+	out->migrate_timeout_ms = (uint32_t)u;
+	{
+		json_t *v = json_object_get(obj, "ratio");
+		if (v) {
+			if (!json_is_number(v) || json_number_value(v) < 1.05 ||
+			    json_number_value(v) > 100)
+				r |= conf_error(c, "balancer.ratio",
+						"expected a number in [1.05, 100]");
+			else
+				out->ratio = json_number_value(v);
+		}
+		v = json_object_get(obj, "min_load");
+		if (v) {
+			if (!json_is_number(v) || json_number_value(v) < 0)
+				r |= conf_error(c, "balancer.min_load",
+						"expected a number >= 0 (messages/s)");
+			else
+				out->min_load = json_number_value(v);
+		}
+	}
+	return r ? -EINVAL : 0;
+}
+
+static bool imbalanced(const struct balancer_config *cfg, const struct bal_thread *hi,
+		       const struct bal_thread *lo)
+{
+	return hi->load >= cfg->min_load && hi->load > cfg->ratio * lo->load;
+}
+
+int balancer_plan(const struct balancer_config *cfg, const struct bal_thread *threads, size_t n,
+		  struct bal_move *move)
+{
+	const struct bal_thread *hi = NULL, *lo = NULL;
+	const struct bal_vm *best = NULL;
+	double gap, best_after;
+
+	for (size_t i = 0; i < n; i++) {
+		if (!hi || threads[i].load > hi->load)
+			hi = &threads[i];
+		if (!lo || threads[i].load < lo->load)
+			lo = &threads[i];
+	}
+	if (!hi || hi == lo || !imbalanced(cfg, hi, lo))
+		return 0;
+	gap = hi->load - lo->load;
+	best_after = gap;
+	for (size_t i = 0; i < hi->nvms; i++) {
+		const struct bal_vm *v = &hi->vms[i];
+		/* The gap after moving v: |(hi - v) - (lo + v)|. */
+		double after = fabs(gap - 2 * v->load);
+
+		if (v->load <= 0)
+			continue;
+		if (after < best_after) {
+			best_after = after;
+			best = v;
+		}
+	}
+	if (!best)
+		return 0; /* every VM is bigger than the gap it would close */
+	memcpy(move->uuid, best->uuid, sizeof(move->uuid));
+	move->from = hi->id;
+	move->to = lo->id;
+	return 1;
+}
+
+void balancer_init(struct balancer *b, const struct balancer_config *cfg)
+{
+	b->cfg = *cfg;
+	b->imbalanced_since = 0;
+}
+
+int balancer_step(struct balancer *b, const struct bal_thread *threads, size_t n, uint64_t now_ms,
+		  struct bal_move *move)
+{
+	struct bal_move m;
+
+	if (!b->cfg.enabled || !balancer_plan(&b->cfg, threads, n, &m)) {
+		b->imbalanced_since = 0;
+		return 0;
+	}
+	if (b->imbalanced_since == 0)
+		b->imbalanced_since = now_ms ? now_ms : 1;
+	if (now_ms - b->imbalanced_since < b->cfg.hold_ms)
+		return 0;
+	/* Acted: the next move needs the imbalance to persist anew. */
+	b->imbalanced_since = 0;
+	*move = m;
+	return 1;
+}

@@ -1,0 +1,158 @@
+/* test-balancer.c -- given per-thread and per-VM loads, which whole VM
+ * moves where, and when (ratio, floor, hold time). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include "balancer.h"
+
+static struct balancer_config cfg(void)
+{
+	struct balancer_config c;
+	struct conf_ctx ctx;
+
+	conf_ctx_init(&ctx, "t.json");
+	assert_int_equal(balancer_config_parse(&ctx, NULL, &c), 0);
+	c.hold_ms = 0;
+	return c;
+}
+
+static struct bal_vm vm(const char *name, double load)
+{
+	struct bal_vm v;
+
+	snprintf(v.uuid, sizeof(v.uuid), "%s", name);
+	v.load = load;
+	return v;
+}
+
+static struct bal_thread th(unsigned id, const struct bal_vm *vms, size_t n)
+{
+	struct bal_thread t = { .id = id, .vms = vms, .nvms = n, .load = 0 };
+
+	for (size_t i = 0; i < n; i++)
+		t.load += vms[i].load;
+	return t;
+}
+
+static void test_balanced_no_move(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("a", 100), vm("b", 100) }, b[] = { vm("c", 150) };
+	struct bal_thread t[] = { th(0, a, 2), th(1, b, 1) };
+	struct bal_move m;
+
+	/* 200 vs 150 is within 1.5 */
+	assert_int_equal(balancer_plan(&c, t, 2, &m), 0);
+}
+
+static void test_skew_moves_the_vm_that_halves_the_gap(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("small", 50), vm("mid", 300), vm("big", 700) }, b[] = { vm("x", 100) };
+	struct bal_thread t[] = { th(0, a, 3), th(1, b, 1) };
+	struct bal_move m;
+
+	/* gap 1050 - 100 = 950: moving "mid" leaves |950 - 600| = 350, "big" 450 */
+	assert_int_equal(balancer_plan(&c, t, 2, &m), 1);
+	assert_string_equal(m.uuid, "mid");
+	assert_int_equal(m.from, 0);
+	assert_int_equal(m.to, 1);
+}
+
+static void test_idle_thread_gets_load(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("a", 400), vm("b", 400), vm("c", 400), vm("d", 400) };
+	struct bal_thread t[] = { th(0, a, 4), th(1, NULL, 0), th(2, NULL, 0) };
+	struct bal_move m;
+
+	assert_int_equal(balancer_plan(&c, t, 3, &m), 1);
+	assert_int_equal(m.from, 0);
+	assert_true(m.to == 1 || m.to == 2);
+}
+
+static void test_single_big_vm_is_not_bounced(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("huge", 1000) };
+	struct bal_thread t[] = { th(0, a, 1), th(1, NULL, 0) };
+	struct bal_move m;
+
+	/* Moving it only swaps the imbalance: |1000 - 2000| is no better. */
+	assert_int_equal(balancer_plan(&c, t, 2, &m), 0);
+}
+
+static void test_floor(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("a", 20), vm("b", 20) };
+	struct bal_thread t[] = { th(0, a, 2), th(1, NULL, 0) };
+	struct bal_move m;
+
+	/* 40 msgs/s in all is below min_load: not worth a migration */
+	assert_int_equal(balancer_plan(&c, t, 2, &m), 0);
+	c.min_load = 10;
+	assert_int_equal(balancer_plan(&c, t, 2, &m), 1);
+}
+
+static void test_hold_time(void **state)
+{
+	struct balancer_config c = cfg();
+	struct bal_vm a[] = { vm("a", 500), vm("b", 500) };
+	struct bal_thread t[] = { th(0, a, 2), th(1, NULL, 0) };
+	struct bal_thread even[] = { th(0, a, 1), th(1, a + 1, 1) };
+	struct balancer b;
+	struct bal_move m;
+
+	c.hold_ms = 10000;
+	balancer_init(&b, &c);
+	assert_int_equal(balancer_step(&b, t, 2, 1000, &m), 0);
+	assert_int_equal(balancer_step(&b, t, 2, 9000, &m), 0);
+	/* Balanced in between: the clock starts again. */
+	assert_int_equal(balancer_step(&b, even, 2, 10000, &m), 0);
+	assert_int_equal(balancer_step(&b, t, 2, 12000, &m), 0);
+	assert_int_equal(balancer_step(&b, t, 2, 21999, &m), 0);
+	assert_int_equal(balancer_step(&b, t, 2, 22000, &m), 1);
+	assert_int_equal(m.from, 0);
+	/* Disabled: never. */
+	b.cfg.enabled = false;
+	assert_int_equal(balancer_step(&b, t, 2, 99999, &m), 0);
+}
+
+static void test_config_errors(void **state)
+{
+	struct conf_ctx ctx;
+	struct balancer_config c;
+	json_t *o = json_loads("{\"ratio\": 0.5}", 0, NULL);
+
+	conf_ctx_init(&ctx, "/etc/vmproxyd.json");
+	assert_int_equal(balancer_config_parse(&ctx, o, &c), -22);
+	assert_string_equal(ctx.err, "/etc/vmproxyd.json: balancer.ratio: expected a number in "
+				     "[1.05, 100]");
+	json_decref(o);
+	o = json_loads("{\"interval\": 5}", 0, NULL);
+	conf_ctx_init(&ctx, "x.json");
+	assert_int_equal(balancer_config_parse(&ctx, o, &c), -22);
+	assert_string_equal(ctx.err, "x.json: balancer.interval: unknown key");
+	json_decref(o);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_balanced_no_move),
+		cmocka_unit_test(test_skew_moves_the_vm_that_halves_the_gap),
+		cmocka_unit_test(test_idle_thread_gets_load),
+		cmocka_unit_test(test_single_big_vm_is_not_bounced),
+		cmocka_unit_test(test_floor),
+		cmocka_unit_test(test_hold_time),
+		cmocka_unit_test(test_config_errors),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
