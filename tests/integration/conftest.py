@@ -1,0 +1,99 @@
+"""Shared fixtures of the integration scenarios.
+
+build_dir (session)  the meson build directory under test ($VMPROXY_BUILD_DIR,
+                     default <repo>/build)
+certs (session)      a deploy/gen-certs.sh directory
+broker (session)     a private RabbitMQ node (harness.rabbitmq.RabbitMQ),
+                     brought back before each test that uses it
+procs                start programs with captured output: procs(argv, name=...)
+                     returns a harness.Proc, stopped at teardown, its output
+                     tail printed if the test failed
+"""
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+TOP = HERE.parents[1]
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from harness import free_port, run_proc, wait_for  # noqa: E402,F401
+from harness.rabbitmq import RabbitMQ  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item so teardown can ask whether the
+    test failed (test_failed below)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def test_failed(request):
+    """True when the setup or call phase of REQUEST's test failed."""
+    node = request.node
+    return any(getattr(node, "rep_" + w, None) is not None and getattr(node, "rep_" + w).failed
+               for w in ("setup", "call"))
+
+
+test_failed.__test__ = False  # not a test despite its name
+
+
+@pytest.fixture(scope="session")
+def build_dir():
+    return pathlib.Path(os.environ.get("VMPROXY_BUILD_DIR", TOP / "build")).resolve()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(TOP / "deploy" / "gen-certs.sh"), str(d)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return d
+
+
+@pytest.fixture(scope="session")
+def broker(certs):
+    # The node runs as user rabbitmq, which cannot enter pytest's private
+    # temporary tree, so its directory lives directly under /tmp.
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-broker-"))
+    nofile = int(os.environ.get("VMPROXY_BROKER_NOFILE", "65536"))
+    b = RabbitMQ(workdir, certs, nofile=nofile)
+    try:
+        b.start()
+        yield b
+    finally:
+        b.close()
+        if not os.environ.get("VMPROXY_KEEP_BROKER"):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _broker_alive(request):
+    """A test may kill, stop or freeze the broker: the next test that uses
+    it gets it running again."""
+    if "broker" in request.fixturenames:
+        request.getfixturevalue("broker").ensure_running()
+    yield
+
+
+@pytest.fixture
+def procs(request, tmp_path):
+    """procs(argv, name=None, env=None, cwd=None, stop_timeout=10) -> Proc:
+    start a program with its output in tmp_path/NAME.log; it is stopped at
+    teardown (SIGTERM, then SIGKILL) and its output tail printed if the test
+    failed."""
+    with contextlib.ExitStack() as stack:
+        def start(argv, **kw):
+            kw.setdefault("tmp_dir", tmp_path)
+            kw.setdefault("failed", lambda: test_failed(request))
+            return stack.enter_context(run_proc(argv, **kw))
+        yield start
