@@ -13,6 +13,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,16 @@ if str(HERE) not in sys.path:
 
 from harness import free_port, run_proc, wait_for  # noqa: E402,F401
 from harness.rabbitmq import RabbitMQ  # noqa: E402
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def pytest_configure(config):
+    # A SIGTERM (e.g. from timeout(1) in deploy/run-tests.sh) ends the run
+    # like ^C: fixtures are finalized, the broker stopped, reports written.
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -163,11 +163,16 @@ class RabbitMQ:
 
     # ---- process control ------------------------------------------------
 
-    def _user_cmd(self, argv):
-        """ARGV run as the rabbitmq user when we are root."""
-        if not self._as_rabbitmq:
+    def _user_cmd(self, argv, pdeathsig=False):
+        """ARGV run as the rabbitmq user when we are root. PDEATHSIG: the
+        program gets SIGTERM when we die, so a killed test run leaves no
+        node behind (the start script turns SIGTERM into a clean stop)."""
+        pre = ["--pdeathsig=TERM"] if pdeathsig else []
+        if self._as_rabbitmq:
+            pre += ["--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups"]
+        if not pre:
             return list(argv)
-        return ["setpriv", "--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups", "--"] + list(argv)
+        return ["setpriv"] + pre + ["--"] + list(argv)
 
     def _base_env(self):
         env = {
@@ -262,7 +267,8 @@ class RabbitMQ:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(n.etc / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(n.mnesia / "node.pid"),
         })
-        argv = self._nofile_prefix() + self._user_cmd([str(RABBITMQ_LIB / "rabbitmq-server")])
+        argv = self._nofile_prefix() + self._user_cmd([str(RABBITMQ_LIB / "rabbitmq-server")],
+                                                     pdeathsig=True)
         out = open(n.stdout_path, "ab")
         try:
             n.proc = subprocess.Popen(argv, env=env, cwd=str(n.home), stdin=subprocess.DEVNULL,
