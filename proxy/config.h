@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "broker.h"
 
 enum listener_type {
@@ -89,6 +91,11 @@ struct proxy_config {
 		char *socket; /* NULL: no admin socket */
 		char *group;  /* NULL: root only */
 	} admin;
+
+	/* Sections parsed by their own modules (balancer.c, metrics.c), kept as
+	 * owned references; NULL when absent. */
+	json_t *balancer_raw;
+	json_t *metrics_raw;
 
 	uint32_t drain_timeout_ms; /* "drain_timeout_ms", SIGTERM wait for confirms; 10000 */
 	char *log_level;	   /* "log_level": error|warn|info|debug, default info */
