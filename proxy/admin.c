@@ -95,6 +95,45 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 		json_decref(r);
 		return error_reply("a request is an object with a string \"command\"");
 	}
+	if (strcmp(cmd, "migrate") == 0) {
+		const char *vm = json_string_value(json_object_get(r, "vm"));
+		json_t *th = json_object_get(r, "thread");
+		char msg[200];
+		int st;
+
+		if (!vm || !json_is_integer(th) || json_integer_value(th) < 0 ||
+		    json_integer_value(th) > 65535) {
+			reply = error_reply("\"migrate\" needs a string \"vm\" and an integer "
+					    "\"thread\"");
+		} else {
+			st = vmproxy_migrate(p, vm, (unsigned)json_integer_value(th), msg,
+					     sizeof(msg));
+			reply = st < 0 ? error_reply("%s", msg)
+				       : json_pack("{s:b, s:s}", "ok", 1, "result", msg);
+		}
+		json_decref(r);
+		return reply;
+	}
+	if (strcmp(cmd, "drain") == 0) {
+		vmproxy_stop(p);
+		json_decref(r);
+		return json_pack("{s:b, s:s}", "ok", 1, "result",
+				 "draining: no new connections; guests are closed once their "
+				 "messages are confirmed");
+	}
+	if (strcmp(cmd, "balancer") == 0) {
+		json_t *en = json_object_get(r, "enabled");
+
+		if (en && !json_is_boolean(en)) {
+			reply = error_reply("\"enabled\" must be true or false");
+		} else {
+			if (en)
+				vmproxy_set_balancer(p, json_is_true(en));
+			reply = json_pack("{s:b, s:o}", "ok", 1, "daemon", vmproxy_counters(p));
+		}
+		json_decref(r);
+		return reply;
+	}
 	if (strcmp(cmd, "status") != 0 && strcmp(cmd, "threads") != 0 &&
 	    strcmp(cmd, "vms") != 0 && strcmp(cmd, "vm") != 0) {
 		char c[80];

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "balancer.h"
 #include "clock.h"
 #include "helper.h"
 #include "listener.h"
@@ -57,6 +58,11 @@ struct vmproxy {
 	enum drain_phase phase;
 	uint64_t phase_deadline;
 	uint64_t watchdog_usec;
+	struct balancer balancer;
+	uint64_t next_balance_ms, last_sample_ms;
+	json_t *prev_vm_msgs; /* uuid -> messages_in at the last sample */
+	json_t *thread_rates; /* per thread: messages/s in at the last sample */
+	_Atomic bool balancer_enabled;
 	_Atomic uint32_t next_conn_id;
 	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
 };
@@ -148,6 +154,21 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	int *cpus = NULL;
 	int r;
 
+	{
+		struct balancer_config bc;
+		struct conf_ctx cc;
+
+		conf_ctx_init(&cc, cfg->file);
+		r = balancer_config_parse(&cc, cfg->balancer_raw, &bc);
+		if (r < 0) {
+			snprintf(err, errlen, "%s", cc.err);
+			return r;
+		}
+		balancer_init(&p->balancer, &bc);
+		atomic_store(&p->balancer_enabled, bc.enabled);
+		p->prev_vm_msgs = json_object();
+		p->thread_rates = json_array();
+	}
 	r = vm_identity_new(cfg, &p->id, err, errlen);
 	if (r < 0)
 		return r;
@@ -374,6 +395,138 @@ static uint32_t total_conns(struct vmproxy *p)
 	return n;
 }
 
+/* Post a move of UUID (on thread FROM) to thread TO; RES may be NULL. */
+static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsigned to,
+			struct migrate_result *res)
+{
+	struct migrate_out_mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->mail.type = MAIL_MIGRATE_OUT;
+	snprintf(m->uuid, sizeof(m->uuid), "%s", uuid);
+	m->to = to;
+	m->timeout_ms = p->balancer.cfg.migrate_timeout_ms;
+	m->res = res;
+	poll_thread_post(p->threads[from], &m->mail);
+	return 0;
+}
+
+/* Sample every thread's VMs (by query mail), turn counters into rates and
+ * let the balancer decide; carry out at most one move per sample. */
+static void balance(struct vmproxy *p, uint64_t now)
+{
+	json_t *threads = vmproxy_query_threads(p, 1000), *t, *v, *next_prev = json_object();
+	double dt = p->last_sample_ms ? (double)(now - p->last_sample_ms) / 1000.0 : 0;
+	struct bal_thread *bt = calloc(p->nthreads, sizeof(*bt));
+	struct bal_vm **vms = calloc(p->nthreads, sizeof(*vms));
+	struct bal_move move;
+	size_t i, j;
+
+	if (!threads || !bt || !vms)
+		goto out;
+	json_array_clear(p->thread_rates);
+	json_array_foreach(threads, i, t) {
+		json_t *list = json_object_get(t, "vms");
+
+		bt[i].id = (unsigned)i;
+		vms[i] = calloc(json_array_size(list) + 1, sizeof(struct bal_vm));
+		if (!vms[i])
+			goto out;
+		json_array_foreach(list, j, v) {
+			const char *uuid = json_string_value(json_object_get(v, "uuid"));
+			json_int_t now_msgs = json_integer_value(json_object_get(v, "messages_in"));
+			json_t *prev = json_object_get(p->prev_vm_msgs, uuid ? uuid : "");
+			double rate = 0;
+
+			if (!uuid)
+				continue;
+			if (prev && dt > 0 && now_msgs >= json_integer_value(prev))
+				rate = (double)(now_msgs - json_integer_value(prev)) / dt;
+			json_object_set_new(next_prev, uuid, json_integer(now_msgs));
+			snprintf(vms[i][bt[i].nvms].uuid, sizeof(vms[i][0].uuid), "%s", uuid);
+			vms[i][bt[i].nvms].load = rate;
+			bt[i].load += rate;
+			bt[i].nvms++;
+		}
+		bt[i].vms = vms[i];
+		json_array_append_new(p->thread_rates, json_real(bt[i].load));
+	}
+	json_decref(p->prev_vm_msgs);
+	p->prev_vm_msgs = next_prev;
+	next_prev = NULL;
+	p->last_sample_ms = now;
+	p->balancer.cfg.enabled = atomic_load(&p->balancer_enabled);
+	if (dt > 0 && balancer_step(&p->balancer, bt, p->nthreads, now, &move)) {
+		log_info("balancer: thread %u at %.0f msgs/s, thread %u at %.0f: moving vm %s",
+			 move.from, bt[move.from].load, move.to, bt[move.to].load, move.uuid);
+		post_migrate(p, move.uuid, move.from, move.to, NULL);
+	}
+out:
+	for (i = 0; vms && i < p->nthreads; i++)
+		free(vms[i]);
+	free(vms);
+	free(bt);
+	json_decref(next_prev);
+	json_decref(threads);
+}
+
+int vmproxy_migrate(struct vmproxy *p, const char *vm, unsigned to, char *msg, size_t msglen)
+{
+	json_t *threads = vmproxy_query_threads(p, 2000), *t, *v;
+	struct migrate_result res;
+	const char *uuid = NULL;
+	unsigned from = 0;
+	size_t i, j;
+	int r;
+
+	json_array_foreach(threads, i, t) {
+		json_array_foreach(json_object_get(t, "vms"), j, v) {
+			const char *u = json_string_value(json_object_get(v, "uuid"));
+			const char *n = json_string_value(json_object_get(v, "name"));
+			if ((u && strcmp(u, vm) == 0) || (n && strcmp(n, vm) == 0)) {
+				uuid = u;
+				from = (unsigned)i;
+			}
+		}
+	}
+	if (!uuid) {
+		snprintf(msg, msglen, "no VM \"%.64s\" has connections here", vm);
+		json_decref(threads);
+		return -ENOENT;
+	}
+	if (to >= p->nthreads) {
+		snprintf(msg, msglen, "there is no thread %u (0..%u)", to, p->nthreads - 1);
+		json_decref(threads);
+		return -EINVAL;
+	}
+	memset(&res, 0, sizeof(res));
+	pthread_mutex_init(&res.lock, NULL);
+	pthread_cond_init(&res.cond, NULL);
+	r = post_migrate(p, uuid, from, to, &res);
+	json_decref(threads);
+	if (r < 0) {
+		snprintf(msg, msglen, "out of memory");
+		return r;
+	}
+	/* The poll thread always answers: done, abandoned at the timeout, or
+	 * cancelled at shutdown. */
+	pthread_mutex_lock(&res.lock);
+	while (!res.done)
+		pthread_cond_wait(&res.cond, &res.lock);
+	pthread_mutex_unlock(&res.lock);
+	snprintf(msg, msglen, "%s", res.msg);
+	pthread_mutex_destroy(&res.lock);
+	pthread_cond_destroy(&res.cond);
+	return res.status;
+}
+
+void vmproxy_set_balancer(struct vmproxy *p, bool enabled)
+{
+	atomic_store(&p->balancer_enabled, enabled);
+	log_info("balancer %s by the operator", enabled ? "enabled" : "disabled");
+}
+
 static void on_timer(struct vmproxy *p)
 {
 	uint64_t now = clock_mono_ms(), held;
@@ -388,6 +541,13 @@ static void on_timer(struct vmproxy *p)
 	}
 	if (p->watchdog_usec && alive)
 		sd_notify(0, "WATCHDOG=1");
+	if (p->phase == RUNNING && now >= p->next_balance_ms) {
+		p->next_balance_ms = now + p->balancer.cfg.interval_ms;
+		if (atomic_load(&p->balancer_enabled) || p->last_sample_ms == 0)
+			balance(p, now);
+		else
+			p->last_sample_ms = 0; /* rates restart when re-enabled */
+	}
 
 	switch (p->phase) {
 	case RUNNING:
@@ -530,6 +690,7 @@ json_t *vmproxy_counters(struct vmproxy *p)
 	json_object_set_new(o, "connections", json_integer(total_conns(p)));
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
 	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));
+	json_object_set_new(o, "balancer_enabled", json_boolean(atomic_load(&p->balancer_enabled)));
 	for (size_t i = 0; i < p->nlisteners; i++)
 		json_array_append_new(ls, json_pack("{s:s, s:I, s:I}", "name", p->listeners[i].name,
 						    "accepted",
@@ -566,6 +727,8 @@ void vmproxy_free(struct vmproxy *p)
 		close(p->sigfd);
 	if (p->timerfd >= 0)
 		close(p->timerfd);
+	json_decref(p->prev_vm_msgs);
+	json_decref(p->thread_rates);
 	proxy_config_free(p->cfg);
 	free(p);
 }

@@ -41,5 +41,13 @@ struct vm_identity *vmproxy_identity(struct vmproxy *p);
  * did not answer within TIMEOUT_MS. */
 json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms);
 
+/* Move VM (name or uuid) with all its connections to poll thread TO and
+ * wait for the outcome (bounded by the balancer's migrate_timeout_ms).
+ * Returns 0, -ENOENT, -EINVAL, -EBUSY or -ETIMEDOUT with MSG describing it. */
+int vmproxy_migrate(struct vmproxy *p, const char *vm, unsigned to, char *msg, size_t msglen);
+
+/* Switch the automatic balancer on or off at run time. */
+void vmproxy_set_balancer(struct vmproxy *p, bool enabled);
+
 /* Daemon-wide counters as a JSON object (accepted, refused, ...). */
 json_t *vmproxy_counters(struct vmproxy *p);

@@ -12,12 +12,14 @@
 #include "poll_thread.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "clock.h"
@@ -43,7 +45,19 @@ struct vm_state {
 	struct vm_state *ring_next;		    /* in the active ring */
 	bool in_ring;
 	bool blocked; /* over its unconfirmed-bytes bound */
+	bool migrating; /* quiescing: not read, waiting for confirms */
+	unsigned migrate_to;
+	uint64_t migrate_deadline, migrate_started;
+	struct migrate_result *migrate_res;
+	struct vm_state *mig_next; /* the thread's migrating list (holds a reference) */
 	uint64_t msgs_in, bytes_in, acked, nacked;
+};
+
+/* MAIL_MIGRATE_IN: a quiesced VM and its connections, from thread FROM. */
+struct migrate_in_mail {
+	struct mail mail;
+	struct vm_state *vm;
+	unsigned from;
 };
 
 struct poll_thread {
@@ -61,6 +75,9 @@ struct poll_thread {
 	uint32_t nconns;
 	struct guest_conn *dirty;
 	struct vm_state *ring_head, *ring_tail; /* VMs with messages waiting */
+	struct vm_state *migrating;
+	uint64_t msgs_in, bytes_in, msgs_out, bytes_out, migrations_in, migrations_out;
+	uint64_t busy_ns, busy_max_ns; /* loop time spent working, since the last report */
 
 	struct guest_conn *cur; /* the connection whose engine is running */
 	bool kick;		/* new messages for the link */
@@ -230,6 +247,8 @@ static void op_pop(void *ud, struct upstream_msg *m)
 	struct poll_thread *pt = ud;
 	struct vm_state *v = pt->ring_head;
 
+	pt->msgs_out++;
+	pt->bytes_out += m->body_len;
 	v->pend_head = m->next;
 	if (!v->pend_head)
 		v->pend_tail = NULL;
@@ -428,6 +447,8 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	c->msgs_in++;
 	v->msgs_in++;
 	v->bytes_in += pub->body_len;
+	pt->msgs_in++;
+	pt->bytes_in += pub->body_len;
 	v->held_bytes += m->size;
 	v->held_msgs++;
 	pt->held_bytes += m->size;
@@ -483,6 +504,52 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 
 /* ---- connections --------------------------------------------------------- */
 
+/* Link C (whose vm is set) into its VM's and the thread's lists. */
+static void conn_attach(struct poll_thread *pt, struct guest_conn *c)
+{
+	struct vm_state *v = c->vm;
+
+	c->vm_prev = NULL;
+	c->vm_next = v->conns;
+	if (v->conns)
+		v->conns->vm_prev = c;
+	v->conns = c;
+	v->nconns++;
+	c->all_prev = NULL;
+	c->all_next = pt->conns;
+	if (pt->conns)
+		pt->conns->all_prev = c;
+	pt->conns = c;
+	pt->nconns++;
+	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+}
+
+/* Unlink C from the thread's list, and from its VM's list when FROM_VM. */
+static void conn_detach(struct poll_thread *pt, struct guest_conn *c, bool from_vm)
+{
+	struct vm_state *v = c->vm;
+
+	if (from_vm) {
+		if (c->vm_prev)
+			c->vm_prev->vm_next = c->vm_next;
+		else
+			v->conns = c->vm_next;
+		if (c->vm_next)
+			c->vm_next->vm_prev = c->vm_prev;
+		c->vm_prev = c->vm_next = NULL;
+		v->nconns--;
+	}
+	if (c->all_prev)
+		c->all_prev->all_next = c->all_next;
+	else
+		pt->conns = c->all_next;
+	if (c->all_next)
+		c->all_next->all_prev = c->all_prev;
+	c->all_prev = c->all_next = NULL;
+	pt->nconns--;
+	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+}
+
 static void conn_close(struct poll_thread *pt, struct guest_conn *c)
 {
 	struct vm_state *v = c->vm;
@@ -495,21 +562,7 @@ static void conn_close(struct poll_thread *pt, struct guest_conn *c)
 	guest_session_free(c->sess);
 	c->sess = NULL;
 	partition_release_conn(pt->sh->partition, v->info.uuid);
-	if (c->vm_prev)
-		c->vm_prev->vm_next = c->vm_next;
-	else
-		v->conns = c->vm_next;
-	if (c->vm_next)
-		c->vm_next->vm_prev = c->vm_prev;
-	v->nconns--;
-	if (c->all_prev)
-		c->all_prev->all_next = c->all_next;
-	else
-		pt->conns = c->all_next;
-	if (c->all_next)
-		c->all_next->all_prev = c->all_prev;
-	pt->nconns--;
-	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	conn_detach(pt, c, true);
 	log_debug("vm=%s conn=%u: socket closed (%llu bytes in, %llu out)", v->info.name, c->id,
 		  (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
 	conn_unref(pt, c);
@@ -520,7 +573,8 @@ static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool
 	uint32_t ev = 0;
 	struct epoll_event e;
 
-	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked)
+	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked &&
+	    !c->vm->migrating)
 		ev |= EPOLLIN;
 	if (want_out)
 		ev |= EPOLLOUT;
@@ -584,17 +638,29 @@ static void conn_handle_events(struct poll_thread *pt, struct guest_conn *c, uin
 	mark_dirty(pt, c);
 }
 
-static void adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_t now)
+/* Take over a delegated connection. Returns false when the mail was
+ * forwarded instead: its VM has moved to another thread since the acceptor
+ * looked (the mail is then not ours to free). */
+static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_t now)
 {
-	struct guest_conn *c = calloc(1, sizeof(*c));
-	struct vm_state *v = c ? vm_get(pt, &nm->vm) : NULL;
+	struct guest_conn *c;
+	struct vm_state *v = NULL;
 	struct epoll_event e;
+	unsigned owner;
 
-	if (!c || !v)
+	if (partition_lookup(pt->sh->partition, nm->vm.uuid, &owner) == 0 && owner != pt->id &&
+	    owner < pt->sh->nthreads) {
+		poll_thread_post(pt->sh->threads[owner], &nm->mail);
+		return false;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
 		goto fail;
 	c->sess = guest_session_new(&pt->sh->scfg, now);
-	if (!c->sess)
+	v = c->sess ? vm_get(pt, &nm->vm) : NULL;
+	if (!v)
 		goto fail;
+	v->refs++; /* the connection's */
 	c->fd = nm->fd;
 	c->id = nm->conn_id;
 	c->vm = v;
@@ -602,34 +668,25 @@ static void adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 	snprintf(c->peer, sizeof(c->peer), "%s", nm->peer);
 	e.events = EPOLLIN;
 	e.data.ptr = c;
-	if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
+	if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0) {
+		vm_unref(pt, v);
 		goto fail;
+	}
 	c->ep_events = EPOLLIN;
-	v->refs++;
-	c->vm_next = v->conns;
-	if (v->conns)
-		v->conns->vm_prev = c;
-	v->conns = c;
-	v->nconns++;
-	c->all_next = pt->conns;
-	if (pt->conns)
-		pt->conns->all_prev = c;
-	pt->conns = c;
-	pt->nconns++;
-	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	conn_attach(pt, c);
+	mark_dirty(pt, c); /* epoll interest follows the VM's state */
 	log_debug("vm=%s conn=%u: adopted by thread %u from %s", v->info.name, c->id, pt->id,
 		  c->peer);
-	return;
+	return true;
 fail:
-	log_error("vm=%s conn=%u: cannot adopt connection: out of memory", nm->vm.name,
-		  nm->conn_id);
+	log_error("vm=%s conn=%u: cannot adopt connection: %s", nm->vm.name, nm->conn_id,
+		  c ? "out of memory or epoll failure" : "out of memory");
 	if (c && c->sess)
 		guest_session_free(c->sess);
 	free(c);
-	if (v && v->refs == 0)
-		vm_unref(pt, (v->refs++, v));
 	close(nm->fd);
 	partition_release_conn(pt->sh->partition, nm->vm.uuid);
+	return true;
 }
 
 static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t code,
@@ -643,7 +700,204 @@ static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t 
 	}
 }
 
+/* ---- migration between threads ------------------------------------------ */
+
+void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!res)
+		return;
+	pthread_mutex_lock(&res->lock);
+	res->status = status;
+	va_start(ap, fmt);
+	vsnprintf(res->msg, sizeof(res->msg), fmt, ap);
+	va_end(ap);
+	res->done = true;
+	pthread_cond_broadcast(&res->cond);
+	pthread_mutex_unlock(&res->lock);
+}
+
+/* Quiesce: stop reading the VM's sockets; process_migrations hands it over
+ * once every message it sent is confirmed (acks included), or gives up. */
+static void migrate_out(struct poll_thread *pt, struct migrate_out_mail *mo, uint64_t now)
+{
+	struct vm_state *v = vm_find(pt, mo->uuid);
+
+	if (!v) {
+		migrate_result_set(mo->res, -ENOENT, "VM %s has no connections on thread %u",
+				   mo->uuid, pt->id);
+		return;
+	}
+	if (mo->to >= pt->sh->nthreads) {
+		migrate_result_set(mo->res, -EINVAL, "there is no thread %u (0..%u)", mo->to,
+				   pt->sh->nthreads - 1);
+		return;
+	}
+	if (mo->to == pt->id) {
+		migrate_result_set(mo->res, 0, "vm %s is already on thread %u", v->info.name, pt->id);
+		return;
+	}
+	if (v->migrating) {
+		migrate_result_set(mo->res, -EBUSY, "vm %s is already moving to thread %u",
+				   v->info.name, v->migrate_to);
+		return;
+	}
+	v->migrating = true;
+	v->migrate_to = mo->to;
+	v->migrate_started = now;
+	v->migrate_deadline = now + mo->timeout_ms;
+	v->migrate_res = mo->res;
+	v->refs++; /* the migrating list's */
+	v->mig_next = pt->migrating;
+	pt->migrating = v;
+	log_info("vm=%s: moving from thread %u to %u: pausing its %u connections until its %llu "
+		 "held messages are confirmed", v->info.name, pt->id, mo->to, v->nconns,
+		 (unsigned long long)v->held_msgs);
+	for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+		mark_dirty(pt, c);
+}
+
+static void migrate_abandon(struct poll_thread *pt, struct vm_state *v, uint64_t now)
+{
+	log_warn("vm=%s: move to thread %u abandoned: %llu messages still unconfirmed after %llu "
+		 "ms; it stays on thread %u", v->info.name, v->migrate_to,
+		 (unsigned long long)v->held_msgs, (unsigned long long)(now - v->migrate_started),
+		 pt->id);
+	migrate_result_set(v->migrate_res, -ETIMEDOUT,
+			   "abandoned: %llu messages still unconfirmed after %llu ms",
+			   (unsigned long long)v->held_msgs,
+			   (unsigned long long)(now - v->migrate_started));
+	v->migrate_res = NULL;
+	v->migrating = false;
+	for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+		mark_dirty(pt, c);
+	vm_unref(pt, v);
+}
+
+/* Called with the dirty list empty: nothing on this thread still points at
+ * the VM's connections once they leave. */
+static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_t now)
+{
+	struct migrate_in_mail *im;
+	struct vm_state **pv;
+
+	if (v->nconns == 0) {
+		migrate_result_set(v->migrate_res, 0, "vm %s has no connections left to move",
+				   v->info.name);
+		v->migrate_res = NULL;
+		v->migrating = false;
+		vm_unref(pt, v);
+		return;
+	}
+	im = calloc(1, sizeof(*im));
+	if (!im) {
+		migrate_abandon(pt, v, now);
+		return;
+	}
+	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+		/* Last chance to send acks from here; what is left moves along. */
+		int r = guest_conn_flush(c, now);
+		if (r < 0 && r != -EAGAIN)
+			c->closing = true;
+		epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+		c->ep_events = 0;
+		conn_detach(pt, c, false);
+	}
+	for (pv = &pt->vms[hash_uuid(v->info.uuid) % VM_BUCKETS]; *pv != v; pv = &(*pv)->hash_next)
+		;
+	*pv = v->hash_next;
+	v->hash_next = NULL;
+	pt->nvms--;
+	v->refs--; /* the migrating list's; its connections hold the rest */
+	v->migrating = false;
+	partition_move_vm(pt->sh->partition, v->info.uuid, v->migrate_to);
+	pt->migrations_out++;
+	im->mail.type = MAIL_MIGRATE_IN;
+	im->vm = v;
+	im->from = pt->id;
+	poll_thread_post(pt->sh->threads[v->migrate_to], &im->mail);
+}
+
+static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t now)
+{
+	struct vm_state *v = im->vm, *have = vm_find(pt, v->info.uuid);
+	struct guest_conn *list = v->conns, *c, *next;
+	struct migrate_result *res = v->migrate_res;
+	uint64_t took = now - v->migrate_started;
+	unsigned n = v->nconns;
+
+	v->migrate_res = NULL;
+	if (have) {
+		/* A new connection of this VM got here first: merge. */
+		have->msgs_in += v->msgs_in;
+		have->bytes_in += v->bytes_in;
+		have->acked += v->acked;
+		have->nacked += v->nacked;
+		free(v);
+		v = have;
+	} else {
+		size_t b = hash_uuid(v->info.uuid) % VM_BUCKETS;
+		v->hash_next = pt->vms[b];
+		pt->vms[b] = v;
+		pt->nvms++;
+		v->conns = NULL;
+		v->nconns = 0;
+		v->refs = 0;
+	}
+	for (c = list; c; c = next) {
+		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+
+		next = c->vm_next;
+		c->vm = v;
+		v->refs++;
+		conn_attach(pt, c);
+		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) == 0)
+			c->ep_events = EPOLLIN;
+		else
+			c->closing = true;
+		c->deadline = 0;
+		mark_dirty(pt, c);
+	}
+	pt->migrations_in++;
+	log_info("vm=%s: moved from thread %u to thread %u in %llu ms (%u connections)",
+		 v->info.name, im->from, pt->id, (unsigned long long)took, n);
+	migrate_result_set(res, 0, "vm %s moved from thread %u to thread %u in %llu ms",
+			   v->info.name, im->from, pt->id, (unsigned long long)took);
+	check_bounds(pt, v);
+}
+
+static void process_migrations(struct poll_thread *pt, uint64_t now)
+{
+	struct vm_state **pv = &pt->migrating, *v;
+
+	while ((v = *pv)) {
+		if (v->held_msgs == 0 || v->nconns == 0) {
+			*pv = v->mig_next;
+			v->mig_next = NULL;
+			migrate_handover(pt, v, now);
+		} else if (now >= v->migrate_deadline) {
+			*pv = v->mig_next;
+			v->mig_next = NULL;
+			migrate_abandon(pt, v, now);
+		} else {
+			pv = &v->mig_next;
+		}
+	}
+}
+
 /* ---- queries --------------------------------------------------------------- */
+
+/* CPU time of the calling thread, through its pthread CPU clock. */
+static double thread_cpu_seconds(void)
+{
+	struct timespec ts;
+	clockid_t cid;
+
+	if (pthread_getcpuclockid(pthread_self(), &cid) != 0 || clock_gettime(cid, &ts) < 0)
+		return 0;
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 static json_t *report(struct poll_thread *pt)
 {
@@ -660,6 +914,8 @@ static json_t *report(struct poll_thread *pt)
 					       (json_int_t)v->held_msgs, "messages_in",
 					       (json_int_t)v->msgs_in, "acked", (json_int_t)v->acked,
 					       "nacked", (json_int_t)v->nacked, "blocked", v->blocked);
+			json_object_set_new(vo, "bytes_in", json_integer((json_int_t)v->bytes_in));
+			json_object_set_new(vo, "migrating", json_boolean(v->migrating));
 			json_array_append_new(vms, vo);
 		}
 	}
@@ -681,6 +937,17 @@ static json_t *report(struct poll_thread *pt)
 	json_object_set_new(o, "held_bytes", json_integer((json_int_t)pt->held_bytes));
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)pt->held_msgs));
 	json_object_set_new(o, "blocked", json_boolean(pt->blocked));
+	json_object_set_new(o, "messages_in", json_integer((json_int_t)pt->msgs_in));
+	json_object_set_new(o, "bytes_in", json_integer((json_int_t)pt->bytes_in));
+	json_object_set_new(o, "messages_out", json_integer((json_int_t)pt->msgs_out));
+	json_object_set_new(o, "bytes_out", json_integer((json_int_t)pt->bytes_out));
+	json_object_set_new(o, "migrations_in", json_integer((json_int_t)pt->migrations_in));
+	json_object_set_new(o, "migrations_out", json_integer((json_int_t)pt->migrations_out));
+	json_object_set_new(o, "cpu_seconds", json_real(thread_cpu_seconds()));
+	json_object_set_new(o, "loop_busy_seconds", json_real((double)pt->busy_ns / 1e9));
+	/* The longest single loop iteration since the previous report. */
+	json_object_set_new(o, "loop_max_us", json_integer((json_int_t)(pt->busy_max_ns / 1000)));
+	pt->busy_max_ns = 0;
 	json_object_set_new(o, "upstream", link);
 	json_object_set_new(o, "vms", vms);
 	return o;
@@ -692,8 +959,8 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 {
 	switch ((enum mail_type)m->type) {
 	case MAIL_NEW_CONN:
-		adopt_conn(pt, (struct new_conn_mail *)m, now);
-		free(m);
+		if (adopt_conn(pt, (struct new_conn_mail *)m, now))
+			free(m);
 		break;
 	case MAIL_UPSTREAM_CONNECTED:
 		if (pt->stopping)
@@ -737,7 +1004,11 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		free(m);
 		break;
 	case MAIL_MIGRATE_OUT:
+		migrate_out(pt, (struct migrate_out_mail *)m, now);
+		free(m);
+		break;
 	case MAIL_MIGRATE_IN:
+		migrate_in(pt, (struct migrate_in_mail *)m, now);
 		free(m);
 		break;
 	}
@@ -776,7 +1047,7 @@ static void *poll_main(void *arg)
 	}
 	while (!pt->stopping) {
 		uint64_t now = clock_mono_ms();
-		uint64_t next = upstream_tick(pt->up, now);
+		uint64_t next = upstream_tick(pt->up, now), woke_ns;
 		int timeout, n;
 
 		if (now >= pt->next_scan)
@@ -787,7 +1058,8 @@ static void *poll_main(void *arg)
 		timeout = next <= now ? 0 : (int)(next - now);
 		atomic_store_explicit(&pt->g.loop_ms, now, memory_order_relaxed);
 		n = epoll_wait(pt->epfd, evs, MAX_EVENTS, timeout);
-		now = clock_mono_ms();
+		woke_ns = clock_mono_ns();
+		now = woke_ns / 1000000u;
 		for (int i = 0; i < n; i++) {
 			void *p = evs[i].data.ptr;
 
@@ -807,6 +1079,14 @@ static void *poll_main(void *arg)
 			upstream_kick(pt->up, now);
 		}
 		flush_dirty(pt, now);
+		if (pt->migrating)
+			process_migrations(pt, now);
+		if (n > 0) {
+			uint64_t busy = clock_mono_ns() - woke_ns;
+			pt->busy_ns += busy;
+			if (busy > pt->busy_max_ns)
+				pt->busy_max_ns = busy;
+		}
 	}
 	return NULL;
 }
@@ -916,6 +1196,25 @@ static void discard_mail(struct mail *m)
 		free(m);
 		break;
 	}
+	case MAIL_MIGRATE_OUT:
+		migrate_result_set(((struct migrate_out_mail *)m)->res, -ECANCELED,
+				   "the daemon is stopping");
+		free(m);
+		break;
+	case MAIL_MIGRATE_IN: {
+		struct vm_state *v = ((struct migrate_in_mail *)m)->vm;
+		struct guest_conn *c, *next;
+		migrate_result_set(v->migrate_res, -ECANCELED, "the daemon is stopping");
+		for (c = v->conns; c; c = next) {
+			next = c->vm_next;
+			close(c->fd);
+			guest_session_free(c->sess);
+			free(c);
+		}
+		free(v);
+		free(m);
+		break;
+	}
 	default:
 		free(m);
 		break;
@@ -946,6 +1245,13 @@ void poll_thread_free(struct poll_thread *pt)
 	if (!pt)
 		return;
 	poll_thread_stop(pt);
+	while (pt->migrating) {
+		struct vm_state *v = pt->migrating;
+		pt->migrating = v->mig_next;
+		v->migrating = false;
+		migrate_result_set(v->migrate_res, -ECANCELED, "the daemon is stopping");
+		vm_unref(pt, v);
+	}
 	/* The link first: its unconfirmed messages come back to the VM queues. */
 	upstream_free(pt->up);
 	pt->up = NULL;

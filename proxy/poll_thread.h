@@ -62,6 +62,30 @@ struct query_mail {
 	struct query *q;
 };
 
+/* How a requested migration ended, for a caller that waits (admin). */
+struct migrate_result {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+	int status; /* 0, -ENOENT, -EBUSY, -ETIMEDOUT, -EINVAL */
+	char msg[200];
+};
+
+/* MAIL_MIGRATE_OUT: move VM UUID with all its connections to thread TO,
+ * once its messages are all confirmed (bounded by TIMEOUT_MS, then the
+ * move is abandoned and the VM resumes where it is). RES may be NULL. */
+struct migrate_out_mail {
+	struct mail mail;
+	char uuid[VM_UUID_LEN + 1];
+	unsigned to;
+	uint32_t timeout_ms;
+	struct migrate_result *res;
+};
+
+/* Record the outcome in RES (if any) and wake its waiter. */
+void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
 /* Counters readable from any thread (relaxed atomics, for the watchdog,
  * drain and sd_notify; reports go through MAIL_QUERY). */
 struct poll_gauges {

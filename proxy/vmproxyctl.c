@@ -25,6 +25,9 @@ static void usage(FILE *f)
 		   "  threads         poll threads and their upstream links\n"
 		   "  vms             every VM with connections, and its thread\n"
 		   "  vm NAME|UUID    one VM\n"
+		   "  migrate VM THREAD  move a VM with all its connections to a poll thread\n"
+		   "  balancer on|off    switch automatic balancing\n"
+		   "  drain           stop accepting, wait for confirms, close guests, exit\n"
 		   "\n"
 		   "Options:\n"
 		   "  -s, --socket PATH  admin socket (default " DEFAULT_SOCKET ")\n"
@@ -183,6 +186,32 @@ int main(int argc, char **argv)
 		}
 		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
 	}
+	if (strcmp(cmd, "migrate") == 0) {
+		char *end;
+		long t;
+
+		if (optind + 2 >= argc) {
+			fprintf(stderr, "vmproxyctl: migrate needs a VM and a thread number\n");
+			return 2;
+		}
+		t = strtol(argv[optind + 2], &end, 10);
+		if (*end || t < 0 || t > 65535) {
+			fprintf(stderr, "vmproxyctl: thread must be a number, got \"%s\"\n",
+				argv[optind + 2]);
+			return 2;
+		}
+		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
+		json_object_set_new(req, "thread", json_integer(t));
+	} else if (strcmp(cmd, "balancer") == 0) {
+		if (optind + 1 < argc) {
+			const char *a = argv[optind + 1];
+			if (strcmp(a, "on") != 0 && strcmp(a, "off") != 0) {
+				fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
+				return 2;
+			}
+			json_object_set_new(req, "enabled", json_boolean(strcmp(a, "on") == 0));
+		}
+	}
 	reqtext = json_dumps(req, JSON_COMPACT);
 	json_decref(req);
 	text = roundtrip(path, reqtext);
@@ -200,6 +229,14 @@ int main(int argc, char **argv)
 		rc = 1;
 	} else if (as_json) {
 		fputs(text, stdout);
+	} else if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "drain") == 0) {
+		printf("%s\n", str(reply, "result"));
+	} else if (strcmp(cmd, "balancer") == 0) {
+		printf("balancer %s\n",
+		       json_is_true(json_object_get(json_object_get(reply, "daemon"),
+						    "balancer_enabled"))
+			       ? "on"
+			       : "off");
 	} else if (strcmp(cmd, "status") == 0) {
 		json_t *d = json_object_get(reply, "daemon");
 		printf("connections %lld, held messages %lld, accepted %lld, refused (unknown "
