@@ -38,8 +38,8 @@ static void test_escaping_and_cap(void **state)
 	longv[sizeof(longv) - 1] = '\0';
 	prom_init(&b);
 	prom_sample(&b, "g", 1, "name", longv, NULL);
-	/* g{name=" + 256 v + "} 1\n */
-	assert_int_equal(strlen(b.data), 8 + 256 + 6);
+	/* 'g{name="' + 256 'v' + '"} 1' and a newline */
+	assert_int_equal(strlen(b.data), 8 + 256 + 5);
 	prom_free(&b);
 }
 
