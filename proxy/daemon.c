@@ -24,6 +24,7 @@
 
 #include "admin.h"
 #include "balancer.h"
+#include "metrics.h"
 #include "clock.h"
 #include "helper.h"
 #include "listener.h"
@@ -53,6 +54,7 @@ struct vmproxy {
 	struct listener *listeners;
 	size_t nlisteners;
 	struct admin *admin;
+	struct metrics_server *metrics;
 	int epfd, stopfd, sigfd, timerfd;
 	const char *log_file;
 	enum drain_phase phase;
@@ -241,6 +243,20 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	if (r < 0) {
 		snprintf(err, errlen, "libvirt events: %s", strerror(-r));
 		return r;
+	}
+	{
+		struct metrics_config mc;
+		struct conf_ctx cc;
+
+		conf_ctx_init(&cc, cfg->file);
+		r = metrics_config_parse(&cc, cfg->metrics_raw, &mc);
+		if (r < 0) {
+			snprintf(err, errlen, "%s", cc.err);
+			return r;
+		}
+		r = metrics_start(p, &mc, &p->metrics, err, errlen);
+		if (r < 0)
+			return r;
 	}
 	if (cfg->admin.socket) {
 		r = admin_start(p, cfg->admin.socket, cfg->admin.group, &p->admin, err, errlen);
@@ -704,6 +720,7 @@ void vmproxy_free(struct vmproxy *p)
 {
 	if (!p)
 		return;
+	metrics_stop(p->metrics);
 	admin_stop(p->admin);
 	for (size_t i = 0; i < p->nlisteners; i++)
 		listener_close(&p->listeners[i]);

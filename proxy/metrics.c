@@ -1,0 +1,319 @@
+/* metrics.c -- see metrics.h. A scrape asks every poll thread for its
+ * report by mail (bounded wait), so the HTTP thread never reads a poll
+ * thread's memory; connections and request time are bounded by MHD. */
+#include "metrics.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "log.h"
+#include "prom.h"
+
+#define SCRAPE_QUERY_TIMEOUT_MS 2000
+
+struct metrics_server {
+	struct vmproxy *p;
+	struct MHD_Daemon *mhd;
+	bool per_vm;
+};
+
+int metrics_config_parse(struct conf_ctx *c, json_t *obj, struct metrics_config *out)
+{
+	static const char *const keys[] = { "listen", "per_vm", NULL };
+	const char *listen = NULL;
+	int r = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (!obj)
+		return 0;
+	if (!json_is_object(obj))
+		return conf_error(c, "metrics", "expected an object");
+	r |= conf_check_keys(c, obj, "metrics", keys);
+	r |= conf_get_string(c, obj, "metrics", "listen", true, &listen);
+	r |= conf_get_bool(c, obj, "metrics", "per_vm", false, &out->per_vm);
+	if (listen) {
+		const char *colon = strrchr(listen, ':');
+		struct in_addr a;
+		char host[64];
+		long port;
+
+		if (!colon || (size_t)(colon - listen) >= sizeof(host))
+			return conf_error(c, "metrics.listen", "expected \"ADDRESS:PORT\", got \"%.64s\"",
+					  listen);
+		memcpy(host, listen, (size_t)(colon - listen));
+		host[colon - listen] = '\0';
+		port = strtol(colon + 1, NULL, 10);
+		if (inet_pton(AF_INET, host, &a) != 1 || port < 1 || port > 65535)
+			return conf_error(c, "metrics.listen",
+					  "expected a numeric IPv4 \"ADDRESS:PORT\", got \"%.64s\"",
+					  listen);
+		snprintf(out->listen, sizeof(out->listen), "%s", listen);
+	}
+	return r ? -EINVAL : 0;
+}
+
+static double num(json_t *o, const char *k)
+{
+	return json_number_value(json_object_get(o, k));
+}
+
+static void process_metrics(struct prom_buf *b)
+{
+	struct rusage ru;
+	long rss_pages = 0, page = sysconf(_SC_PAGESIZE);
+	FILE *f = fopen("/proc/self/statm", "r");
+	unsigned fds = 0;
+	DIR *d;
+
+	if (f) {
+		if (fscanf(f, "%*s %ld", &rss_pages) != 1)
+			rss_pages = 0;
+		fclose(f);
+	}
+	prom_family(b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+	prom_sample(b, "process_resident_memory_bytes", (double)rss_pages * (double)page, NULL);
+	getrusage(RUSAGE_SELF, &ru);
+	prom_family(b, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
+	prom_sample(b, "process_cpu_seconds_total",
+		    (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+			    (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6,
+		    NULL);
+	d = opendir("/proc/self/fd");
+	if (d) {
+		while (readdir(d))
+			fds++;
+		closedir(d);
+		prom_family(b, "process_open_fds", "gauge", "Open file descriptors.");
+		prom_sample(b, "process_open_fds", fds > 2 ? fds - 2 : 0, NULL);
+	}
+}
+
+/* One family over every thread: VALUE_KEY of the thread object (or of its
+ * "upstream" object when UP). */
+static void per_thread(struct prom_buf *b, json_t *threads, const char *name, const char *type,
+		       const char *help, const char *key, bool up)
+{
+	json_t *t;
+	size_t i;
+
+	prom_family(b, name, type, help);
+	json_array_foreach(threads, i, t) {
+		json_t *src = up ? json_object_get(t, "upstream") : t;
+		json_t *v = json_object_get(src, key);
+		char th[24];
+
+		snprintf(th, sizeof(th), "%zu", i);
+		prom_sample(b, name, json_is_boolean(v) ? (json_is_true(v) ? 1 : 0) : json_number_value(v),
+			    "thread", th, NULL);
+	}
+}
+
+char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
+{
+	struct prom_buf b;
+	json_t *t, *v;
+	size_t i, j;
+
+	prom_init(&b);
+	prom_family(&b, "vmproxy_build_info", "gauge", "vmproxyd version.");
+	prom_sample(&b, "vmproxy_build_info", 1, "version", VMPROXY_VERSION, NULL);
+	prom_family(&b, "vmproxy_connections_accepted_total", "counter",
+		    "Guest connections accepted and delegated to a poll thread.");
+	prom_sample(&b, "vmproxy_connections_accepted_total", num(counters, "accepted"), NULL);
+	prom_family(&b, "vmproxy_connections_refused_total", "counter",
+		    "Guest connections refused, by reason.");
+	prom_sample(&b, "vmproxy_connections_refused_total", num(counters, "refused_unknown_peer"),
+		    "reason", "unknown_peer", NULL);
+	prom_sample(&b, "vmproxy_connections_refused_total", num(counters, "refused_limit"),
+		    "reason", "limit", NULL);
+	prom_family(&b, "vmproxy_vm_stops_total", "counter",
+		    "libvirt lifecycle events that ended a VM here.");
+	prom_sample(&b, "vmproxy_vm_stops_total", num(counters, "vms_gone"), NULL);
+	prom_family(&b, "vmproxy_draining", "gauge", "1 while shutting down.");
+	prom_sample(&b, "vmproxy_draining", json_is_true(json_object_get(counters, "draining")), NULL);
+
+	per_thread(&b, threads, "vmproxy_thread_connections", "gauge",
+		   "Guest connections served by the poll thread.", "connections", false);
+	per_thread(&b, threads, "vmproxy_thread_vms", "gauge", "VMs delegated to the poll thread.",
+		   "vm_count", false);
+	per_thread(&b, threads, "vmproxy_thread_messages_in_total", "counter",
+		   "Messages received from guests.", "messages_in", false);
+	per_thread(&b, threads, "vmproxy_thread_bytes_in_total", "counter",
+		   "Message body bytes received from guests.", "bytes_in", false);
+	per_thread(&b, threads, "vmproxy_thread_messages_out_total", "counter",
+		   "Messages published on the upstream link.", "messages_out", false);
+	per_thread(&b, threads, "vmproxy_thread_bytes_out_total", "counter",
+		   "Message body bytes published on the upstream link.", "bytes_out", false);
+	per_thread(&b, threads, "vmproxy_thread_held_messages", "gauge",
+		   "Messages held until the broker confirms them.", "held_messages", false);
+	per_thread(&b, threads, "vmproxy_thread_held_bytes", "gauge",
+		   "Bytes held until the broker confirms them.", "held_bytes", false);
+	per_thread(&b, threads, "vmproxy_thread_blocked", "gauge",
+		   "1 while the thread is over its unconfirmed-bytes bound.", "blocked", false);
+	per_thread(&b, threads, "vmproxy_thread_cpu_seconds_total", "counter",
+		   "CPU time of the poll thread.", "cpu_seconds", false);
+	per_thread(&b, threads, "vmproxy_thread_loop_busy_seconds_total", "counter",
+		   "Time the poll thread spent handling events.", "loop_busy_seconds", false);
+	per_thread(&b, threads, "vmproxy_thread_migrations_in_total", "counter",
+		   "VMs moved to this thread.", "migrations_in", false);
+	per_thread(&b, threads, "vmproxy_thread_migrations_out_total", "counter",
+		   "VMs moved away from this thread.", "migrations_out", false);
+
+	prom_family(&b, "vmproxy_upstream_up", "gauge", "1 while the thread's broker link is up.");
+	json_array_foreach(threads, i, t) {
+		json_t *u = json_object_get(t, "upstream");
+		char th[24];
+		snprintf(th, sizeof(th), "%zu", i);
+		prom_sample(&b, "vmproxy_upstream_up", json_is_true(json_object_get(u, "up")),
+			    "thread", th, "node", json_string_value(json_object_get(u, "node")), NULL);
+	}
+	per_thread(&b, threads, "vmproxy_upstream_published_total", "counter",
+		   "Messages published on the link (republished ones again).", "published", true);
+	per_thread(&b, threads, "vmproxy_upstream_acked_total", "counter",
+		   "Publisher confirms (acks) from the broker.", "acked", true);
+	per_thread(&b, threads, "vmproxy_upstream_nacked_total", "counter",
+		   "Publisher nacks from the broker.", "nacked", true);
+	per_thread(&b, threads, "vmproxy_upstream_republished_total", "counter",
+		   "Messages handed back for republishing after a link loss.", "republished", true);
+	per_thread(&b, threads, "vmproxy_upstream_connects_total", "counter",
+		   "Successful link connects (the first one included).", "connects", true);
+	per_thread(&b, threads, "vmproxy_upstream_unconfirmed", "gauge",
+		   "Messages published and not yet confirmed.", "unconfirmed", true);
+	per_thread(&b, threads, "vmproxy_upstream_broker_blocked", "gauge",
+		   "1 while the broker has blocked the link (resource alarm).", "broker_blocked",
+		   true);
+
+	if (per_vm) {
+		static const struct {
+			const char *name, *type, *help, *key;
+		} fams[] = {
+			{ "vmproxy_vm_connections", "gauge", "Guest connections of the VM.",
+			  "connections" },
+			{ "vmproxy_vm_messages_in_total", "counter", "Messages received from the VM.",
+			  "messages_in" },
+			{ "vmproxy_vm_bytes_in_total", "counter", "Body bytes received from the VM.",
+			  "bytes_in" },
+			{ "vmproxy_vm_held_bytes", "gauge", "Bytes of the VM held for confirms.",
+			  "held_bytes" },
+		};
+		for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
+			prom_family(&b, fams[f].name, fams[f].type, fams[f].help);
+			json_array_foreach(threads, i, t) {
+				char th[24];
+				snprintf(th, sizeof(th), "%zu", i);
+				json_array_foreach(json_object_get(t, "vms"), j, v)
+					prom_sample(&b, fams[f].name, num(v, fams[f].key), "vm_uuid",
+						    json_string_value(json_object_get(v, "uuid")),
+						    "vm_name",
+						    json_string_value(json_object_get(v, "name")),
+						    "thread", th, NULL);
+			}
+		}
+	}
+	process_metrics(&b);
+	if (b.oom) {
+		prom_free(&b);
+		return NULL;
+	}
+	return b.data;
+}
+
+static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
+			      const char *method, const char *version, const char *upload,
+			      size_t *upload_size, void **req)
+{
+	struct metrics_server *m = cls;
+	struct MHD_Response *resp;
+	enum MHD_Result r;
+	unsigned status = MHD_HTTP_OK;
+	char *body = NULL;
+
+	if (strcmp(method, "GET") != 0) {
+		static const char msg[] = "only GET\n";
+		resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
+						       MHD_RESPMEM_PERSISTENT);
+		status = MHD_HTTP_METHOD_NOT_ALLOWED;
+	} else if (strcmp(url, "/metrics") != 0) {
+		static const char msg[] = "not found: try /metrics\n";
+		resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
+						       MHD_RESPMEM_PERSISTENT);
+		status = MHD_HTTP_NOT_FOUND;
+	} else {
+		json_t *threads = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS);
+		json_t *counters = vmproxy_counters(m->p);
+
+		body = metrics_render(threads, counters, m->per_vm);
+		json_decref(threads);
+		json_decref(counters);
+		if (!body) {
+			static const char msg[] = "out of memory\n";
+			resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
+							       MHD_RESPMEM_PERSISTENT);
+			status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+		} else {
+			resp = MHD_create_response_from_buffer(strlen(body), body,
+							       MHD_RESPMEM_MUST_FREE);
+			MHD_add_response_header(resp, "Content-Type",
+						"text/plain; version=0.0.4; charset=utf-8");
+		}
+	}
+	if (!resp)
+		return MHD_NO;
+	r = MHD_queue_response(conn, status, resp);
+	MHD_destroy_response(resp);
+	return r;
+}
+
+int metrics_start(struct vmproxy *p, const struct metrics_config *cfg,
+		  struct metrics_server **out, char *err, size_t errlen)
+{
+	struct metrics_server *m;
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	char host[64];
+	const char *colon = strrchr(cfg->listen, ':');
+
+	*out = NULL;
+	if (!cfg->listen[0])
+		return 0;
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	memcpy(host, cfg->listen, (size_t)(colon - cfg->listen));
+	host[colon - cfg->listen] = '\0';
+	inet_pton(AF_INET, host, &sa.sin_addr);
+	sa.sin_port = htons((uint16_t)atoi(colon + 1));
+	m->p = p;
+	m->per_vm = cfg->per_vm;
+	m->mhd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL, 0, NULL, NULL,
+				  handle, m, MHD_OPTION_SOCK_ADDR, &sa,
+				  MHD_OPTION_CONNECTION_LIMIT, (unsigned)16,
+				  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10,
+				  MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
+	if (!m->mhd) {
+		snprintf(err, errlen, "metrics.listen %s: cannot listen (address in use?)",
+			 cfg->listen);
+		free(m);
+		return -EADDRINUSE;
+	}
+	log_info("metrics on http://%s/metrics", cfg->listen);
+	*out = m;
+	return 0;
+}
+
+void metrics_stop(struct metrics_server *m)
+{
+	if (!m)
+		return;
+	MHD_stop_daemon(m->mhd);
+	free(m);
+}
