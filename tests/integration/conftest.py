@@ -12,6 +12,7 @@ procs                start programs with captured output: procs(argv, name=...)
 import contextlib
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import subprocess
@@ -76,7 +77,10 @@ def broker(certs):
     # The node runs as user rabbitmq, which cannot enter pytest's private
     # temporary tree, so its directory lives directly under /tmp.
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-broker-"))
-    nofile = int(os.environ.get("VMPROXY_BROKER_NOFILE", "65536"))
+    # Many guests mean many broker connections: raise the node's open-files
+    # limit (by default as far as the hard limit allows, without a warning).
+    nofile = os.environ.get("VMPROXY_BROKER_NOFILE")
+    nofile = int(nofile) if nofile else min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     b = RabbitMQ(workdir, certs, nofile=nofile)
     try:
         b.start()
