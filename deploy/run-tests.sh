@@ -86,7 +86,14 @@ run_variant() { # run_variant NAME [meson options...]
 	VMPROXY_BUILD_DIR="$dir" VMPROXY_VARIANT="$name" \
 		timeout --kill-after=30 2400 /usr/bin/python3 -m pytest -q -rs \
 		-p no:cacheprovider --junitxml="$junit" tests/integration </dev/null 2>&1 | tail -n 80
+	local rc=${PIPESTATUS[0]}
 	read -r p f s < <(junit_counts "$junit")
+	# Killed by the timeout, or failing outside any test (collection,
+	# fixtures): the JUnit file may show no failure, the exit status does.
+	if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+		echo "$name integration: pytest exited with status $rc"
+		f=1
+	fi
 	echo "$name integration: $p passed, $f failed, $s skipped"
 	tally "$p" "$f" "$s"
 }
