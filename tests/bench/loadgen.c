@@ -54,6 +54,7 @@ struct lconn {
 	uint64_t *send_ns; /* ring of window entries, by tag */
 	uint8_t *settled;
 	uint64_t sent, confirmed, nacked;
+	uint64_t bad_acks; /* for a tag never sent, or one already settled */
 	double next_send; /* seconds, for rate pacing */
 	bool dead;
 	char err[200];
@@ -180,8 +181,10 @@ static void settle(struct lconn *lc, uint64_t tag, bool ack, uint64_t now_ns)
 	struct vm_stats *vs = &vmstats[lc->vm];
 	uint64_t i = tag % o.window;
 
-	if (tag < lc->low || tag > lc->next_tag || lc->settled[i])
+	if (tag < lc->low || tag > lc->next_tag || lc->settled[i]) {
+		lc->bad_acks++;
 		return;
+	}
 	lc->settled[i] = 1;
 	if (ack) {
 		lc->confirmed++;
@@ -228,9 +231,13 @@ static void drain(struct worker *w, struct lconn *lc)
 				tag = a->delivery_tag;
 				multiple = a->multiple;
 			}
-			if (multiple)
-				for (uint64_t t = lc->low; t <= tag; t++)
-					settle(lc, t, ack, now);
+			if (multiple && (tag < lc->low || tag > lc->next_tag))
+				lc->bad_acks++; /* covers nothing new, or unsent tags */
+			else if (multiple)
+				for (uint64_t t = lc->low; t <= tag; t++) {
+					if (!lc->settled[t % o.window])
+						settle(lc, t, ack, now);
+				}
 			else
 				settle(lc, tag, ack, now);
 		} else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD) {
@@ -454,7 +461,7 @@ int main(int argc, char **argv)
 	struct lconn *conns;
 	struct worker *ws;
 	struct hdr *all;
-	uint64_t sent = 0, confirmed = 0, nacked = 0, errors = 0;
+	uint64_t sent = 0, confirmed = 0, nacked = 0, errors = 0, bad_acks = 0;
 	double elapsed;
 	json_t *rep, *per_vm, *errs;
 	FILE *out = stdout;
@@ -517,6 +524,7 @@ int main(int argc, char **argv)
 							lat_json(&vs->h)));
 	}
 	for (unsigned i = 0; i < nconns; i++) {
+		bad_acks += conns[i].bad_acks;
 		if (conns[i].dead) {
 			errors++;
 			if (json_array_size(errs) < 20 && conns[i].err[0])
@@ -531,6 +539,7 @@ int main(int argc, char **argv)
 			(json_int_t)errors, "duration_s", elapsed, "msgs_per_s",
 			(double)confirmed / elapsed, "latency_us", lat_json(all), "per_vm", per_vm,
 			"error_samples", errs);
+	json_object_set_new(rep, "bad_acks", json_integer((json_int_t)bad_acks));
 	if (o.report) {
 		out = fopen(o.report, "w");
 		if (!out) {
@@ -546,7 +555,7 @@ int main(int argc, char **argv)
 		if (conns[i].c)
 			broker_close(conns[i].c);
 	json_decref(rep);
-	if (errors)
+	if (errors || bad_acks)
 		return 1;
 	if (o.count && confirmed != (uint64_t)nconns * o.count)
 		return 1;
