@@ -1,0 +1,126 @@
+"""Balancing and live migration of VMs between poll threads under load,
+the admin CLI, and the Prometheus endpoint of vmproxyd.
+
+During every move the guests publish continuously with confirms: each
+message must arrive exactly once and in order per connection (checked by
+sequence numbers), and the load generator fails on a duplicate or unknown
+ack."""
+import collections
+import json
+import os
+import subprocess
+import urllib.request
+
+from harness import free_port, wait_for
+from harness.vmproxyd import make_vms
+from test_proxy import check_arrivals, finish, loadgen, proxy_factory  # noqa: F401
+
+
+def ctl(proxy, *args):
+    r = subprocess.run([proxy.ctl, "--socket", proxy.admin_path] + list(args),
+                       capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout, r.stderr
+
+
+def thread_of(proxy):
+    return {v["name"]: v["thread"] for v in proxy.admin("vms")["vms"]}
+
+
+def test_vmproxyctl_migrate_under_load(build_dir, broker, proxy_factory):
+    vms = make_vms(4, base="127.10.7.1")
+    proxy = proxy_factory(vms, threads=2, extra={"balancer": {"enabled": False}}).start()
+    broker.purge(broker.queue)
+    lg = loadgen(build_dir, proxy, vms, conns=2, count=1500, rate=100, window=32)
+    wait_for(lambda: len(proxy.admin("vms")["vms"]) == 4, 30, "4 VMs connected")
+    moves = 0
+    for round_ in range(3):
+        placement = thread_of(proxy)
+        for v in vms[:2]:
+            to = 1 - placement[v["name"]]
+            rc, out, err = ctl(proxy, "migrate", v["name"], str(to))
+            assert rc == 0, out + err
+            assert "moved from thread" in out, out
+            moves += 1
+        after = thread_of(proxy)
+        assert all(after[v["name"]] != placement[v["name"]] for v in vms[:2]), (placement, after)
+    rc, out, err = finish(lg, 180)
+    assert rc == 0, out + err
+    rep = json.loads(out)
+    assert rep["confirmed"] == 4 * 2 * 1500 and rep["bad_acks"] == 0, rep
+    threads = proxy.admin("threads")["threads"]
+    assert sum(t["migrations_out"] for t in threads) == moves
+    assert sum(t["migrations_in"] for t in threads) == moves
+    msgs = broker.get_all(broker.queue, timeout=60)
+    check_arrivals(msgs, {v["index"]: v for v in vms},
+                   {(v["index"], c): 1500 for v in vms for c in range(2)})
+
+
+def test_migrate_errors(broker, proxy_factory):
+    vms = make_vms(1, base="127.10.8.1")
+    proxy = proxy_factory(vms, threads=2, extra={"balancer": {"enabled": False}}).start()
+    rc, out, err = ctl(proxy, "migrate", "no-such-vm", "1")
+    assert rc == 1 and "no VM \"no-such-vm\"" in err
+    rc, out, err = ctl(proxy, "migrate", "x", "one")
+    assert rc == 2 and "thread must be a number" in err
+    rc, out, err = ctl(proxy, "frobnicate")
+    assert rc == 1 and "unknown command" in err
+
+
+def test_balancer_spreads_packed_load(build_dir, broker, proxy_factory):
+    """Six busy VMs packed onto thread 0 with the balancer off; once it is
+    switched on it moves whole VMs until the busiest thread is within the
+    ratio of the idlest, while every message still arrives exactly once."""
+    vms = make_vms(6, base="127.10.9.1")
+    proxy = proxy_factory(vms, threads=2, extra={"balancer": {
+        "enabled": False, "interval_ms": 1000, "hold_ms": 2000, "ratio": 1.5,
+        "min_load": 20, "migrate_timeout_ms": 5000}}).start()
+    broker.purge(broker.queue)
+    lg = loadgen(build_dir, proxy, vms, conns=1, count=3000, rate=100, window=32)
+    wait_for(lambda: len(proxy.admin("vms")["vms"]) == 6, 30, "6 VMs connected")
+    for name, t in thread_of(proxy).items():
+        if t != 0:
+            rc, out, err = ctl(proxy, "migrate", name, "0")
+            assert rc == 0, out + err
+    assert set(thread_of(proxy).values()) == {0}
+    rc, out, err = ctl(proxy, "balancer", "on")
+    assert rc == 0 and "balancer on" in out
+
+    def spread():
+        per = collections.Counter(thread_of(proxy).values())
+        # Equal rates per VM: within 1.5 means 3/3 (4/2 is 2.0).
+        return per[0] == 3 and per[1] == 3
+    wait_for(spread, 60, "the balancer to spread the VMs 3/3", interval=0.5)
+    rc, out, err = finish(lg, 180)
+    assert rc == 0, out + err
+    rep = json.loads(out)
+    assert rep["confirmed"] == 6 * 3000 and rep["bad_acks"] == 0, rep
+    assert "balancer: thread 0" in proxy.log_text()
+    msgs = broker.get_all(broker.queue, timeout=60)
+    check_arrivals(msgs, {v["index"]: v for v in vms},
+                   {(v["index"], 0): 3000 for v in vms})
+
+
+def test_metrics_endpoint_passes_promtool(build_dir, broker, proxy_factory, tmp_path):
+    vms = make_vms(3, base="127.10.10.1")
+    port = free_port()
+    proxy = proxy_factory(vms, threads=2, extra={
+        "metrics": {"listen": "127.0.0.1:%d" % port, "per_vm": True}}).start()
+    lg = loadgen(build_dir, proxy, vms, conns=1, count=50, rate=0)
+    rc, out, err = finish(lg, 60)
+    assert rc == 0, out + err
+    resp = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10)
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = resp.read().decode()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'vmproxy_upstream_up{thread="0",node="localhost:%d"} 1' % broker.tls_port in text
+    total_in = sum(float(l.split()[-1]) for l in text.splitlines()
+                   if l.startswith("vmproxy_thread_messages_in_total{"))
+    assert total_in == 150
+    assert text.count("vmproxy_vm_messages_in_total{") == 3
+    try:
+        urllib.request.urlopen("http://127.0.0.1:%d/other" % port, timeout=10)
+        raise AssertionError("expected 404")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404
