@@ -35,6 +35,13 @@ enum unknown_peers {
 	UNKNOWN_PEERS_BY_ADDRESS, /* identify by the address itself (uuid derived from it) */
 };
 
+/* One broker node of upstream.hosts. */
+struct upstream_host {
+	char *host;
+	uint16_t port;	   /* default as upstream.port */
+	char *server_name; /* TLS name to verify; NULL: host */
+};
+
 struct proxy_config {
 	char *file;
 
@@ -55,7 +62,11 @@ struct proxy_config {
 	} threads;
 
 	struct {
-		char *host;
+		/* upstream.hosts, or the single host/port as a list of one. Link k
+		 * starts at hosts[k % n_hosts] and moves to the next on failure. */
+		struct upstream_host *hosts;
+		size_t n_hosts;
+		char *host;    /* hosts[0].host */
 		uint16_t port; /* default 5671 with tls, 5672 without */
 		char *vhost;   /* default "/" */
 		bool tls;      /* true when the "tls" object is present */
