@@ -70,6 +70,8 @@ struct upstream {
 	uint32_t n_unconfirmed;
 	struct backoff backoff;
 	uint64_t reconnect_at;
+	size_t node;	    /* index into cfg->upstream.hosts */
+	size_t node_tries;  /* failed connects since the last full round */
 	uint64_t last_drain_ms;
 	uint64_t last_progress_ms; /* last confirm, or when the queue became non-empty */
 	bool broker_blocked;
@@ -131,6 +133,8 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->state = LINK_DOWN;
 	atomic_store(&up->fd, -1);
 	backoff_init(&up->backoff, 200, 30000, 0);
+	/* Spread the threads' links over the cluster's nodes. */
+	up->node = cfg->upstream.n_hosts ? thread_id % cfg->upstream.n_hosts : 0;
 	init_amqp_pool(&up->scratch, 4096);
 	up->exchange = amqp_cstring_bytes(cfg->upstream.exchange);
 	snprintf(up->name, sizeof(up->name), "vmproxyd/%s/thread-%u", cfg->hostname, thread_id);
@@ -174,9 +178,24 @@ static void link_close(struct upstream *up)
 static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
+/* After a failure on the current node: the next node at once while some
+ * node of this round has not been tried, backoff once all have failed. */
+static uint32_t next_node_delay(struct upstream *up)
+{
+	size_t n = up->cfg->upstream.n_hosts;
+
+	if (n <= 1)
+		return backoff_next(&up->backoff);
+	up->node = (up->node + 1) % n;
+	if (++up->node_tries < n)
+		return 50;
+	up->node_tries = 0;
+	return backoff_next(&up->backoff);
+}
+
 static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)
 {
-	uint32_t delay = backoff_next(&up->backoff);
+	uint32_t delay = next_node_delay(up);
 	va_list ap;
 
 	va_start(ap, fmt);
@@ -207,8 +226,11 @@ static void start_connect(struct upstream *up)
 {
 	const struct proxy_config *c = up->cfg;
 	struct connect_job *cj = calloc(1, sizeof(*cj));
-	const char *host = c->upstream.host;
-	uint16_t port = c->upstream.port;
+	const struct upstream_host *h = c->upstream.n_hosts ? &c->upstream.hosts[up->node] : NULL;
+	/* rabbitmq-c verifies the certificate against the name it connects
+	 * to: a node's server_name is therefore also what is connected to. */
+	const char *host = h ? (h->server_name ? h->server_name : h->host) : c->upstream.host;
+	uint16_t port = h && h->port ? h->port : c->upstream.port;
 
 	if (!cj) {
 		up->reconnect_at = clock_mono_ms() + 1000;
@@ -257,7 +279,7 @@ void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms)
 	int fd;
 
 	if (cj->r < 0) {
-		uint32_t delay = backoff_next(&up->backoff);
+		uint32_t delay = next_node_delay(up);
 
 		snprintf(up->st.last_error, sizeof(up->st.last_error), "%.150s", cj->err);
 		log_warn("thread=%u upstream %s: %s; retrying in %u ms", up->thread_id,
@@ -284,6 +306,7 @@ void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms)
 	up->last_progress_ms = now_ms;
 	up->st.reconnects++;
 	up->st.last_error[0] = '\0';
+	up->node_tries = 0;
 	backoff_reset(&up->backoff);
 	log_info("thread=%u upstream %s: link up as \"%s\"", up->thread_id, up->st.node,
 		 up->name);
