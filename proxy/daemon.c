@@ -389,6 +389,8 @@ static void begin_drain(struct vmproxy *p)
 		epoll_ctl(p->epfd, EPOLL_CTL_DEL, p->listeners[i].fd, NULL);
 		listener_close(&p->listeners[i]);
 	}
+	/* Guests are no longer read, so what is held can only shrink. */
+	post_all(p, MAIL_PAUSE);
 	p->phase = WAIT_CONFIRMS;
 	p->phase_deadline = clock_mono_ms() + p->cfg->drain_timeout_ms;
 }

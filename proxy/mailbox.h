@@ -12,6 +12,7 @@ enum mail_type {
 	MAIL_UPSTREAM_CONNECTED, /* helper: the result of an upstream connect */
 	MAIL_VM_GONE,		 /* libvirt: close a VM's connections with 320 */
 	MAIL_QUERY,		 /* admin: report what the thread owns */
+	MAIL_PAUSE,		 /* shutdown: stop reading guests, keep settling */
 	MAIL_DRAIN,		 /* shutdown: close every guest with 320 */
 	MAIL_STOP,		 /* shutdown: leave the loop */
 	MAIL_MIGRATE_OUT,	 /* balancer: hand a VM to another thread */

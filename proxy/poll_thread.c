@@ -82,6 +82,7 @@ struct poll_thread {
 	struct guest_conn *cur; /* the connection whose engine is running */
 	bool kick;		/* new messages for the link */
 	bool stopping;
+	bool paused; /* draining: guests are no longer read */
 	bool started;
 	bool blocked; /* the whole thread is over its bound */
 	uint64_t held_bytes, held_msgs;
@@ -574,7 +575,7 @@ static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool
 	struct epoll_event e;
 
 	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked &&
-	    !c->vm->migrating)
+	    !c->vm->migrating && !pt->paused)
 		ev |= EPOLLIN;
 	if (want_out)
 		ev |= EPOLLOUT;
@@ -990,6 +991,12 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		free(m);
 		break;
 	}
+	case MAIL_PAUSE:
+		pt->paused = true;
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+			mark_dirty(pt, c);
+		free(m);
+		break;
 	case MAIL_DRAIN:
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
 			pt->cur = c;
