@@ -57,9 +57,14 @@ void mailbox_ack(struct mailbox *mb)
 {
 	uint64_t v;
 
-	atomic_store_explicit(&mb->signalled, false, memory_order_release);
-	if (read(mb->efd, &v, sizeof(v)) < 0)
-		return; /* EAGAIN: nothing pending */
+	/* Drain first, then clear: clearing first would let a producer set
+	 * the flag and write the eventfd in between, and this read would eat
+	 * that wake-up while the flag stays set, so the next producer would
+	 * not write either. The exchange also acquires what producers
+	 * published before they saw the flag set. */
+	if (read(mb->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+		v = 0;
+	atomic_exchange_explicit(&mb->signalled, false, memory_order_acq_rel);
 }
 
 struct mail *mailbox_take(struct mailbox *mb)

@@ -1,1 +1,438 @@
-/* vm_identity.c -- being written */
+/* vm_identity.c -- see vm_identity.h. libvirt's errors are turned into
+ * -errno and a log line here; nothing else in the daemon sees them. The
+ * CID cache is rebuilt from the running domains on a miss and dropped on
+ * lifecycle events, so a CID that moved to another domain is never
+ * served from a stale entry for longer than an event takes. */
+#include "vm_identity.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+#include <libxml/parser.h>
+#include <libxml/xpath.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+#define MAX_CIDS 65536
+
+struct static_entry {
+	int family;
+	uint8_t addr[16];
+	struct vm_info vm;
+};
+
+struct cid_entry {
+	uint32_t cid;
+	struct vm_info vm;
+};
+
+struct vm_identity {
+	const struct proxy_config *cfg;
+	virConnectPtr conn;
+	pthread_mutex_t lock; /* the CID cache */
+	struct cid_entry *cids;
+	size_t ncids;
+	bool cids_valid;
+	struct static_entry *statics;
+	size_t nstatics;
+	pthread_t ev_thread;
+	bool ev_started;
+	atomic_bool ev_stop;
+	int ev_callback;
+	int ev_timer;
+	vm_gone_fn gone;
+	void *gone_ud;
+};
+
+static void silent_error(void *ud, virErrorPtr err)
+{
+	(void)ud;
+	(void)err;
+}
+
+static const char *virt_error(void)
+{
+	virErrorPtr e = virGetLastError();
+
+	return e && e->message ? e->message : "unknown libvirt error";
+}
+
+/* Fill VM from DOM: uuid, name, and the vsock CID from its XML. */
+static int info_from_domain(virDomainPtr dom, struct vm_info *vm)
+{
+	char *xml;
+	const char *name = virDomainGetName(dom);
+
+	memset(vm, 0, sizeof(*vm));
+	if (virDomainGetUUIDString(dom, vm->uuid) < 0 || !name)
+		return -EIO;
+	snprintf(vm->name, sizeof(vm->name), "%s", name);
+	xml = virDomainGetXMLDesc(dom, 0);
+	if (xml) {
+		xmlDocPtr doc = xmlReadMemory(xml, (int)strlen(xml), "domain.xml", NULL,
+					      XML_PARSE_NONET | XML_PARSE_NOERROR |
+						      XML_PARSE_NOWARNING);
+		if (doc) {
+			xmlXPathContextPtr ctx = xmlXPathNewContext(doc);
+			xmlXPathObjectPtr r = ctx ? xmlXPathEvalExpression(
+							  BAD_CAST "string(/domain/devices/vsock/cid/@address)",
+							  ctx)
+						  : NULL;
+			if (r && r->type == XPATH_STRING && r->stringval && r->stringval[0])
+				vm->cid = (uint32_t)strtoul((const char *)r->stringval, NULL, 10);
+			xmlXPathFreeObject(r);
+			xmlXPathFreeContext(ctx);
+			xmlFreeDoc(doc);
+		}
+		free(xml);
+	}
+	return 0;
+}
+
+static int lookup_libvirt(struct vm_identity *id, const char *name_or_uuid, struct vm_info *vm)
+{
+	virDomainPtr dom;
+	int r;
+
+	if (!id->conn)
+		return -ENOENT;
+	dom = virDomainLookupByName(id->conn, name_or_uuid);
+	if (!dom)
+		dom = virDomainLookupByUUIDString(id->conn, name_or_uuid);
+	if (!dom)
+		return -ENOENT;
+	r = info_from_domain(dom, vm);
+	virDomainFree(dom);
+	return r;
+}
+
+static int parse_addr(const char *s, int *family, uint8_t addr[16])
+{
+	memset(addr, 0, 16);
+	if (inet_pton(AF_INET, s, addr) == 1) {
+		*family = AF_INET;
+		return 0;
+	}
+	if (inet_pton(AF_INET6, s, addr) == 1) {
+		*family = AF_INET6;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, char *err,
+		    size_t errlen)
+{
+	struct vm_identity *id = calloc(1, sizeof(*id));
+
+	if (!id)
+		return -ENOMEM;
+	id->cfg = cfg;
+	id->ev_callback = -1;
+	id->ev_timer = -1;
+	pthread_mutex_init(&id->lock, NULL);
+	virSetErrorFunc(NULL, silent_error);
+	if (cfg->identity.libvirt_uri) {
+		/* Events need the default loop registered before the connection. */
+		if (virEventRegisterDefaultImpl() < 0) {
+			snprintf(err, errlen, "libvirt event loop: %s", virt_error());
+			vm_identity_free(id);
+			return -EIO;
+		}
+		id->conn = virConnectOpen(cfg->identity.libvirt_uri);
+		if (!id->conn)
+			id->conn = virConnectOpenReadOnly(cfg->identity.libvirt_uri);
+		if (!id->conn) {
+			snprintf(err, errlen, "identity.libvirt_uri \"%s\": %s",
+				 cfg->identity.libvirt_uri, virt_error());
+			vm_identity_free(id);
+			return -EIO;
+		}
+	}
+	id->statics = calloc(cfg->identity.n_statics + 1, sizeof(*id->statics));
+	if (!id->statics) {
+		vm_identity_free(id);
+		return -ENOMEM;
+	}
+	for (size_t i = 0; i < cfg->identity.n_statics; i++) {
+		const struct static_identity *s = &cfg->identity.statics[i];
+		struct static_entry *e = &id->statics[i];
+
+		if (parse_addr(s->address, &e->family, e->addr) < 0) {
+			snprintf(err, errlen, "identity.static[%zu].address: \"%s\" is not numeric", i,
+				 s->address);
+			vm_identity_free(id);
+			return -EINVAL;
+		}
+		if (lookup_libvirt(id, s->vm, &e->vm) < 0) {
+			if (!s->uuid) {
+				snprintf(err, errlen, "identity.static[%zu].vm: no libvirt domain \"%s\" "
+					 "and no uuid given", i, s->vm);
+				vm_identity_free(id);
+				return -ENOENT;
+			}
+			snprintf(e->vm.name, sizeof(e->vm.name), "%s", s->vm);
+		}
+		if (s->uuid)
+			snprintf(e->vm.uuid, sizeof(e->vm.uuid), "%s", s->uuid);
+		id->nstatics = i + 1;
+	}
+	*out = id;
+	return 0;
+}
+
+/* Rebuild the CID cache from the running domains. Called locked. */
+static int rescan(struct vm_identity *id)
+{
+	virDomainPtr *doms = NULL;
+	int n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	size_t k = 0;
+
+	if (n < 0) {
+		log_warn("libvirt: cannot list domains: %s", virt_error());
+		return -EIO;
+	}
+	free(id->cids);
+	id->cids = calloc((size_t)n + 1, sizeof(*id->cids));
+	for (int i = 0; i < n; i++) {
+		struct vm_info vm;
+
+		if (id->cids && k < MAX_CIDS && info_from_domain(doms[i], &vm) == 0 && vm.cid) {
+			id->cids[k].cid = vm.cid;
+			id->cids[k].vm = vm;
+			k++;
+		}
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	id->ncids = id->cids ? k : 0;
+	id->cids_valid = id->cids != NULL;
+	return id->cids ? 0 : -ENOMEM;
+}
+
+int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out)
+{
+	int r = -ENOENT;
+
+	if (!id->conn)
+		return -ENOENT;
+	pthread_mutex_lock(&id->lock);
+	for (int pass = 0; pass < 2 && r == -ENOENT; pass++) {
+		if (pass == 1 || !id->cids_valid)
+			if (rescan(id) < 0)
+				break;
+		for (size_t i = 0; i < id->ncids; i++) {
+			if (id->cids[i].cid == cid) {
+				*out = id->cids[i].vm;
+				r = 0;
+				break;
+			}
+		}
+	}
+	pthread_mutex_unlock(&id->lock);
+	return r;
+}
+
+/* A stable uuid derived from TEXT (SHA-256, version 8 / RFC 4122 variant). */
+static void derive_uuid(const char *text, char out[VM_UUID_LEN + 1])
+{
+	unsigned char md[32];
+	unsigned int mdlen = 0;
+
+	EVP_Digest(text, strlen(text), md, &mdlen, EVP_sha256(), NULL);
+	md[6] = (unsigned char)((md[6] & 0x0f) | 0x80);
+	md[8] = (unsigned char)((md[8] & 0x3f) | 0x80);
+	snprintf(out, VM_UUID_LEN + 1,
+		 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", md[0],
+		 md[1], md[2], md[3], md[4], md[5], md[6], md[7], md[8], md[9], md[10], md[11],
+		 md[12], md[13], md[14], md[15]);
+}
+
+static int by_leases(struct vm_identity *id, const char *text, struct vm_info *out)
+{
+	virDomainPtr *doms = NULL;
+	int n, r = -ENOENT;
+
+	if (!id->conn)
+		return -ENOENT;
+	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	for (int i = 0; i < n; i++) {
+		virDomainInterfacePtr *ifs = NULL;
+		int nif = r == 0 ? -1
+				 : virDomainInterfaceAddresses(doms[i], &ifs,
+							       VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0);
+		for (int j = 0; j < nif; j++) {
+			for (unsigned a = 0; r != 0 && a < ifs[j]->naddrs; a++)
+				if (ifs[j]->addrs[a].addr && strcmp(ifs[j]->addrs[a].addr, text) == 0)
+					r = info_from_domain(doms[i], out);
+			virDomainInterfaceFree(ifs[j]);
+		}
+		free(ifs);
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	return r;
+}
+
+int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
+			   struct vm_info *out)
+{
+	uint8_t addr[16] = { 0 };
+	int family;
+	char text[INET6_ADDRSTRLEN];
+
+	if (sa->sa_family == AF_INET && salen >= sizeof(struct sockaddr_in)) {
+		family = AF_INET;
+		memcpy(addr, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+	} else if (sa->sa_family == AF_INET6 && salen >= sizeof(struct sockaddr_in6)) {
+		const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+		if (IN6_IS_ADDR_V4MAPPED(a6)) {
+			family = AF_INET;
+			memcpy(addr, a6->s6_addr + 12, 4);
+		} else {
+			family = AF_INET6;
+			memcpy(addr, a6->s6_addr, 16);
+		}
+	} else {
+		return -ENOENT;
+	}
+	for (size_t i = 0; i < id->nstatics; i++) {
+		if (id->statics[i].family == family &&
+		    memcmp(id->statics[i].addr, addr, family == AF_INET ? 4 : 16) == 0) {
+			*out = id->statics[i].vm;
+			return 0;
+		}
+	}
+	inet_ntop(family, addr, text, sizeof(text));
+	if (by_leases(id, text, out) == 0)
+		return 0;
+	if (id->cfg->identity.unknown_peers == UNKNOWN_PEERS_BY_ADDRESS) {
+		memset(out, 0, sizeof(*out));
+		snprintf(out->name, sizeof(out->name), "addr-%s", text);
+		derive_uuid(text, out->uuid);
+		return 0;
+	}
+	return -ENOENT;
+}
+
+int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out)
+{
+	for (size_t i = 0; i < id->nstatics; i++) {
+		const struct vm_info *vm = &id->statics[i].vm;
+		if (strcmp(vm->name, name_or_uuid) == 0 || strcasecmp(vm->uuid, name_or_uuid) == 0) {
+			*out = *vm;
+			return 0;
+		}
+	}
+	return lookup_libvirt(id, name_or_uuid, out);
+}
+
+static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)
+{
+	struct vm_identity *id = ud;
+	struct vm_info vm;
+	const char *name = virDomainGetName(dom);
+
+	(void)conn;
+	(void)detail;
+	memset(&vm, 0, sizeof(vm));
+	virDomainGetUUIDString(dom, vm.uuid);
+	snprintf(vm.name, sizeof(vm.name), "%s", name ? name : "?");
+	pthread_mutex_lock(&id->lock);
+	id->cids_valid = false; /* any change: rescan on the next lookup */
+	pthread_mutex_unlock(&id->lock);
+	if (event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED) {
+		log_info("vm=%s: libvirt reports it %s", vm.name,
+			 event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined");
+		if (id->gone)
+			id->gone(id->gone_ud, &vm);
+	}
+	return 0;
+}
+
+static void on_tick(int timer, void *ud)
+{
+	(void)timer;
+	(void)ud;
+}
+
+static void *event_main(void *arg)
+{
+	struct vm_identity *id = arg;
+
+	pthread_setname_np(pthread_self(), "vmproxy-libvirt");
+	while (!atomic_load(&id->ev_stop))
+		if (virEventRunDefaultImpl() < 0)
+			log_warn("libvirt event loop: %s", virt_error());
+	return NULL;
+}
+
+int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *userdata)
+{
+	int r;
+
+	if (!id->conn)
+		return 0;
+	id->gone = gone;
+	id->gone_ud = userdata;
+	id->ev_callback = virConnectDomainEventRegisterAny(
+		id->conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE, VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle),
+		id, NULL);
+	if (id->ev_callback < 0) {
+		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
+		return -EIO;
+	}
+	/* Wakes the loop so that a stop request is seen within 200 ms. */
+	id->ev_timer = virEventAddTimeout(200, on_tick, NULL, NULL);
+	r = pthread_create(&id->ev_thread, NULL, event_main, id);
+	if (r)
+		return -r;
+	id->ev_started = true;
+	return 0;
+}
+
+int vm_identity_destroy_domain(struct vm_identity *id, const char *name)
+{
+	virDomainPtr dom;
+	int r = 0;
+
+	if (!id->conn)
+		return -ENOENT;
+	dom = virDomainLookupByName(id->conn, name);
+	if (!dom)
+		return -ENOENT;
+	if (virDomainDestroy(dom) < 0) {
+		log_warn("libvirt: cannot destroy \"%s\": %s", name, virt_error());
+		r = -EIO;
+	}
+	virDomainFree(dom);
+	return r;
+}
+
+void vm_identity_free(struct vm_identity *id)
+{
+	if (!id)
+		return;
+	if (id->ev_started) {
+		atomic_store(&id->ev_stop, true);
+		pthread_join(id->ev_thread, NULL);
+	}
+	if (id->ev_timer >= 0)
+		virEventRemoveTimeout(id->ev_timer);
+	if (id->conn && id->ev_callback >= 0)
+		virConnectDomainEventDeregisterAny(id->conn, id->ev_callback);
+	if (id->conn)
+		virConnectClose(id->conn);
+	free(id->cids);
+	free(id->statics);
+	pthread_mutex_destroy(&id->lock);
+	free(id);
+}
