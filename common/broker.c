@@ -186,7 +186,11 @@ int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, ch
 							o->channel_max ? o->channel_max : 16,
 							o->frame_max ? (int)o->frame_max : 131072,
 							o->heartbeat, &table,
-							AMQP_SASL_METHOD_EXTERNAL, "");
+							AMQP_SASL_METHOD_EXTERNAL,
+							/* RabbitMQ takes the name from the
+							 * certificate; rabbitmq-c fails to
+							 * allocate an empty response. */
+							o->user && *o->user ? o->user : "cert");
 		else
 			rr = amqp_login_with_properties(
 				conn, o->vhost ? o->vhost : "/", o->channel_max ? o->channel_max : 16,
