@@ -4,6 +4,7 @@
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/time.h>
@@ -141,6 +142,15 @@ int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, ch
 	amqp_set_rpc_timeout(conn, &tv);
 
 	if (o->fd >= 0) {
+		/* rabbitmq-c expects the non-blocking sockets it makes itself:
+		 * with a blocking one its "noblock" reads would block. */
+		int fl = fcntl(o->fd, F_GETFL);
+		if (fl < 0 || fcntl(o->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+			snprintf(err, errlen, "socket: %s", strerror(errno));
+			r = -errno;
+			close(o->fd);
+			goto fail;
+		}
 		amqp_tcp_socket_set_sockfd(s, o->fd);
 	} else {
 		if (o->tls) {
