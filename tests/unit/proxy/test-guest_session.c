@@ -802,6 +802,9 @@ static void test_auth_refused_no_capability(void **state)
 	assert_true(guest_session_done(f->s));
 }
 
+/* A table that does not parse (a long string running past the end): the
+ * connection ends without tune and without decoding past the bytes sent.
+ * RabbitMQ's parse_table fails there too; it drops the connection. */
 static void test_amqplain_garbage(void **state)
 {
 	struct fx *f = *state;
@@ -811,9 +814,35 @@ static void test_amqplain_garbage(void **state)
 	send_header_expect_start(f);
 	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){ sizeof(junk), (void *)junk });
 	assert_int_equal(feed(f, &b), -EPROTO);
-	expect_conn_close(f, 403);
+	for (int i = 0; i < drain(f); i++)
+		assert_int_not_equal(f->fr[i].id, AMQP_CONNECTION_TUNE_METHOD);
+	assert_false(guest_session_wants_read(f->s));
+	assert_false(guest_session_is_open(f->s));
 }
 
+/* A well-formed AMQPLAIN table without LOGIN: RabbitMQ's amqplain module
+ * returns protocol_error, which rabbit_reader turns into 502 SYNTAX_ERROR. */
+static void test_amqplain_without_login(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+	amqp_table_entry_t e;
+	amqp_table_t t = { 1, &e };
+	uint8_t enc[64];
+	size_t off = 0;
+
+	e.key = amqp_cstring_bytes("PASSWORD");
+	e.value.kind = AMQP_FIELD_KIND_UTF8;
+	e.value.value.bytes = amqp_cstring_bytes("pw");
+	assert_int_equal(amqp_encode_table((amqp_bytes_t){ sizeof(enc), enc }, &t, &off), 0);
+	send_header_expect_start(f);
+	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){ off - 4, enc + 4 });
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 502);
+}
+
+/* PLAIN without the NUL separators: rabbit_auth_mechanism_plain answers
+ * protocol_error "response ... invalid", i.e. 502 SYNTAX_ERROR. */
 static void test_plain_without_nul(void **state)
 {
 	struct fx *f = *state;
@@ -822,7 +851,20 @@ static void test_plain_without_nul(void **state)
 	send_header_expect_start(f);
 	put_start_ok(&b, CAP_AUTHCLOSE, "PLAIN", amqp_cstring_bytes("guestguest"));
 	assert_int_equal(feed(f, &b), -EPROTO);
-	expect_conn_close(f, 403);
+	expect_conn_close(f, 502);
+}
+
+/* An unknown mechanism: 503 COMMAND_INVALID "unknown authentication
+ * mechanism". */
+static void test_unknown_mechanism(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+
+	send_header_expect_start(f);
+	put_start_ok(&b, CAP_AUTHCLOSE, "CRAM-MD5", amqp_cstring_bytes("x"));
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 503);
 }
 
 /* ---- hostile input: handshake ------------------------------------------- */
@@ -903,6 +945,31 @@ static void test_tune_ok_frame_max_big(void **state)
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 8, 131073, 60);
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 530);
+}
+
+/* rabbit_reader's validate_negotiated_integer_value: with a non-zero
+ * server value, a client value of 0 ("no limit") is higher than the
+ * maximum: 530. */
+static void test_tune_ok_frame_max_zero(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+
+	handshake_to_tune(f, 0);
+	put_tune_ok(&b, 8, 0, 60);
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 530);
+}
+
+static void test_tune_ok_channel_max_zero(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+
+	handshake_to_tune(f, 0);
+	put_tune_ok(&b, 0, 131072, 60);
 	assert_int_equal(feed(f, &b), -EPROTO);
 	expect_conn_close(f, 530);
 }
@@ -1602,13 +1669,17 @@ int main(void)
 		T(test_auth_refused_403),
 		T(test_auth_refused_no_capability),
 		T(test_amqplain_garbage),
+		T(test_amqplain_without_login),
 		T(test_plain_without_nul),
+		T(test_unknown_mechanism),
 		T(test_bad_protocol_header),
 		T(test_frame_too_big_before_tune),
 		T(test_wrong_method_in_handshake),
 		T(test_tune_ok_channel_max),
 		T(test_tune_ok_frame_max_small),
 		T(test_tune_ok_frame_max_big),
+		T(test_tune_ok_frame_max_zero),
+		T(test_tune_ok_channel_max_zero),
 		T(test_vhost_refused),
 		T(test_vhost_accepted),
 		T(test_deep_client_properties),
