@@ -41,8 +41,9 @@ static void on_event(void *ud, const struct guest_event *ev)
 		}
 		free(ev->publish.body);
 		if (ev->publish.confirm && h->n < MAX_PENDING)
-			h->p[h->n++] = (struct pending){ ev->publish.channel, ev->publish.channel_gen,
-							 ev->publish.delivery_tag };
+			h->p[h->n++] =
+			        (struct pending){ev->publish.channel, ev->publish.channel_gen,
+			                         ev->publish.delivery_tag};
 		break;
 	case GUEST_EVENT_CLOSED:
 		h->closed = true;
@@ -70,7 +71,7 @@ static void settle_all(struct guest_session *s, struct harness *h, uint8_t r)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static const char *const allowed[] = { "metrics", "amq.topic", NULL };
+	static const char *const allowed[] = {"metrics", "amq.topic", NULL};
 	struct guest_session_config cfg;
 	struct guest_session *s;
 	struct harness h;

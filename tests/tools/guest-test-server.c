@@ -41,7 +41,7 @@ struct conn {
 	unsigned nsettles;
 };
 
-static const char *const allowed[] = { "metrics", NULL };
+static const char *const allowed[] = {"metrics", NULL};
 static volatile sig_atomic_t stop;
 
 static void on_signal(int sig)
@@ -80,28 +80,31 @@ static void on_event(void *ud, const struct guest_event *ev)
 		break;
 	case GUEST_EVENT_PUBLISH:
 		nack = p->routing_key.len == 7 && memcmp(p->routing_key.bytes, "nack-me", 7) == 0;
-		printf("{\"event\": \"publish\", \"conn\": %u, \"channel\": %u, \"exchange\": ", c->id,
-		       p->channel);
+		printf("{\"event\": \"publish\", \"conn\": %u, \"channel\": %u, \"exchange\": ",
+		       c->id, p->channel);
 		json_str(p->exchange);
 		printf(", \"routing_key\": ");
 		json_str(p->routing_key);
 		printf(", \"body_len\": %zu, \"delivery_tag\": %llu, \"confirm\": %s, \"settle\": "
 		       "\"%s\"}\n",
-		       p->body_len, (unsigned long long)p->delivery_tag, p->confirm ? "true" : "false",
-		       !p->confirm ? "none" : nack ? "nack" : "ack");
+		       p->body_len, (unsigned long long)p->delivery_tag,
+		       p->confirm ? "true" : "false",
+		       !p->confirm ? "none"
+		       : nack      ? "nack"
+		                   : "ack");
 		free(p->body);
 		/* Settled after the feed returns, never inside the callback. */
 		if (p->confirm && c->nsettles < MAX_SETTLES)
 			c->settles[c->nsettles++] =
-				(struct settle){ p->channel, p->channel_gen, p->delivery_tag, !nack };
+			        (struct settle){p->channel, p->channel_gen, p->delivery_tag, !nack};
 		break;
 	case GUEST_EVENT_CHANNEL_CLOSED:
 		printf("{\"event\": \"channel_closed\", \"conn\": %u, \"channel\": %u}\n", c->id,
 		       ev->channel);
 		break;
 	case GUEST_EVENT_CLOSED:
-		printf("{\"event\": \"closed\", \"conn\": %u, \"reply_code\": %u, \"text\": ", c->id,
-		       ev->reply_code);
+		printf("{\"event\": \"closed\", \"conn\": %u, \"reply_code\": %u, \"text\": ",
+		       c->id, ev->reply_code);
 		json_str(amqp_cstring_bytes(ev->text ? ev->text : ""));
 		printf("}\n");
 		break;
@@ -127,7 +130,7 @@ static bool conn_pump(int ep, struct conn *c)
 
 	for (unsigned i = 0; i < c->nsettles; i++)
 		guest_session_settle(c->s, c->settles[i].ch, c->settles[i].gen, c->settles[i].tag,
-				     c->settles[i].ack);
+		                     c->settles[i].ack);
 	c->nsettles = 0;
 	while ((n = guest_session_output(c->s, &out)) > 0) {
 		ssize_t w = send(c->fd, out, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -141,7 +144,7 @@ static bool conn_pump(int ep, struct conn *c)
 	if (guest_session_done(c->s))
 		return false;
 	e.events = (guest_session_wants_read(c->s) ? EPOLLIN : 0) |
-		   (guest_session_output(c->s, &out) ? EPOLLOUT : 0);
+	           (guest_session_output(c->s, &out) ? EPOLLOUT : 0);
 	e.data.ptr = c;
 	epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
 	return true;
@@ -169,7 +172,7 @@ static int listen_on(unsigned port)
 
 int main(int argc, char **argv)
 {
-	struct conn *conns[MAX_CONNS] = { 0 };
+	struct conn *conns[MAX_CONNS] = {0};
 	unsigned next_id = 1, port;
 	int ep, lfd;
 	struct epoll_event e;
@@ -183,7 +186,7 @@ int main(int argc, char **argv)
 	lfd = listen_on(port);
 	if (lfd < 0) {
 		fprintf(stderr, "guest-test-server: cannot listen on 127.0.0.1:%u: %s\n", port,
-			strerror(-lfd));
+		        strerror(-lfd));
 		return 1;
 	}
 	ep = epoll_create1(EPOLL_CLOEXEC);
@@ -258,7 +261,8 @@ int main(int argc, char **argv)
 
 				if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
 					if (!guest_session_done(c->s))
-						printf("{\"event\": \"eof\", \"conn\": %u}\n", c->id);
+						printf("{\"event\": \"eof\", \"conn\": %u}\n",
+						       c->id);
 					fflush(stdout);
 					conn_free(ep, c);
 					conns[slot] = NULL;

@@ -44,8 +44,8 @@ void wire_raw(struct wire_buf *b, const void *p, size_t n)
 	b->len += n;
 }
 
-void wire_frame_end(struct wire_buf *b, uint8_t type, uint16_t ch, const void *payload,
-		    size_t n, uint8_t end)
+void wire_frame_end(struct wire_buf *b, uint8_t type, uint16_t ch, const void *payload, size_t n,
+                    uint8_t end)
 {
 	uint8_t h[7];
 
@@ -65,7 +65,7 @@ void wire_frame(struct wire_buf *b, uint8_t type, uint16_t ch, const void *paylo
 void wire_method(struct wire_buf *b, uint16_t ch, amqp_method_number_t id, void *decoded)
 {
 	uint8_t buf[65536];
-	amqp_bytes_t enc = { sizeof(buf) - 4, buf + 4 };
+	amqp_bytes_t enc = {sizeof(buf) - 4, buf + 4};
 	int n = amqp_encode_method(id, decoded, enc);
 
 	if (n < 0)
@@ -75,11 +75,11 @@ void wire_method(struct wire_buf *b, uint16_t ch, amqp_method_number_t id, void 
 }
 
 void wire_header(struct wire_buf *b, uint16_t ch, uint16_t class_id, uint64_t body_size,
-		 const amqp_basic_properties_t *props)
+                 const amqp_basic_properties_t *props)
 {
 	uint8_t buf[65536];
 	amqp_basic_properties_t none;
-	amqp_bytes_t enc = { sizeof(buf) - 12, buf + 12 };
+	amqp_bytes_t enc = {sizeof(buf) - 12, buf + 12};
 	int n;
 
 	if (!props) {
@@ -108,7 +108,7 @@ void wire_heartbeat(struct wire_buf *b, uint16_t ch)
 
 void wire_protocol_header(struct wire_buf *b)
 {
-	static const uint8_t h[8] = { 'A', 'M', 'Q', 'P', 0, 0, 9, 1 };
+	static const uint8_t h[8] = {'A', 'M', 'Q', 'P', 0, 0, 9, 1};
 
 	wire_raw(b, h, sizeof(h));
 }
@@ -134,7 +134,7 @@ int wire_parse(const uint8_t *p, size_t n, struct wire_frame *out, int max, amqp
 		f->size = size;
 		f->payload = p + off + 7;
 		if (f->type == AMQP_FRAME_METHOD && size >= 4) {
-			amqp_bytes_t args = { size - 4, (void *)(f->payload + 4) };
+			amqp_bytes_t args = {size - 4, (void *)(f->payload + 4)};
 
 			f->id = get32(f->payload);
 			if (amqp_decode_method(f->id, pool, args, &f->decoded) < 0)

@@ -18,14 +18,14 @@ struct wire_buf {
 void wire_buf_free(struct wire_buf *b);
 void wire_raw(struct wire_buf *b, const void *p, size_t n);
 /* A frame of TYPE on CH with PAYLOAD; END is the end octet (0xCE normally). */
-void wire_frame_end(struct wire_buf *b, uint8_t type, uint16_t ch, const void *payload,
-		    size_t n, uint8_t end);
+void wire_frame_end(struct wire_buf *b, uint8_t type, uint16_t ch, const void *payload, size_t n,
+                    uint8_t end);
 void wire_frame(struct wire_buf *b, uint8_t type, uint16_t ch, const void *payload, size_t n);
 /* A method frame with rabbitmq-c's encoding of DECODED. */
 void wire_method(struct wire_buf *b, uint16_t ch, amqp_method_number_t id, void *decoded);
 /* A content header for CLASS_ID with BODY_SIZE and PROPS (NULL: none). */
 void wire_header(struct wire_buf *b, uint16_t ch, uint16_t class_id, uint64_t body_size,
-		 const amqp_basic_properties_t *props);
+                 const amqp_basic_properties_t *props);
 void wire_body(struct wire_buf *b, uint16_t ch, const void *p, size_t n);
 void wire_heartbeat(struct wire_buf *b, uint16_t ch);
 void wire_protocol_header(struct wire_buf *b);

@@ -55,7 +55,7 @@ struct fx {
 	char auth_mech[32], auth_user[128];
 };
 
-static const char *const allowed[] = { "metrics", NULL };
+static const char *const allowed[] = {"metrics", NULL};
 
 static void on_event(void *ud, const struct guest_event *e)
 {
@@ -233,7 +233,7 @@ static const amqp_field_value_t *tget(const amqp_table_t *t, const char *k)
 
 static void send_header_expect_start(struct fx *f)
 {
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	wire_protocol_header(&b);
 	assert_int_equal(feed(f, &b), 0);
@@ -281,12 +281,12 @@ static amqp_bytes_t plain(const char *user)
 	memcpy(buf + 1, user, n);
 	buf[n + 1] = 0;
 	memcpy(buf + n + 2, "secret", 6);
-	return (amqp_bytes_t){ n + 8, buf };
+	return (amqp_bytes_t){n + 8, buf};
 }
 
 static void put_tune_ok(struct wire_buf *b, uint16_t chmax, uint32_t fmax, uint16_t hb)
 {
-	amqp_connection_tune_ok_t t = { .channel_max = chmax, .frame_max = fmax, .heartbeat = hb };
+	amqp_connection_tune_ok_t t = {.channel_max = chmax, .frame_max = fmax, .heartbeat = hb};
 
 	wire_method(b, 0, AMQP_CONNECTION_TUNE_OK_METHOD, &t);
 }
@@ -304,7 +304,7 @@ static void put_open(struct wire_buf *b, const char *vhost)
 /* Header, start, start-ok, tune; returns after tune was checked. */
 static void handshake_to_tune(struct fx *f, int caps)
 {
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_connection_tune_t *t;
 
 	send_header_expect_start(f);
@@ -319,7 +319,7 @@ static void handshake_to_tune(struct fx *f, int caps)
 /* The whole handshake, tune-ok and open pipelined in one feed. */
 static void handshake(struct fx *f, int caps, uint16_t hb)
 {
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, caps);
 	put_tune_ok(&b, f->cfg.channel_max, 131072, hb);
@@ -333,14 +333,14 @@ static void handshake(struct fx *f, int caps, uint16_t hb)
 
 static void open_channel(struct fx *f, uint16_t ch, bool confirm)
 {
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
 
 	wire_method(&b, ch, AMQP_CHANNEL_OPEN_METHOD, &o);
 	assert_int_equal(feed(f, &b), 0);
 	expect_one_method(f, ch, AMQP_CHANNEL_OPEN_OK_METHOD);
 	if (confirm) {
-		amqp_confirm_select_t c = { .nowait = 0 };
+		amqp_confirm_select_t c = {.nowait = 0};
 		wire_method(&b, ch, AMQP_CONFIRM_SELECT_METHOD, &c);
 		assert_int_equal(feed(f, &b), 0);
 		expect_one_method(f, ch, AMQP_CONFIRM_SELECT_OK_METHOD);
@@ -348,7 +348,7 @@ static void open_channel(struct fx *f, uint16_t ch, bool confirm)
 }
 
 static void put_publish(struct wire_buf *b, uint16_t ch, const char *exch, const char *rk,
-			bool immediate)
+                        bool immediate)
 {
 	amqp_basic_publish_t p;
 
@@ -362,7 +362,7 @@ static void put_publish(struct wire_buf *b, uint16_t ch, const char *exch, const
 /* A complete publish in one feed. */
 static int publish(struct fx *f, uint16_t ch, const char *exch, const char *rk, const char *body)
 {
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	size_t n = strlen(body);
 
 	put_publish(&b, ch, exch, rk, false);
@@ -378,15 +378,16 @@ static int publish(struct fx *f, uint16_t ch, const char *exch, const char *rk, 
 static void expect_conn_close(struct fx *f, uint16_t code)
 {
 	amqp_connection_close_t *c = NULL;
-	struct wire_buf b = { 0 };
-	amqp_connection_close_ok_t ok = { 0 };
+	struct wire_buf b = {0};
+	amqp_connection_close_ok_t ok = {0};
 	struct ev_rec *ev;
 
 	drain(f);
 	for (int i = 0; i < f->nfr; i++) {
 		assert_false(f->fr[i].type == AMQP_FRAME_METHOD &&
-			     f->fr[i].id == AMQP_CHANNEL_CLOSE_METHOD);
-		if (f->fr[i].type == AMQP_FRAME_METHOD && f->fr[i].id == AMQP_CONNECTION_CLOSE_METHOD) {
+		             f->fr[i].id == AMQP_CHANNEL_CLOSE_METHOD);
+		if (f->fr[i].type == AMQP_FRAME_METHOD &&
+		    f->fr[i].id == AMQP_CONNECTION_CLOSE_METHOD) {
 			assert_null(c);
 			assert_int_equal(f->fr[i].ch, 0);
 			c = f->fr[i].decoded;
@@ -413,8 +414,8 @@ static void expect_conn_close(struct fx *f, uint16_t code)
 static void expect_chan_close(struct fx *f, uint16_t ch, uint16_t code)
 {
 	amqp_channel_close_t *c;
-	struct wire_buf b = { 0 };
-	amqp_channel_close_ok_t ok = { 0 };
+	struct wire_buf b = {0};
+	amqp_channel_close_ok_t ok = {0};
 	int closed_before = count_events(f, GUEST_EVENT_CHANNEL_CLOSED);
 
 	c = expect_one_method(f, ch, AMQP_CHANNEL_CLOSE_METHOD);
@@ -433,13 +434,14 @@ static void expect_chan_close(struct fx *f, uint16_t ch, uint16_t code)
 static void test_start_capabilities(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_connection_start_t *st;
 	const amqp_field_value_t *caps;
 	static const char *const need[] = {
-		"publisher_confirms",	  "basic.nack",		    "connection.blocked",
-		"authentication_failure_close", "consumer_cancel_notify", "exchange_exchange_bindings",
-		"per_consumer_qos",
+	        "publisher_confirms",     "basic.nack",
+	        "connection.blocked",     "authentication_failure_close",
+	        "consumer_cancel_notify", "exchange_exchange_bindings",
+	        "per_consumer_qos",
 	};
 
 	wire_protocol_header(&b);
@@ -470,7 +472,7 @@ static void test_start_capabilities(void **state)
 static void test_handshake_and_publish(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_basic_properties_t props;
 	amqp_table_entry_t h;
 	uint8_t expect_raw[512];
@@ -483,7 +485,7 @@ static void test_handshake_and_publish(void **state)
 
 	memset(&props, 0, sizeof(props));
 	props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
-		       AMQP_BASIC_HEADERS_FLAG;
+	               AMQP_BASIC_HEADERS_FLAG;
 	props.content_type = amqp_cstring_bytes("application/json");
 	props.delivery_mode = 2;
 	h.key = amqp_cstring_bytes("seq");
@@ -492,7 +494,7 @@ static void test_handshake_and_publish(void **state)
 	props.headers.num_entries = 1;
 	props.headers.entries = &h;
 	raw_len = amqp_encode_properties(AMQP_BASIC_CLASS, &props,
-					 (amqp_bytes_t){ sizeof(expect_raw), expect_raw });
+	                                 (amqp_bytes_t){sizeof(expect_raw), expect_raw});
 	assert_true(raw_len > 0);
 
 	for (int i = 1; i <= 3; i++) {
@@ -555,7 +557,7 @@ static void test_no_confirm_publish(void **state)
 static void test_interleaved_content(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, true);
@@ -582,8 +584,8 @@ static void test_interleaved_content(void **state)
 static void test_confirm_nowait(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_confirm_select_t c = { .nowait = 1 };
+	struct wire_buf b = {0};
+	amqp_confirm_select_t c = {.nowait = 1};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -599,9 +601,9 @@ static void test_confirm_nowait(void **state)
 static void test_byte_at_a_time(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
-	amqp_confirm_select_t c = { 0 };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
+	amqp_confirm_select_t c = {0};
 
 	wire_protocol_header(&b);
 	put_start_ok(&b, 0, "PLAIN", plain("bytewise"));
@@ -705,7 +707,7 @@ static void test_nack(void **state)
 static void test_settle_closed_generation(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_channel_close_t cl;
 	uint32_t old_gen, new_gen;
 	amqp_basic_ack_t *a;
@@ -741,7 +743,7 @@ static void test_settle_closed_generation(void **state)
 static void test_client_close(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_connection_close_t cl;
 
 	handshake(f, 0, 60);
@@ -769,9 +771,9 @@ static void test_server_close(void **state)
 static void test_amqplain_and_external(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_table_entry_t e[2];
-	amqp_table_t t = { 2, e };
+	amqp_table_t t = {2, e};
 	uint8_t enc[256];
 	size_t off = 0;
 
@@ -781,10 +783,10 @@ static void test_amqplain_and_external(void **state)
 	e[1].key = amqp_cstring_bytes("PASSWORD");
 	e[1].value.kind = AMQP_FIELD_KIND_UTF8;
 	e[1].value.value.bytes = amqp_cstring_bytes("pw");
-	assert_int_equal(amqp_encode_table((amqp_bytes_t){ sizeof(enc), enc }, &t, &off), 0);
+	assert_int_equal(amqp_encode_table((amqp_bytes_t){sizeof(enc), enc}, &t, &off), 0);
 	send_header_expect_start(f);
 	/* AMQPLAIN's response is the table without its length prefix. */
-	put_start_ok(&b, 0, "AMQPLAIN", (amqp_bytes_t){ off - 4, enc + 4 });
+	put_start_ok(&b, 0, "AMQPLAIN", (amqp_bytes_t){off - 4, enc + 4});
 	assert_int_equal(feed(f, &b), 0);
 	expect_one_method(f, 0, AMQP_CONNECTION_TUNE_METHOD);
 	assert_string_equal(f->auth_mech, "AMQPLAIN");
@@ -805,7 +807,7 @@ static void test_amqplain_and_external(void **state)
 static void test_auth_refused_403(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	f->refuse_user = "mallory";
 	send_header_expect_start(f);
@@ -817,7 +819,7 @@ static void test_auth_refused_403(void **state)
 static void test_auth_refused_no_capability(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	f->refuse_user = "mallory";
 	send_header_expect_start(f);
@@ -837,11 +839,12 @@ static void test_auth_refused_no_capability(void **state)
 static void test_amqplain_garbage(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	static const uint8_t junk[] = { 5, 'L', 'O', 'G', 'I', 'N', 'S', 0xff, 0xff, 0xff, 0xf0, 'x' };
+	struct wire_buf b = {0};
+	static const uint8_t junk[] = {5,   'L',  'O',  'G',  'I',  'N',
+	                               'S', 0xff, 0xff, 0xff, 0xf0, 'x'};
 
 	send_header_expect_start(f);
-	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){ sizeof(junk), (void *)junk });
+	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){sizeof(junk), (void *)junk});
 	assert_int_equal(feed(f, &b), -EPROTO);
 	for (int i = 0; i < drain(f); i++)
 		assert_int_not_equal(f->fr[i].id, AMQP_CONNECTION_TUNE_METHOD);
@@ -854,18 +857,18 @@ static void test_amqplain_garbage(void **state)
 static void test_amqplain_without_login(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	amqp_table_entry_t e;
-	amqp_table_t t = { 1, &e };
+	amqp_table_t t = {1, &e};
 	uint8_t enc[64];
 	size_t off = 0;
 
 	e.key = amqp_cstring_bytes("PASSWORD");
 	e.value.kind = AMQP_FIELD_KIND_UTF8;
 	e.value.value.bytes = amqp_cstring_bytes("pw");
-	assert_int_equal(amqp_encode_table((amqp_bytes_t){ sizeof(enc), enc }, &t, &off), 0);
+	assert_int_equal(amqp_encode_table((amqp_bytes_t){sizeof(enc), enc}, &t, &off), 0);
 	send_header_expect_start(f);
-	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){ off - 4, enc + 4 });
+	put_start_ok(&b, CAP_AUTHCLOSE, "AMQPLAIN", (amqp_bytes_t){off - 4, enc + 4});
 	assert_int_equal(feed(f, &b), -EPROTO);
 	expect_conn_close(f, 502);
 }
@@ -875,7 +878,7 @@ static void test_amqplain_without_login(void **state)
 static void test_plain_without_nul(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	send_header_expect_start(f);
 	put_start_ok(&b, CAP_AUTHCLOSE, "PLAIN", amqp_cstring_bytes("guestguest"));
@@ -888,7 +891,7 @@ static void test_plain_without_nul(void **state)
 static void test_unknown_mechanism(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	send_header_expect_start(f);
 	put_start_ok(&b, CAP_AUTHCLOSE, "CRAM-MD5", amqp_cstring_bytes("x"));
@@ -901,7 +904,7 @@ static void test_unknown_mechanism(void **state)
 static void test_bad_protocol_header(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	const void *p;
 
 	wire_raw(&b, "AMQP\0\0\x09\x02", 8); /* 0-9-2 */
@@ -923,8 +926,8 @@ static void test_bad_protocol_header(void **state)
 static void test_frame_too_big_before_tune(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	static const uint8_t hdr[7] = { 1, 0, 0, 0, 0, 0x13, 0x88 }; /* 5000 > 4096 - 8 */
+	struct wire_buf b = {0};
+	static const uint8_t hdr[7] = {1, 0, 0, 0, 0, 0x13, 0x88}; /* 5000 > 4096 - 8 */
 
 	send_header_expect_start(f);
 	wire_raw(&b, hdr, sizeof(hdr));
@@ -935,7 +938,7 @@ static void test_frame_too_big_before_tune(void **state)
 static void test_wrong_method_in_handshake(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	/* connection.open instead of tune-ok: RabbitMQ's handle_method0 answers
 	 * "unexpected method in connection state tuning" with 504. */
@@ -948,7 +951,7 @@ static void test_wrong_method_in_handshake(void **state)
 static void test_tune_ok_channel_max(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 9, 131072, 60);
@@ -959,7 +962,7 @@ static void test_tune_ok_channel_max(void **state)
 static void test_tune_ok_frame_max_small(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 8, 4095, 60);
@@ -970,7 +973,7 @@ static void test_tune_ok_frame_max_small(void **state)
 static void test_tune_ok_frame_max_big(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 8, 131073, 60);
@@ -984,7 +987,7 @@ static void test_tune_ok_frame_max_big(void **state)
 static void test_tune_ok_frame_max_zero(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 8, 0, 60);
@@ -995,7 +998,7 @@ static void test_tune_ok_frame_max_zero(void **state)
 static void test_tune_ok_channel_max_zero(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake_to_tune(f, 0);
 	put_tune_ok(&b, 0, 131072, 60);
@@ -1006,7 +1009,7 @@ static void test_tune_ok_channel_max_zero(void **state)
 static void test_vhost_refused(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	f->cfg.vhost = "vmproxy";
 	handshake_to_tune(f, 0);
@@ -1020,7 +1023,7 @@ static void test_vhost_refused(void **state)
 static void test_vhost_accepted(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	f->cfg.vhost = "vmproxy";
 	handshake_to_tune(f, 0);
@@ -1033,17 +1036,20 @@ static void test_vhost_accepted(void **state)
 static void test_deep_client_properties(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 }, m = { 0 };
+	struct wire_buf b = {0}, m = {0};
 	size_t tl;
 	uint8_t *t = wire_deep_table(10000, &tl);
-	static const uint8_t id[4] = { 0, 10, 0, 11 };
+	static const uint8_t id[4] = {0, 10, 0, 11};
 
 	send_header_expect_start(f);
 	wire_raw(&m, id, 4);
 	wire_raw(&m, t, tl);
 	wire_raw(&m, "\x05PLAIN", 6);
 	wire_raw(&m, "\0\0\0\x0c\0guest\0guest", 16);
-	wire_raw(&m, "\x05" "en_US", 6);
+	wire_raw(&m,
+	         "\x05"
+	         "en_US",
+	         6);
 	free(t);
 	/* Larger than 4096: send it in one frame anyway after a small one
 	 * would not pass the pre-tune frame limit, so use 500 levels. */
@@ -1053,7 +1059,10 @@ static void test_deep_client_properties(void **state)
 	wire_raw(&m, t, tl);
 	wire_raw(&m, "\x05PLAIN", 6);
 	wire_raw(&m, "\0\0\0\x0c\0guest\0guest", 16);
-	wire_raw(&m, "\x05" "en_US", 6);
+	wire_raw(&m,
+	         "\x05"
+	         "en_US",
+	         6);
 	free(t);
 	assert_true(m.len < 4096 - 8);
 	wire_frame(&b, AMQP_FRAME_METHOD, 0, m.p, m.len);
@@ -1067,7 +1076,7 @@ static void test_deep_client_properties(void **state)
 static void test_bad_frame_end(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	wire_frame_end(&b, AMQP_FRAME_HEARTBEAT, 0, NULL, 0, 0x00);
@@ -1078,9 +1087,9 @@ static void test_bad_frame_end(void **state)
 static void test_oversize_frame(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	/* 131065 > frame_max 131072 - 8 bytes of framing. */
-	static const uint8_t hdr[7] = { 3, 0, 1, 0, 0x02, 0x00, 0x01 + 0xf8 };
+	static const uint8_t hdr[7] = {3, 0, 1, 0, 0x02, 0x00, 0x01 + 0xf8};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1092,7 +1101,7 @@ static void test_oversize_frame(void **state)
 static void test_unknown_frame_type(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	wire_frame(&b, 9, 0, "x", 1);
@@ -1103,7 +1112,7 @@ static void test_unknown_frame_type(void **state)
 static void test_heartbeat_on_channel(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1125,8 +1134,8 @@ static void test_method_before_channel_open(void **state)
 static void test_second_channel_open(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1138,8 +1147,8 @@ static void test_second_channel_open(void **state)
 static void test_channel_above_max(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
 
 	/* RabbitMQ: NOT_ALLOWED "... has reached the negotiated channel_max". */
 	handshake(f, 0, 60);
@@ -1152,8 +1161,8 @@ static void test_channel_above_max(void **state)
 static void test_method_on_channel0(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
 
 	/* channel.open on channel 0: "unexpected method in connection state
 	 * running", 504 in RabbitMQ. */
@@ -1166,7 +1175,7 @@ static void test_method_on_channel0(void **state)
 static void test_header_without_publish(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1178,7 +1187,7 @@ static void test_header_without_publish(void **state)
 static void test_body_without_header(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1191,7 +1200,7 @@ static void test_body_without_header(void **state)
 static void test_body_without_publish(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1203,8 +1212,8 @@ static void test_body_without_publish(void **state)
 static void test_method_mid_content(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_basic_qos_t q = { 0 };
+	struct wire_buf b = {0};
+	amqp_basic_qos_t q = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1220,7 +1229,7 @@ static void test_method_mid_content(void **state)
 static void test_body_longer_than_declared(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1235,7 +1244,7 @@ static void test_body_longer_than_declared(void **state)
 static void test_header_wrong_class(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1248,9 +1257,9 @@ static void test_header_wrong_class(void **state)
 static void test_truncated_method_args(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	/* basic.publish: reserved u16, then an exchange name longer than the frame. */
-	static const uint8_t m[] = { 0, 60, 0, 40, 0, 0, 20, 'm', 'e' };
+	static const uint8_t m[] = {0, 60, 0, 40, 0, 0, 20, 'm', 'e'};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1264,7 +1273,7 @@ static void test_truncated_method_args(void **state)
 static void test_method_frame_too_short(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	wire_frame(&b, AMQP_FRAME_METHOD, 0, "\0\x0a", 2);
@@ -1278,8 +1287,8 @@ static void test_method_frame_too_short(void **state)
 static void test_unknown_method(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	static const uint8_t m[] = { 0x12, 0x34, 0x00, 0x01 };
+	struct wire_buf b = {0};
+	static const uint8_t m[] = {0x12, 0x34, 0x00, 0x01};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1291,10 +1300,10 @@ static void test_unknown_method(void **state)
 static void test_deep_message_headers(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 }, h = { 0 };
+	struct wire_buf b = {0}, h = {0};
 	size_t tl;
 	uint8_t *t = wire_deep_table(10000, &tl);
-	uint8_t pre[14] = { 0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0x00 }; /* headers flag */
+	uint8_t pre[14] = {0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0x00}; /* headers flag */
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1313,10 +1322,10 @@ static void test_deep_message_headers(void **state)
 static void test_headers_at_depth_limit(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 }, h = { 0 };
+	struct wire_buf b = {0}, h = {0};
 	size_t tl;
 	uint8_t *t = wire_deep_table(8, &tl);
-	uint8_t pre[14] = { 0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0x00 };
+	uint8_t pre[14] = {0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0x00};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1345,9 +1354,9 @@ static void test_headers_at_depth_limit(void **state)
 static void test_only_close_after_server_close(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_channel_open_t o = { .out_of_band = amqp_cstring_bytes("") };
-	amqp_connection_close_ok_t ok = { 0 };
+	struct wire_buf b = {0};
+	amqp_channel_open_t o = {.out_of_band = amqp_cstring_bytes("")};
+	amqp_connection_close_ok_t ok = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1377,7 +1386,7 @@ static void test_only_close_after_server_close(void **state)
 static void test_declared_size_too_big(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1392,7 +1401,7 @@ static void test_declared_size_too_big(void **state)
 	/* The body that follows is dropped by the closing channel. */
 	{
 		static uint8_t big[4097];
-		amqp_channel_close_ok_t ok = { 0 };
+		amqp_channel_close_ok_t ok = {0};
 
 		wire_body(&b, 1, big, sizeof(big));
 		assert_int_equal(feed(f, &b), 0);
@@ -1447,7 +1456,7 @@ static void put_exchange_declare(struct wire_buf *b, uint16_t ch, const char *na
 static void test_exchange_declare(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1464,7 +1473,7 @@ static void test_exchange_declare(void **state)
 
 static void check_refused_403(struct fx *f, amqp_method_number_t id, void *m)
 {
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1504,8 +1513,8 @@ static void test_basic_get_403(void **state)
 static void test_tx_select_540(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
-	amqp_tx_select_t t = { 0 };
+	struct wire_buf b = {0};
+	amqp_tx_select_t t = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1517,7 +1526,7 @@ static void test_tx_select_540(void **state)
 static void test_publish_immediate_540(void **state)
 {
 	struct fx *f = *state;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 
 	handshake(f, 0, 60);
 	open_channel(f, 1, false);
@@ -1548,7 +1557,7 @@ static void test_heartbeats(void **state)
 {
 	struct fx *f = *state;
 	uint64_t t0, next;
-	struct wire_buf b = { 0 };
+	struct wire_buf b = {0};
 	int hb_seen = 0;
 
 	handshake(f, 0, 60);
@@ -1695,71 +1704,71 @@ int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 	const struct CMUnitTest tests[] = {
-		T(test_start_capabilities),
-		T(test_handshake_and_publish),
-		T(test_no_confirm_publish),
-		T(test_confirm_nowait),
-		T(test_interleaved_content),
-		T(test_byte_at_a_time),
-		T(test_settle_out_of_order),
-		T(test_nack),
-		T(test_settle_closed_generation),
-		T(test_client_close),
-		T(test_server_close),
-		T(test_amqplain_and_external),
-		T(test_auth_refused_403),
-		T(test_auth_refused_no_capability),
-		T(test_amqplain_garbage),
-		T(test_amqplain_without_login),
-		T(test_plain_without_nul),
-		T(test_unknown_mechanism),
-		T(test_bad_protocol_header),
-		T(test_frame_too_big_before_tune),
-		T(test_wrong_method_in_handshake),
-		T(test_tune_ok_channel_max),
-		T(test_tune_ok_frame_max_small),
-		T(test_tune_ok_frame_max_big),
-		T(test_tune_ok_frame_max_zero),
-		T(test_tune_ok_channel_max_zero),
-		T(test_vhost_refused),
-		T(test_vhost_accepted),
-		T(test_deep_client_properties),
-		T(test_bad_frame_end),
-		T(test_oversize_frame),
-		T(test_unknown_frame_type),
-		T(test_heartbeat_on_channel),
-		T(test_method_before_channel_open),
-		T(test_second_channel_open),
-		T(test_channel_above_max),
-		T(test_method_on_channel0),
-		T(test_header_without_publish),
-		T(test_body_without_header),
-		T(test_body_without_publish),
-		T(test_method_mid_content),
-		T(test_body_longer_than_declared),
-		T(test_header_wrong_class),
-		T(test_truncated_method_args),
-		T(test_method_frame_too_short),
-		T(test_unknown_method),
-		T(test_deep_message_headers),
-		T(test_headers_at_depth_limit),
-		T(test_only_close_after_server_close),
-		T(test_declared_size_too_big),
-		T(test_publish_forbidden_exchange),
-		T(test_exchange_declare),
-		T(test_queue_declare_403),
-		T(test_basic_consume_403),
-		T(test_basic_get_403),
-		T(test_tx_select_540),
-		T(test_publish_immediate_540),
-		T(test_handshake_timeout),
-		T(test_heartbeats),
-		T(test_heartbeat_timeout_without_bytes),
-		T(test_heartbeat_disabled),
-		T(test_output_bound),
-		T(test_max_unconfirmed),
-		T(test_blocked),
-		T(test_blocked_not_advertised),
+	        T(test_start_capabilities),
+	        T(test_handshake_and_publish),
+	        T(test_no_confirm_publish),
+	        T(test_confirm_nowait),
+	        T(test_interleaved_content),
+	        T(test_byte_at_a_time),
+	        T(test_settle_out_of_order),
+	        T(test_nack),
+	        T(test_settle_closed_generation),
+	        T(test_client_close),
+	        T(test_server_close),
+	        T(test_amqplain_and_external),
+	        T(test_auth_refused_403),
+	        T(test_auth_refused_no_capability),
+	        T(test_amqplain_garbage),
+	        T(test_amqplain_without_login),
+	        T(test_plain_without_nul),
+	        T(test_unknown_mechanism),
+	        T(test_bad_protocol_header),
+	        T(test_frame_too_big_before_tune),
+	        T(test_wrong_method_in_handshake),
+	        T(test_tune_ok_channel_max),
+	        T(test_tune_ok_frame_max_small),
+	        T(test_tune_ok_frame_max_big),
+	        T(test_tune_ok_frame_max_zero),
+	        T(test_tune_ok_channel_max_zero),
+	        T(test_vhost_refused),
+	        T(test_vhost_accepted),
+	        T(test_deep_client_properties),
+	        T(test_bad_frame_end),
+	        T(test_oversize_frame),
+	        T(test_unknown_frame_type),
+	        T(test_heartbeat_on_channel),
+	        T(test_method_before_channel_open),
+	        T(test_second_channel_open),
+	        T(test_channel_above_max),
+	        T(test_method_on_channel0),
+	        T(test_header_without_publish),
+	        T(test_body_without_header),
+	        T(test_body_without_publish),
+	        T(test_method_mid_content),
+	        T(test_body_longer_than_declared),
+	        T(test_header_wrong_class),
+	        T(test_truncated_method_args),
+	        T(test_method_frame_too_short),
+	        T(test_unknown_method),
+	        T(test_deep_message_headers),
+	        T(test_headers_at_depth_limit),
+	        T(test_only_close_after_server_close),
+	        T(test_declared_size_too_big),
+	        T(test_publish_forbidden_exchange),
+	        T(test_exchange_declare),
+	        T(test_queue_declare_403),
+	        T(test_basic_consume_403),
+	        T(test_basic_get_403),
+	        T(test_tx_select_540),
+	        T(test_publish_immediate_540),
+	        T(test_handshake_timeout),
+	        T(test_heartbeats),
+	        T(test_heartbeat_timeout_without_bytes),
+	        T(test_heartbeat_disabled),
+	        T(test_output_bound),
+	        T(test_max_unconfirmed),
+	        T(test_blocked),
+	        T(test_blocked_not_advertised),
 	};
 #undef T
 	return cmocka_run_group_tests(tests, NULL, NULL);
