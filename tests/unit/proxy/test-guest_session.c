@@ -1098,6 +1098,32 @@ static void test_oversize_frame(void **state)
 	expect_conn_close(f, 501);
 }
 
+/* The limit is the negotiated frame_max (4096 here), framing included. */
+static void test_negotiated_frame_max_boundary(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	static char body[4089];
+
+	handshake_to_tune(f, 0);
+	put_tune_ok(&b, 8, 4096, 60);
+	put_open(&b, "/");
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 0, AMQP_CONNECTION_OPEN_OK_METHOD);
+	open_channel(f, 1, false);
+	memset(body, 'b', sizeof(body));
+	put_publish(&b, 1, "metrics", "k", false);
+	wire_header(&b, 1, AMQP_BASIC_CLASS, 4088, NULL);
+	wire_body(&b, 1, body, 4088);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(count_events(f, GUEST_EVENT_PUBLISH), 1);
+	put_publish(&b, 1, "metrics", "k", false);
+	wire_header(&b, 1, AMQP_BASIC_CLASS, 4089, NULL);
+	wire_body(&b, 1, body, 4089);
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 501);
+}
+
 static void test_unknown_frame_type(void **state)
 {
 	struct fx *f = *state;
@@ -1378,6 +1404,26 @@ static void test_only_close_after_server_close(void **state)
 	feed(f, &b);
 	assert_int_equal(count_events(f, GUEST_EVENT_CLOSED), 1);
 	assert_int_equal(last_event(f, GUEST_EVENT_CLOSED)->reply_code, 320);
+	assert_true(guest_session_done(f->s));
+}
+
+/* Both sides close at once: the guest's connection.close gets close-ok. */
+static void test_close_crossing(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_connection_close_t cl;
+
+	handshake(f, 0, 60);
+	guest_session_close(f->s, 320, "CONNECTION_FORCED - shutdown");
+	expect_one_method(f, 0, AMQP_CONNECTION_CLOSE_METHOD);
+	memset(&cl, 0, sizeof(cl));
+	cl.reply_code = 200;
+	cl.reply_text = amqp_cstring_bytes("bye");
+	wire_method(&b, 0, AMQP_CONNECTION_CLOSE_METHOD, &cl);
+	feed(f, &b);
+	expect_one_method(f, 0, AMQP_CONNECTION_CLOSE_OK_METHOD);
+	assert_int_equal(count_events(f, GUEST_EVENT_CLOSED), 1);
 	assert_true(guest_session_done(f->s));
 }
 
@@ -1735,6 +1781,7 @@ int main(void)
 	        T(test_deep_client_properties),
 	        T(test_bad_frame_end),
 	        T(test_oversize_frame),
+	        T(test_negotiated_frame_max_boundary),
 	        T(test_unknown_frame_type),
 	        T(test_heartbeat_on_channel),
 	        T(test_method_before_channel_open),
@@ -1753,6 +1800,7 @@ int main(void)
 	        T(test_deep_message_headers),
 	        T(test_headers_at_depth_limit),
 	        T(test_only_close_after_server_close),
+	        T(test_close_crossing),
 	        T(test_declared_size_too_big),
 	        T(test_publish_forbidden_exchange),
 	        T(test_exchange_declare),
