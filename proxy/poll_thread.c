@@ -179,7 +179,7 @@ static void msg_free(struct poll_thread *pt, struct upstream_msg *m)
 
 static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool blocked)
 {
-	struct guest_conn *c;
+	struct guest_conn *c, *saved = pt->cur; /* may run inside an engine callback */
 
 	if (v->blocked == blocked)
 		return;
@@ -196,7 +196,7 @@ static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool bloc
 					  "vmproxy: unconfirmed message limit");
 		mark_dirty(pt, c);
 	}
-	pt->cur = NULL;
+	pt->cur = saved;
 }
 
 static void check_bounds(struct poll_thread *pt, struct vm_state *v)
@@ -204,6 +204,7 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 	const struct proxy_config *cfg = pt->sh->cfg;
 	uint64_t vm_max = cfg->limits.unconfirmed_bytes_per_vm;
 	uint64_t pt_max = cfg->limits.unconfirmed_bytes_per_thread;
+	struct guest_conn *saved = pt->cur; /* may run inside an engine callback */
 
 	if (!pt->blocked && pt->held_bytes > pt_max) {
 		pt->blocked = true;
@@ -214,7 +215,7 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
 			mark_dirty(pt, c);
 		}
-		pt->cur = NULL;
+		pt->cur = saved;
 	} else if (pt->blocked && pt->held_bytes <= pt_max / 2) {
 		pt->blocked = false;
 		log_info("thread=%u: below the thread bound again", pt->id);
@@ -224,7 +225,7 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 				guest_session_set_blocked(c->sess, false, NULL);
 			mark_dirty(pt, c);
 		}
-		pt->cur = NULL;
+		pt->cur = saved;
 	}
 	if (v) {
 		if (!v->blocked && v->held_bytes > vm_max)
