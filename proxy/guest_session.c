@@ -81,6 +81,7 @@ struct guest_session {
 	bool blocked_sent;
 	bool closed_emitted;
 	bool dropped;	 /* output is discarded from now on */
+	bool rx_paused;	 /* the caller does not read: no receive timeout */
 	uint64_t now_ms; /* the latest time the caller passed in */
 	uint16_t close_code;
 	char close_text[256];
@@ -1335,7 +1336,7 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 	if (s->heartbeat) {
 		uint64_t hb = (uint64_t)s->heartbeat * 1000;
 
-		if (now_ms - s->last_rx_ms >= 2 * hb) {
+		if (!s->rx_paused && now_ms - s->last_rx_ms >= 2 * hb) {
 			s->close_code = 0;
 			snprintf(s->close_text, sizeof(s->close_text),
 				 "missed heartbeats from client, timeout: %us", s->heartbeat);
@@ -1348,7 +1349,7 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 			send_heartbeat(s);
 			s->last_tx_ms = now_ms; /* queued; counted as sent */
 		}
-		next = s->last_rx_ms + 2 * hb;
+		next = s->rx_paused ? UINT64_MAX : s->last_rx_ms + 2 * hb;
 		if (s->last_tx_ms + hb / 2 < next)
 			next = s->last_tx_ms + hb / 2;
 	}
@@ -1442,6 +1443,15 @@ bool guest_session_wants_read(const struct guest_session *s)
 		    chan_unconfirmed(s->chans[i]) >= s->cfg->max_unconfirmed)
 			return false;
 	return true;
+}
+
+void guest_session_set_reading(struct guest_session *s, bool reading, uint64_t now_ms)
+{
+	if (s->rx_paused == !reading)
+		return;
+	s->rx_paused = !reading;
+	if (reading)
+		s->last_rx_ms = now_ms;
 }
 
 bool guest_session_done(const struct guest_session *s)

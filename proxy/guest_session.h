@@ -113,6 +113,12 @@ void guest_session_set_blocked(struct guest_session *s, bool blocked, const char
  * limit, a channel at max_unconfirmed) or closing: stop reading the socket. */
 bool guest_session_wants_read(const struct guest_session *s);
 
+/* The caller stopped (READING false) or resumed reading the socket at
+ * NOW_MS. While it does not read, the guest's heartbeats cannot be seen,
+ * so the missed-heartbeat timeout is suspended (as RabbitMQ does for a
+ * blocked connection); it restarts from NOW_MS on resume. */
+void guest_session_set_reading(struct guest_session *s, bool reading, uint64_t now_ms);
+
 /* True once the connection is over and the output, if any, is flushed. */
 bool guest_session_done(const struct guest_session *s);
 

@@ -570,7 +570,8 @@ static void conn_close(struct poll_thread *pt, struct guest_conn *c)
 	conn_unref(pt, c);
 }
 
-static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool want_out)
+static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool want_out,
+			      uint64_t now)
 {
 	uint32_t ev = 0;
 	struct epoll_event e;
@@ -584,8 +585,11 @@ static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool
 		return;
 	e.events = ev;
 	e.data.ptr = c;
-	if (epoll_ctl(pt->epfd, EPOLL_CTL_MOD, c->fd, &e) == 0)
+	if (epoll_ctl(pt->epfd, EPOLL_CTL_MOD, c->fd, &e) == 0) {
+		if ((ev ^ c->ep_events) & EPOLLIN)
+			guest_session_set_reading(c->sess, ev & EPOLLIN, now);
 		c->ep_events = ev;
+	}
 }
 
 /* Write output, update epoll interest, close when the engine is done. */
@@ -604,7 +608,7 @@ static void conn_service(struct poll_thread *pt, struct guest_conn *c, uint64_t 
 		conn_close(pt, c);
 		return;
 	}
-	conn_update_epoll(pt, c, r == -EAGAIN);
+	conn_update_epoll(pt, c, r == -EAGAIN, now);
 }
 
 static void flush_dirty(struct poll_thread *pt, uint64_t now)
@@ -848,15 +852,16 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		v->refs = 0;
 	}
 	for (c = list; c; c = next) {
-		struct epoll_event e = { .events = EPOLLIN, .data.ptr = c };
+		/* No interest yet: conn_update_epoll sets it (and resumes the
+		 * engine's receive timer) when the dirty list is flushed. */
+		struct epoll_event e = { .events = 0, .data.ptr = c };
 
 		next = c->vm_next;
 		c->vm = v;
 		v->refs++;
 		conn_attach(pt, c);
-		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) == 0)
-			c->ep_events = EPOLLIN;
-		else
+		c->ep_events = 0;
+		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
 			c->closing = true;
 		c->deadline = 0;
 		mark_dirty(pt, c);
