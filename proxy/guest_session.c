@@ -531,6 +531,13 @@ static void refuse_login(struct guest_session *s, const char *mech)
 	emit_closed(s);
 }
 
+/* A response the mechanism cannot parse is a protocol error in RabbitMQ
+ * (502), not a refused login. */
+static void bad_response(struct guest_session *s, const char *mech)
+{
+	conn_error(s, 502, AMQP_CONNECTION_START_OK_METHOD, "%s response is malformed", mech);
+}
+
 static void on_start_ok(struct guest_session *s, const uint8_t *args, size_t len)
 {
 	amqp_connection_start_ok_t *m;
@@ -571,7 +578,7 @@ static void on_start_ok(struct guest_session *s, const uint8_t *args, size_t len
 		nul1 = n ? memchr(p, 0, n) : NULL;
 		nul2 = nul1 ? memchr(nul1 + 1, 0, n - (size_t)(nul1 + 1 - p)) : NULL;
 		if (!nul1 || !nul2) {
-			refuse_login(s, mech);
+			bad_response(s, mech);
 			return;
 		}
 		copy_user(s, nul1 + 1, (size_t)(nul2 - nul1 - 1));
@@ -586,19 +593,19 @@ static void on_start_ok(struct guest_session *s, const uint8_t *args, size_t len
 		size_t off = 0;
 
 		if (!buf || amqp_frame_check_table(resp.bytes, resp.len, s->cfg->max_table_depth) < 0) {
-			refuse_login(s, mech);
+			bad_response(s, mech);
 			return;
 		}
 		amqp_frame_put32(buf, (uint32_t)resp.len);
 		memcpy(buf + 4, resp.bytes, resp.len);
 		if (amqp_decode_table(wrapped, &s->pool, &t, &off) != AMQP_STATUS_OK) {
-			refuse_login(s, mech);
+			bad_response(s, mech);
 			return;
 		}
 		login = table_get(&t, "LOGIN");
 		if (!login || (login->kind != AMQP_FIELD_KIND_UTF8 &&
 			       login->kind != AMQP_FIELD_KIND_BYTES)) {
-			refuse_login(s, mech);
+			bad_response(s, mech);
 			return;
 		}
 		copy_user(s, login->value.bytes.bytes, login->value.bytes.len);
@@ -636,15 +643,21 @@ static void on_tune_ok(struct guest_session *s, const uint8_t *args, size_t len)
 	uint32_t fmax = s->cfg->frame_max;
 
 	if (amqp_decode_method(AMQP_CONNECTION_TUNE_OK_METHOD, &s->pool, b, (void **)&m) < 0) {
-		conn_error(s, 502, AMQP_CONNECTION_TUNE_OK_METHOD, "cannot decode connection.tune-ok");
+		conn_error(s, 501, AMQP_CONNECTION_TUNE_OK_METHOD, "cannot decode connection.tune-ok");
 		return;
 	}
-	if (m->channel_max > s->cfg->channel_max) {
+	/* As rabbit_reader: with a server limit, 0 ("none") is above it. */
+	if (m->channel_max == 0 || m->channel_max > s->cfg->channel_max) {
 		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "channel_max=%u > %u max",
 			   m->channel_max, s->cfg->channel_max);
 		return;
 	}
-	if (m->frame_max != 0 && m->frame_max < AMQP_FRAME_MIN_SIZE) {
+	if (m->frame_max == 0) {
+		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "frame_max=0 > %u max size",
+			   fmax);
+		return;
+	}
+	if (m->frame_max < AMQP_FRAME_MIN_SIZE) {
 		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "frame_max=%u < %u min size",
 			   m->frame_max, AMQP_FRAME_MIN_SIZE);
 		return;
@@ -654,8 +667,8 @@ static void on_tune_ok(struct guest_session *s, const uint8_t *args, size_t len)
 			   m->frame_max, fmax);
 		return;
 	}
-	s->channel_max = m->channel_max ? m->channel_max : s->cfg->channel_max;
-	s->frame_max = m->frame_max ? m->frame_max : fmax;
+	s->channel_max = m->channel_max;
+	s->frame_max = m->frame_max;
 	s->heartbeat = m->heartbeat;
 	s->st = ST_OPEN;
 }
@@ -668,7 +681,7 @@ static void on_open(struct guest_session *s, const uint8_t *args, size_t len)
 	struct guest_event ev;
 
 	if (amqp_decode_method(AMQP_CONNECTION_OPEN_METHOD, &s->pool, b, (void **)&m) < 0) {
-		conn_error(s, 502, AMQP_CONNECTION_OPEN_METHOD, "cannot decode connection.open");
+		conn_error(s, 501, AMQP_CONNECTION_OPEN_METHOD, "cannot decode connection.open");
 		return;
 	}
 	if (s->cfg->vhost && (m->virtual_host.len != strlen(s->cfg->vhost) ||
@@ -710,7 +723,7 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 
 	if (amqp_decode_properties(AMQP_BASIC_CLASS, &s->pool, raw, (void **)&props) < 0) {
 		/* Validated when the header arrived: cannot happen. */
-		conn_error(s, 502, AMQP_BASIC_PUBLISH_METHOD, "cannot decode content header");
+		conn_error(s, 501, AMQP_BASIC_PUBLISH_METHOD, "cannot decode content header");
 		return;
 	}
 	memset(&ev, 0, sizeof(ev));
@@ -756,7 +769,7 @@ static void on_publish(struct guest_session *s, struct chan *c, const uint8_t *a
 	amqp_bytes_t b = { len, (void *)args };
 
 	if (amqp_decode_method(AMQP_BASIC_PUBLISH_METHOD, &s->pool, b, (void **)&m) < 0) {
-		conn_error(s, 502, AMQP_BASIC_PUBLISH_METHOD, "cannot decode basic.publish");
+		conn_error(s, 501, AMQP_BASIC_PUBLISH_METHOD, "cannot decode basic.publish");
 		return;
 	}
 	if (m->immediate) {
@@ -791,7 +804,7 @@ static void on_exchange_declare(struct guest_session *s, struct chan *c, const u
 	if (off > len || amqp_frame_skip_shortstr(args + off, len - off, &n) < 0 ||
 	    (off += n) > len || amqp_frame_skip_shortstr(args + off, len - off, &n) < 0 ||
 	    (off += n + 1) > len) {
-		conn_error(s, 502, AMQP_EXCHANGE_DECLARE_METHOD, "malformed exchange.declare");
+		conn_error(s, 501, AMQP_EXCHANGE_DECLARE_METHOD, "cannot decode exchange.declare");
 		return;
 	}
 	r = amqp_frame_check_table_prefixed(args + off, len - off, s->cfg->max_table_depth, &n);
@@ -904,7 +917,7 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		amqp_channel_flow_t *m;
 		amqp_bytes_t b = { len, (void *)args };
 		if (amqp_decode_method(id, &s->pool, b, (void **)&m) < 0) {
-			conn_error(s, 502, id, "cannot decode channel.flow");
+			conn_error(s, 501, id, "cannot decode channel.flow");
 			return;
 		}
 		amqp_channel_flow_ok_t ok = { .active = m->active };
@@ -915,7 +928,7 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		amqp_confirm_select_t *m;
 		amqp_bytes_t b = { len, (void *)args };
 		if (amqp_decode_method(id, &s->pool, b, (void **)&m) < 0) {
-			conn_error(s, 502, id, "cannot decode confirm.select");
+			conn_error(s, 501, id, "cannot decode confirm.select");
 			return;
 		}
 		c->confirm = true;
@@ -1009,7 +1022,8 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 		}
 		if (s->st != ST_RUNNING) {
 			if (id != expect[s->st]) {
-				conn_error(s, 503, id, "expected '%s', got '%s'",
+				conn_error(s, 504, id, "unexpected method in connection state: "
+						       "expected '%s', got '%s'",
 					   method_name(expect[s->st]), method_name(id));
 				return;
 			}
@@ -1027,7 +1041,7 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 		case AMQP_CONNECTION_UNBLOCKED_METHOD:
 			return;
 		}
-		conn_error(s, 503, id, "method %s not allowed on channel 0", method_name(id));
+		conn_error(s, 504, id, "unexpected method %s on channel 0", method_name(id));
 		return;
 	}
 	if (s->st != ST_RUNNING) {
