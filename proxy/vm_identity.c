@@ -218,6 +218,17 @@ static int rescan(struct vm_identity *id)
 	return id->cids ? 0 : -ENOMEM;
 }
 
+/* Is the domain UUID still running? One RPC. */
+static bool still_running(struct vm_identity *id, const char *uuid)
+{
+	virDomainPtr dom = virDomainLookupByUUIDString(id->conn, uuid);
+	bool up = dom && virDomainIsActive(dom) == 1;
+
+	if (dom)
+		virDomainFree(dom);
+	return up;
+}
+
 int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out)
 {
 	int r = -ENOENT;
@@ -230,11 +241,17 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 			if (rescan(id) < 0)
 				break;
 		for (size_t i = 0; i < id->ncids; i++) {
-			if (id->cids[i].cid == cid) {
-				*out = id->cids[i].vm;
-				r = 0;
+			if (id->cids[i].cid != cid)
+				continue;
+			/* Checked again on every accept: a cached CID whose domain
+			 * stopped (and whose event has not arrived) is not served. */
+			if (pass == 0 && !still_running(id, id->cids[i].vm.uuid)) {
+				id->cids_valid = false;
 				break;
 			}
+			*out = id->cids[i].vm;
+			r = 0;
+			break;
 		}
 	}
 	pthread_mutex_unlock(&id->lock);

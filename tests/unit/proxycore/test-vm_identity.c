@@ -1,0 +1,148 @@
+/* test-vm_identity.c -- who is behind a connection: vsock CID through
+ * libvirt (test driver), the static address table (IPv4 and IPv4-mapped
+ * IPv6), unknown peers refused or given a derived identity, per-VM socket
+ * names, and a destroyed domain's CID no longer resolving. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libvirt/libvirt.h>
+
+#include "config.h"
+#include "vm_identity.h"
+
+static struct proxy_config cfg;
+static struct static_identity statics[2];
+static char uri[512];
+
+static void setup_cfg(bool libvirt, enum unknown_peers policy)
+{
+	memset(&cfg, 0, sizeof(cfg));
+	statics[0] = (struct static_identity){ "127.10.0.5", "guest-b", NULL };
+	statics[1] = (struct static_identity){ "127.10.0.6", "not-in-libvirt",
+					       "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee" };
+	snprintf(uri, sizeof(uri), "test://%s", getenv("VMPROXY_TEST_NODE_XML"));
+	cfg.identity.libvirt_uri = libvirt ? uri : NULL;
+	cfg.identity.statics = libvirt ? statics : statics + 1;
+	cfg.identity.n_statics = libvirt ? 2 : 1;
+	cfg.identity.unknown_peers = policy;
+}
+
+static struct sockaddr_in v4(const char *a)
+{
+	struct sockaddr_in s = { .sin_family = AF_INET };
+
+	inet_pton(AF_INET, a, &s.sin_addr);
+	return s;
+}
+
+static void test_cid_resolution(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_string_equal(vm.uuid, "11111111-2222-4333-8444-555555555501");
+	assert_int_equal(vm.cid, 21);
+	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_int_equal(vm_identity_by_cid(id, 99, &vm), -ENOENT);
+
+	/* A domain that is not running does not own its CID. */
+	assert_int_equal(vm_identity_destroy_domain(id, "guest-a"), 0);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), -ENOENT);
+	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0);
+	vm_identity_free(id);
+}
+
+static void test_static_table(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	struct sockaddr_in a = v4("127.10.0.5"), unknown = v4("127.99.0.1");
+	struct sockaddr_in6 mapped = { .sin6_family = AF_INET6 };
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	/* vm "guest-b" is a libvirt domain: its uuid and CID come from there. */
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&a, sizeof(a), &vm), 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_string_equal(vm.uuid, "11111111-2222-4333-8444-555555555502");
+	assert_int_equal(vm.cid, 22);
+	inet_pton(AF_INET6, "::ffff:127.10.0.6", &mapped.sin6_addr);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&mapped, sizeof(mapped), &vm),
+			 0);
+	assert_string_equal(vm.name, "not-in-libvirt");
+	assert_string_equal(vm.uuid, "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee");
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&unknown, sizeof(unknown),
+						&vm),
+			 -ENOENT);
+	assert_int_equal(vm_identity_by_name(id, "guest-a", &vm), 0);
+	assert_int_equal(vm.cid, 21);
+	assert_int_equal(vm_identity_by_name(id, "11111111-2222-4333-8444-555555555502", &vm), 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_int_equal(vm_identity_by_name(id, "nope", &vm), -ENOENT);
+	vm_identity_free(id);
+}
+
+static void test_unknown_by_address(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info a1, a2, b;
+	struct sockaddr_in x = v4("127.99.0.1"), y = v4("127.99.0.2");
+	char err[300];
+
+	setup_cfg(false, UNKNOWN_PEERS_BY_ADDRESS);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&x, sizeof(x), &a1), 0);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&x, sizeof(x), &a2), 0);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&y, sizeof(y), &b), 0);
+	assert_string_equal(a1.name, "addr-127.99.0.1");
+	assert_string_equal(a1.uuid, a2.uuid); /* stable */
+	assert_string_not_equal(a1.uuid, b.uuid);
+	assert_int_equal(strlen(a1.uuid), 36);
+	assert_int_equal(a1.uuid[14], '8'); /* version 8: derived */
+	/* Without libvirt, CIDs resolve to nothing. */
+	assert_int_equal(vm_identity_by_cid(id, 21, &a1), -ENOENT);
+	vm_identity_free(id);
+}
+
+static void test_bad_uri(void **state)
+{
+	struct vm_identity *id = NULL;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	cfg.identity.libvirt_uri = "test:///nonexistent/node.xml";
+	assert_true(vm_identity_new(&cfg, &id, err, sizeof(err)) < 0);
+	assert_non_null(strstr(err, "identity.libvirt_uri \"test:///nonexistent/node.xml\""));
+	assert_null(id);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_cid_resolution),
+		cmocka_unit_test(test_static_table),
+		cmocka_unit_test(test_unknown_by_address),
+		cmocka_unit_test(test_bad_uri),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
