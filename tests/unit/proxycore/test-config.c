@@ -1,0 +1,218 @@
+/* test-config.c -- vmproxyd's configuration: the shipped example loads with
+ * the values it shows, defaults apply, and every bad file is refused with
+ * the file, the key path and what was expected. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+
+static char dir[] = "/tmp/vmproxy-config-XXXXXX";
+static char path[300], ca[300];
+
+static int setup(void **state)
+{
+	FILE *f;
+
+	if (!mkdtemp(dir))
+		return -1;
+	snprintf(path, sizeof(path), "%s/vmproxyd.json", dir);
+	snprintf(ca, sizeof(ca), "%s/ca.pem", dir);
+	f = fopen(ca, "w");
+	fputs("not checked here\n", f);
+	fclose(f);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	unlink(path);
+	unlink(ca);
+	rmdir(dir);
+	return 0;
+}
+
+static void write_cfg(const char *text)
+{
+	FILE *f = fopen(path, "w");
+
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+/* Load TEXT where "@CA@" stands for a readable file; expect ERR_SUBSTR in
+ * the error (NULL: expect success, returned in *OUT). */
+static void load(const char *text, const char *err_substr, struct proxy_config **out)
+{
+	char buf[8192], err[600];
+	const char *p;
+	size_t n = 0;
+	struct proxy_config *c = NULL;
+	int r;
+
+	for (p = text; *p && n < sizeof(buf) - 300;) {
+		if (strncmp(p, "@CA@", 4) == 0) {
+			n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%s", ca);
+			p += 4;
+		} else {
+			buf[n++] = *p++;
+		}
+	}
+	buf[n] = '\0';
+	write_cfg(buf);
+	r = proxy_config_load(path, &c, err, sizeof(err));
+	if (!err_substr) {
+		if (r < 0)
+			fail_msg("unexpected error: %s", err);
+		*out = c;
+		return;
+	}
+	assert_true(r < 0);
+	assert_null(c);
+	if (!strstr(err, path) || !strstr(err, err_substr))
+		fail_msg("error \"%s\" lacks the file or \"%s\"", err, err_substr);
+}
+
+#define MINIMAL_UP                                                                                 \
+	"\"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"auth\": {\"mechanism\": \"PLAIN\","  \
+	"\"user\": \"u\", \"password\": \"p\"}}"
+#define LISTEN "\"listeners\": [{\"type\": \"tcp\", \"port\": 5672}]"
+
+static void test_example_loads(void **state)
+{
+	char *text = NULL, *src = getenv("VMPROXY_EXAMPLE_CONFIG");
+	struct proxy_config *c;
+	FILE *f = src ? fopen(src, "r") : NULL;
+	size_t len = 0;
+	char *pos;
+
+	assert_non_null(f);
+	assert_int_equal(getdelim(&text, &len, '\0', f) > 0, 1);
+	fclose(f);
+	/* The example's certificate paths exist on a deployed host, not here. */
+	while ((pos = strstr(text, "/etc/vmproxy/tls/"))) {
+		const char *end = strchr(pos, '"');
+		memmove(pos + 4, end, strlen(end) + 1);
+		memcpy(pos, "@CA@", 4);
+	}
+	load(text, NULL, &c);
+	free(text);
+	assert_int_equal(c->n_listeners, 3);
+	assert_int_equal(c->listeners[0].type, LISTENER_VSOCK);
+	assert_int_equal(c->listeners[2].type, LISTENER_UNIX);
+	assert_string_equal(c->listeners[2].vm, "fc-guest-7");
+	assert_string_equal(c->identity.libvirt_uri, "qemu:///system");
+	assert_int_equal(c->identity.n_statics, 1);
+	assert_int_equal(c->upstream.n_hosts, 3);
+	assert_string_equal(c->upstream.hosts[1].host, "mgmt-rabbit-2.example.net");
+	assert_string_equal(c->upstream.host, "mgmt-rabbit-1.example.net");
+	assert_int_equal(c->upstream.port, 5671);
+	assert_int_equal(c->upstream.mechanism, BROKER_AUTH_EXTERNAL);
+	assert_true(c->upstream.tls);
+	assert_string_equal(c->guest.allowed_exchanges[1], "events");
+	assert_null(c->guest.allowed_exchanges[2]);
+	assert_int_equal(c->limits.unconfirmed_bytes_per_vm, 8388608);
+	assert_non_null(c->balancer_raw);
+	assert_non_null(c->metrics_raw);
+	proxy_config_free(c);
+}
+
+static void test_defaults(void **state)
+{
+	struct proxy_config *c;
+
+	load("{" LISTEN ", " MINIMAL_UP "}", NULL, &c);
+	assert_int_equal(c->upstream.port, 5672);
+	assert_string_equal(c->upstream.vhost, "/");
+	assert_int_equal(c->upstream.heartbeat, 30);
+	assert_string_equal(c->guest.allowed_exchanges[0], "metrics");
+	assert_int_equal(c->guest.max_message_bytes, 1048576);
+	assert_int_equal(c->guest.channel_max, 64);
+	assert_int_equal(c->guest.max_connections_per_vm, 16);
+	assert_int_equal(c->limits.unconfirmed_bytes_per_thread, 64u << 20);
+	assert_int_equal(c->identity.unknown_peers, UNKNOWN_PEERS_REJECT);
+	assert_string_equal(c->listeners[0].address, "0.0.0.0");
+	assert_int_equal(c->upstream.n_hosts, 1);
+	assert_null(c->admin.socket);
+	proxy_config_free(c);
+}
+
+static void test_errors(void **state)
+{
+	static const struct {
+		const char *text, *err;
+	} cases[] = {
+		{ "{", "line 1 column 1: string or '}' expected" },
+		{ "[]", "expected an object" },
+		{ "{" MINIMAL_UP "}", "listeners: missing required key" },
+		{ "{\"listeners\": [], " MINIMAL_UP "}", "listeners: expected at least one" },
+		{ "{\"listeners\": [{\"type\": \"tcp\", \"port\": 70000}], " MINIMAL_UP "}",
+		  "listeners[0].port: expected an integer in [1, 65535], got 70000" },
+		{ "{\"listeners\": [{\"type\": \"udp\"}], " MINIMAL_UP "}",
+		  "listeners[0].type: expected one of \"tcp\", \"vsock\", \"unix\"" },
+		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\"}], " MINIMAL_UP "}",
+		  "listeners[0].vm: missing required key" },
+		{ "{\"listeners\": [{\"type\": \"tcp\", \"address\": \"eth0\"}], " MINIMAL_UP "}",
+		  "listeners[0].address: expected a numeric IPv4 or IPv6 address" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"gest\": {}}", "gest: unknown key" },
+		{ "{" LISTEN ", \"upstream\": {\"host\": \"b\"}}", "upstream.exchange: missing" },
+		{ "{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"tls\": "
+		  "{\"ca\": \"/nonexistent/ca.pem\"}, \"auth\": {\"mechanism\": \"EXTERNAL\"}}}",
+		  "upstream.tls.ca: cannot read \"/nonexistent/ca.pem\"" },
+		{ "{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"tls\": "
+		  "{\"ca\": \"@CA@\"}, \"auth\": {\"mechanism\": \"EXTERNAL\"}}}",
+		  "upstream.auth.mechanism: EXTERNAL needs upstream.tls with a client" },
+		{ "{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"tls\": "
+		  "{\"ca\": \"@CA@\", \"cert\": \"@CA@\"}}}",
+		  "upstream.tls.key: missing required key" },
+		{ "{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"auth\": "
+		  "{\"mechanism\": \"CRAM\"}}}",
+		  "upstream.auth.mechanism: expected one of \"PLAIN\", \"EXTERNAL\"" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"identity\": {\"static\": [{\"address\": "
+		  "\"10.0.0.1\", \"vm\": \"a\"}]}}",
+		  "identity.static[0].uuid: required when identity.libvirt_uri is not set" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"identity\": {\"static\": [{\"address\": "
+		  "\"10.0.0.1\", \"vm\": \"a\", \"uuid\": \"not-a-uuid\"}]}}",
+		  "identity.static[0].uuid: expected a UUID" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"identity\": {\"libvirt_uri\": \"test:///x\", "
+		  "\"static\": [{\"address\": \"10.0.0.1\", \"vm\": \"a\"}, {\"address\": "
+		  "\"10.0.0.1\", \"vm\": \"b\"}]}}",
+		  "identity.static[1].address: \"10.0.0.1\" is already mapped" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"identity\": {\"unknown_peers\": \"allow\"}}",
+		  "identity.unknown_peers: expected one of \"reject\", \"by_address\"" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"guest\": {\"channel_max\": 0}}",
+		  "guest.channel_max: expected an integer in [1, 2047], got 0" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"guest\": {\"allowed_exchanges\": [\"\"]}}",
+		  "guest.allowed_exchanges[0]: expected an exchange name of 1 to 255 bytes" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"limits\": {\"unconfirmed_bytes_per_vm\": 1048576, "
+		  "\"unconfirmed_bytes_per_thread\": 65536}}",
+		  "limits.unconfirmed_bytes_per_vm: expected at most" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"threads\": {\"cpus\": [0, 0]}}",
+		  "threads.cpus[1]: CPU 0 is listed twice" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"log_level\": \"loud\"}",
+		  "log_level: expected one of \"error\"" },
+		{ "{" LISTEN ", \"upstream\": {\"hosts\": [], \"exchange\": \"x\"}}",
+		  "upstream.hosts: expected 1 to 64 broker nodes" },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		load(cases[i].text, cases[i].err, NULL);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_example_loads),
+		cmocka_unit_test(test_defaults),
+		cmocka_unit_test(test_errors),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
