@@ -1151,6 +1151,8 @@ static void on_body(struct guest_session *s, uint16_t ch, const uint8_t *p, size
 		conn_error(s, 505, 0, "unexpected content body frame on channel %u", ch);
 		return;
 	}
+	if (len == 0)
+		return; /* an empty body frame adds nothing */
 	if (len > c->body_size - c->body_got) {
 		conn_error(s, 501, AMQP_BASIC_PUBLISH_METHOD,
 			   "content body exceeds the declared size %llu",
