@@ -155,6 +155,7 @@ int main(int argc, char **argv)
 	bool as_json = false;
 	json_t *req, *reply;
 	char *reqtext, *text;
+	long thread = 0;
 	int c, rc = 0;
 
 	while ((c = getopt_long(argc, argv, "s:jh", opts, NULL)) != -1) {
@@ -178,39 +179,38 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	cmd = argv[optind];
-	req = json_pack("{s:s}", "command", cmd);
-	if (strcmp(cmd, "vm") == 0) {
-		if (optind + 1 >= argc) {
-			fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
-			return 2;
-		}
-		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
+	/* Arguments are checked before anything is allocated. */
+	if (strcmp(cmd, "vm") == 0 && optind + 1 >= argc) {
+		fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
+		return 2;
 	}
 	if (strcmp(cmd, "migrate") == 0) {
 		char *end;
-		long t;
 
 		if (optind + 2 >= argc) {
 			fprintf(stderr, "vmproxyctl: migrate needs a VM and a thread number\n");
 			return 2;
 		}
-		t = strtol(argv[optind + 2], &end, 10);
-		if (*end || t < 0 || t > 65535) {
+		thread = strtol(argv[optind + 2], &end, 10);
+		if (*end || thread < 0 || thread > 65535) {
 			fprintf(stderr, "vmproxyctl: thread must be a number, got \"%s\"\n",
 				argv[optind + 2]);
 			return 2;
 		}
+	}
+	if (strcmp(cmd, "balancer") == 0 && optind + 1 < argc &&
+	    strcmp(argv[optind + 1], "on") != 0 && strcmp(argv[optind + 1], "off") != 0) {
+		fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
+		return 2;
+	}
+	req = json_pack("{s:s}", "command", cmd);
+	if (strcmp(cmd, "vm") == 0) {
 		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
-		json_object_set_new(req, "thread", json_integer(t));
-	} else if (strcmp(cmd, "balancer") == 0) {
-		if (optind + 1 < argc) {
-			const char *a = argv[optind + 1];
-			if (strcmp(a, "on") != 0 && strcmp(a, "off") != 0) {
-				fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
-				return 2;
-			}
-			json_object_set_new(req, "enabled", json_boolean(strcmp(a, "on") == 0));
-		}
+	} else if (strcmp(cmd, "migrate") == 0) {
+		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
+		json_object_set_new(req, "thread", json_integer(thread));
+	} else if (strcmp(cmd, "balancer") == 0 && optind + 1 < argc) {
+		json_object_set_new(req, "enabled", json_boolean(strcmp(argv[optind + 1], "on") == 0));
 	}
 	reqtext = json_dumps(req, JSON_COMPACT);
 	json_decref(req);

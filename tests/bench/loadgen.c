@@ -555,6 +555,16 @@ int main(int argc, char **argv)
 		if (conns[i].c)
 			broker_close(conns[i].c);
 	json_decref(rep);
+	for (unsigned i = 0; i < nconns; i++) {
+		free(conns[i].send_ns);
+		free(conns[i].settled);
+	}
+	for (unsigned t = 0; t < o.threads; t++)
+		free(ws[t].conns);
+	free(ws);
+	free(conns);
+	free(vmstats);
+	free(all);
 	if (errors || bad_acks)
 		return 1;
 	if (o.count && confirmed != (uint64_t)nconns * o.count)
