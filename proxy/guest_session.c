@@ -849,11 +849,40 @@ static bool refused_method(amqp_method_number_t id)
 	return false;
 }
 
-static const char *method_name(amqp_method_number_t id)
+/* RabbitMQ's spelling of a method ("basic.recover-async") from
+ * rabbitmq-c's constant name ("AMQP_BASIC_RECOVER_ASYNC_METHOD"). */
+static const char *method_name_r(amqp_method_number_t id, char *buf, size_t size)
 {
 	const char *n = amqp_method_name(id);
+	size_t len, o = 0;
+	bool dot = false;
 
-	return n ? n : "unknown";
+	if (!n || strncmp(n, "AMQP_", 5) != 0)
+		return "unknown";
+	n += 5;
+	len = strlen(n);
+	if (len > 7 && strcmp(n + len - 7, "_METHOD") == 0)
+		len -= 7;
+	for (size_t i = 0; i < len && o < size - 1; i++) {
+		char c = n[i];
+		if (c == '_') {
+			c = dot ? '-' : '.';
+			dot = true;
+		} else if (c >= 'A' && c <= 'Z') {
+			c = (char)(c - 'A' + 'a');
+		}
+		buf[o++] = c;
+	}
+	buf[o] = '\0';
+	return buf;
+}
+
+/* The same in a per-thread buffer: one use per message. */
+static const char *method_name(amqp_method_number_t id)
+{
+	static _Thread_local char buf[64];
+
+	return method_name_r(id, buf, sizeof(buf));
 }
 
 static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_number_t id,
@@ -1022,9 +1051,12 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 		}
 		if (s->st != ST_RUNNING) {
 			if (id != expect[s->st]) {
+				char want[64];
+
 				conn_error(s, 504, id, "unexpected method in connection state: "
 						       "expected '%s', got '%s'",
-					   method_name(expect[s->st]), method_name(id));
+					   method_name_r(expect[s->st], want, sizeof(want)),
+					   method_name(id));
 				return;
 			}
 			if (s->st == ST_START_OK)
@@ -1374,6 +1406,14 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 
 size_t guest_session_output(struct guest_session *s, const void **data)
 {
+	static const uint8_t nothing;
+
+	if (s->out_len == s->out_off) {
+		/* s->out may be NULL: no arithmetic on it; callers still get a
+		 * valid pointer for their zero-length copies. */
+		*data = &nothing;
+		return 0;
+	}
 	*data = s->out + s->out_off;
 	return s->out_len - s->out_off;
 }
