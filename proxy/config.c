@@ -243,7 +243,7 @@ static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 	static const char *const keys[] = { "host",	 "hosts",     "port",
 					    "vhost",	 "tls",	      "auth",
 					    "exchange",	 "heartbeat", "connect_timeout_ms",
-					    "stuck_timeout_ms", NULL };
+					    "stuck_timeout_ms", "max_in_flight", NULL };
 	static const char *const tls_keys[] = { "ca", "cert", "key", "verify_hostname", NULL };
 	static const char *const auth_keys[] = { "mechanism", "user", "password", NULL };
 	static const char *const host_keys[] = { "host", "port", "server_name", NULL };
@@ -322,6 +322,9 @@ static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 	n = 30000;
 	r |= conf_get_uint(c, u, "upstream", "stuck_timeout_ms", false, 1000, 3600000, &n);
 	cfg->upstream.stuck_timeout_ms = (uint32_t)n;
+	n = 256;
+	r |= conf_get_uint(c, u, "upstream", "max_in_flight", false, 1, 1000000, &n);
+	cfg->upstream.max_in_flight = (uint32_t)n;
 	cfg->upstream.verify_hostname = true;
 	if (tls) {
 		r |= conf_check_keys(c, tls, "upstream.tls", tls_keys);

@@ -81,6 +81,7 @@ struct proxy_config {
 		uint16_t heartbeat;	     /* seconds, default 30 */
 		uint32_t connect_timeout_ms; /* default 10000 */
 		uint32_t stuck_timeout_ms;   /* watchdog: unwritable this long -> shutdown; 30000 */
+		uint32_t max_in_flight;	     /* published, unconfirmed messages per link; 256 */
 	} upstream;
 
 	struct {

@@ -463,17 +463,22 @@ static int publish_one(struct upstream *up, struct upstream_msg *m, uint64_t now
 	return r;
 }
 
-void upstream_kick(struct upstream *up, uint64_t now_ms)
+/* Publish what the window and the socket allow. Returns true when the
+ * window (not the socket or an empty queue) stopped it. */
+static bool publish_some(struct upstream *up, uint64_t now_ms)
 {
 	unsigned n = 0;
 
-	if (up->state != LINK_UP)
-		return;
-	drain(up, now_ms);
+	/* A bounded window keeps the queue in the proxy, where VMs take
+	 * turns, rather than in the socket and the broker, where a busy VM's
+	 * messages would sit in front of everyone else's. */
 	while (up->state == LINK_UP && !up->broker_blocked) {
-		struct upstream_msg *m = up->ops->peek(up->ud);
+		struct upstream_msg *m;
 		int r;
 
+		if (up->n_unconfirmed >= up->cfg->upstream.max_in_flight)
+			return true;
+		m = up->ops->peek(up->ud);
 		if (!m)
 			break;
 		if (!can_send(up, m->body_len + m->props_len + m->rk_len + 256))
@@ -494,10 +499,31 @@ void upstream_kick(struct upstream *up, uint64_t now_ms)
 		if (r != AMQP_STATUS_OK) {
 			/* It may or may not have reached the broker: republished. */
 			link_fail(up, now_ms, "publish: %s", amqp_error_string2(r));
-			return;
+			return false;
 		}
 		if (++n % DRAIN_EVERY == 0)
 			drain(up, now_ms);
+	}
+	return false;
+}
+
+void upstream_kick(struct upstream *up, uint64_t now_ms)
+{
+	if (up->state != LINK_UP)
+		return;
+	drain(up, now_ms);
+	for (;;) {
+		uint32_t before;
+
+		if (!publish_some(up, now_ms))
+			break;
+		/* Window full: the confirms this drain reads may already be
+		 * all the broker will send for now, and they no longer wake
+		 * epoll once read, so publish again while they free room. */
+		before = up->n_unconfirmed;
+		drain(up, now_ms);
+		if (up->state != LINK_UP || up->n_unconfirmed >= before)
+			return;
 	}
 	drain(up, now_ms);
 }
