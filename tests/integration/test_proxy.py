@@ -352,6 +352,31 @@ def test_connections_per_vm_bound(broker, proxy_factory):
         c.close()
 
 
+def test_daemon_connection_bound(broker, proxy_factory):
+    """limits.max_connections: past it every VM's next connection is
+    refused and counted."""
+    vms = make_vms(3, base="127.10.11.1")
+    proxy = proxy_factory(vms, threads=1, limits={"max_connections": 2}).start()
+    conns = []
+    for v in vms[:2]:
+        with from_source(v["address"]):
+            conns.append(pika.BlockingConnection(guest_params(proxy)))
+    with from_source(vms[2]["address"]):
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(guest_params(proxy))
+    assert proxy.admin("status")["daemon"]["refused_limit"] == 1
+    assert "limit of 2 connections" in proxy.log_text()
+    conns.pop().close()
+    # Room again once one is gone (the close is counted asynchronously).
+    def third_connects():
+        with from_source(vms[2]["address"]):
+            conns.append(pika.BlockingConnection(guest_params(proxy)))
+        return True
+    wait_for(third_connects, 10, "a connection once below the bound")
+    for c in conns:
+        c.close()
+
+
 def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_factory, tmp_path):
     """One VM publishes as fast as its window allows while another on the
     same poll thread publishes 20 msgs/s: the quiet VM's messages all get
@@ -370,6 +395,10 @@ def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_fac
                    report=tmp_path / "noisy.json", rk="noisy")
     wait_for(lambda: sum(t["upstream"]["acked"] for t in proxy.admin("threads")["threads"]) > 500,
              30, "the noisy VM under way")
+    # The link never has more than upstream.max_in_flight (256) unconfirmed.
+    for _ in range(20):
+        link = proxy.admin("threads")["threads"][0]["upstream"]
+        assert link["unconfirmed"] <= 256, link
     q = loadgen(build_dir, proxy, [quiet], conns=1, count=100, rate=20,
                 report=tmp_path / "quiet-noisy.json")
     rc, out, err = finish(q, 120)
