@@ -1083,29 +1083,42 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 	on_channel_method(s, ch, id, p, len);
 }
 
+/* The channel a content frame (KIND, expected in state WANT) belongs to,
+ * or NULL when the frame is answered with an error or dropped because the
+ * channel is closing. */
+static struct chan *content_chan(struct guest_session *s, uint16_t ch, enum pub_state want,
+				 const char *kind)
+{
+	struct chan *c = s->st == ST_RUNNING ? chan_find(s, ch) : NULL;
+
+	if (ch == 0) {
+		conn_error(s, 504, 0, "content frame on channel 0");
+		return NULL;
+	}
+	if (!c) {
+		conn_error(s, 504, 0, "expected 'channel.open'");
+		return NULL;
+	}
+	if (c->closing)
+		return NULL;
+	if (c->pub != want) {
+		conn_error(s, 505, 0, "unexpected content %s frame on channel %u", kind, ch);
+		return NULL;
+	}
+	return c;
+}
+
 /* Content header: class u16, weight u16, body size u64, flags + list. */
 static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, size_t len)
 {
-	struct chan *c = s->st == ST_RUNNING ? chan_find(s, ch) : NULL;
+	struct chan *c = content_chan(s, ch, PUB_HEADER, "header");
 	amqp_basic_properties_t *props;
 	amqp_bytes_t raw;
 	uint16_t flags;
 	size_t off, n;
 
-	if (ch == 0) {
-		conn_error(s, 504, 0, "content frame on channel 0");
+	if (!c)
 		return;
-	}
-	if (!c) {
-		conn_error(s, 504, 0, "expected 'channel.open'");
-		return;
-	}
-	if (c->closing)
-		return;
-	if (c->pub != PUB_HEADER) {
-		conn_error(s, 505, 0, "unexpected content header frame on channel %u", ch);
-		return;
-	}
 	if (len < 14 || amqp_frame_get16(p) != AMQP_BASIC_CLASS) {
 		conn_error(s, 505, AMQP_BASIC_PUBLISH_METHOD,
 			   len < 14 ? "content header too short" : "content header for class %u",
@@ -1167,22 +1180,10 @@ bad:
 
 static void on_body(struct guest_session *s, uint16_t ch, const uint8_t *p, size_t len)
 {
-	struct chan *c = s->st == ST_RUNNING ? chan_find(s, ch) : NULL;
+	struct chan *c = content_chan(s, ch, PUB_BODY, "body");
 
-	if (ch == 0) {
-		conn_error(s, 504, 0, "content frame on channel 0");
+	if (!c)
 		return;
-	}
-	if (!c) {
-		conn_error(s, 504, 0, "expected 'channel.open'");
-		return;
-	}
-	if (c->closing)
-		return;
-	if (c->pub != PUB_BODY) {
-		conn_error(s, 505, 0, "unexpected content body frame on channel %u", ch);
-		return;
-	}
 	if (len == 0)
 		return; /* an empty body frame adds nothing */
 	if (len > c->body_size - c->body_got) {
