@@ -1,5 +1,6 @@
 /* broker.c -- see broker.h */
 #include "broker.h"
+#include "field.h"
 
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
@@ -56,26 +57,6 @@ static int reply_errno(amqp_rpc_reply_t r)
 	    r.library_error == AMQP_STATUS_TIMEOUT)
 		return -ETIMEDOUT;
 	return -ECONNABORTED;
-}
-
-static amqp_table_entry_t entry_bool(const char *k, bool v)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
-	e.value.value.boolean = v;
-	return e;
-}
-
-static amqp_table_entry_t entry_str(const char *k, const char *v)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_UTF8;
-	e.value.value.bytes = amqp_cstring_bytes(v);
-	return e;
 }
 
 static int setup_tls(const struct broker_opts *o, amqp_socket_t *s, char *err, size_t errlen)
@@ -169,25 +150,21 @@ int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, ch
 
 	{
 		amqp_table_entry_t caps[] = {
-			entry_bool("connection.blocked", true),
-			entry_bool("authentication_failure_close", true),
-			entry_bool("publisher_confirms", true),
-			entry_bool("basic.nack", true),
-			entry_bool("consumer_cancel_notify", true),
+			field_bool("connection.blocked", true),
+			field_bool("authentication_failure_close", true),
+			field_bool("publisher_confirms", true),
+			field_bool("basic.nack", true),
+			field_bool("consumer_cancel_notify", true),
 		};
 		amqp_table_entry_t props[3];
 		amqp_table_t table;
 		int n = 0;
 
-		props[n].key = amqp_cstring_bytes("capabilities");
-		props[n].value.kind = AMQP_FIELD_KIND_TABLE;
-		props[n].value.value.table.num_entries = (int)(sizeof(caps) / sizeof(caps[0]));
-		props[n].value.value.table.entries = caps;
-		n++;
+		props[n++] = field_table("capabilities", caps, (int)(sizeof(caps) / sizeof(caps[0])));
 		if (o->connection_name)
-			props[n++] = entry_str("connection_name", o->connection_name);
+			props[n++] = field_utf8("connection_name", o->connection_name);
 		if (o->product)
-			props[n++] = entry_str("product", o->product);
+			props[n++] = field_utf8("product", o->product);
 		table.num_entries = n;
 		table.entries = props;
 

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "amqp_frame.h"
+#include "field.h"
 
 #define CLOSE_OK_TIMEOUT_MS 3000
 #define DEFAULT_MAX_UNCONFIRMED 10000
@@ -439,44 +440,21 @@ void guest_session_free(struct guest_session *s)
 
 /* ---- handshake ------------------------------------------------------------- */
 
-static amqp_table_entry_t bool_entry(const char *k)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_BOOLEAN;
-	e.value.value.boolean = 1;
-	return e;
-}
-
-static amqp_table_entry_t str_entry(const char *k, const char *v)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_UTF8;
-	e.value.value.bytes = amqp_cstring_bytes(v);
-	return e;
-}
-
 static void send_start(struct guest_session *s)
 {
 	amqp_table_entry_t caps[] = {
-		bool_entry("publisher_confirms"),	  bool_entry("basic.nack"),
-		bool_entry("connection.blocked"),	  bool_entry("authentication_failure_close"),
-		bool_entry("consumer_cancel_notify"),	  bool_entry("exchange_exchange_bindings"),
-		bool_entry("per_consumer_qos"),
+		field_bool("publisher_confirms", true),	  field_bool("basic.nack", true),
+		field_bool("connection.blocked", true),	  field_bool("authentication_failure_close", true),
+		field_bool("consumer_cancel_notify", true),	  field_bool("exchange_exchange_bindings", true),
+		field_bool("per_consumer_qos", true),
 	};
 	amqp_table_entry_t props[4];
 	amqp_connection_start_t m;
 
-	props[0].key = amqp_cstring_bytes("capabilities");
-	props[0].value.kind = AMQP_FIELD_KIND_TABLE;
-	props[0].value.value.table.num_entries = (int)(sizeof(caps) / sizeof(caps[0]));
-	props[0].value.value.table.entries = caps;
-	props[1] = str_entry("product", s->cfg->product ? s->cfg->product : "vmproxy");
-	props[2] = str_entry("version", VMPROXY_VERSION);
-	props[3] = str_entry("platform", "Linux");
+	props[0] = field_table("capabilities", caps, (int)(sizeof(caps) / sizeof(caps[0])));
+	props[1] = field_utf8("product", s->cfg->product ? s->cfg->product : "vmproxy");
+	props[2] = field_utf8("version", VMPROXY_VERSION);
+	props[3] = field_utf8("platform", "Linux");
 	memset(&m, 0, sizeof(m));
 	m.version_major = 0;
 	m.version_minor = 9;

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "field.h"
 #include "guest_conn.h"
 #include "guest_session.h"
 #include "log.h"
@@ -340,26 +341,6 @@ static bool reserved_header(amqp_bytes_t key)
 	       (key.len >= 10 && strncasecmp(key.bytes, "x-vmproxy-", 10) == 0);
 }
 
-static amqp_table_entry_t stamp_str(const char *k, const char *v)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_UTF8;
-	e.value.value.bytes = amqp_cstring_bytes(v);
-	return e;
-}
-
-static amqp_table_entry_t stamp_i64(const char *k, int64_t v)
-{
-	amqp_table_entry_t e;
-
-	e.key = amqp_cstring_bytes(k);
-	e.value.kind = AMQP_FIELD_KIND_I64;
-	e.value.value.i64 = v;
-	return e;
-}
-
 /* The guest's properties with user_id dropped, x-vm-* and x-vmproxy-*
  * headers removed and the proxy's stamp added, encoded into pt->props_buf.
  * Returns the encoded length or a negative rabbitmq-c status. */
@@ -379,12 +360,12 @@ static int stamp_properties(struct poll_thread *pt, struct vm_state *v,
 	for (int i = 0; i < n; i++)
 		if (!reserved_header(gh->entries[i].key))
 			e[k++] = gh->entries[i];
-	e[k++] = stamp_str("x-vm-uuid", v->info.uuid);
-	e[k++] = stamp_str("x-vm-name", v->info.name);
+	e[k++] = field_utf8("x-vm-uuid", v->info.uuid);
+	e[k++] = field_utf8("x-vm-name", v->info.name);
 	if (v->info.cid)
-		e[k++] = stamp_i64("x-vm-cid", v->info.cid);
-	e[k++] = stamp_str("x-vmproxy-host", pt->sh->cfg->hostname);
-	e[k++] = stamp_i64("x-vmproxy-received-ms", (int64_t)clock_wall_ms());
+		e[k++] = field_i64("x-vm-cid", v->info.cid);
+	e[k++] = field_utf8("x-vmproxy-host", pt->sh->cfg->hostname);
+	e[k++] = field_i64("x-vmproxy-received-ms", (int64_t)clock_wall_ms());
 	p.headers.num_entries = k;
 	p.headers.entries = e;
 	p._flags |= AMQP_BASIC_HEADERS_FLAG;
