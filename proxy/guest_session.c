@@ -443,9 +443,12 @@ void guest_session_free(struct guest_session *s)
 static void send_start(struct guest_session *s)
 {
 	amqp_table_entry_t caps[] = {
-		field_bool("publisher_confirms", true),	  field_bool("basic.nack", true),
-		field_bool("connection.blocked", true),	  field_bool("authentication_failure_close", true),
-		field_bool("consumer_cancel_notify", true),	  field_bool("exchange_exchange_bindings", true),
+		field_bool("publisher_confirms", true),
+		field_bool("basic.nack", true),
+		field_bool("connection.blocked", true),
+		field_bool("authentication_failure_close", true),
+		field_bool("consumer_cancel_notify", true),
+		field_bool("exchange_exchange_bindings", true),
 		field_bool("per_consumer_qos", true),
 	};
 	amqp_table_entry_t props[4];
