@@ -63,7 +63,9 @@ struct vmproxy {
 	struct balancer balancer;
 	uint64_t next_balance_ms, last_sample_ms;
 	json_t *prev_vm_msgs; /* uuid -> messages_in at the last sample */
-	json_t *thread_rates; /* per thread: messages/s in at the last sample */
+	json_t *prev_threads;	/* the previous sample's thread reports */
+	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
+	json_t *load;		/* per thread rates at the last sample */
 	_Atomic bool balancer_enabled;
 	_Atomic uint32_t next_conn_id;
 	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
@@ -169,7 +171,8 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		balancer_init(&p->balancer, &bc);
 		atomic_store(&p->balancer_enabled, bc.enabled);
 		p->prev_vm_msgs = json_object();
-		p->thread_rates = json_array();
+		p->load = json_array();
+		pthread_mutex_init(&p->load_lock, NULL);
 	}
 	r = vm_identity_new(cfg, &p->id, err, errlen);
 	if (r < 0)
@@ -430,8 +433,46 @@ static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsi
 	return 0;
 }
 
-/* Sample every thread's VMs (by query mail), turn counters into rates and
- * let the balancer decide; carry out at most one move per sample. */
+static double rate(json_t *now, json_t *prev, const char *key, double dt)
+{
+	double a = json_number_value(json_object_get(now, key));
+	double b = json_number_value(json_object_get(prev, key));
+
+	return dt > 0 && a >= b ? (a - b) / dt : 0;
+}
+
+/* Per-thread rates between this sample (THREADS) and the previous one:
+ * messages and bytes in and out per second, CPU use, loop latency. */
+static void thread_load(struct vmproxy *p, json_t *threads, double dt)
+{
+	json_t *load = json_array(), *t;
+	size_t i;
+
+	json_array_foreach(threads, i, t) {
+		json_t *prev = json_array_get(p->prev_threads, i);
+
+		json_array_append_new(load, json_pack(
+			"{s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}", "thread", (int)i,
+			"messages_in_per_s", rate(t, prev, "messages_in", dt), "bytes_in_per_s",
+			rate(t, prev, "bytes_in", dt), "messages_out_per_s",
+			rate(t, prev, "messages_out", dt), "bytes_out_per_s",
+			rate(t, prev, "bytes_out", dt), "cpu_percent",
+			100 * rate(t, prev, "cpu_seconds", dt), "connections",
+			json_integer_value(json_object_get(t, "connections")), "held_messages",
+			json_integer_value(json_object_get(t, "held_messages")), "held_bytes",
+			json_integer_value(json_object_get(t, "held_bytes")), "loop_max_us",
+			json_integer_value(json_object_get(t, "loop_max_us"))));
+	}
+	json_decref(p->prev_threads);
+	p->prev_threads = json_incref(threads);
+	pthread_mutex_lock(&p->load_lock);
+	json_decref(p->load);
+	p->load = load;
+	pthread_mutex_unlock(&p->load_lock);
+}
+
+/* Sample every thread (by query mail), turn counters into rates and let
+ * the balancer decide; carry out at most one move per sample. */
 static void balance(struct vmproxy *p, uint64_t now)
 {
 	json_t *threads = vmproxy_query_threads(p, 1000), *t, *v, *next_prev = json_object();
@@ -443,7 +484,7 @@ static void balance(struct vmproxy *p, uint64_t now)
 
 	if (!threads || !bt || !vms)
 		goto out;
-	json_array_clear(p->thread_rates);
+	thread_load(p, threads, dt);
 	json_array_foreach(threads, i, t) {
 		json_t *list = json_object_get(t, "vms");
 
@@ -468,14 +509,14 @@ static void balance(struct vmproxy *p, uint64_t now)
 			bt[i].nvms++;
 		}
 		bt[i].vms = vms[i];
-		json_array_append_new(p->thread_rates, json_real(bt[i].load));
 	}
 	json_decref(p->prev_vm_msgs);
 	p->prev_vm_msgs = next_prev;
 	next_prev = NULL;
 	p->last_sample_ms = now;
 	p->balancer.cfg.enabled = atomic_load(&p->balancer_enabled);
-	if (dt > 0 && balancer_step(&p->balancer, bt, p->nthreads, now, &move)) {
+	if (dt > 0 && p->balancer.cfg.enabled &&
+	    balancer_step(&p->balancer, bt, p->nthreads, now, &move)) {
 		log_info("balancer: thread %u at %.0f msgs/s, thread %u at %.0f: moving vm %s",
 			 move.from, bt[move.from].load, move.to, bt[move.to].load, move.uuid);
 		post_migrate(p, move.uuid, move.from, move.to, NULL);
@@ -561,10 +602,7 @@ static void on_timer(struct vmproxy *p)
 		sd_notify(0, "WATCHDOG=1");
 	if (p->phase == RUNNING && now >= p->next_balance_ms) {
 		p->next_balance_ms = now + p->balancer.cfg.interval_ms;
-		if (atomic_load(&p->balancer_enabled) || p->last_sample_ms == 0)
-			balance(p, now);
-		else
-			p->last_sample_ms = 0; /* rates restart when re-enabled */
+		balance(p, now);
 	}
 
 	switch (p->phase) {
@@ -709,6 +747,11 @@ json_t *vmproxy_counters(struct vmproxy *p)
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
 	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));
 	json_object_set_new(o, "balancer_enabled", json_boolean(atomic_load(&p->balancer_enabled)));
+	if (p->load) {
+		pthread_mutex_lock(&p->load_lock);
+		json_object_set_new(o, "load", json_deep_copy(p->load));
+		pthread_mutex_unlock(&p->load_lock);
+	}
 	for (size_t i = 0; i < p->nlisteners; i++)
 		json_array_append_new(ls, json_pack("{s:s, s:I, s:I}", "name", p->listeners[i].name,
 						    "accepted",
@@ -747,7 +790,11 @@ void vmproxy_free(struct vmproxy *p)
 	if (p->timerfd >= 0)
 		close(p->timerfd);
 	json_decref(p->prev_vm_msgs);
-	json_decref(p->thread_rates);
+	json_decref(p->prev_threads);
+	if (p->load) {
+		json_decref(p->load);
+		pthread_mutex_destroy(&p->load_lock);
+	}
 	proxy_config_free(p->cfg);
 	free(p);
 }

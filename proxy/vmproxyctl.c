@@ -129,6 +129,24 @@ static void print_threads(json_t *threads)
 	}
 }
 
+static void print_load(json_t *load)
+{
+	size_t i;
+	json_t *l;
+
+	if (!json_array_size(load))
+		return;
+	printf("\n%-6s %-10s %-12s %-10s %-12s %-6s %-10s\n", "THREAD", "MSGS_IN/S", "BYTES_IN/S",
+	       "MSGS_OUT/S", "BYTES_OUT/S", "CPU%", "LOOP_MAXUS");
+	json_array_foreach(load, i, l)
+		printf("%-6lld %-10.0f %-12.0f %-10.0f %-12.0f %-6.1f %-10lld\n", num(l, "thread"),
+		       json_number_value(json_object_get(l, "messages_in_per_s")),
+		       json_number_value(json_object_get(l, "bytes_in_per_s")),
+		       json_number_value(json_object_get(l, "messages_out_per_s")),
+		       json_number_value(json_object_get(l, "bytes_out_per_s")),
+		       json_number_value(json_object_get(l, "cpu_percent")), num(l, "loop_max_us"));
+}
+
 static void print_vm_row(json_t *v)
 {
 	printf("%-36s %-20s %-6lld %-6lld %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
@@ -245,6 +263,7 @@ int main(int argc, char **argv)
 		       num(d, "refused_unknown_peer"), num(d, "refused_limit"),
 		       json_is_true(json_object_get(d, "draining")) ? ", draining" : "");
 		print_threads(json_object_get(reply, "threads"));
+		print_load(json_object_get(d, "load"));
 	} else if (strcmp(cmd, "threads") == 0) {
 		print_threads(json_object_get(reply, "threads"));
 	} else if (strcmp(cmd, "vms") == 0) {

@@ -31,10 +31,18 @@ def thread_of(proxy):
 
 def test_vmproxyctl_migrate_under_load(build_dir, broker, proxy_factory):
     vms = make_vms(4, base="127.10.7.1")
-    proxy = proxy_factory(vms, threads=2, extra={"balancer": {"enabled": False}}).start()
+    proxy = proxy_factory(vms, threads=2, extra={"balancer": {"enabled": False,
+                                                              "interval_ms": 1000}}).start()
     broker.purge(broker.queue)
     lg = loadgen(build_dir, proxy, vms, conns=2, count=1500, rate=100, window=32)
     wait_for(lambda: len(proxy.admin("vms")["vms"]) == 4, 30, "4 VMs connected")
+    # The sampler turns counters into per-thread rates for the operator:
+    # 8 connections at 100 msgs/s each.
+    wait_for(lambda: 600 < sum(l["messages_in_per_s"] for l in
+                               proxy.admin("status")["daemon"]["load"]) < 1000, 15,
+             "sampled load near 800 msgs/s")
+    rc, out, err = ctl(proxy, "status")
+    assert rc == 0 and "MSGS_IN/S" in out, out + err
     moves = 0
     for round_ in range(3):
         placement = thread_of(proxy)
