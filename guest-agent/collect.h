@@ -1,0 +1,42 @@
+/* collect.h -- guest metrics from /proc and /sys (under a root prefix, so
+ * tests read fixture trees): one JSON document per sample, with rates and
+ * percentages over the interval since the previous sample. */
+#pragma once
+
+#include <jansson.h>
+#include <stdint.h>
+#include <sys/statvfs.h>
+
+#define COLLECT_MAX_ITEMS 1024 /* CPUs, disks, interfaces, mounts: past it, counted and dropped */
+
+struct collect_cpu {
+	uint64_t t[8]; /* user nice system idle iowait irq softirq steal, in ticks */
+};
+
+struct collect_dev {
+	char name[64];
+	uint64_t a, b; /* disks: read and written bytes; interfaces: rx and tx bytes */
+};
+
+struct collect_state {
+	const char *root; /* "" for the real /proc and /sys */
+	int (*statvfs_fn)(const char *path, struct statvfs *st);
+	uint64_t prev_ms; /* monotonic time of the previous sample, 0 before the first */
+	unsigned ncpu;
+	struct collect_cpu prev_total, prev_cpu[COLLECT_MAX_ITEMS];
+	unsigned ndisk, nnet;
+	struct collect_dev prev_disk[COLLECT_MAX_ITEMS], prev_net[COLLECT_MAX_ITEMS];
+	uint64_t dropped; /* items past COLLECT_MAX_ITEMS or unparsable lines */
+};
+
+/* ROOT "" reads the live system. */
+void collect_init(struct collect_state *st, const char *root);
+
+/* The boot id (36 characters) into BUF; 0 or -errno. */
+int collect_boot_id(struct collect_state *st, char *buf, size_t len);
+
+/* One sample document without "seq" (the caller adds it), taken at
+ * NOW_MONO_MS and stamped with WALL_MS. A new reference; NULL on
+ * allocation failure. */
+json_t *collect_sample(struct collect_state *st, uint64_t now_mono_ms, uint64_t wall_ms,
+		       unsigned interval_s);
