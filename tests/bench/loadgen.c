@@ -9,6 +9,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <amqp.h>
@@ -36,7 +38,8 @@ struct opts {
 	unsigned vms, conns_per_vm, threads, window, size;
 	double rate, duration;
 	uint64_t count;
-	unsigned drain_timeout;
+	unsigned drain_timeout, heartbeat;
+	double idle;
 	bool verbose;
 };
 
@@ -84,6 +87,7 @@ static struct opts o = {
 	.size = 256,
 	.duration = 10,
 	.drain_timeout = 15,
+	.heartbeat = 60,
 };
 
 static struct vm_stats *vmstats;
@@ -104,7 +108,7 @@ static void on_signal(int sig)
 static int make_fd(unsigned vm, char *err, size_t errlen)
 {
 	struct sockaddr_in src = { .sin_family = AF_INET }, dst = { .sin_family = AF_INET };
-	int fd;
+	int fd, one = 1;
 
 	if (inet_pton(AF_INET, o.source_base, &src.sin_addr) != 1 ||
 	    inet_pton(AF_INET, o.host, &dst.sin_addr) != 1) {
@@ -114,6 +118,10 @@ static int make_fd(unsigned vm, char *err, size_t errlen)
 	src.sin_addr.s_addr = htonl(ntohl(src.sin_addr.s_addr) + vm);
 	dst.sin_port = htons(o.port);
 	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	/* As rabbitmq-c does on the sockets it opens itself: without it the
+	 * handshake's small writes wait for delayed ACKs. */
+	if (fd >= 0)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	if (fd < 0 || bind(fd, (struct sockaddr *)&src, sizeof(src)) < 0 ||
 	    connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0) {
 		int e = errno;
@@ -142,7 +150,7 @@ static int lconn_open(struct lconn *lc, char *err, size_t errlen)
 	bo.cert = o.cert;
 	bo.key = o.key;
 	bo.auth = o.external ? BROKER_AUTH_EXTERNAL : BROKER_AUTH_PLAIN;
-	bo.heartbeat = 60;
+	bo.heartbeat = (int)o.heartbeat;
 	snprintf(name, sizeof(name), "loadgen vm%u conn%u", lc->vm, lc->idx);
 	bo.connection_name = name;
 	bo.product = "vmproxy-loadgen";
@@ -261,7 +269,7 @@ static void drain(struct worker *w, struct lconn *lc)
 
 static bool sending_done(const struct lconn *lc, double t)
 {
-	if (lc->dead || atomic_load(&stop_flag))
+	if (lc->dead || atomic_load(&stop_flag) || o.idle > 0)
 		return true;
 	if (o.count)
 		return lc->next_tag >= o.count;
@@ -312,6 +320,24 @@ static void publish_some(struct worker *w, struct lconn *lc, char *body)
 		vmstats[lc->vm].sent++;
 		t = now_s();
 	}
+}
+
+/* --idle: hold the connections open without publishing for o.idle
+ * seconds, reading every second so heartbeats are sent and answered. */
+static void *worker_idle(void *arg)
+{
+	struct worker *w = arg;
+
+	while (!atomic_load(&stop_flag) && now_s() - t_start < o.idle) {
+		struct timespec ts = { 0, 200 * 1000 * 1000 };
+		for (unsigned i = 0; i < w->n; i++) {
+			struct lconn *lc = w->conns[i];
+			if (!lc->dead)
+				drain(w, lc);
+		}
+		nanosleep(&ts, NULL);
+	}
+	return NULL;
 }
 
 static void *worker_main(void *arg)
@@ -386,6 +412,9 @@ static void usage(FILE *f)
 		"  --exchange E --routing-key K   (routing key K.v<vm>.c<conn>)\n"
 		"  --threads T     publisher threads (VMs are spread over them)\n"
 		"  --drain-timeout S  wait this long for the last confirms (default 15)\n"
+		"  --heartbeat S   heartbeat to ask for (default 60)\n"
+		"  --idle S        open the connections, publish nothing, hold them S seconds\n"
+		"                  (reading, so heartbeats flow), then report and close\n"
 		"  --report FILE   write the JSON report there (default stdout)\n");
 }
 
@@ -404,6 +433,7 @@ static void parse(int argc, char **argv)
 		{ "exchange", 1, NULL, 'e' }, { "routing-key", 1, NULL, 'R' },
 		{ "threads", 1, NULL, 'T' },  { "drain-timeout", 1, NULL, 'D' },
 		{ "report", 1, NULL, 'o' },   { "help", 0, NULL, 'h' },
+		{ "heartbeat", 1, NULL, 'B' }, { "idle", 1, NULL, 'I' },
 		{ NULL, 0, NULL, 0 },
 	};
 	int c;
@@ -433,12 +463,15 @@ static void parse(int argc, char **argv)
 		case 'T': o.threads = (unsigned)atoi(optarg); break;
 		case 'D': o.drain_timeout = (unsigned)atoi(optarg); break;
 		case 'o': o.report = optarg; break;
+		case 'B': o.heartbeat = (unsigned)atoi(optarg); break;
+		case 'I': o.idle = atof(optarg); break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(2);
 		}
 	}
 	if (!o.vms || !o.conns_per_vm || !o.threads || !o.window || o.window > 100000 ||
-	    o.size > (64u << 20) || optind != argc) {
+	    o.size > (64u << 20) || o.heartbeat > 3600 || o.idle < 0 || o.idle > 86400 ||
+	    optind != argc) {
 		usage(stderr);
 		exit(2);
 	}
@@ -501,10 +534,18 @@ int main(int argc, char **argv)
 		}
 	}
 	t_start = now_s();
+	{
+		unsigned open = 0;
+		for (unsigned i = 0; i < nconns; i++)
+			open += !conns[i].dead;
+		/* A line a driver script can wait for before it measures. */
+		fprintf(stderr, "loadgen: %u of %u connections open\n", open, nconns);
+		fflush(stderr);
+	}
 	for (unsigned i = 0; i < nconns; i++)
 		conns[i].next_send = t_start;
 	for (unsigned t = 0; t < o.threads; t++)
-		pthread_create(&ws[t].tid, NULL, worker_main, &ws[t]);
+		pthread_create(&ws[t].tid, NULL, o.idle > 0 ? worker_idle : worker_main, &ws[t]);
 	for (unsigned t = 0; t < o.threads; t++)
 		pthread_join(ws[t].tid, NULL);
 	elapsed = now_s() - t_start;
