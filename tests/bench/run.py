@@ -33,7 +33,7 @@ from harness.vmproxyd import VmProxyd, make_vms  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-QUEUE_MAX_LENGTH = 100000
+QUEUE_MAX_LENGTH = 10000
 
 # Everything started here, stopped by cleanup() whatever happens.
 _procs = []
@@ -252,6 +252,7 @@ def matrix_point(ctx, scenario, target, proxy_pid, conns, size):
     broker = ctx["broker"]
     broker.purge(broker.queue)
     beam = ctx["beam"]
+    rss_before = proc_rss_kib(beam)
     duration = ctx["duration"]
     vms = conns
     argv = loadgen_argv(ctx["build"], target, broker, ctx["certs"], vms, 1, size, duration,
@@ -286,6 +287,7 @@ def matrix_point(ctx, scenario, target, proxy_pid, conns, size):
            "errors": rep.get("errors"), "nacked": rep.get("nacked"),
            "latency_us": rep.get("latency_us", {}), "duration_s": rep.get("duration_s")}
     res.update(side)
+    res["broker_rss_before_kib"] = rss_before
     if proxy_pid and res.get("proxy_cpu_s") is not None and res["confirmed"]:
         res["proxy_cpu_us_per_msg"] = round(res["proxy_cpu_s"] * 1e6 / res["confirmed"], 2)
     with open(ctx["out"] / ("%s.json" % name), "w") as f:
@@ -567,7 +569,7 @@ def write_markdown(ctx, summary):
               if r["scenario"] == "direct"}
     lines += ["## Throughput, latency and memory", "",
               "| scenario | conns | size | msgs/s | x direct | p50 us | p99 us | p999 us | "
-              "broker conns | broker RSS MiB | x direct | proxy RSS MiB | proxy CPU s | "
+              "broker conns | broker RSS MiB (before) | x direct | proxy RSS MiB | proxy CPU s | "
               "proxy us/msg | errors |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary.get("matrix", []):
@@ -582,7 +584,10 @@ def write_markdown(ctx, summary):
                      % (r["scenario"], r["connections"], r["size"], fmt(r["msgs_per_s"]),
                         fmt(xt, 2), fmt(lat.get("p50")), fmt(lat.get("p99")),
                         fmt(lat.get("p999")), fmt(r.get("broker_connections")),
-                        fmt(r["broker_rss_kib"] / 1024 if r.get("broker_rss_kib") else None, 1),
+                        "%s (%s)" % (
+                            fmt(r["broker_rss_kib"] / 1024 if r.get("broker_rss_kib") else None, 1),
+                            fmt(r["broker_rss_before_kib"] / 1024
+                                if r.get("broker_rss_before_kib") else None, 1)),
                         fmt(xr, 2),
                         fmt(r["proxy_rss_kib"] / 1024 if r.get("proxy_rss_kib") else None, 1),
                         fmt(r.get("proxy_cpu_s"), 2), fmt(r.get("proxy_cpu_us_per_msg"), 2),
