@@ -1,0 +1,201 @@
+/* test-consumer.c -- the consumer's pieces: the dedup window (bounded,
+ * oldest forgotten first), validation reasons, JSON Lines rotation by size
+ * and by UTC day with a replayable tail, and the Prometheus text with its
+ * staleness flag. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dedup.h"
+#include "sink.h"
+#include "validate.h"
+#include "vmstate.h"
+
+static void test_dedup_window(void **state)
+{
+	struct dedup *d;
+	uint64_t k[40];
+
+	assert_int_equal(dedup_new(16, &d), 0);
+	for (int i = 0; i < 40; i++)
+		k[i] = dedup_key("11111111-2222-4333-8444-555555555501", "boot", i + 1);
+	for (int i = 0; i < 16; i++)
+		dedup_add(d, k[i]);
+	for (int i = 0; i < 16; i++)
+		assert_true(dedup_seen(d, k[i]));
+	dedup_add(d, k[3]); /* present: nothing changes */
+	assert_int_equal(dedup_count(d), 16);
+	for (int i = 16; i < 40; i++)
+		dedup_add(d, k[i]);
+	assert_int_equal(dedup_count(d), 16);
+	for (int i = 0; i < 24; i++)
+		assert_false(dedup_seen(d, k[i])); /* the oldest went first */
+	for (int i = 24; i < 40; i++)
+		assert_true(dedup_seen(d, k[i]));
+	/* Keys differ by VM, boot and seq. */
+	assert_true(dedup_key("a", "b", 1) != dedup_key("a", "b", 2));
+	assert_true(dedup_key("a", "b", 1) != dedup_key("b", "a", 1));
+	assert_true(dedup_key("ab", "", 1) != dedup_key("a", "b", 1));
+	dedup_free(d);
+}
+
+static void test_validate(void **state)
+{
+	static const struct {
+		const char *doc, *why;
+	} cases[] = {
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5,\"host\":"
+		  "{\"hostname\":\"h\",\"boot_id\":\"b\"}}",
+		  NULL },
+		{ "[]", "not a JSON object" },
+		{ "{\"schema\":\"v2\",\"seq\":1}", "schema is not" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":0,\"time_ms\":5}", "seq is not" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":\"7\",\"time_ms\":5}", "seq is not" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1}", "time_ms is not" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5}", "host is not" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5,\"host\":{\"boot_id\":"
+		  "\"b\"}}",
+		  "host.hostname" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5,\"host\":{\"hostname\":"
+		  "\"h\"}}",
+		  "host.boot_id" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5,\"host\":{\"hostname\":"
+		  "\"h\",\"boot_id\":\"b\"},\"cpu\":[]}",
+		  "must be objects" },
+		{ "{\"schema\":\"vmproxy.metrics/1\",\"seq\":1,\"time_ms\":5,\"host\":{\"hostname\":"
+		  "\"h\",\"boot_id\":\"b\"},\"disks\":{}}",
+		  "must be arrays" },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		json_t *d = json_loads(cases[i].doc, 0, NULL);
+		const char *why = metrics_validate(d);
+
+		if (!cases[i].why)
+			assert_null(why);
+		else if (!why || !strstr(why, cases[i].why))
+			fail_msg("case %zu: got \"%s\", want \"%s\"", i, why ? why : "(valid)",
+				 cases[i].why);
+		json_decref(d);
+	}
+}
+
+static time_t fake_now = 1795000000; /* 2026-11-18 */
+
+static time_t fake_time(time_t *t)
+{
+	if (t)
+		*t = fake_now;
+	return fake_now;
+}
+
+static int count_files(const char *dir, const char *prefix)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+	int n = 0;
+
+	while (d && (de = readdir(d)))
+		n += strncmp(de->d_name, prefix, strlen(prefix)) == 0;
+	if (d)
+		closedir(d);
+	return n;
+}
+
+static void count_line(void *ud, const char *line, size_t len)
+{
+	(*(int *)ud)++;
+	assert_int_equal(line[len], '\n');
+}
+
+static void test_rotation(void **state)
+{
+	char dir[] = "/tmp/vmproxy-sink-XXXXXX", cmd[80];
+	struct sink *s;
+	char line[100];
+	int replayed = 0;
+
+	assert_non_null(mkdtemp(dir));
+	assert_int_equal(sink_open(dir, "metrics", 4096, fake_time, &s), 0);
+	memset(line, 'x', sizeof(line));
+	for (int i = 0; i < 100; i++) { /* 10 KiB in batches of 10 lines */
+		assert_int_equal(sink_append(s, line, sizeof(line)), 0);
+		if (i % 10 == 9)
+			assert_int_equal(sink_sync(s), 0);
+	}
+	/* A file is closed once a batch takes it past 4 KiB: 10 KiB in 1010-byte
+	 * batches makes two files of five batches each. */
+	assert_int_equal(count_files(dir, "metrics-2026-11-18."), 2);
+	assert_non_null(strstr(sink_current(s), "metrics-2026-11-18."));
+	fake_now += 86400; /* next UTC day */
+	assert_int_equal(sink_append(s, line, sizeof(line)), 0);
+	assert_int_equal(sink_sync(s), 0);
+	assert_non_null(strstr(sink_current(s), "metrics-2026-11-19.0000.jsonl"));
+	sink_close(s);
+	/* The tail covers at least the lines asked for, oldest first. */
+	assert_true(sink_replay_tail(dir, "metrics", 30, count_line, &replayed) >= 30);
+	assert_true(replayed >= 30);
+	replayed = 0;
+	assert_int_equal(sink_replay_tail(dir, "metrics", 1000, count_line, &replayed), 101);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	assert_int_equal(system(cmd), 0);
+}
+
+static void test_prometheus_and_staleness(void **state)
+{
+	struct vmstate *st;
+	json_t *doc = json_loads("{\"interval_s\":2,\"cpu\":{\"busy_pct\":12.5},\"memory\":"
+				 "{\"used_pct\":40,\"available_bytes\":1000},\"load\":{\"load1\":0.5},"
+				 "\"disks\":[{\"read_bytes_per_s\":10,\"write_bytes_per_s\":1},"
+				 "{\"read_bytes_per_s\":5,\"write_bytes_per_s\":2}],\"network\":"
+				 "[{\"rx_bytes_per_s\":7,\"tx_bytes_per_s\":3}]}",
+				 0, NULL);
+	char *t;
+
+	assert_int_equal(vmstate_new(2, 3, &st), 0);
+	vmstate_update(st, "u1", "web \"1\"", doc, 1000.0);
+	vmstate_count(st, "stored");
+	vmstate_count(st, "duplicate");
+	t = vmstate_render(st, 1005.0);
+	assert_non_null(strstr(t, "vmproxy_vm_cpu_busy_percent{vm_uuid=\"u1\",vm_name=\"web "
+				  "\\\"1\\\"\"} 12.5\n"));
+	assert_non_null(strstr(t, "vmproxy_vm_disk_read_bytes_per_second{vm_uuid=\"u1\","
+				  "vm_name=\"web \\\"1\\\"\"} 15\n"));
+	assert_non_null(strstr(t, "vmproxy_vm_last_seen_seconds{vm_uuid=\"u1\",vm_name=\"web "
+				  "\\\"1\\\"\"} 1000\n"));
+	/* 5 s since the last sample, 3 intervals of 2 s allowed: fresh. */
+	assert_non_null(strstr(t, "vmproxy_vm_stale{vm_uuid=\"u1\",vm_name=\"web \\\"1\\\"\"} 0\n"));
+	assert_non_null(strstr(t, "vmproxy_consumer_messages_total{result=\"duplicate\"} 1\n"));
+	free(t);
+	t = vmstate_render(st, 1007.0);
+	assert_non_null(strstr(t, "vmproxy_vm_stale{vm_uuid=\"u1\",vm_name=\"web \\\"1\\\"\"} 1\n"));
+	free(t);
+	/* Bounded: a third VM is counted, not tracked. */
+	vmstate_update(st, "u2", "b", doc, 1000.0);
+	vmstate_update(st, "u3", "c", doc, 1000.0);
+	t = vmstate_render(st, 1000.0);
+	assert_null(strstr(t, "vm_uuid=\"u3\""));
+	assert_non_null(strstr(t, "vmproxy_consumer_untracked_vms_total 1\n"));
+	free(t);
+	vmstate_free(st);
+	json_decref(doc);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_dedup_window),
+		cmocka_unit_test(test_validate),
+		cmocka_unit_test(test_rotation),
+		cmocka_unit_test(test_prometheus_and_staleness),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
