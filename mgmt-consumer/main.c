@@ -2,11 +2,9 @@
  * batch of messages, validate, deduplicate, write them to JSON Lines (bad
  * ones to quarantine), fsync, and only then ack the batch. Reconnects with
  * backoff over the configured broker nodes after any failure. */
-#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <microhttpd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +18,7 @@
 #include "conf.h"
 #include "dedup.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "sink.h"
 #include "validate.h"
 #include "vmstate.h"
@@ -162,52 +161,9 @@ fail:
 	return -EINVAL;
 }
 
-/* ---- HTTP ---------------------------------------------------------------- */
-
-static enum MHD_Result http(void *cls, struct MHD_Connection *conn, const char *url,
-			    const char *method, const char *version, const char *up,
-			    size_t *upsize, void **req)
+static char *render(void *ud)
 {
-	struct vmstate *st = cls;
-	struct MHD_Response *resp;
-	unsigned status = MHD_HTTP_OK;
-	enum MHD_Result r;
-	char *body;
-
-	if (strcmp(method, "GET") != 0 || strcmp(url, "/metrics") != 0) {
-		static const char nf[] = "not found: try GET /metrics\n";
-		resp = MHD_create_response_from_buffer(sizeof(nf) - 1, (void *)nf,
-						       MHD_RESPMEM_PERSISTENT);
-		status = MHD_HTTP_NOT_FOUND;
-	} else {
-		body = vmstate_render(st, (double)clock_wall_ms() / 1000.0);
-		if (!body)
-			return MHD_NO;
-		resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
-		MHD_add_response_header(resp, "Content-Type", "text/plain; version=0.0.4; charset=utf-8");
-	}
-	r = MHD_queue_response(conn, status, resp);
-	MHD_destroy_response(resp);
-	return r;
-}
-
-static struct MHD_Daemon *start_http(const char *listen, struct vmstate *st)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	const char *colon = strrchr(listen, ':');
-	char host[64];
-
-	if (!colon || (size_t)(colon - listen) >= sizeof(host))
-		return NULL;
-	memcpy(host, listen, (size_t)(colon - listen));
-	host[colon - listen] = '\0';
-	if (inet_pton(AF_INET, host, &sa.sin_addr) != 1)
-		return NULL;
-	sa.sin_port = htons((uint16_t)atoi(colon + 1));
-	return MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL, 0, NULL, NULL, http,
-				st, MHD_OPTION_SOCK_ADDR, &sa, MHD_OPTION_CONNECTION_LIMIT,
-				(unsigned)16, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10,
-				MHD_OPTION_END);
+	return vmstate_render(ud, (double)clock_wall_ms() / 1000.0);
 }
 
 /* ---- consuming ------------------------------------------------------------ */
@@ -479,7 +435,7 @@ int main(int argc, char **argv)
 	};
 	const char *config = NULL, *dir = NULL, *listen = NULL, *level_s = NULL;
 	enum log_level level = LOG_LEVEL_INFO;
-	struct MHD_Daemon *mhd = NULL;
+	struct metrics_http *http = NULL;
 	struct backoff bo;
 	struct ctx x = { &c, NULL, NULL, NULL, NULL };
 	json_t *root = NULL;
@@ -526,8 +482,7 @@ int main(int argc, char **argv)
 	seeded = sink_replay_tail(c.dir, "metrics", c.dedup_window, seed_line, &x);
 	log_info("%d stored samples remembered for deduplication", seeded < 0 ? 0 : seeded);
 	if (c.listen) {
-		mhd = start_http(c.listen, x.st);
-		if (!mhd) {
+		if (metrics_http_start(c.listen, render, x.st, &http) < 0) {
 			log_error("metrics.listen \"%s\": cannot listen", c.listen);
 			return 1;
 		}
@@ -560,8 +515,7 @@ int main(int argc, char **argv)
 		}
 	}
 	log_info("stopped");
-	if (mhd)
-		MHD_stop_daemon(mhd);
+	metrics_http_stop(http);
 	sink_close(x.jsonl);
 	sink_close(x.quarantine);
 	dedup_free(x.dedup);

@@ -3,10 +3,8 @@
  * thread's memory; connections and request time are bounded by MHD. */
 #include "metrics.h"
 
-#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
-#include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,13 +15,14 @@
 
 #include "daemon.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "prom.h"
 
 #define SCRAPE_QUERY_TIMEOUT_MS 2000
 
 struct metrics_server {
 	struct vmproxy *p;
-	struct MHD_Daemon *mhd;
+	struct metrics_http *http;
 	bool per_vm;
 };
 
@@ -42,18 +41,9 @@ int metrics_config_parse(struct conf_ctx *c, json_t *obj, struct metrics_config 
 	r |= conf_get_string(c, obj, "metrics", "listen", true, &listen);
 	r |= conf_get_bool(c, obj, "metrics", "per_vm", false, &out->per_vm);
 	if (listen) {
-		const char *colon = strrchr(listen, ':');
-		struct in_addr a;
-		char host[64];
-		long port;
+		struct sockaddr_in sa;
 
-		if (!colon || (size_t)(colon - listen) >= sizeof(host))
-			return conf_error(c, "metrics.listen", "expected \"ADDRESS:PORT\", got \"%.64s\"",
-					  listen);
-		memcpy(host, listen, (size_t)(colon - listen));
-		host[colon - listen] = '\0';
-		port = strtol(colon + 1, NULL, 10);
-		if (inet_pton(AF_INET, host, &a) != 1 || port < 1 || port > 65535)
+		if (metrics_http_parse_listen(listen, &sa) < 0)
 			return conf_error(c, "metrics.listen",
 					  "expected a numeric IPv4 \"ADDRESS:PORT\", got \"%.64s\"",
 					  listen);
@@ -228,59 +218,23 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 	return b.data;
 }
 
-static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
-			      const char *method, const char *version, const char *upload,
-			      size_t *upload_size, void **req)
+static char *render(void *ud)
 {
-	struct metrics_server *m = cls;
-	struct MHD_Response *resp;
-	enum MHD_Result r;
-	unsigned status = MHD_HTTP_OK;
-	char *body = NULL;
+	struct metrics_server *m = ud;
+	json_t *threads = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS);
+	json_t *counters = vmproxy_counters(m->p);
+	char *body = metrics_render(threads, counters, m->per_vm);
 
-	if (strcmp(method, "GET") != 0) {
-		static const char msg[] = "only GET\n";
-		resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
-						       MHD_RESPMEM_PERSISTENT);
-		status = MHD_HTTP_METHOD_NOT_ALLOWED;
-	} else if (strcmp(url, "/metrics") != 0) {
-		static const char msg[] = "not found: try /metrics\n";
-		resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
-						       MHD_RESPMEM_PERSISTENT);
-		status = MHD_HTTP_NOT_FOUND;
-	} else {
-		json_t *threads = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS);
-		json_t *counters = vmproxy_counters(m->p);
-
-		body = metrics_render(threads, counters, m->per_vm);
-		json_decref(threads);
-		json_decref(counters);
-		if (!body) {
-			static const char msg[] = "out of memory\n";
-			resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
-							       MHD_RESPMEM_PERSISTENT);
-			status = MHD_HTTP_INTERNAL_SERVER_ERROR;
-		} else {
-			resp = MHD_create_response_from_buffer(strlen(body), body,
-							       MHD_RESPMEM_MUST_FREE);
-			MHD_add_response_header(resp, "Content-Type",
-						"text/plain; version=0.0.4; charset=utf-8");
-		}
-	}
-	if (!resp)
-		return MHD_NO;
-	r = MHD_queue_response(conn, status, resp);
-	MHD_destroy_response(resp);
-	return r;
+	json_decref(threads);
+	json_decref(counters);
+	return body;
 }
 
 int metrics_start(struct vmproxy *p, const struct metrics_config *cfg,
 		  struct metrics_server **out, char *err, size_t errlen)
 {
 	struct metrics_server *m;
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	char host[64];
-	const char *colon = strrchr(cfg->listen, ':');
+	int r;
 
 	*out = NULL;
 	if (!cfg->listen[0])
@@ -288,22 +242,14 @@ int metrics_start(struct vmproxy *p, const struct metrics_config *cfg,
 	m = calloc(1, sizeof(*m));
 	if (!m)
 		return -ENOMEM;
-	memcpy(host, cfg->listen, (size_t)(colon - cfg->listen));
-	host[colon - cfg->listen] = '\0';
-	inet_pton(AF_INET, host, &sa.sin_addr);
-	sa.sin_port = htons((uint16_t)atoi(colon + 1));
 	m->p = p;
 	m->per_vm = cfg->per_vm;
-	m->mhd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL, 0, NULL, NULL,
-				  handle, m, MHD_OPTION_SOCK_ADDR, &sa,
-				  MHD_OPTION_CONNECTION_LIMIT, (unsigned)16,
-				  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10,
-				  MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
-	if (!m->mhd) {
+	r = metrics_http_start(cfg->listen, render, m, &m->http);
+	if (r < 0) {
 		snprintf(err, errlen, "metrics.listen %s: cannot listen (address in use?)",
 			 cfg->listen);
 		free(m);
-		return -EADDRINUSE;
+		return r;
 	}
 	log_info("metrics on http://%s/metrics", cfg->listen);
 	*out = m;
@@ -314,6 +260,6 @@ void metrics_stop(struct metrics_server *m)
 {
 	if (!m)
 		return;
-	MHD_stop_daemon(m->mhd);
+	metrics_http_stop(m->http);
 	free(m);
 }
