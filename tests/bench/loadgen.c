@@ -348,7 +348,7 @@ static void *worker_main(void *arg)
 	double drain_deadline = 0;
 
 	for (;;) {
-		bool all_sent = true, all_settled = true;
+		bool all_sent = true, all_settled = true, can_publish = false;
 		double t = now_s();
 
 		for (unsigned i = 0; i < w->n; i++) {
@@ -360,6 +360,8 @@ static void *worker_main(void *arg)
 				all_sent = false;
 			if (!lc->dead && lc->low <= lc->next_tag)
 				all_settled = false;
+			if (!lc->dead && !sending_done(lc, t) && lc->next_tag + 1 - lc->low < o.window)
+				can_publish = true;
 		}
 		if (all_sent && all_settled)
 			break;
@@ -374,7 +376,9 @@ static void *worker_main(void *arg)
 			pfd[i].events = POLLIN;
 			pfd[i].revents = 0;
 		}
-		poll(pfd, w->n, o.rate > 0 || all_sent ? 1 : 0);
+		/* Sleep in poll while every window is full: a spinning load
+		 * generator would take a CPU from the broker and the proxy. */
+		poll(pfd, w->n, o.rate > 0 || all_sent || !can_publish ? 1 : 0);
 		for (unsigned i = 0; i < w->n; i++) {
 			struct lconn *lc = w->conns[i];
 			if (lc->dead)
