@@ -82,11 +82,12 @@ static json_t *collect_cpu_doc(struct collect_state *st, bool have_prev)
 	char line[LINE_MAX_LEN];
 	double hz = (double)sysconf(_SC_CLK_TCK);
 	struct collect_cpu total = { { 0 } };
-	json_t *per = json_array(), *o;
+	json_t *per, *o;
 	unsigned n = 0;
 
 	if (!f)
 		return NULL;
+	per = json_array();
 	while (fgets(line, sizeof(line), f)) {
 		struct collect_cpu c = { { 0 } };
 		unsigned id;

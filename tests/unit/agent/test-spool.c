@@ -71,9 +71,11 @@ static void test_order_and_reopen(void **state)
 static void test_bound_drops_oldest(void **state)
 {
 	struct spool *sp;
-	char name[80], data[100];
+	char name[80], data[100], data_str[101];
 
 	memset(data, 'x', sizeof(data));
+	memcpy(data_str, data, sizeof(data));
+	data_str[100] = '\0';
 	assert_int_equal(spool_open(dir, 350, &sp), 0);
 	for (int i = 1; i <= 5; i++)
 		assert_int_equal(spool_put(sp, 1000, (uint64_t)i, data, sizeof(data)), 0);
@@ -81,7 +83,7 @@ static void test_bound_drops_oldest(void **state)
 	assert_int_equal(spool_count(sp), 3);
 	assert_int_equal(spool_dropped(sp), 2);
 	assert_true(spool_bytes(sp) <= 350);
-	assert_int_equal(spool_peek(sp, &(char *){ NULL }, &(size_t){ 0 }, name, sizeof(name)), 0);
+	expect_peek(sp, data_str, name);
 	assert_non_null(strstr(name, "-000000000003.json"));
 	assert_int_equal(spool_put(sp, 1000, 9, data, sizeof(data)), 0);
 	assert_int_equal(spool_count(sp), 3);
