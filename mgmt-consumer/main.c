@@ -210,7 +210,7 @@ static json_t *header_json(const amqp_field_value_t *v)
 
 static void quarantine(struct ctx *x, const amqp_envelope_t *env, const char *reason)
 {
-	json_t *q = json_object();
+	json_t *q = json_object(), *body;
 	char *line;
 
 	json_object_set_new(q, "reason", json_string(reason));
@@ -219,10 +219,10 @@ static void quarantine(struct ctx *x, const amqp_envelope_t *env, const char *re
 								   env->routing_key.len));
 	json_object_set_new(q, "x-vm-uuid", header_json(header(&env->message.properties,
 								"x-vm-uuid")));
-	/* As text when it is valid UTF-8, else as the hex of its first bytes. */
-	if (json_stringn(env->message.body.bytes, env->message.body.len))
-		json_object_set_new(q, "body", json_stringn(env->message.body.bytes,
-							    env->message.body.len));
+	/* As text when it is valid UTF-8, else only its length. */
+	body = json_stringn(env->message.body.bytes, env->message.body.len);
+	if (body)
+		json_object_set_new(q, "body", body);
 	else
 		json_object_set_new(q, "body_len", json_integer((json_int_t)env->message.body.len));
 	line = json_dumps(q, JSON_COMPACT);
