@@ -107,7 +107,7 @@ def test_every_seq_arrives_across_restarts(build_dir, broker, agent_proxy, tmp_p
     missing = sorted(set(range(1, n + 1)) - set(seqs))
     dups = len(seqs) - len(set(seqs))
     print("agent through outages: %d samples, seq 1..%d, %d duplicates" % (len(seqs), n, dups))
-    assert n >= 30
+    assert n >= 20  # the broker outage alone spans 20 samples at 1 s
     assert missing == [], missing
 
 
