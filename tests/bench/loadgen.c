@@ -180,7 +180,7 @@ static void lconn_fail(struct worker *w, struct lconn *lc, const char *what)
 	w->errors++;
 	snprintf(lc->err, sizeof(lc->err), "%s", what);
 	if (!w->first_error[0])
-		snprintf(w->first_error, sizeof(w->first_error), "vm %u conn %u: %s", lc->vm,
+		snprintf(w->first_error, sizeof(w->first_error), "vm %u conn %u: %.200s", lc->vm,
 			 lc->idx, what);
 }
 
