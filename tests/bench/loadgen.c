@@ -178,7 +178,7 @@ static void lconn_fail(struct worker *w, struct lconn *lc, const char *what)
 		return;
 	lc->dead = true;
 	w->errors++;
-	snprintf(lc->err, sizeof(lc->err), "%s", what);
+	snprintf(lc->err, sizeof(lc->err), "%.199s", what);
 	if (!w->first_error[0])
 		snprintf(w->first_error, sizeof(w->first_error), "vm %u conn %u: %.200s", lc->vm,
 			 lc->idx, what);
