@@ -327,7 +327,7 @@ static void settle_one(struct upstream *up, struct upstream_msg *m, bool ack)
  * (single tags); whatever is settled at the front is handed back in order. */
 static void handle_confirm(struct upstream *up, uint64_t tag, bool multiple, bool ack)
 {
-	struct upstream_msg *m, *prev = NULL;
+	struct upstream_msg *m;
 
 	if (multiple) {
 		for (m = up->unc_head; m && m->tag <= tag; m = m->next)
@@ -335,11 +335,10 @@ static void handle_confirm(struct upstream *up, uint64_t tag, bool multiple, boo
 				m->outcome = ack ? 1 : -1;
 	} else {
 		for (m = up->unc_head; m && m->tag < tag; m = m->next)
-			prev = m;
+			;
 		if (m && m->tag == tag)
 			m->outcome = ack ? 1 : -1;
 	}
-	(void)prev;
 	while ((m = up->unc_head) && m->outcome != 0) {
 		up->unc_head = m->next;
 		if (!up->unc_head)
