@@ -28,6 +28,8 @@
 #define UNCONFIRMED_SLACK 65536
 
 static const uint8_t protocol_header[8] = { 'A', 'M', 'Q', 'P', 0, 0, 9, 1 };
+/* The 0-9 header, which RabbitMQ treats as 0-9-1. */
+static const uint8_t protocol_header_09[8] = { 'A', 'M', 'Q', 'P', 1, 1, 0, 9 };
 
 enum conn_state {
 	ST_HEADER,   /* waiting for the protocol header */
@@ -83,6 +85,7 @@ struct guest_session {
 	bool closed_emitted;
 	bool dropped;	 /* output is discarded from now on */
 	bool rx_paused;	 /* the caller does not read: no receive timeout */
+	bool lost_sync;	 /* bad framing: the rest of this feed is discarded */
 	uint64_t now_ms; /* the latest time the caller passed in */
 	uint16_t close_code;
 	char close_text[256];
@@ -1116,8 +1119,13 @@ static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 	}
 	raw.bytes = (void *)(p + 12);
 	raw.len = len - 12;
-	/* Property flags; basic uses one word (no continuation bit). */
+	/* Property flags: basic's 14 properties fit in one word, so the
+	 * continuation bit is malformed. It must be refused, not ignored:
+	 * rabbitmq-c would read more flag words (shifting them past 32 bits)
+	 * and find a headers table where this scan did not check one. */
 	flags = amqp_frame_get16(p + 12);
+	if (flags & 0x0001)
+		goto bad;
 	off = 14;
 	if (flags & AMQP_BASIC_CONTENT_TYPE_FLAG) {
 		if (amqp_frame_skip_shortstr(p + off, len - off, &n) < 0)
@@ -1217,8 +1225,13 @@ static void on_frame(struct guest_session *s, uint8_t type, uint16_t ch, const u
 		on_body(s, ch, p, len);
 		break;
 	case AMQP_FT_HEARTBEAT:
+		/* The spec's rule (501) for heartbeats on a channel; RabbitMQ
+		 * answers those 505. A heartbeat with a payload is unknown to
+		 * RabbitMQ's frame analysis: 501. */
 		if (ch != 0)
 			conn_error(s, 501, 0, "heartbeat frame on channel %u", ch);
+		else if (len != 0)
+			conn_error(s, 501, 0, "type 8, heartbeat frame with a %zu-byte payload", len);
 		break;
 	default:
 		conn_error(s, 501, 0, "unknown frame type %u", type);
@@ -1243,7 +1256,8 @@ static size_t parse(struct guest_session *s, const uint8_t *p, size_t n)
 			if (avail < 8)
 				break;
 			used += 8;
-			if (memcmp(f, protocol_header, 8) != 0) {
+			if (memcmp(f, protocol_header, 8) != 0 &&
+			    memcmp(f, protocol_header_09, 8) != 0) {
 				out_raw(s, protocol_header, 8);
 				s->close_code = 0;
 				snprintf(s->close_text, sizeof(s->close_text),
@@ -1260,70 +1274,108 @@ static size_t parse(struct guest_session *s, const uint8_t *p, size_t n)
 			break;
 		size = amqp_frame_get32(f + 3);
 		if (size > s->frame_max - 8) {
-			conn_error(s, 501, 0, "frame size %u larger than frame_max %u", size,
-				   s->frame_max);
-			used = n;
+			conn_error(s, 501, 0, "type %u, frame_too_large: %u > %u", f[0], size,
+				   s->frame_max - 8);
+			s->lost_sync = true;
 			break;
 		}
 		if (avail < (size_t)size + 8)
 			break;
 		if (f[7 + size] != AMQP_FRAME_END_OCTET) {
-			conn_error(s, 501, 0, "bad frame end octet 0x%02x", f[7 + size]);
-			used = n;
+			conn_error(s, 501, 0, "type %u, invalid_frame_end_marker: %u", f[0],
+				   f[7 + size]);
+			s->lost_sync = true;
 			break;
 		}
 		used += (size_t)size + 8;
 		on_frame(s, f[0], amqp_frame_get16(f + 1), f + 7, size);
 	}
-	if (s->st == ST_CLOSED)
+	if (s->st == ST_CLOSED || s->lost_sync)
 		used = n;
 	return used;
+}
+
+/* Bytes the partial frame at P (N buffered) needs before it can be
+ * parsed: the protocol header, a frame header, or the whole frame. A frame
+ * header announcing an oversized frame needs nothing more: parse() refuses
+ * it as it is. */
+static size_t frame_need(const struct guest_session *s, const uint8_t *p, size_t n)
+{
+	uint32_t size;
+
+	if (s->st == ST_HEADER)
+		return 8;
+	if (n < AMQP_FRAME_HEADER_SIZE)
+		return AMQP_FRAME_HEADER_SIZE;
+	size = amqp_frame_get32(p + 3);
+	if (size > s->frame_max - 8)
+		return AMQP_FRAME_HEADER_SIZE;
+	return (size_t)size + 8;
+}
+
+/* Room for N buffered input bytes; the buffer grows with what arrived, so
+ * a guest that trickles a large frame costs only what it sent. */
+static bool in_reserve(struct guest_session *s, size_t n)
+{
+	size_t cap = s->in_cap ? s->in_cap : 256;
+	uint8_t *b;
+
+	if (n <= s->in_cap)
+		return true;
+	while (cap < n)
+		cap *= 2;
+	b = realloc(s->in, cap);
+	if (!b)
+		return false;
+	s->in = b;
+	s->in_cap = cap;
+	return true;
 }
 
 int guest_session_feed(struct guest_session *s, const void *data, size_t len, uint64_t now_ms)
 {
 	const uint8_t *p = data;
-	size_t used;
 
 	s->now_ms = now_ms;
 	if (len)
 		s->last_rx_ms = now_ms;
 	if (s->st == ST_CLOSED)
 		return -EPROTO;
-	if (s->in_len == 0) {
-		used = parse(s, p, len);
-		p += used;
-		len -= used;
-	}
-	while (len > 0 && s->st != ST_CLOSED) {
-		/* Append to the partial frame, at most one frame at a time. */
-		size_t limit = (size_t)s->frame_max + 8, take;
+	s->lost_sync = false;
+	/* Whole frames are parsed in place; only the one frame that straddles
+	 * two feeds is copied, and the buffer never holds more than it. */
+	while (len > 0 && s->st != ST_CLOSED && !s->lost_sync) {
+		size_t need, take, used;
 
-		if (s->in_cap < limit) {
-			uint8_t *b = realloc(s->in, limit);
-			if (!b) {
-				drop(s, "out of memory");
-				return -EPROTO;
-			}
-			s->in = b;
-			s->in_cap = limit;
+		if (s->in_len == 0) {
+			used = parse(s, p, len);
+			p += used;
+			len -= used;
+			if (len == 0 || s->st == ST_CLOSED || s->lost_sync)
+				break;
 		}
-		take = limit - s->in_len < len ? limit - s->in_len : len;
+		need = frame_need(s, s->in, s->in_len);
+		take = need - s->in_len < len ? need - s->in_len : len;
+		if (!in_reserve(s, s->in_len + take)) {
+			drop(s, "out of memory");
+			break;
+		}
 		memcpy(s->in + s->in_len, p, take);
 		s->in_len += take;
 		p += take;
 		len -= take;
+		if (s->in_len < frame_need(s, s->in, s->in_len))
+			continue; /* a frame header completed: now its payload */
 		used = parse(s, s->in, s->in_len);
-		memmove(s->in, s->in + used, s->in_len - used);
-		s->in_len -= used;
-		if (used == 0 && s->in_len == limit) {
-			/* Cannot happen: a frame never exceeds frame_max + 8. */
+		if (used != s->in_len && s->st != ST_CLOSED) {
+			/* Cannot happen: the buffer holds exactly one frame. */
 			conn_error(s, 501, 0, "frame larger than the input buffer");
 			break;
 		}
+		s->in_len = 0;
 	}
-	if (s->in_len == 0 && s->in_cap > 4096) {
-		free(s->in); /* idle connections keep no input buffer */
+	if (s->in_len == 0 && s->in_cap > 1024) {
+		free(s->in); /* idle connections keep no large input buffer */
 		s->in = NULL;
 		s->in_cap = 0;
 	}
@@ -1331,6 +1383,13 @@ int guest_session_feed(struct guest_session *s, const void *data, size_t len, ui
 }
 
 /* ---- timers, output, control --------------------------------------------- */
+
+/* Milliseconds from THEN to NOW; 0 if the caller's clock went backwards
+ * between two calls (a tick with an older "now" than the last feed). */
+static uint64_t since(uint64_t now, uint64_t then)
+{
+	return now > then ? now - then : 0;
+}
 
 uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 {
@@ -1342,7 +1401,7 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 	case ST_START_OK:
 	case ST_TUNE_OK:
 	case ST_OPEN:
-		if (now_ms - s->created_ms >= s->cfg->handshake_timeout_ms) {
+		if (since(now_ms, s->created_ms) >= s->cfg->handshake_timeout_ms) {
 			s->close_code = 0;
 			snprintf(s->close_text, sizeof(s->close_text),
 				 "handshake not completed within %u ms", s->cfg->handshake_timeout_ms);
@@ -1364,9 +1423,9 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 		return UINT64_MAX;
 	}
 	if (s->heartbeat) {
-		uint64_t hb = (uint64_t)s->heartbeat * 1000;
+		uint64_t hb = (uint64_t)s->heartbeat * 1000, hb_due;
 
-		if (!s->rx_paused && now_ms - s->last_rx_ms >= 2 * hb) {
+		if (!s->rx_paused && since(now_ms, s->last_rx_ms) >= 2 * hb) {
 			s->close_code = 0;
 			snprintf(s->close_text, sizeof(s->close_text),
 				 "missed heartbeats from client, timeout: %us", s->heartbeat);
@@ -1375,13 +1434,18 @@ uint64_t guest_session_tick(struct guest_session *s, uint64_t now_ms)
 			emit_closed(s);
 			return UINT64_MAX;
 		}
-		if (now_ms - s->last_tx_ms >= hb / 2 && s->out_len == s->out_off) {
+		if (since(now_ms, s->last_tx_ms) >= hb / 2 && s->out_len == s->out_off) {
 			send_heartbeat(s);
 			s->last_tx_ms = now_ms; /* queued; counted as sent */
 		}
+		/* With output pending the guest gets bytes once it reads: check
+		 * again in half an interval rather than at a time now past. */
+		hb_due = s->last_tx_ms + hb / 2;
+		if (hb_due <= now_ms)
+			hb_due = now_ms + hb / 2;
 		next = s->rx_paused ? UINT64_MAX : s->last_rx_ms + 2 * hb;
-		if (s->last_tx_ms + hb / 2 < next)
-			next = s->last_tx_ms + hb / 2;
+		if (hb_due < next)
+			next = hb_due;
 	}
 	return next;
 }
