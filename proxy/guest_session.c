@@ -22,6 +22,8 @@
 #include "field.h"
 
 #define CLOSE_OK_TIMEOUT_MS 3000
+/* A channel keeps its property buffer between messages up to this size. */
+#define PROPS_KEEP 1024
 #define DEFAULT_MAX_UNCONFIRMED 10000
 /* Publishes that may complete after a channel reached max_unconfirmed,
  * from input already read (one read is at most 64 KiB of tiny frames). */
@@ -51,6 +53,7 @@ struct chan {
 	uint16_t id;
 	uint32_t gen;
 	bool closing; /* we sent channel.close, waiting for close-ok */
+	bool crossed; /* ... and the guest's own channel.close came meanwhile */
 	bool confirm;
 	/* Confirm window: tags in [low, next_tag] not yet acked to the guest;
 	 * win[tag % cap] is 0 unsettled, 1 acked, 2 nacked. */
@@ -62,8 +65,8 @@ struct chan {
 	bool mandatory;
 	uint8_t exchange_len, rk_len;
 	char exchange[256], rk[256];
-	uint8_t *props; /* raw property flags + list */
-	uint32_t props_len;
+	uint8_t *props; /* raw property flags + list, kept for the next message */
+	uint32_t props_len, props_cap;
 	uint64_t body_size, body_got;
 	uint8_t *body;
 	uint64_t body_cap;
@@ -294,8 +297,7 @@ static void chan_error(struct guest_session *s, struct chan *c, uint16_t code,
 	c->pub = PUB_NONE;
 	free(c->body);
 	c->body = NULL;
-	free(c->props);
-	c->props = NULL;
+	c->body_cap = c->body_got = c->body_size = 0;
 }
 
 /* ---- channels ---------------------------------------------------------- */
@@ -543,7 +545,7 @@ static void on_start_ok(struct guest_session *s, const uint8_t *args, size_t len
 		return;
 	}
 	if (amqp_decode_method(AMQP_CONNECTION_START_OK_METHOD, &s->pool, b, (void **)&m) < 0) {
-		conn_error(s, 502, AMQP_CONNECTION_START_OK_METHOD,
+		conn_error(s, 501, AMQP_CONNECTION_START_OK_METHOD,
 			   "cannot decode connection.start-ok");
 		return;
 	}
@@ -630,24 +632,24 @@ static void on_tune_ok(struct guest_session *s, const uint8_t *args, size_t len)
 		conn_error(s, 501, AMQP_CONNECTION_TUNE_OK_METHOD, "cannot decode connection.tune-ok");
 		return;
 	}
-	/* As rabbit_reader: with a server limit, 0 ("none") is above it. */
+	/* rabbit_reader's validate_negotiated_integer_value: with a server
+	 * limit, 0 ("no limit") is above it; the close names connection.tune. */
 	if (m->channel_max == 0 || m->channel_max > s->cfg->channel_max) {
-		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "channel_max=%u > %u max",
-			   m->channel_max, s->cfg->channel_max);
+		conn_error(s, 530, AMQP_CONNECTION_TUNE_METHOD,
+			   "negotiated channel_max = %u%s is higher than the maximum allowed value "
+			   "(%u)", m->channel_max, m->channel_max ? "" : " (no limit)",
+			   s->cfg->channel_max);
 		return;
 	}
-	if (m->frame_max == 0) {
-		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "frame_max=0 > %u max size",
-			   fmax);
-		return;
-	}
-	if (m->frame_max < AMQP_FRAME_MIN_SIZE) {
-		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "frame_max=%u < %u min size",
+	if (m->frame_max != 0 && m->frame_max < AMQP_FRAME_MIN_SIZE) {
+		conn_error(s, 530, AMQP_CONNECTION_TUNE_METHOD,
+			   "negotiated frame_max = %u is lower than the minimum allowed value (%u)",
 			   m->frame_max, AMQP_FRAME_MIN_SIZE);
 		return;
 	}
-	if (m->frame_max > fmax) {
-		conn_error(s, 530, AMQP_CONNECTION_TUNE_OK_METHOD, "frame_max=%u > %u max size",
+	if (m->frame_max == 0 || m->frame_max > fmax) {
+		conn_error(s, 530, AMQP_CONNECTION_TUNE_METHOD,
+			   "negotiated frame_max = %u is higher than the maximum allowed value (%u)",
 			   m->frame_max, fmax);
 		return;
 	}
@@ -742,9 +744,12 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 		s->cfg->on_event(s->cfg->event_userdata, &ev);
 	else
 		free(ev.publish.body);
-	free(c->props);
-	c->props = NULL;
 	c->props_len = 0;
+	if (c->props_cap > PROPS_KEEP) {
+		free(c->props);
+		c->props = NULL;
+		c->props_cap = 0;
+	}
 }
 
 static void on_publish(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
@@ -874,6 +879,35 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 {
 	struct chan *c = chan_find(s, ch);
 
+	if (c && c->closing) {
+		/* Only the close handshake matters now (RabbitMQ drops the
+		 * rest). Closes that crossed: both sides answer close-ok, and
+		 * the channel waits for ours, as RabbitMQ does; but a client
+		 * that reopens the number instead is taken to be done with it. */
+		switch (id) {
+		case AMQP_CHANNEL_CLOSE_METHOD: {
+			amqp_channel_close_ok_t ok = { 0 };
+			send_method(s, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+			if (!c->crossed)
+				chan_emit_closed(s, c);
+			c->crossed = true;
+			return;
+		}
+		case AMQP_CHANNEL_CLOSE_OK_METHOD:
+			if (!c->crossed)
+				chan_emit_closed(s, c);
+			chan_free(s, c);
+			return;
+		case AMQP_CHANNEL_OPEN_METHOD:
+			if (!c->crossed)
+				return;
+			chan_free(s, c);
+			c = NULL;
+			break;
+		default:
+			return;
+		}
+	}
 	if (id == AMQP_CHANNEL_OPEN_METHOD) {
 		amqp_channel_open_ok_t ok;
 
@@ -899,21 +933,13 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		conn_error(s, 504, id, "expected 'channel.open'");
 		return;
 	}
-	if (c->closing) {
-		/* Only the close handshake matters now. */
-		if (id == AMQP_CHANNEL_CLOSE_OK_METHOD || id == AMQP_CHANNEL_CLOSE_METHOD) {
-			if (id == AMQP_CHANNEL_CLOSE_METHOD) {
-				amqp_channel_close_ok_t ok = { 0 };
-				send_method(s, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-			}
-			chan_emit_closed(s, c);
-			chan_free(s, c);
-		}
-		return;
-	}
-	if (c->pub != PUB_NONE) {
+	if (c->pub == PUB_HEADER) {
 		conn_error(s, 505, id, "expected content header for class 60, got non content "
 				       "header frame instead");
+		return;
+	}
+	if (c->pub == PUB_BODY) {
+		conn_error(s, 505, id, "expected content body, got non content body frame instead");
 		return;
 	}
 	switch (id) {
@@ -933,7 +959,12 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 			conn_error(s, 501, id, "cannot decode channel.flow");
 			return;
 		}
-		amqp_channel_flow_ok_t ok = { .active = m->active };
+		amqp_channel_flow_ok_t ok = { .active = 1 };
+		/* As RabbitMQ since 3.3: a client cannot stop the server. */
+		if (!m->active) {
+			conn_error(s, 540, id, "active=false");
+			return;
+		}
 		send_method(s, ch, AMQP_CHANNEL_FLOW_OK_METHOD, &ok);
 		return;
 	}
@@ -952,7 +983,17 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		return;
 	}
 	case AMQP_BASIC_QOS_METHOD: {
+		amqp_basic_qos_t *m;
+		amqp_bytes_t b = { len, (void *)args };
 		amqp_basic_qos_ok_t ok = { 0 };
+		if (amqp_decode_method(id, &s->pool, b, (void **)&m) < 0) {
+			conn_error(s, 501, id, "cannot decode basic.qos");
+			return;
+		}
+		if (m->prefetch_size != 0) {
+			conn_error(s, 540, id, "prefetch_size!=0 (%u)", m->prefetch_size);
+			return;
+		}
 		send_method(s, ch, AMQP_BASIC_QOS_OK_METHOD, &ok);
 		return;
 	}
@@ -990,7 +1031,7 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 	amqp_method_number_t id;
 
 	if (len < 4) {
-		conn_error(s, 502, 0, "method frame too short");
+		conn_error(s, 501, 0, "type 1, method frame of %zu octets", len);
 		return;
 	}
 	id = amqp_frame_get32(p);
@@ -1014,6 +1055,13 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 			[ST_TUNE_OK] = AMQP_CONNECTION_TUNE_OK_METHOD,
 			[ST_OPEN] = AMQP_CONNECTION_OPEN_METHOD,
 		};
+		/* rabbit_reader's names for these states */
+		static const char *const state_name[] = {
+			[ST_START_OK] = "starting",
+			[ST_TUNE_OK] = "tuning",
+			[ST_OPEN] = "opening",
+			[ST_RUNNING] = "running",
+		};
 
 		if (id == AMQP_CONNECTION_CLOSE_METHOD) {
 			amqp_connection_close_t *m;
@@ -1035,12 +1083,8 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 		}
 		if (s->st != ST_RUNNING) {
 			if (id != expect[s->st]) {
-				char want[64];
-
-				conn_error(s, 504, id, "unexpected method in connection state: "
-						       "expected '%s', got '%s'",
-					   method_name_r(expect[s->st], want, sizeof(want)),
-					   method_name(id));
+				conn_error(s, 504, id, "unexpected method in connection state %s",
+					   state_name[s->st]);
 				return;
 			}
 			if (s->st == ST_START_OK)
@@ -1057,36 +1101,42 @@ static void on_method(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 		case AMQP_CONNECTION_UNBLOCKED_METHOD:
 			return;
 		}
-		conn_error(s, 504, id, "unexpected method %s on channel 0", method_name(id));
+		conn_error(s, 504, id, "unexpected method in connection state %s",
+			   state_name[s->st]);
 		return;
 	}
 	if (s->st != ST_RUNNING) {
-		conn_error(s, 504, id, "channel %u used before connection.open", ch);
+		/* rabbit_reader: frames on channels before "running" are
+		 * unexpected frames. */
+		conn_error(s, 505, id, "type 1 on channel %u before connection.open", ch);
 		return;
 	}
 	on_channel_method(s, ch, id, p, len);
 }
 
-/* The channel a content frame (KIND, expected in state WANT) belongs to,
- * or NULL when the frame is answered with an error or dropped because the
- * channel is closing. */
-static struct chan *content_chan(struct guest_session *s, uint16_t ch, enum pub_state want,
-				 const char *kind)
+/* The channel a content frame (expected in state WANT) belongs to, or
+ * NULL when the frame is answered with an error or dropped because the
+ * channel is closing. Codes and texts are rabbit_command_assembler's: a
+ * content frame where a method was expected (channel 0, a channel not
+ * open, no publish pending) is 505 like one out of order. */
+static struct chan *content_chan(struct guest_session *s, uint16_t ch, enum pub_state want)
 {
-	struct chan *c = s->st == ST_RUNNING ? chan_find(s, ch) : NULL;
+	struct chan *c = ch != 0 ? chan_find(s, ch) : NULL;
 
-	if (ch == 0) {
-		conn_error(s, 504, 0, "content frame on channel 0");
+	if (c && c->closing)
+		return NULL;
+	if (!c || c->pub == PUB_NONE) {
+		conn_error(s, 505, 0, "expected method frame, got non method frame instead");
 		return NULL;
 	}
-	if (!c) {
-		conn_error(s, 504, 0, "expected 'channel.open'");
-		return NULL;
-	}
-	if (c->closing)
-		return NULL;
 	if (c->pub != want) {
-		conn_error(s, 505, 0, "unexpected content %s frame on channel %u", kind, ch);
+		if (c->pub == PUB_HEADER)
+			conn_error(s, 505, AMQP_BASIC_PUBLISH_METHOD,
+				   "expected content header for class 60, got non content header "
+				   "frame instead");
+		else
+			conn_error(s, 505, AMQP_BASIC_PUBLISH_METHOD,
+				   "expected content body, got non content body frame instead");
 		return NULL;
 	}
 	return c;
@@ -1095,7 +1145,7 @@ static struct chan *content_chan(struct guest_session *s, uint16_t ch, enum pub_
 /* Content header: class u16, weight u16, body size u64, flags + list. */
 static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, size_t len)
 {
-	struct chan *c = content_chan(s, ch, PUB_HEADER, "header");
+	struct chan *c = content_chan(s, ch, PUB_HEADER);
 	amqp_basic_properties_t *props;
 	amqp_bytes_t raw;
 	uint16_t flags;
@@ -1103,12 +1153,19 @@ static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 
 	if (!c)
 		return;
-	if (len < 14 || amqp_frame_get16(p) != AMQP_BASIC_CLASS) {
-		conn_error(s, 505, AMQP_BASIC_PUBLISH_METHOD,
-			   len < 14 ? "content header too short" : "content header for class %u",
-			   len < 14 ? 0 : amqp_frame_get16(p));
+	if (len < 12) {
+		conn_error(s, 501, AMQP_BASIC_PUBLISH_METHOD, "type 2, content header of %zu octets",
+			   len);
 		return;
 	}
+	if (amqp_frame_get16(p) != AMQP_BASIC_CLASS) {
+		conn_error(s, 505, AMQP_BASIC_PUBLISH_METHOD,
+			   "expected content header for class 60, got one for class %u instead",
+			   amqp_frame_get16(p));
+		return;
+	}
+	if (len < 14)
+		goto bad; /* no property flags */
 	c->body_size = amqp_frame_get64(p + 4);
 	if (c->body_size > s->cfg->max_message_bytes) {
 		chan_error(s, c, 406, AMQP_BASIC_PUBLISH_METHOD,
@@ -1151,10 +1208,16 @@ static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 	}
 	if (amqp_decode_properties(AMQP_BASIC_CLASS, &s->pool, raw, (void **)&props) < 0)
 		goto bad;
-	c->props = malloc(raw.len ? raw.len : 1);
-	if (!c->props) {
-		conn_error(s, 541, AMQP_BASIC_PUBLISH_METHOD, "out of memory");
-		return;
+	if (raw.len > c->props_cap) {
+		uint32_t cap = raw.len < 256 ? 256 : (uint32_t)raw.len;
+		uint8_t *np = realloc(c->props, cap);
+
+		if (!np) {
+			conn_error(s, 541, AMQP_BASIC_PUBLISH_METHOD, "out of memory");
+			return;
+		}
+		c->props = np;
+		c->props_cap = cap;
 	}
 	memcpy(c->props, raw.bytes, raw.len);
 	c->props_len = (uint32_t)raw.len;
@@ -1169,7 +1232,7 @@ bad:
 
 static void on_body(struct guest_session *s, uint16_t ch, const uint8_t *p, size_t len)
 {
-	struct chan *c = content_chan(s, ch, PUB_BODY, "body");
+	struct chan *c = content_chan(s, ch, PUB_BODY);
 
 	if (!c)
 		return;
@@ -1237,7 +1300,12 @@ static void on_frame(struct guest_session *s, uint8_t type, uint16_t ch, const u
 		conn_error(s, 501, 0, "unknown frame type %u", type);
 		break;
 	}
-	recycle_amqp_pool(&s->pool);
+	/* Keep one page for the next frame; give back what a large table
+	 * needed, so that idle sessions stay small. */
+	if (s->pool.pages.num_blocks > 1)
+		empty_amqp_pool(&s->pool);
+	else
+		recycle_amqp_pool(&s->pool);
 }
 
 /* ---- input ----------------------------------------------------------------- */
@@ -1474,8 +1542,8 @@ void guest_session_output_consumed(struct guest_session *s, size_t n, uint64_t n
 		s->last_tx_ms = now_ms;
 	if (s->out_off == s->out_len) {
 		s->out_off = s->out_len = 0;
-		if (s->out_cap > 65536) {
-			free(s->out); /* idle connections keep no output buffer */
+		if (s->out_cap > 4096) {
+			free(s->out); /* idle connections keep no large output buffer */
 			s->out = NULL;
 			s->out_cap = 0;
 		}
