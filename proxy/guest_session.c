@@ -22,8 +22,9 @@
 #include "field.h"
 
 #define CLOSE_OK_TIMEOUT_MS 3000
-/* A channel keeps its property buffer between messages up to this size. */
-#define PROPS_KEEP 1024
+/* A channel keeps its publish metadata buffer between messages up to this
+ * size. */
+#define META_KEEP 1024
 #define DEFAULT_MAX_UNCONFIRMED 10000
 /* Publishes that may complete after a channel reached max_unconfirmed,
  * from input already read (one read is at most 64 KiB of tiny frames). */
@@ -64,9 +65,10 @@ struct chan {
 	enum pub_state pub;
 	bool mandatory;
 	uint8_t exchange_len, rk_len;
-	char exchange[256], rk[256];
-	uint8_t *props; /* raw property flags + list, kept for the next message */
-	uint32_t props_len, props_cap;
+	/* exchange, routing key, then the raw property flags + list; the
+	 * buffer is kept for the next message */
+	uint8_t *meta;
+	uint32_t props_len, meta_cap;
 	uint64_t body_size, body_got;
 	uint8_t *body;
 	uint64_t body_cap;
@@ -354,7 +356,7 @@ static void chan_free(struct guest_session *s, struct chan *c)
 		}
 	}
 	free(c->win);
-	free(c->props);
+	free(c->meta);
 	free(c->body);
 	free(c);
 }
@@ -705,7 +707,7 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 {
 	struct guest_event ev;
 	amqp_basic_properties_t *props = NULL;
-	amqp_bytes_t raw = { c->props_len, c->props };
+	amqp_bytes_t raw = { c->props_len, c->meta + c->exchange_len + c->rk_len };
 
 	if (amqp_decode_properties(AMQP_BASIC_CLASS, &s->pool, raw, (void **)&props) < 0) {
 		/* Validated when the header arrived: cannot happen. */
@@ -731,8 +733,8 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 		ev.publish.confirm = true;
 	}
 	ev.publish.mandatory = c->mandatory;
-	ev.publish.exchange = (amqp_bytes_t){ c->exchange_len, c->exchange };
-	ev.publish.routing_key = (amqp_bytes_t){ c->rk_len, c->rk };
+	ev.publish.exchange = (amqp_bytes_t){ c->exchange_len, c->meta };
+	ev.publish.routing_key = (amqp_bytes_t){ c->rk_len, c->meta + c->exchange_len };
 	ev.publish.properties = props;
 	ev.publish.raw_properties = raw;
 	ev.publish.body = c->body;
@@ -745,11 +747,28 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 	else
 		free(ev.publish.body);
 	c->props_len = 0;
-	if (c->props_cap > PROPS_KEEP) {
-		free(c->props);
-		c->props = NULL;
-		c->props_cap = 0;
+	if (c->meta_cap > META_KEEP) {
+		free(c->meta);
+		c->meta = NULL;
+		c->meta_cap = 0;
 	}
+}
+
+/* Room for N bytes of publish metadata, keeping what is there. */
+static bool meta_reserve(struct chan *c, size_t n)
+{
+	uint8_t *m;
+
+	if (n <= c->meta_cap)
+		return true;
+	if (n < 256)
+		n = 256;
+	m = realloc(c->meta, n);
+	if (!m)
+		return false;
+	c->meta = m;
+	c->meta_cap = (uint32_t)n;
+	return true;
 }
 
 static void on_publish(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
@@ -773,12 +792,16 @@ static void on_publish(struct guest_session *s, struct chan *c, const uint8_t *a
 			   s->user);
 		return;
 	}
+	if (!meta_reserve(c, m->exchange.len + m->routing_key.len)) {
+		conn_error(s, 541, AMQP_BASIC_PUBLISH_METHOD, "out of memory");
+		return;
+	}
 	c->pub = PUB_HEADER;
 	c->mandatory = m->mandatory;
 	c->exchange_len = (uint8_t)m->exchange.len;
-	memcpy(c->exchange, m->exchange.bytes, m->exchange.len);
+	memcpy(c->meta, m->exchange.bytes, m->exchange.len);
 	c->rk_len = (uint8_t)m->routing_key.len;
-	memcpy(c->rk, m->routing_key.bytes, m->routing_key.len);
+	memcpy(c->meta + c->exchange_len, m->routing_key.bytes, m->routing_key.len);
 }
 
 static void on_exchange_declare(struct guest_session *s, struct chan *c, const uint8_t *args,
@@ -1208,18 +1231,11 @@ static void on_header(struct guest_session *s, uint16_t ch, const uint8_t *p, si
 	}
 	if (amqp_decode_properties(AMQP_BASIC_CLASS, &s->pool, raw, (void **)&props) < 0)
 		goto bad;
-	if (raw.len > c->props_cap) {
-		uint32_t cap = raw.len < 256 ? 256 : (uint32_t)raw.len;
-		uint8_t *np = realloc(c->props, cap);
-
-		if (!np) {
-			conn_error(s, 541, AMQP_BASIC_PUBLISH_METHOD, "out of memory");
-			return;
-		}
-		c->props = np;
-		c->props_cap = cap;
+	if (!meta_reserve(c, (size_t)c->exchange_len + c->rk_len + raw.len)) {
+		conn_error(s, 541, AMQP_BASIC_PUBLISH_METHOD, "out of memory");
+		return;
 	}
-	memcpy(c->props, raw.bytes, raw.len);
+	memcpy(c->meta + c->exchange_len + c->rk_len, raw.bytes, raw.len);
 	c->props_len = (uint32_t)raw.len;
 	c->body_got = 0;
 	c->pub = PUB_BODY;
