@@ -373,10 +373,10 @@ static bool win_grow(struct guest_session *s, struct chan *c)
 	uint32_t ncap;
 	uint8_t *nw;
 
-	if (need <= c->cap)
-		return true;
 	if (need > (uint64_t)s->cfg->max_unconfirmed + UNCONFIRMED_SLACK)
 		return false;
+	if (need <= c->cap)
+		return true;
 	ncap = c->cap ? c->cap : 64;
 	while (ncap < need)
 		ncap *= 2;
@@ -722,7 +722,7 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 	ev.publish.channel_gen = c->gen;
 	if (c->confirm) {
 		if (!win_grow(s, c)) {
-			conn_error(s, 406, AMQP_BASIC_PUBLISH_METHOD,
+			chan_error(s, c, 406, AMQP_BASIC_PUBLISH_METHOD,
 				   "more than %u unconfirmed messages on channel %u",
 				   s->cfg->max_unconfirmed + UNCONFIRMED_SLACK, c->id);
 			return;

@@ -57,11 +57,13 @@ struct guest_session_config {
 	uint16_t channel_max;	       /* proposed in tune; default 64 */
 	uint32_t frame_max;	       /* proposed in tune; default 131072 */
 	uint16_t heartbeat;	       /* proposed in tune, seconds; default 60 */
-	uint64_t max_message_bytes;    /* larger declared body: 406 on the channel */
-	size_t max_output_bytes;       /* unsent output past this: connection dropped */
+	uint64_t max_message_bytes;    /* larger declared body: 406 on the channel; default 1 MiB */
+	size_t max_output_bytes;       /* unsent output past this: connection dropped; 4 MiB */
 	uint32_t handshake_timeout_ms; /* header to open-ok; default 10000 */
 	unsigned max_table_depth;      /* nested field tables; default 8 */
-	uint32_t max_unconfirmed;      /* per channel; past it guest_session_wants_read is false */
+	uint32_t max_unconfirmed;      /* per channel; past it guest_session_wants_read is false;
+					  default 10000. Input already read may go 65536 past it;
+					  further than that closes the channel (406) */
 	const char *const *allowed_exchanges; /* NULL-terminated; NULL allows none */
 	const char *vhost;		      /* NULL: any vhost is accepted */
 	const char *product;		      /* server property "product" */
@@ -102,7 +104,9 @@ void guest_session_output_consumed(struct guest_session *s, size_t n, uint64_t n
 int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
 			 uint64_t delivery_tag, bool ack);
 
-/* Server-initiated close (320 CONNECTION_FORCED on VM stop or drain, ...). */
+/* Server-initiated close (320 CONNECTION_FORCED on VM stop or drain, ...).
+ * After any connection.close it sends, the engine waits at most 3 s for
+ * close-ok (answering a crossing connection.close), then reports CLOSED. */
 void guest_session_close(struct guest_session *s, uint16_t code, const char *text);
 
 /* Send connection.blocked (with REASON) or unblocked, when the client
