@@ -5,6 +5,8 @@ build_dir (session)  the meson build directory under test ($VMPROXY_BUILD_DIR,
 certs (session)      a deploy/gen-certs.sh directory
 broker (session)     a private RabbitMQ node (harness.rabbitmq.RabbitMQ),
                      brought back before each test that uses it
+cluster (module)     a three-node RabbitMQ cluster (harness.cluster), likewise
+                     brought back (thawed, restarted) before each test
 procs                start programs with captured output: procs(argv, name=...)
                      returns a harness.Proc, stopped at teardown, its output
                      tail printed if the test failed
@@ -28,6 +30,7 @@ if str(HERE) not in sys.path:
 
 from harness import free_port, run_proc, wait_for  # noqa: E402,F401
 from harness.rabbitmq import RabbitMQ  # noqa: E402
+from harness.cluster import RabbitMQCluster  # noqa: E402
 
 
 def _terminate(signum, frame):
@@ -91,12 +94,29 @@ def broker(certs):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster(certs):
+    """A three-node RabbitMQ cluster (harness.cluster), TLS on every node,
+    the topology's quorum queues on all three."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-cluster-"))
+    c = RabbitMQCluster(workdir, certs)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+        if not os.environ.get("VMPROXY_KEEP_BROKER"):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _broker_alive(request):
     """A test may kill, stop or freeze the broker: the next test that uses
     it gets it running again."""
     if "broker" in request.fixturenames:
         request.getfixturevalue("broker").ensure_running()
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").ensure_running()
     yield
 
 

@@ -32,15 +32,17 @@ def vm_uuid(i):
 
 
 class Consumer:
-    def __init__(self, build_dir, broker, certs, tmp, queue):
+    def __init__(self, build_dir, broker, certs, tmp, queue, hosts=None):
+        """HOSTS: broker.hosts ([{host, port}]) instead of BROKER's own node."""
         self.dir = tmp / "jsonl"
         self.port = free_port()
         self.cfg = tmp / "consumer.json"
+        where = {"hosts": hosts} if hosts else {"host": "localhost", "port": broker.tls_port}
         self.cfg.write_text(json.dumps({
-            "broker": {"host": "localhost", "port": broker.tls_port, "vhost": broker.vhost,
-                       "tls": {"ca": str(certs / "ca.pem"), "cert": str(certs / "consumer.pem"),
-                               "key": str(certs / "consumer-key.pem")},
-                       "auth": {"mechanism": "EXTERNAL"}, "heartbeat": 5},
+            "broker": dict(where, vhost=broker.vhost,
+                           tls={"ca": str(certs / "ca.pem"), "cert": str(certs / "consumer.pem"),
+                                "key": str(certs / "consumer-key.pem")},
+                           auth={"mechanism": "EXTERNAL"}, heartbeat=5),
             "queue": {"name": queue, "type": "quorum", "exchange": broker.exchange,
                       "binding_key": "#", "prefetch": 50, "batch_ms": 100},
             "sink": {"dir": str(self.dir)},

@@ -127,11 +127,15 @@ class RabbitMQ:
     passwords = PASSWORDS
 
     def __init__(self, workdir, certs, nofile=None, host="127.0.0.1", port=None,
-                 tls_port=None, boot_timeout=60, conf_template=None, definitions=None):
+                 tls_port=None, boot_timeout=60, conf_template=None, definitions=None,
+                 name=None, cookie=None, load_definitions=True, extra_conf=""):
         """WORKDIR is created if needed and must be reachable by the rabbitmq
         user (the node runs as rabbitmq when we are root). CERTS is a
         gen-certs.sh directory. NOFILE raises the node's open-files limit
-        (clamped to what the system allows)."""
+        (clamped to what the system allows). For a cluster member
+        (harness.cluster): NAME of the node, the shared Erlang COOKIE,
+        LOAD_DEFINITIONS false (the cluster imports them once joined, so the
+        quorum queue gets every node as a member) and EXTRA_CONF lines."""
         self.workdir = pathlib.Path(workdir).resolve()
         self.certs = pathlib.Path(certs).resolve()
         self.host = host
@@ -139,8 +143,14 @@ class RabbitMQ:
         self.boot_timeout = boot_timeout
         self.conf_template = pathlib.Path(conf_template or DEPLOY / "rabbitmq" / "rabbitmq.conf.in")
         self.definitions = pathlib.Path(definitions or DEPLOY / "rabbitmq" / "definitions.json")
-        name = "vmproxy-test-%d-%d" % (os.getpid(), next(_counter))
+        name = name or "vmproxy-test-%d-%d" % (os.getpid(), next(_counter))
         self.node = _Node(self.workdir, name, host, port, tls_port)
+        self.cookie = cookie
+        self.load_definitions = load_definitions
+        # wait_ready checks the topology once it exists (at boot, or after a
+        # cluster imported the definitions).
+        self.topology = load_definitions
+        self.extra_conf = extra_conf
         self._as_rabbitmq = os.geteuid() == 0
         self._prepared = False
         with _live_lock:
@@ -219,7 +229,11 @@ class RabbitMQ:
                 raise BrokerError("rabbitmq: %s is not reachable by user rabbitmq "
                                   "(a parent directory is not searchable?)" % n.mnesia)
         cookie = n.home / ".erlang.cookie"
-        if not cookie.exists():
+        if self.cookie:
+            if cookie.exists():
+                os.chmod(cookie, 0o600)
+            cookie.write_text(self.cookie)
+        elif not cookie.exists():
             cookie.write_text(os.urandom(20).hex().upper())
         os.chmod(cookie, 0o400)
         self._chown(cookie)
@@ -234,6 +248,10 @@ class RabbitMQ:
         for key, val in (("@PORT@", n.port), ("@TLS_PORT@", n.tls_port),
                          ("@CERT_DIR@", n.certs), ("@DEFINITIONS@", defs)):
             conf = conf.replace(key, str(val))
+        if not self.load_definitions:
+            conf = "\n".join(l for l in conf.splitlines()
+                             if not l.startswith("load_definitions"))
+        conf += "\n" + self.extra_conf + "\n"
         if "@" in "".join(l.split("#")[0] for l in conf.splitlines()):
             raise BrokerError("rabbitmq: unfilled placeholder in %s" % self.conf_template)
         (n.etc / "rabbitmq.conf").write_text(conf)
@@ -253,6 +271,19 @@ class RabbitMQ:
                 self.thaw()
             self.wait_ready()
             return self
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def launch(self):
+        """Start the node's process without waiting for it. Call from the
+        main thread: the node is tied to the lifetime of the calling thread
+        (parent-death signal)."""
+        n = self.node
         self._reap()
         if not self._prepared:
             self._prepare()
@@ -277,12 +308,6 @@ class RabbitMQ:
         finally:
             out.close()
         n.frozen = False
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.kill()
-            raise
-        return self
 
     def wait_ready(self, timeout=None):
         """Wait (bounded) until the plain and TLS ports accept and an admin
@@ -299,10 +324,14 @@ class RabbitMQ:
             try:
                 for p in (n.port, n.tls_port):
                     socket.create_connection((self.host, p), timeout=1).close()
+                if not self.topology:
+                    self.ctl("await_startup", timeout=max(5, deadline - time.monotonic()))
+                    return
                 with self.connection() as conn:
                     conn.channel().queue_declare(self.queue, passive=True)
                 return
-            except (OSError, pika.exceptions.AMQPError) as e:
+            except (OSError, pika.exceptions.AMQPError, BrokerError,
+                    subprocess.TimeoutExpired) as e:
                 last = "%s: %s" % (type(e).__name__, e)
             if time.monotonic() >= deadline:
                 raise BrokerError("rabbitmq: node %s not ready after %ds (last: %s)\n%s"
@@ -390,18 +419,19 @@ class RabbitMQ:
 
     # ---- administration ---------------------------------------------------
 
-    def ctl(self, *args, timeout=60):
-        """Run rabbitmqctl against this node; returns its stdout, raises
-        BrokerError on a non-zero status."""
+    def ctl(self, *args, timeout=60, tool="rabbitmqctl"):
+        """Run rabbitmqctl (or TOOL, e.g. rabbitmq-queues) against this node;
+        returns its stdout, raises BrokerError on a non-zero status."""
         env = self._base_env()
-        argv = self._user_cmd([str(RABBITMQ_LIB / "rabbitmqctl"), "-n", self.nodename]
+        argv = self._user_cmd([str(RABBITMQ_LIB / tool), "-n", self.nodename]
                               + [str(a) for a in args])
         r = subprocess.run(argv, env=env, cwd=str(self.node.home), stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=timeout)
         if r.returncode != 0:
-            raise BrokerError("rabbitmqctl %s: status %d\n%s%s"
-                              % (" ".join(map(str, args)), r.returncode, r.stdout, r.stderr))
+            raise BrokerError("%s %s: status %d\n%s%s"
+                              % (tool, " ".join(map(str, args)), r.returncode, r.stdout,
+                                 r.stderr))
         return r.stdout
 
     def connections(self):

@@ -114,6 +114,9 @@ class VmProxyd:
             up["auth"] = {"mechanism": "PLAIN", "user": "vmproxyd",
                           "password": "vmproxyd-secret"}
         up.update(self.upstream_extra)
+        if "hosts" in self.upstream_extra:  # a cluster: no single host/port
+            up.pop("host")
+            up.pop("port")
         guest = {"allowed_exchanges": ["metrics"], "max_connections_per_vm": 16}
         guest.update(self.guest)
         cfg = {

@@ -1,0 +1,158 @@
+"""vmproxyd and vmproxy-consumer on a three-node RabbitMQ cluster losing a
+node while 20 simulated VMs publish with confirms.
+
+For each fault (SIGKILL and later restart; SIGSTOP and later SIGCONT, a node
+cut off without its sockets closing) on the node holding most of the proxy's
+links (which is also the consumer's first node):
+- every link leaves the lost node and is up on a surviving one; the time
+  from the fault to that point is printed (FAILOVER lines);
+- every guest stays connected throughout (pika reports no error) and keeps
+  getting confirms while the node is gone;
+- every sample confirmed to a guest is stored by the consumer exactly once
+  (republished duplicates are removed by its deduplication), stamped with
+  the publishing VM's identity.
+"""
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import wait_for
+from harness.vmproxyd import VmProxyd, make_vms
+from test_consumer import Consumer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VMS = 20
+THREADS = 4  # link k starts on node k mod 3: node 0 holds two links
+RATE = 5     # samples per second per VM
+
+
+def node_port(link):
+    return int(link["node"].rsplit(":", 1)[1])
+
+
+def links(proxy):
+    return [t["upstream"] for t in proxy.admin("threads")["threads"]]
+
+
+def acked_total(proxy):
+    return sum(l["acked"] for l in links(proxy))
+
+
+def start_guests(proxy, vms):
+    guests = []
+    for v in vms:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "guest_metrics.py"),
+                              "--source", v["address"], "--port", str(proxy.port),
+                              "--name", v["name"], "--rate", str(RATE)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=HERE)
+        guests.append(p)
+    for v, p in zip(vms, guests):
+        line = p.stdout.readline()
+        assert line.strip() == "ready", (v["name"], line, p.stderr.read())
+    return guests
+
+
+def stop_guests(guests):
+    for p in guests:
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+    results = []
+    for p in guests:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fault):
+    base = {"kill": "127.10.50.1", "freeze": "127.10.51.1"}[fault]
+    vms = make_vms(VMS, base=base, prefix="cl-" + fault)
+    by_name = {v["name"]: v for v in vms}
+    seed = cluster.nodes[0]
+    proxy = VmProxyd(build_dir, tmp_path, seed, certs, vms, threads=THREADS,
+                     upstream={"hosts": cluster.upstream_hosts(), "heartbeat": 2,
+                               "connect_timeout_ms": 3000, "stuck_timeout_ms": 15000})
+    consumer = Consumer(build_dir, seed, certs, tmp_path, "vm.metrics.cluster-" + fault,
+                        hosts=cluster.upstream_hosts())
+    guests = []
+    victim = None
+    try:
+        proxy.start(timeout=60)
+        consumer.start()
+        cluster.wait_members("vm.metrics.cluster-" + fault, len(cluster.nodes))
+        per_port = collections.Counter(node_port(l) for l in links(proxy))
+        assert len(per_port) == len(cluster.nodes), "links not spread: %s" % per_port
+        guests = start_guests(proxy, vms)
+        wait_for(lambda: acked_total(proxy) >= VMS * RATE * 2, 60, "confirmed traffic")
+
+        port, n = per_port.most_common(1)[0]
+        victim = cluster.node_by_tls_port(port)
+        print("fault %s on %s, holding %d of %d links" % (fault, victim.nodename, n, THREADS))
+        t0 = time.monotonic()
+        if fault == "kill":
+            victim.kill()
+        else:
+            victim.freeze()
+
+        def moved():
+            ls = links(proxy)
+            return all(l["up"] and node_port(l) != port for l in ls)
+        wait_for(moved, 60, "every link up on a surviving node", 0.05)
+        failover = time.monotonic() - t0
+        print("FAILOVER %s: links on surviving nodes %.2f s after the fault" % (fault, failover))
+
+        # Guests keep getting confirms while the node is gone.
+        before = acked_total(proxy)
+        wait_for(lambda: acked_total(proxy) >= before + VMS * RATE * 2, 60,
+                 "confirms with the node gone")
+
+        if fault == "kill":
+            victim.start()
+        else:
+            victim.thaw()
+        cluster.ensure_running()
+        before = acked_total(proxy)
+        wait_for(lambda: acked_total(proxy) >= before + VMS * RATE * 2, 60,
+                 "confirms with the node back")
+        results = stop_guests(guests)
+        guests = []
+
+        for r in results:
+            assert not r["errors"], "%s lost its connection: %s" % (r["name"], r["errors"])
+            assert len(r["acked"]) >= RATE * 4, (r["name"], len(r["acked"]))
+        want = {(r["name"], r["boot_id"], s) for r in results for s in r["acked"]}
+        ours = {r["boot_id"] for r in results}
+
+        def stored():
+            got = collections.Counter()
+            for l in consumer.lines():
+                d = l["doc"]
+                if d["host"]["boot_id"] in ours:
+                    got[(d["host"]["hostname"], d["host"]["boot_id"], d["seq"])] += 1
+            return got
+        wait_for(lambda: want <= set(stored()), 120, "every acked sample at the consumer", 0.5)
+        got = stored()
+        dups = {k: c for k, c in got.items() if c > 1}
+        assert not dups, "stored more than once: %s" % sorted(dups)[:5]
+        for l in consumer.lines():
+            d = l["doc"]
+            if d["host"]["boot_id"] in ours:
+                v = by_name[d["host"]["hostname"]]
+                assert l["vm"]["uuid"] == v["uuid"] and l["vm"]["name"] == v["name"], l["vm"]
+        extra = len(got) - len(want)
+        print("%s: %d samples acked, all stored once; %d more stored whose confirm the "
+              "guest never saw" % (fault, len(want), extra))
+        assert "link up" in proxy.log_text()
+    finally:
+        for p in guests:
+            p.kill()
+            p.wait()
+        consumer.stop() if consumer.proc else None
+        proxy.stop()
