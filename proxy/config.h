@@ -62,8 +62,9 @@ struct proxy_config {
 	} threads;
 
 	struct {
-		/* upstream.hosts, or the single host/port as a list of one. Link k
-		 * starts at hosts[k % n_hosts] and moves to the next on failure. */
+		/* upstream.hosts, or the single host/port as a list of one. A
+		 * host's links start on consecutive nodes from one that depends
+		 * on the host name; see upstream.c:next_node_delay for failover. */
 		struct upstream_host *hosts;
 		size_t n_hosts;
 		char *host;    /* hosts[0].host */

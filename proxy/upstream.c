@@ -72,6 +72,8 @@ struct upstream {
 	uint64_t reconnect_at;
 	size_t node;	    /* index into cfg->upstream.hosts */
 	size_t node_tries;  /* failed connects since the last full round */
+	size_t round_first; /* the node whose failure began this round */
+	uint32_t spread;    /* fixed per host and link: where it starts and moves */
 	uint64_t last_drain_ms;
 	uint64_t last_progress_ms; /* last confirm, or when the queue became non-empty */
 	bool broker_blocked;
@@ -80,6 +82,15 @@ struct upstream {
 	char name[160];
 	struct upstream_stats st;
 };
+
+uint32_t upstream_link_spread(const char *hostname, unsigned thread_id)
+{
+	uint32_t h = 2166136261u;
+
+	for (const char *p = hostname ? hostname : ""; *p; p++)
+		h = (h ^ (unsigned char)*p) * 16777619u;
+	return (h >> 8) + thread_id;
+}
 
 static int sndbuf_for(const struct proxy_config *cfg)
 {
@@ -133,8 +144,12 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->state = LINK_DOWN;
 	atomic_store(&up->fd, -1);
 	backoff_init(&up->backoff, 200, 30000, 0);
-	/* Spread the threads' links over the cluster's nodes. */
-	up->node = cfg->upstream.n_hosts ? thread_id % cfg->upstream.n_hosts : 0;
+	/* Spread the links over the cluster's nodes: a host's threads on
+	 * consecutive nodes, from a node that depends on the host name, so a
+	 * fleet's links are balanced even when the thread count is not a
+	 * multiple of the node count. */
+	up->spread = upstream_link_spread(cfg->hostname, thread_id);
+	up->node = cfg->upstream.n_hosts ? up->spread % cfg->upstream.n_hosts : 0;
 	init_amqp_pool(&up->scratch, 4096);
 	up->exchange = amqp_cstring_bytes(cfg->upstream.exchange);
 	snprintf(up->name, sizeof(up->name), "vmproxyd/%s/thread-%u", cfg->hostname, thread_id);
@@ -178,19 +193,31 @@ static void link_close(struct upstream *up)
 static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
-/* After a failure on the current node: the next node at once while some
- * node of this round has not been tried, backoff once all have failed. */
+/* After a failure on the current node: another node at once while some
+ * node of this round has not been tried, then the first one again after a
+ * backoff. The other nodes are tried in order from an offset that depends
+ * on the host and the link, so the links of a lost node spread over all
+ * the survivors instead of all landing on its neighbour. */
 static uint32_t next_node_delay(struct upstream *up)
 {
 	size_t n = up->cfg->upstream.n_hosts;
 
 	if (n <= 1)
 		return backoff_next(&up->backoff);
-	up->node = (up->node + 1) % n;
-	if (++up->node_tries < n)
+	if (up->node_tries == 0)
+		up->round_first = up->node;
+	up->node = upstream_failover_node(up->spread, up->round_first, ++up->node_tries, n);
+	if (up->node_tries < n)
 		return 50;
 	up->node_tries = 0;
 	return backoff_next(&up->backoff);
+}
+
+size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_t n)
+{
+	if (n <= 1 || tries % n == 0)
+		return n ? first % n : 0;
+	return (first + (spread / n + tries % n - 1) % (n - 1) + 1) % n;
 }
 
 static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)

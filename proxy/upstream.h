@@ -95,3 +95,12 @@ void upstream_get_stats(const struct upstream *up, struct upstream_stats *st);
  * running for more than STUCK_MS, shut the socket down so it returns.
  * Safe from any thread. Returns true when it did. */
 bool upstream_watchdog(struct upstream *up, uint64_t now_ms, uint64_t stuck_ms);
+
+/* Where links go on a cluster (upstream.hosts with n nodes). A link's
+ * SPREAD is fixed by the host name and its thread; it starts on node
+ * spread % n, so a host's threads take consecutive nodes from a host-chosen
+ * one. When node FIRST fails, try number TRIES (1 .. n-1) of the round goes
+ * to upstream_failover_node(spread, first, tries, n): every other node once,
+ * from an offset that depends on the spread; try n is FIRST again. */
+uint32_t upstream_link_spread(const char *hostname, unsigned thread_id);
+size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_t n);

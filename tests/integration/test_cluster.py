@@ -27,7 +27,7 @@ from test_consumer import Consumer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VMS = 20
-THREADS = 4  # link k starts on node k mod 3: node 0 holds two links
+THREADS = 4  # on consecutive nodes: one of the three holds two links
 RATE = 5     # samples per second per VM
 
 
