@@ -156,15 +156,18 @@ int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, ch
 			field_bool("basic.nack", true),
 			field_bool("consumer_cancel_notify", true),
 		};
-		amqp_table_entry_t props[3];
+		amqp_table_entry_t props[4];
 		amqp_table_t table;
 		int n = 0;
 
 		props[n++] = field_table("capabilities", caps, (int)(sizeof(caps) / sizeof(caps[0])));
 		if (o->connection_name)
 			props[n++] = field_utf8("connection_name", o->connection_name);
-		if (o->product)
+		if (o->product) {
+			/* Ours replace rabbitmq-c's own product and version. */
 			props[n++] = field_utf8("product", o->product);
+			props[n++] = field_utf8("version", VMPROXY_VERSION);
+		}
 		table.num_entries = n;
 		table.entries = props;
 

@@ -9,6 +9,7 @@ import collections
 import signal
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from harness import wait_for
 from harness.vmproxyd import VmProxyd, from_source, make_vms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = re.search(r"version : '([^']+)'",
+                    open(os.path.join(HERE, "..", "..", "meson.build")).read()).group(1)
 
 
 def loadgen(build_dir, proxy, vms, conns, count, rate=0, window=64, size=256, report=None,
@@ -118,6 +121,9 @@ def test_fifty_vms_four_connections_each(build_dir, broker, proxy_factory):
 
     links = [c for c in broker.connections() if c["user"] == "vmproxyd"]
     assert len(links) == 2, links
+    for c in links:  # the links say what they are, not which client library
+        assert c["client_properties"].get("product") == "vmproxyd", c
+        assert c["client_properties"].get("version") == VERSION, c
 
     for p in pikas:
         p.stdin.write("\n")
