@@ -18,10 +18,11 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
-from harness import wait_for
+from harness import free_port, wait_for
 from harness.vmproxyd import VmProxyd, make_vms
 from test_consumer import Consumer
 
@@ -76,9 +77,11 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
     vms = make_vms(VMS, base=base, prefix="cl-" + fault)
     by_name = {v["name"]: v for v in vms}
     seed = cluster.nodes[0]
+    metrics_port = free_port()
     proxy = VmProxyd(build_dir, tmp_path, seed, certs, vms, threads=THREADS,
                      upstream={"hosts": cluster.upstream_hosts(), "heartbeat": 2,
-                               "connect_timeout_ms": 3000, "stuck_timeout_ms": 15000})
+                               "connect_timeout_ms": 3000, "stuck_timeout_ms": 15000},
+                     extra={"metrics": {"listen": "127.0.0.1:%d" % metrics_port}})
     consumer = Consumer(build_dir, seed, certs, tmp_path, "vm.metrics.cluster-" + fault,
                         hosts=cluster.upstream_hosts())
     guests = []
@@ -92,9 +95,9 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
         guests = start_guests(proxy, vms)
         wait_for(lambda: acked_total(proxy) >= VMS * RATE * 2, 60, "confirmed traffic")
 
-        port, n = per_port.most_common(1)[0]
+        port, lost = per_port.most_common(1)[0]
         victim = cluster.node_by_tls_port(port)
-        print("fault %s on %s, holding %d of %d links" % (fault, victim.nodename, n, THREADS))
+        print("fault %s on %s, holding %d of %d links" % (fault, victim.nodename, lost, THREADS))
         t0 = time.monotonic()
         if fault == "kill":
             victim.kill()
@@ -107,6 +110,18 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
         wait_for(moved, 60, "every link up on a surviving node", 0.05)
         failover = time.monotonic() - t0
         print("FAILOVER %s: links on surviving nodes %.2f s after the fault" % (fault, failover))
+        # What an operator sees: each link's node, and the moved links' reconnects.
+        status = subprocess.run([proxy.ctl, "--socket", proxy.admin_path, "status"],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert ":%d" % port not in status.stdout, status.stdout
+        assert all(("%s:%d" % ("localhost", node_port(l))) in status.stdout
+                   for l in links(proxy)), status.stdout
+        assert sum(l["connects"] for l in links(proxy)) >= THREADS + lost, links(proxy)
+        prom = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port,
+                                      timeout=10).read().decode()
+        for l in links(proxy):
+            assert 'node="%s"' % l["node"] in prom, prom
 
         # Guests keep getting confirms while the node is gone.
         before = acked_total(proxy)
