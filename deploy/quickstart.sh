@@ -48,7 +48,7 @@ say() { printf '%s\n' "quickstart: $*"; }
 bash "$top/deploy/install-deps.sh" >/dev/null || { say "dependency install failed"; exit 1; }
 say "building into $top/build-quickstart"
 if [ ! -d "$top/build-quickstart" ]; then
-	meson setup "$top/build-quickstart" --buildtype=release >/dev/null || exit 1
+	meson setup "$top/build-quickstart" "$top" --buildtype=release >/dev/null || exit 1
 fi
 ninja -C "$top/build-quickstart" >/dev/null || { say "build failed"; exit 1; }
 bin=$top/build-quickstart
