@@ -398,6 +398,7 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGHUP, SIG_IGN); /* nothing to reload; a stray HUP must not stop sampling */
 	rc = send ? run_send(&c) : run_loop(&c, once);
 	json_decref(root);
 	return rc;

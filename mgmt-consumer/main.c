@@ -492,6 +492,7 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGHUP, SIG_IGN); /* nothing to reload; a stray HUP must not stop consuming */
 	backoff_init(&bo, 200, 15000, 0);
 	while (!stop) {
 		amqp_connection_state_t conn;

@@ -81,6 +81,7 @@ def test_every_seq_arrives_across_restarts(build_dir, broker, agent_proxy, tmp_p
         def queued():
             return broker.queue_depth(broker.queue)
         wait_for(lambda: queued() >= 3, 30, "first samples")
+        agent.proc.send_signal(signal.SIGHUP)  # a stray HUP must not stop it
 
         broker.stop()
         time.sleep(20)  # the outage itself: samples pile up in the spool
@@ -88,6 +89,7 @@ def test_every_seq_arrives_across_restarts(build_dir, broker, agent_proxy, tmp_p
         proxy.wait_links(True, 60)
         wait_for(lambda: len(os.listdir(spool)) <= 2, 60, "the spool to drain")
 
+        assert agent.proc.poll() is None, "the agent exited"
         agent.kill()
         time.sleep(3)  # samples not taken while it is dead: no seq is lost for that
         agent.start()

@@ -124,6 +124,7 @@ def test_exactly_once_across_kill_and_broker_restart(broker, consumer):
     wait_for(lambda: len(consumer.lines()) >= 700, 60, "more samples stored")
     broker.stop()
     broker.start()
+    consumer.proc.send_signal(signal.SIGHUP)  # a stray HUP changes nothing
     publish(broker, batches[2])
     # A proxy republishing after a link loss sends some again.
     publish(broker, batches[0][:150] + batches[2][:150])
@@ -136,6 +137,7 @@ def test_exactly_once_across_kill_and_broker_restart(broker, consumer):
         return set(got) == want and got
     got = wait_for(all_there, 120, "all 2000 samples in the JSONL")
     assert len(got) == len(set(got)) == 2000, "duplicates in the JSONL"
+    assert consumer.proc.poll() is None, "the consumer exited"
     line = consumer.lines()[0]
     assert line["vm"]["name"].startswith("vm-") and line["vm"]["proxy_host"] == "hv-test"
     assert line["routing_key"] == "x.metrics.t"
