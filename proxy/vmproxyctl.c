@@ -32,7 +32,8 @@ static void usage(FILE *f)
 		   "Options:\n"
 		   "  -s, --socket PATH  admin socket (default " DEFAULT_SOCKET ")\n"
 		   "  -j, --json         print the daemon's JSON reply\n"
-		   "  -h, --help         this text\n");
+		   "  -h, --help         this text\n"
+		   "  -V, --version      print the version\n");
 }
 
 static char *roundtrip(const char *path, const char *req)
@@ -167,6 +168,7 @@ int main(int argc, char **argv)
 		{ "socket", required_argument, NULL, 's' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *path = DEFAULT_SOCKET, *cmd;
@@ -176,7 +178,7 @@ int main(int argc, char **argv)
 	long thread = 0;
 	int c, rc = 0;
 
-	while ((c = getopt_long(argc, argv, "s:jh", opts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "s:jhV", opts, NULL)) != -1) {
 		switch (c) {
 		case 's':
 			path = optarg;
@@ -186,6 +188,9 @@ int main(int argc, char **argv)
 			break;
 		case 'h':
 			usage(stdout);
+			return 0;
+		case 'V':
+			printf("vmproxyctl %s\n", VMPROXY_VERSION);
 			return 0;
 		default:
 			usage(stderr);
