@@ -33,6 +33,7 @@ struct ccfg {
 	const char *queue, *exchange, *binding_key, *dir, *listen, *log_level;
 	bool declare, quorum;
 	uint64_t prefetch, batch_ms, max_file_bytes, dedup_window, stale_after, max_message_bytes;
+	uint64_t max_vms;
 };
 
 static volatile sig_atomic_t stop;
@@ -152,6 +153,7 @@ static int parse_config(const char *file, struct ccfg *c, json_t **root)
 		r |= conf_get_string(&ctx, m, "metrics", "listen", false, &c->listen);
 		r |= conf_get_uint(&ctx, m, "metrics", "stale_after_intervals", false, 1, 1000,
 				   &c->stale_after);
+		r |= conf_get_uint(&ctx, m, "metrics", "max_vms", false, 1, 10000000, &c->max_vms);
 	}
 	r |= conf_get_string(&ctx, *root, "", "log_level", false, &c->log_level);
 	if (!r && !ctx.nerr)
@@ -431,6 +433,7 @@ int main(int argc, char **argv)
 		.max_file_bytes = 256u << 20,
 		.dedup_window = 1000000,
 		.stale_after = 3,
+		.max_vms = 100000,
 		.max_message_bytes = 4u << 20,
 	};
 	const char *config = NULL, *dir = NULL, *listen = NULL, *level_s = NULL;
@@ -474,7 +477,7 @@ int main(int argc, char **argv)
 	log_init("vmproxy-consumer", level);
 	if (sink_open(c.dir, "metrics", c.max_file_bytes, NULL, &x.jsonl) < 0 ||
 	    sink_open(c.dir, "quarantine", c.max_file_bytes, NULL, &x.quarantine) < 0 ||
-	    dedup_new(c.dedup_window, &x.dedup) < 0 || vmstate_new(100000, c.stale_after, &x.st) < 0) {
+	    dedup_new(c.dedup_window, &x.dedup) < 0 || vmstate_new((size_t)c.max_vms, c.stale_after, &x.st) < 0) {
 		log_error("cannot open \"%s\": %s", c.dir, strerror(errno));
 		return 1;
 	}

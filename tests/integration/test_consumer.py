@@ -32,8 +32,9 @@ def vm_uuid(i):
 
 
 class Consumer:
-    def __init__(self, build_dir, broker, certs, tmp, queue, hosts=None):
-        """HOSTS: broker.hosts ([{host, port}]) instead of BROKER's own node."""
+    def __init__(self, build_dir, broker, certs, tmp, queue, hosts=None, metrics=None):
+        """HOSTS: broker.hosts ([{host, port}]) instead of BROKER's own node.
+        METRICS: more keys of the "metrics" object."""
         self.dir = tmp / "jsonl"
         self.port = free_port()
         self.cfg = tmp / "consumer.json"
@@ -46,7 +47,8 @@ class Consumer:
             "queue": {"name": queue, "type": "quorum", "exchange": broker.exchange,
                       "binding_key": "#", "prefetch": 50, "batch_ms": 100},
             "sink": {"dir": str(self.dir)},
-            "metrics": {"listen": "127.0.0.1:%d" % self.port, "stale_after_intervals": 2},
+            "metrics": dict({"listen": "127.0.0.1:%d" % self.port, "stale_after_intervals": 2},
+                            **(metrics or {})),
         }))
         self.bin = os.path.join(str(build_dir), "mgmt-consumer", "vmproxy-consumer")
         self.log = open(tmp / "consumer.log", "ab")
@@ -173,3 +175,22 @@ def test_quarantine_and_metrics(broker, consumer, tmp_path):
     publish(broker, [stamped(7, 2, interval=1)])
     wait_for(lambda: sel + " 0" in consumer.metrics(), 10, "fresh again")
     consumer.stop()
+
+
+def test_vm_table_bound(build_dir, broker, certs, tmp_path):
+    """metrics.max_vms bounds the VMs tracked for Prometheus; samples of the
+    VMs beyond it are still stored, and counted."""
+    c = Consumer(build_dir, broker, certs, tmp_path, "vm.metrics.test-max-vms",
+                 metrics={"max_vms": 10})
+    c.start()
+    try:
+        publish(broker, [stamped(i, 1) for i in range(20)])
+        wait_for(lambda: len(c.lines()) == 20, 30, "all 20 samples stored")
+        text = c.metrics()
+        tracked = {l.split('vm_name="')[1].split('"')[0] for l in text.splitlines()
+                   if l.startswith("vmproxy_vm_last_seen_seconds{")}
+        assert len(tracked) == 10, sorted(tracked)
+        assert "vmproxy_consumer_untracked_vms_total 10\n" in text, text
+    finally:
+        if c.proc.poll() is None:
+            c.stop()
