@@ -5,6 +5,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <grp.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +55,7 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 	static const char *const types[] = { "tcp", "vsock", "unix", NULL };
 	static const char *const tcp_keys[] = { "type", "address", "port", NULL };
 	static const char *const vsock_keys[] = { "type", "port", NULL };
-	static const char *const unix_keys[] = { "type", "path", "vm", NULL };
+	static const char *const unix_keys[] = { "type", "path", "vm", "mode", "group", NULL };
 	json_t *arr = NULL, *v;
 	size_t i;
 	int r = 0;
@@ -122,6 +123,29 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 				r |= conf_error(c, conf_path(kp, sizeof(kp), p, "path"),
 						"expected a path of at most 107 bytes");
 			}
+			l->mode = 0660;
+			s = NULL;
+			r |= conf_get_string(c, v, p, "mode", false, &s);
+			if (s) {
+				char kp[80], *end;
+				unsigned long m;
+
+				errno = 0;
+				m = strtoul(s, &end, 8);
+				if (!*s || *end || errno || m > 0777)
+					r |= conf_error(c, conf_path(kp, sizeof(kp), p, "mode"),
+							"expected an octal mode such as \"0660\"");
+				else
+					l->mode = (unsigned)m;
+			}
+			s = NULL;
+			r |= conf_get_string(c, v, p, "group", false, &s);
+			if (s && !getgrnam(s)) {
+				char kp[80];
+				r |= conf_error(c, conf_path(kp, sizeof(kp), p, "group"),
+						"no group \"%s\"", s);
+			}
+			l->group = dup_or_null(s);
 			break;
 		}
 	}
@@ -545,6 +569,7 @@ void proxy_config_free(struct proxy_config *c)
 		free(c->listeners[i].address);
 		free(c->listeners[i].path);
 		free(c->listeners[i].vm);
+		free(c->listeners[i].group);
 	}
 	free(c->listeners);
 	free(c->identity.libvirt_uri);

@@ -22,6 +22,8 @@ struct listener_config {
 	uint32_t port; /* tcp and vsock; default 5672 */
 	char *path;    /* unix: socket path */
 	char *vm;      /* unix: the VM (name or uuid) the socket belongs to */
+	unsigned mode; /* unix: socket file mode, default 0660 */
+	char *group;   /* unix: socket file group (name), default the daemon's */
 };
 
 struct static_identity {

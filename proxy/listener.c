@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <grp.h>
 #include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -83,6 +84,7 @@ static int open_unix(const struct listener_config *lc, struct listener *l, char 
 {
 	struct sockaddr_un sun;
 	struct stat st;
+	gid_t gid = (gid_t)-1;
 	int fd, e;
 
 	snprintf(l->name, sizeof(l->name), "unix %s", lc->path);
@@ -105,7 +107,29 @@ static int open_unix(const struct listener_config *lc, struct listener *l, char 
 	memset(&sun, 0, sizeof(sun));
 	sun.sun_family = AF_UNIX;
 	strcpy(sun.sun_path, lc->path);
-	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0 || listen(fd, BACKLOG) < 0)
+	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0)
+		goto fail;
+	/* Whoever may connect is the VM: the mode and group say who that is,
+	 * independently of the umask. */
+	if (lc->group) {
+		struct group *gr = getgrnam(lc->group);
+
+		if (!gr) {
+			snprintf(err, errlen, "%s: no group \"%s\"", l->name, lc->group);
+			close(fd);
+			return -ENOENT;
+		}
+		gid = gr->gr_gid;
+	}
+	if (chmod(lc->path, lc->mode) < 0 || (gid != (gid_t)-1 && chown(lc->path, (uid_t)-1, gid) < 0)) {
+		e = errno;
+		snprintf(err, errlen, "%s: cannot set mode %04o%s%s: %s", l->name, lc->mode,
+			 lc->group ? " and group " : "", lc->group ? lc->group : "", strerror(e));
+		close(fd);
+		unlink(lc->path);
+		return -e;
+	}
+	if (listen(fd, BACKLOG) < 0)
 		goto fail;
 	l->fd = fd;
 	return 0;

@@ -160,6 +160,12 @@ static void test_errors(void **state)
 		  "listeners[0].type: expected one of \"tcp\", \"vsock\", \"unix\"" },
 		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\"}], " MINIMAL_UP "}",
 		  "listeners[0].vm: missing required key" },
+		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\", \"vm\": \"a\", "
+		  "\"mode\": \"0999\"}], " MINIMAL_UP "}",
+		  "listeners[0].mode: expected an octal mode such as \"0660\"" },
+		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\", \"vm\": \"a\", "
+		  "\"group\": \"no-such-group-here\"}], " MINIMAL_UP "}",
+		  "listeners[0].group: no group \"no-such-group-here\"" },
 		{ "{\"listeners\": [{\"type\": \"tcp\", \"address\": \"eth0\"}], " MINIMAL_UP "}",
 		  "listeners[0].address: expected a numeric IPv4 or IPv6 address" },
 		{ "{" LISTEN ", " MINIMAL_UP ", \"gest\": {}}", "gest: unknown key" },

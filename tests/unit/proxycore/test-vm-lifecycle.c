@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -63,6 +64,7 @@ static void test_destroyed_domain_closes_its_connections(void **state)
 	amqp_frame_t f;
 	struct timeval tv = { 10, 0 };
 	pthread_t tid;
+	struct stat st;
 	FILE *fp;
 
 	assert_non_null(node);
@@ -74,7 +76,7 @@ static void test_destroyed_domain_closes_its_connections(void **state)
 	assert_non_null(fp);
 	fprintf(fp,
 		"{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"guest-a\"},"
-		" {\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"guest-b\"}],"
+		" {\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"guest-b\", \"mode\": \"0600\"}],"
 		" \"identity\": {\"libvirt_uri\": \"test://%s\"},"
 		" \"threads\": {\"count\": 1},"
 		" \"upstream\": {\"host\": \"127.0.0.1\", \"port\": 9, \"exchange\": \"vm.metrics\","
@@ -88,6 +90,12 @@ static void test_destroyed_domain_closes_its_connections(void **state)
 	if (vmproxy_start(p, err, sizeof(err)) < 0)
 		fail_msg("start: %s", err);
 	assert_int_equal(pthread_create(&tid, NULL, run, p), 0);
+
+	/* Socket modes are the configured ones (default 0660), whatever the umask. */
+	assert_int_equal(stat(sock_a, &st), 0);
+	assert_int_equal(st.st_mode & 07777, 0660);
+	assert_int_equal(stat(sock_b, &st), 0);
+	assert_int_equal(st.st_mode & 07777, 0600);
 
 	a = guest_connect(sock_a);
 	b = guest_connect(sock_b);
