@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <linux/sock_diag.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,10 @@ struct upstream {
 	enum link_state state;
 	amqp_connection_state_t conn;
 	_Atomic int fd;
+	/* Held by the watchdog from reading fd to its shutdown(), and by the
+	 * owner while it retires fd before closing it: the watchdog never
+	 * shuts down a descriptor number that was closed and reused. */
+	pthread_mutex_t fd_lock;
 	_Atomic uint64_t busy_since_ms; /* a rabbitmq-c call is running since */
 	uint64_t next_tag;
 	struct upstream_msg *unc_head, *unc_tail;
@@ -143,6 +148,7 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->ud = userdata;
 	up->state = LINK_DOWN;
 	atomic_store(&up->fd, -1);
+	pthread_mutex_init(&up->fd_lock, NULL);
 	backoff_init(&up->backoff, 200, 30000, 0);
 	/* Spread the links over the cluster's nodes: a host's threads on
 	 * consecutive nodes, from a node that depends on the host name, so a
@@ -184,7 +190,9 @@ static void link_close(struct upstream *up)
 
 	if (fd >= 0)
 		epoll_ctl(up->epfd, EPOLL_CTL_DEL, fd, NULL);
+	pthread_mutex_lock(&up->fd_lock);
 	atomic_store(&up->fd, -1);
+	pthread_mutex_unlock(&up->fd_lock);
 	if (up->conn)
 		amqp_destroy_connection(up->conn);
 	up->conn = NULL;
@@ -246,6 +254,7 @@ void upstream_free(struct upstream *up)
 	link_close(up);
 	requeue_all(up);
 	empty_amqp_pool(&up->scratch);
+	pthread_mutex_destroy(&up->fd_lock);
 	free(up);
 }
 
@@ -613,12 +622,18 @@ void upstream_get_stats(const struct upstream *up, struct upstream_stats *st)
 
 bool upstream_watchdog(struct upstream *up, uint64_t now_ms, uint64_t stuck_ms)
 {
-	uint64_t since = atomic_load_explicit(&up->busy_since_ms, memory_order_relaxed);
-	int fd = atomic_load(&up->fd);
+	uint64_t since;
+	bool fired = false;
+	int fd;
 
-	if (since == 0 || fd < 0 || now_ms - since < stuck_ms)
-		return false;
-	/* The owner is blocked inside rabbitmq-c: make its call fail. */
-	shutdown(fd, SHUT_RDWR);
-	return true;
+	pthread_mutex_lock(&up->fd_lock);
+	since = atomic_load_explicit(&up->busy_since_ms, memory_order_relaxed);
+	fd = atomic_load(&up->fd);
+	if (since != 0 && fd >= 0 && now_ms - since >= stuck_ms) {
+		/* The owner is blocked inside rabbitmq-c: make its call fail. */
+		shutdown(fd, SHUT_RDWR);
+		fired = true;
+	}
+	pthread_mutex_unlock(&up->fd_lock);
+	return fired;
 }
