@@ -157,6 +157,30 @@ def test_send_exit_codes(build_dir, broker, agent_proxy):
     assert r.returncode == 1 and b"expected vsock://CID:PORT or tcp://HOST:PORT" in r.stderr
 
 
+def test_send_over_tls(build_dir, broker, certs):
+    """tcp:// with --tls-ca (and a client certificate, which this broker
+    requires): the server is verified against the CA and the name in the
+    endpoint; a wrong CA is a connection failure, not a send."""
+    base = ["--vhost", broker.vhost, "--user", "vmproxyd", "--password",
+            broker.passwords["vmproxyd"], "--exchange", broker.exchange,
+            "--tls-cert", str(certs / "proxy.pem"), "--tls-key", str(certs / "proxy-key.pem")]
+    ep = "tcp://localhost:%d" % broker.tls_port
+    broker.purge(broker.queue)
+    r = run_send(build_dir, ep, None, b'{"over": "tls"}', "--tls-ca", str(certs / "ca.pem"),
+                 *base)
+    assert r.returncode == 0, r.stderr
+    msgs = broker.get_all(broker.queue, timeout=10)
+    assert [b for _, _, b in msgs] == [b'{"over": "tls"}']
+
+    # The server certificate is not signed by this CA: no connection.
+    r = run_send(build_dir, ep, None, b"x", "--tls-ca", str(certs / "proxy.pem"), *base)
+    assert r.returncode == 5, r.stderr
+    # Plain AMQP spoken to the TLS port is not a send either.
+    r = run_send(build_dir, ep, None, b"x", *base[:-4])
+    assert r.returncode == 5, r.stderr
+    assert broker.queue_depth(broker.queue) == 0
+
+
 def test_once_matches_schema(build_dir):
     out = subprocess.run([agent_bin(build_dir), "--once"], capture_output=True, check=True)
     doc = json.loads(out.stdout)
