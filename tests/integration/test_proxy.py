@@ -322,6 +322,59 @@ def test_broker_frozen_guests_stay_connected_and_get_blocked(build_dir, broker, 
     assert {(0, s) for s in range(1, 201)} <= keys
 
 
+def test_thread_bound_pauses_every_guest_of_the_thread(build_dir, broker, proxy_factory):
+    """Broker frozen, one poll thread: VM 0 fills its own 64 KiB bound, then
+    VM 1 publishes until the thread's 96 KiB bound is passed: VM 1 gets
+    connection.blocked with its own bytes under its VM bound, and
+    everything arrives once the broker is back."""
+    vms = make_vms(2, base="127.10.4.1")
+    proxy = proxy_factory(vms, threads=1, guest={"heartbeat": 2},
+                          limits={"unconfirmed_bytes_per_vm": 64 * 1024,
+                                  "unconfirmed_bytes_per_thread": 96 * 1024}).start()
+    broker.purge(broker.queue)
+    events = []
+    with from_source(vms[1]["address"]):
+        conn = pika.BlockingConnection(guest_params(proxy, heartbeat=2,
+                                                    blocked_connection_timeout=120))
+    conn.add_on_connection_blocked_callback(lambda c, m: events.append("blocked"))
+    conn.add_on_connection_unblocked_callback(lambda c, m: events.append("unblocked"))
+    ch = conn.channel()  # no confirms: publishes do not wait for the frozen broker
+
+    def held():
+        t = proxy.admin("threads")["threads"][0]
+        return t, {v["name"]: v for v in proxy.admin("vms")["vms"]}
+    lg = None
+    broker.freeze()
+    try:
+        lg = loadgen(build_dir, proxy, vms[:1], conns=1, count=30, size=4096, window=30)
+        wait_for(lambda: held()[1].get(vms[0]["name"], {}).get("blocked"), 15,
+                 "VM 0 paused by its own bound")
+        sent = 0
+        while "blocked" not in events and sent < 40:
+            sent += 1
+            ch.basic_publish("metrics", "t", json.dumps({"vm": 1, "conn": 0, "seq": sent,
+                                                         "pad": "x" * 4000}).encode())
+            conn.process_data_events(time_limit=0.1)
+        wait_for(lambda: (conn.process_data_events(time_limit=0.2), "blocked" in events)[1],
+                 15, "connection.blocked at VM 1")
+        t, per_vm = held()
+        assert t["blocked"], t
+        assert not per_vm[vms[1]["name"]]["blocked"], per_vm
+        assert per_vm[vms[1]["name"]]["held_bytes"] < 64 * 1024, per_vm  # its own bound
+        assert t["held_bytes"] > 96 * 1024, t
+        assert "over the thread bound" in proxy.log_text()
+    finally:
+        broker.thaw()
+    wait_for(lambda: (conn.process_data_events(time_limit=0.2), "unblocked" in events)[1],
+             60, "connection.unblocked at VM 1")
+    rc, out, err = finish(lg, 120)
+    assert rc == 0, out + err
+    conn.close()
+    msgs = broker.get_all(broker.queue, timeout=30)
+    got = {(json.loads(b)["vm"], json.loads(b)["seq"]) for _, _, b in msgs}
+    assert {(0, s) for s in range(1, 31)} | {(1, s) for s in range(1, sent + 1)} <= got
+
+
 def test_sigterm_drains_and_exits_zero(build_dir, broker, proxy_factory):
     vms = make_vms(1, base="127.10.4.1")
     proxy = proxy_factory(vms, threads=1).start()
