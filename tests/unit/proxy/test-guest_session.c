@@ -1718,6 +1718,104 @@ static void test_max_unconfirmed(void **state)
 	assert_true(guest_session_wants_read(f->s));
 }
 
+/* Input already read may run past max_unconfirmed by 65536 publishes (the
+ * guest_session.h contract); one more closes the channel, not the
+ * connection, with 406. */
+static void test_unconfirmed_past_slack(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	uint32_t accepted = 0;
+	bool closed = false;
+
+	f->cfg.max_unconfirmed = 2;
+	handshake(f, 0, 60);
+	open_channel(f, 1, true);
+	while (!closed && accepted < 2 + 65536 + 10) {
+		for (int i = 0; i < 100; i++) {
+			put_publish(&b, 1, "metrics", "k", false);
+			wire_header(&b, 1, AMQP_BASIC_CLASS, 0, NULL);
+		}
+		assert_int_equal(feed(f, &b), 0);
+		accepted += (uint32_t)count_events(f, GUEST_EVENT_PUBLISH);
+		f->nev = 0; /* empty bodies: nothing to free */
+		drain(f);
+		for (int i = 0; i < f->nfr; i++)
+			if (f->fr[i].type == AMQP_FRAME_METHOD && f->fr[i].ch == 1 &&
+			    f->fr[i].id == AMQP_CHANNEL_CLOSE_METHOD) {
+				assert_int_equal(((amqp_channel_close_t *)f->fr[i].decoded)->reply_code,
+						 406);
+				closed = true;
+			}
+	}
+	assert_true(closed);
+	assert_int_equal(accepted, 2 + 65536);
+	assert_true(guest_session_is_open(f->s));
+}
+
+/* channel.flow: active=true is answered; active=false is 540 and closes the
+ * connection, as RabbitMQ does (a client cannot stop the server). */
+static void test_channel_flow(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_channel_flow_t fl = { .active = 1 };
+	amqp_channel_flow_ok_t *ok;
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	wire_method(&b, 1, AMQP_CHANNEL_FLOW_METHOD, &fl);
+	assert_int_equal(feed(f, &b), 0);
+	ok = expect_one_method(f, 1, AMQP_CHANNEL_FLOW_OK_METHOD);
+	assert_int_equal(ok->active, 1);
+	fl.active = 0;
+	wire_method(&b, 1, AMQP_CHANNEL_FLOW_METHOD, &fl);
+	(void)feed(f, &b);
+	expect_conn_close(f, 540);
+}
+
+/* basic.qos: prefetch_count is accepted (the proxy never delivers);
+ * prefetch_size other than 0 is 540 on the connection, as in RabbitMQ. */
+static void test_qos_prefetch_size(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_qos_t q = { .prefetch_count = 10 };
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	wire_method(&b, 1, AMQP_BASIC_QOS_METHOD, &q);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_QOS_OK_METHOD);
+	q.prefetch_size = 4096;
+	wire_method(&b, 1, AMQP_BASIC_QOS_METHOD, &q);
+	(void)feed(f, &b);
+	expect_conn_close(f, 540);
+}
+
+/* A content header whose property flags set the continuation bit: basic
+ * has no second flag word, so it is malformed (502), never decoded. */
+static void test_property_flags_continuation(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	static const uint8_t hdr[] = {
+		0, 60, 0, 0,		/* class basic, weight */
+		0, 0, 0, 0, 0, 0, 0, 0, /* body size 0 */
+		0x00, 0x01,		/* flags: only the continuation bit */
+		0x20, 0x00,		/* a second word: "headers" */
+		0, 0, 0, 0,		/* an empty table */
+	};
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	put_publish(&b, 1, "metrics", "k", false);
+	wire_frame(&b, AMQP_FRAME_HEADER, 1, hdr, sizeof(hdr));
+	(void)feed(f, &b);
+	expect_conn_close(f, 502);
+	assert_int_equal(count_events(f, GUEST_EVENT_PUBLISH), 0);
+}
+
 static void test_blocked(void **state)
 {
 	struct fx *f = *state;
@@ -1815,6 +1913,10 @@ int main(void)
 	        T(test_heartbeat_disabled),
 	        T(test_output_bound),
 	        T(test_max_unconfirmed),
+	        T(test_unconfirmed_past_slack),
+	        T(test_channel_flow),
+	        T(test_qos_prefetch_size),
+	        T(test_property_flags_continuation),
 	        T(test_blocked),
 	        T(test_blocked_not_advertised),
 	};
