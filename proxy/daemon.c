@@ -640,6 +640,13 @@ static void on_signal(struct vmproxy *p)
 					  strerror(-r));
 			else
 				log_info("SIGHUP: log reopened");
+			/* Certificate rotation: every link reconnects once its
+			 * published messages are settled, reading the files anew. */
+			if (p->phase == RUNNING) {
+				log_info("SIGHUP: upstream links reconnect when idle to re-read "
+					 "the TLS files");
+				post_all(p, MAIL_RELINK);
+			}
 		} else {
 			log_info("signal %u: shutting down", si.ssi_signo);
 			begin_drain(p);

@@ -31,7 +31,8 @@ static void usage(FILE *f)
 		"  -V, --version         print the version\n"
 		"\n"
 		"Signals: SIGTERM/SIGINT drain (stop accepting, wait for confirms, close guests\n"
-		"with 320), SIGHUP reopens the log file.\n");
+		"with 320), SIGHUP reopens the log file and reconnects the upstream links\n"
+		"once idle, re-reading the TLS files.\n");
 }
 
 int main(int argc, char **argv)

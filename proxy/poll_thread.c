@@ -997,6 +997,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		pt->stopping = true;
 		free(m);
 		break;
+	case MAIL_RELINK:
+		upstream_relink(pt->up, now);
+		free(m);
+		break;
 	case MAIL_MIGRATE_OUT:
 		migrate_out(pt, (struct migrate_out_mail *)m, now);
 		free(m);

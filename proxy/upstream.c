@@ -82,6 +82,7 @@ struct upstream {
 	uint64_t last_drain_ms;
 	uint64_t last_progress_ms; /* last confirm, or when the queue became non-empty */
 	bool broker_blocked;
+	bool relink; /* reconnect once nothing is unconfirmed (SIGHUP: new TLS files) */
 	amqp_pool_t scratch;
 	amqp_bytes_t exchange;
 	char name[160];
@@ -507,7 +508,7 @@ static bool publish_some(struct upstream *up, uint64_t now_ms)
 	/* A bounded window keeps the queue in the proxy, where VMs take
 	 * turns, rather than in the socket and the broker, where a busy VM's
 	 * messages would sit in front of everyone else's. */
-	while (up->state == LINK_UP && !up->broker_blocked) {
+	while (up->state == LINK_UP && !up->broker_blocked && !up->relink) {
 		struct upstream_msg *m;
 		int r;
 
@@ -542,10 +543,40 @@ static bool publish_some(struct upstream *up, uint64_t now_ms)
 	return false;
 }
 
-void upstream_kick(struct upstream *up, uint64_t now_ms)
+/* A requested relink happens once every published message is settled:
+ * nothing is republished, nothing is duplicated. The connection is closed
+ * (connection.close sent, close-ok not awaited) and opened again at once on
+ * the same node, reading the TLS files anew. Returns true when it did. */
+static bool relink_if_idle(struct upstream *up, uint64_t now_ms)
 {
-	if (up->state != LINK_UP)
-		return;
+	amqp_connection_close_t cl = { .reply_code = 200 };
+
+	if (!up->relink || up->state != LINK_UP || up->n_unconfirmed > 0)
+		return false;
+	up->relink = false;
+	cl.reply_text = amqp_cstring_bytes("vmproxyd: reconnecting to re-read TLS files");
+	amqp_send_method(up->conn, 0, AMQP_CONNECTION_CLOSE_METHOD, &cl);
+	log_info("thread=%u upstream %s: reconnecting to re-read the TLS files", up->thread_id,
+		 up->st.node);
+	link_close(up);
+	up->state = LINK_DOWN;
+	up->broker_blocked = false;
+	up->reconnect_at = now_ms;
+	up->ops->state_changed(up->ud, false);
+	return true;
+}
+
+void upstream_relink(struct upstream *up, uint64_t now_ms)
+{
+	if (up->state == LINK_DOWN)
+		return; /* the next connect reads the files anyway */
+	up->relink = true;
+	if (up->state == LINK_UP)
+		upstream_kick(up, now_ms);
+}
+
+static void kick(struct upstream *up, uint64_t now_ms)
+{
 	drain(up, now_ms);
 	for (;;) {
 		uint32_t before;
@@ -561,6 +592,14 @@ void upstream_kick(struct upstream *up, uint64_t now_ms)
 			return;
 	}
 	drain(up, now_ms);
+}
+
+void upstream_kick(struct upstream *up, uint64_t now_ms)
+{
+	if (up->state != LINK_UP)
+		return;
+	kick(up, now_ms);
+	relink_if_idle(up, now_ms);
 }
 
 void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now_ms)

@@ -84,6 +84,11 @@ void upstream_mail_discard(struct mail *m);
 /* Publish what the socket can take now, then drain the broker's frames. */
 void upstream_kick(struct upstream *up, uint64_t now_ms);
 
+/* Reconnect (to re-read the TLS files) once every message published on the
+ * link is settled; nothing new is published meanwhile, so nothing is
+ * republished. A link that is down reads them at its next connect. */
+void upstream_relink(struct upstream *up, uint64_t now_ms);
+
 /* Reconnect timer, heartbeats, stuck-link detection. Returns the next
  * deadline (absolute ms). */
 uint64_t upstream_tick(struct upstream *up, uint64_t now_ms);

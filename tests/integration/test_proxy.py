@@ -10,6 +10,7 @@ import signal
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -475,6 +476,65 @@ def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_fac
               with_noise["latency_us"]["max"],
               json.load(open(tmp_path / "noisy.json"))["msgs_per_s"]))
     broker.purge(broker.queue)
+
+
+def test_sighup_relinks_with_rotated_certificate(build_dir, broker, certs, proxy_factory,
+                                                 tmp_path):
+    """Certificate rotation without a restart: new client certificate files,
+    SIGHUP, and every link reconnects once its messages are settled,
+    presenting the new certificate; guests publishing with confirms
+    throughout see nothing, nothing is republished or lost."""
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for f in ("ca.pem", "proxy.pem", "proxy-key.pem"):
+        shutil.copy(certs / f, tls / f)
+    rotated = tmp_path / "rotated"
+    shutil.copytree(certs, rotated)
+    for f in ("proxy.pem", "proxy-key.pem"):
+        os.unlink(rotated / f)
+    subprocess.run(["bash", os.path.join(HERE, "..", "..", "deploy", "gen-certs.sh"),
+                    "--days", "30", str(rotated)], check=True, stdout=subprocess.DEVNULL)
+
+    def validity(pem):
+        return subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(pem)],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert validity(rotated / "proxy.pem") != validity(tls / "proxy.pem")
+
+    def link_validities():
+        out = broker.ctl("list_connections", "user", "peer_cert_validity", "--formatter",
+                         "json", "--quiet").strip()
+        return sorted(c["peer_cert_validity"] for c in json.loads(out or "[]")
+                      if c["user"] == "vmproxyd")
+
+    vms = make_vms(4, base="127.10.5.1")
+    proxy = proxy_factory(vms, threads=2, upstream={"tls": {
+        "ca": str(tls / "ca.pem"), "cert": str(tls / "proxy.pem"),
+        "key": str(tls / "proxy-key.pem"), "verify_hostname": True}}).start()
+    before = link_validities()
+    assert len(before) == 2 and before[0] == before[1], before
+    broker.purge(broker.queue)
+    lg = loadgen(build_dir, proxy, vms, conns=1, count=300, rate=30)
+    wait_for(lambda: sum(t["upstream"]["acked"] for t in proxy.admin("threads")["threads"])
+             > 100, 30, "confirmed traffic")
+    for f in ("proxy.pem", "proxy-key.pem"):
+        shutil.copy(rotated / f, tls / f)
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: all(t["upstream"]["connects"] == 2 and t["upstream"]["up"]
+                         for t in proxy.admin("threads")["threads"]), 30,
+             "both links reconnected")
+    after = wait_for(lambda: (lambda v: len(v) == 2 and v != before and v)(link_validities()),
+                     30, "the broker to see the new certificate on both links")
+    assert after[0] == after[1] and after[0] != before[0], (before, after)
+    assert proxy.log_text().count("reconnecting to re-read the TLS files") == 2
+    rc, out, err = finish(lg, 120)
+    assert rc == 0, out + err
+    assert json.loads(out)["confirmed"] == 4 * 300
+    threads = proxy.admin("threads")["threads"]
+    assert sum(t["upstream"]["republished"] for t in threads) == 0, threads
+    msgs = broker.get_all(broker.queue, timeout=30)
+    keys = [(json.loads(b)["vm"], json.loads(b)["seq"]) for _, _, b in msgs]
+    assert len(keys) == len(set(keys)) == 4 * 300
 
 
 def test_vsock_listener_and_sighup_reopens_log(build_dir, broker, certs, tmp_path):
