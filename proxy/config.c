@@ -154,7 +154,8 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 
 static int parse_identity(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
 {
-	static const char *const keys[] = { "libvirt_uri", "static", "unknown_peers", NULL };
+	static const char *const keys[] = { "libvirt_uri", "libvirt_read_write", "static",
+					    "unknown_peers", NULL };
 	static const char *const entry_keys[] = { "address", "vm", "uuid", NULL };
 	static const char *const policies[] = { "reject", "by_address", NULL };
 	json_t *id = NULL, *arr = NULL, *v;
@@ -171,6 +172,8 @@ static int parse_identity(struct conf_ctx *c, json_t *root, struct proxy_config 
 	r |= conf_check_keys(c, id, "identity", keys);
 	r |= conf_get_string(c, id, "identity", "libvirt_uri", false, &s);
 	cfg->identity.libvirt_uri = dup_or_null(s);
+	r |= conf_get_bool(c, id, "identity", "libvirt_read_write", false,
+			   &cfg->identity.libvirt_read_write);
 	r |= conf_get_enum(c, id, "identity", "unknown_peers", false, policies, &pol);
 	cfg->identity.unknown_peers = (enum unknown_peers)pol;
 	r |= conf_get_array(c, id, "identity", "static", false, &arr);

@@ -52,6 +52,7 @@ struct proxy_config {
 
 	struct {
 		char *libvirt_uri; /* NULL: no libvirt */
+		bool libvirt_read_write; /* default false: a read-only connection */
 		struct static_identity *statics;
 		size_t n_statics;
 		enum unknown_peers unknown_peers;

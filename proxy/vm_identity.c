@@ -147,8 +147,12 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 			vm_identity_free(id);
 			return -EIO;
 		}
-		id->conn = virConnectOpen(cfg->identity.libvirt_uri);
-		if (!id->conn)
+		/* Reading is all vmproxyd does; a read-write connection (root on
+		 * a KVM host) only when asked for, e.g. by tests that destroy a
+		 * domain on the daemon's own connection. */
+		if (cfg->identity.libvirt_read_write)
+			id->conn = virConnectOpen(cfg->identity.libvirt_uri);
+		else
 			id->conn = virConnectOpenReadOnly(cfg->identity.libvirt_uri);
 		if (!id->conn) {
 			snprintf(err, errlen, "identity.libvirt_uri \"%s\": %s",

@@ -77,7 +77,7 @@ static void test_destroyed_domain_closes_its_connections(void **state)
 	fprintf(fp,
 		"{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"guest-a\"},"
 		" {\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"guest-b\", \"mode\": \"0600\"}],"
-		" \"identity\": {\"libvirt_uri\": \"test://%s\"},"
+		" \"identity\": {\"libvirt_uri\": \"test://%s\", \"libvirt_read_write\": true},"
 		" \"threads\": {\"count\": 1},"
 		" \"upstream\": {\"host\": \"127.0.0.1\", \"port\": 9, \"exchange\": \"vm.metrics\","
 		" \"auth\": {\"mechanism\": \"PLAIN\", \"user\": \"u\", \"password\": \"p\"}},"

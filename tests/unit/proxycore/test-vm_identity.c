@@ -52,6 +52,7 @@ static void test_cid_resolution(void **state)
 	char err[300];
 
 	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	cfg.identity.libvirt_read_write = true; /* to destroy a domain below */
 	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
 		fail_msg("vm_identity_new: %s", err);
 	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
@@ -66,6 +67,24 @@ static void test_cid_resolution(void **state)
 	assert_int_equal(vm_identity_destroy_domain(id, "guest-a"), 0);
 	assert_int_equal(vm_identity_by_cid(id, 21, &vm), -ENOENT);
 	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0);
+	vm_identity_free(id);
+}
+
+/* By default the connection is read-only: identities resolve, nothing can
+ * be changed through it. */
+static void test_read_only_by_default(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_int_equal(vm_identity_destroy_domain(id, "guest-a"), -EIO);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
 	vm_identity_free(id);
 }
 
@@ -140,6 +159,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_cid_resolution),
+		cmocka_unit_test(test_read_only_by_default),
 		cmocka_unit_test(test_static_table),
 		cmocka_unit_test(test_unknown_by_address),
 		cmocka_unit_test(test_bad_uri),
