@@ -477,7 +477,8 @@ int main(int argc, char **argv)
 	log_init("vmproxy-consumer", level);
 	if (sink_open(c.dir, "metrics", c.max_file_bytes, NULL, &x.jsonl) < 0 ||
 	    sink_open(c.dir, "quarantine", c.max_file_bytes, NULL, &x.quarantine) < 0 ||
-	    dedup_new(c.dedup_window, &x.dedup) < 0 || vmstate_new((size_t)c.max_vms, c.stale_after, &x.st) < 0) {
+	    dedup_new(c.dedup_window, &x.dedup) < 0 ||
+	    vmstate_new((size_t)c.max_vms, c.stale_after, &x.st) < 0) {
 		log_error("cannot open \"%s\": %s", c.dir, strerror(errno));
 		return 1;
 	}

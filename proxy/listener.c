@@ -121,7 +121,8 @@ static int open_unix(const struct listener_config *lc, struct listener *l, char 
 		}
 		gid = gr->gr_gid;
 	}
-	if (chmod(lc->path, lc->mode) < 0 || (gid != (gid_t)-1 && chown(lc->path, (uid_t)-1, gid) < 0)) {
+	if (chmod(lc->path, lc->mode) < 0 ||
+	    (gid != (gid_t)-1 && chown(lc->path, (uid_t)-1, gid) < 0)) {
 		e = errno;
 		snprintf(err, errlen, "%s: cannot set mode %04o%s%s: %s", l->name, lc->mode,
 			 lc->group ? " and group " : "", lc->group ? lc->group : "", strerror(e));

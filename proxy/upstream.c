@@ -546,16 +546,18 @@ static bool publish_some(struct upstream *up, uint64_t now_ms)
 /* A requested relink happens once every published message is settled:
  * nothing is republished, nothing is duplicated. The connection is closed
  * (connection.close sent, close-ok not awaited) and opened again at once on
- * the same node, reading the TLS files anew. Returns true when it did. */
-static bool relink_if_idle(struct upstream *up, uint64_t now_ms)
+ * the same node, reading the TLS files anew. */
+static void relink_if_idle(struct upstream *up, uint64_t now_ms)
 {
 	amqp_connection_close_t cl = { .reply_code = 200 };
 
 	if (!up->relink || up->state != LINK_UP || up->n_unconfirmed > 0)
-		return false;
+		return;
 	up->relink = false;
 	cl.reply_text = amqp_cstring_bytes("vmproxyd: reconnecting to re-read TLS files");
+	busy_begin(up, now_ms); /* an idle link's socket has room; the watchdog cuts it if not */
 	amqp_send_method(up->conn, 0, AMQP_CONNECTION_CLOSE_METHOD, &cl);
+	busy_end(up);
 	log_info("thread=%u upstream %s: reconnecting to re-read the TLS files", up->thread_id,
 		 up->st.node);
 	link_close(up);
@@ -563,7 +565,6 @@ static bool relink_if_idle(struct upstream *up, uint64_t now_ms)
 	up->broker_blocked = false;
 	up->reconnect_at = now_ms;
 	up->ops->state_changed(up->ud, false);
-	return true;
 }
 
 void upstream_relink(struct upstream *up, uint64_t now_ms)
