@@ -165,9 +165,11 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
         print("%s: %d samples acked, all stored once; %d more stored whose confirm the "
               "guest never saw" % (fault, len(want), extra))
         assert "link up" in proxy.log_text()
+        consumer.stop()  # exits 0 after its last batch
     finally:
         for p in guests:
             p.kill()
             p.wait()
-        consumer.stop() if consumer.proc else None
+        if consumer.proc and consumer.proc.poll() is None:
+            consumer.kill()
         proxy.stop()
