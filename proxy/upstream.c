@@ -545,8 +545,9 @@ static bool publish_some(struct upstream *up, uint64_t now_ms)
 
 /* A requested relink happens once every published message is settled:
  * nothing is republished, nothing is duplicated. The connection is closed
- * (connection.close sent, close-ok not awaited) and opened again at once on
- * the same node, reading the TLS files anew. */
+ * (connection.close sent, close-ok not awaited) and opened again at once,
+ * reading the TLS files anew, on the link's home node (where it started):
+ * links that failed over come back once their node has returned. */
 static void relink_if_idle(struct upstream *up, uint64_t now_ms)
 {
 	amqp_connection_close_t cl = { .reply_code = 200 };
@@ -564,6 +565,8 @@ static void relink_if_idle(struct upstream *up, uint64_t now_ms)
 	up->state = LINK_DOWN;
 	up->broker_blocked = false;
 	up->reconnect_at = now_ms;
+	up->node = up->cfg->upstream.n_hosts ? up->spread % up->cfg->upstream.n_hosts : 0;
+	up->node_tries = 0;
 	up->ops->state_changed(up->ud, false);
 }
 

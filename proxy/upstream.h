@@ -84,9 +84,10 @@ void upstream_mail_discard(struct mail *m);
 /* Publish what the socket can take now, then drain the broker's frames. */
 void upstream_kick(struct upstream *up, uint64_t now_ms);
 
-/* Reconnect (to re-read the TLS files) once every message published on the
- * link is settled; nothing new is published meanwhile, so nothing is
- * republished. A link that is down reads them at its next connect. */
+/* Reconnect (to re-read the TLS files, and to return to the link's home
+ * node after a failover) once every message published on the link is
+ * settled; nothing new is published meanwhile, so nothing is republished.
+ * A link that is down reads the files at its next connect. */
 void upstream_relink(struct upstream *up, uint64_t now_ms);
 
 /* Reconnect timer, heartbeats, stuck-link detection. Returns the next

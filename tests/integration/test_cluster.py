@@ -8,6 +8,8 @@ links (which is also the consumer's first node):
   from the fault to that point is printed (FAILOVER lines);
 - every guest stays connected throughout (pika reports no error) and keeps
   getting confirms while the node is gone;
+- once the node is back, a reload (SIGHUP) returns every link to its home
+  node while the guests keep publishing;
 - every sample confirmed to a guest is stored by the consumer exactly once
   (republished duplicates are removed by its deduplication), stamped with
   the publishing VM's identity.
@@ -15,6 +17,7 @@ links (which is also the consumer's first node):
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,7 +93,8 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
         proxy.start(timeout=60)
         consumer.start()
         cluster.wait_members("vm.metrics.cluster-" + fault, len(cluster.nodes))
-        per_port = collections.Counter(node_port(l) for l in links(proxy))
+        home = [node_port(l) for l in links(proxy)]
+        per_port = collections.Counter(home)
         assert len(per_port) == len(cluster.nodes), "links not spread: %s" % per_port
         guests = start_guests(proxy, vms)
         wait_for(lambda: acked_total(proxy) >= VMS * RATE * 2, 60, "confirmed traffic")
@@ -133,6 +137,12 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
         else:
             victim.thaw()
         cluster.ensure_running()
+        # Links stay where they failed over to until a reload sends each one
+        # home once its published messages are confirmed.
+        assert all(node_port(l) != port for l in links(proxy))
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: [node_port(l) for l in links(proxy)] == home and
+                 all(l["up"] for l in links(proxy)), 60, "every link back on its home node")
         before = acked_total(proxy)
         wait_for(lambda: acked_total(proxy) >= before + VMS * RATE * 2, 60,
                  "confirms with the node back")
