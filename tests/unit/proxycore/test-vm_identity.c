@@ -120,6 +120,30 @@ static void test_static_table(void **state)
 	vm_identity_free(id);
 }
 
+/* A TCP peer not in the static table is looked up in libvirt's DHCP
+ * leases: the test driver reports 192.168.122.3 for guest-a's NIC on the
+ * node file's "default" network. */
+static void test_dhcp_lease(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	struct sockaddr_in leased = v4("192.168.122.3"), other = v4("192.168.122.200");
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&leased, sizeof(leased),
+						&vm),
+			 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_string_equal(vm.uuid, "11111111-2222-4333-8444-555555555501");
+	assert_int_equal(vm.cid, 21);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&other, sizeof(other), &vm),
+			 -ENOENT);
+	vm_identity_free(id);
+}
+
 static void test_unknown_by_address(void **state)
 {
 	struct vm_identity *id;
@@ -161,6 +185,7 @@ int main(void)
 		cmocka_unit_test(test_cid_resolution),
 		cmocka_unit_test(test_read_only_by_default),
 		cmocka_unit_test(test_static_table),
+		cmocka_unit_test(test_dhcp_lease),
 		cmocka_unit_test(test_unknown_by_address),
 		cmocka_unit_test(test_bad_uri),
 	};
