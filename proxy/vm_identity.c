@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "clock.h"
 #include "log.h"
 
 #define MAX_CIDS 65536
@@ -34,10 +35,26 @@ struct cid_entry {
 	struct vm_info vm;
 };
 
+/* Addresses whose lease scan found nothing are not scanned again for a
+ * while: every scan costs one libvirt call per running domain on the
+ * acceptor thread, and a guest must not be able to make the proxy pay that
+ * on every connection attempt. A lifecycle event empties it. */
+#define NO_LEASE_SLOTS 256
+#define NO_LEASE_TTL_MS 10000
+
+struct no_lease {
+	int family;
+	uint8_t addr[16];
+	uint64_t until_ms;
+};
+
 struct vm_identity {
 	const struct proxy_config *cfg;
 	virConnectPtr conn;
-	pthread_mutex_t lock; /* the CID cache */
+	pthread_mutex_t lock; /* the CID cache and the no-lease cache */
+	struct no_lease no_lease[NO_LEASE_SLOTS];
+	size_t no_lease_next;
+	atomic_uint_fast64_t lease_scans;
 	struct cid_entry *cids;
 	size_t ncids;
 	bool cids_valid;
@@ -303,6 +320,39 @@ static int by_leases(struct vm_identity *id, const char *text, struct vm_info *o
 	return r;
 }
 
+static bool no_lease_known(struct vm_identity *id, int family, const uint8_t *addr)
+{
+	uint64_t now = clock_mono_ms();
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < NO_LEASE_SLOTS && !hit; i++) {
+		const struct no_lease *e = &id->no_lease[i];
+		hit = e->until_ms > now && e->family == family &&
+		      memcmp(e->addr, addr, family == AF_INET ? 4 : 16) == 0;
+	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
+}
+
+static void no_lease_add(struct vm_identity *id, int family, const uint8_t *addr)
+{
+	struct no_lease *e;
+
+	pthread_mutex_lock(&id->lock);
+	e = &id->no_lease[id->no_lease_next];
+	id->no_lease_next = (id->no_lease_next + 1) % NO_LEASE_SLOTS;
+	e->family = family;
+	memcpy(e->addr, addr, 16);
+	e->until_ms = clock_mono_ms() + NO_LEASE_TTL_MS;
+	pthread_mutex_unlock(&id->lock);
+}
+
+uint64_t vm_identity_lease_scans(struct vm_identity *id)
+{
+	return atomic_load(&id->lease_scans);
+}
+
 int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
 			   struct vm_info *out)
 {
@@ -333,8 +383,12 @@ int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, so
 		}
 	}
 	inet_ntop(family, addr, text, sizeof(text));
-	if (by_leases(id, text, out) == 0)
-		return 0;
+	if (id->conn && !no_lease_known(id, family, addr)) {
+		atomic_fetch_add(&id->lease_scans, 1);
+		if (by_leases(id, text, out) == 0)
+			return 0;
+		no_lease_add(id, family, addr);
+	}
 	if (id->cfg->identity.unknown_peers == UNKNOWN_PEERS_BY_ADDRESS) {
 		memset(out, 0, sizeof(*out));
 		snprintf(out->name, sizeof(out->name), "addr-%s", text);
@@ -369,6 +423,7 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
 	snprintf(vm.name, sizeof(vm.name), "%s", name ? name : "?");
 	pthread_mutex_lock(&id->lock);
 	id->cids_valid = false; /* any change: rescan on the next lookup */
+	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
 	pthread_mutex_unlock(&id->lock);
 	if (event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED) {
 		log_info("vm=%s: libvirt reports it %s", vm.name,

@@ -39,6 +39,11 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
 			   struct vm_info *out);
 
+/* How many DHCP lease scans vm_identity_by_address has made (each costs a
+ * libvirt call per running domain); an address without a lease is not
+ * scanned again for 10 s, or until a lifecycle event. */
+uint64_t vm_identity_lease_scans(struct vm_identity *id);
+
 /* Resolve a VM by name or uuid (per-VM Unix sockets, static entries). */
 int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out);
 

@@ -128,6 +128,7 @@ static void test_dhcp_lease(void **state)
 	struct vm_identity *id;
 	struct vm_info vm;
 	struct sockaddr_in leased = v4("192.168.122.3"), other = v4("192.168.122.200");
+	uint64_t scans;
 	char err[300];
 
 	setup_cfg(true, UNKNOWN_PEERS_REJECT);
@@ -141,6 +142,14 @@ static void test_dhcp_lease(void **state)
 	assert_int_equal(vm.cid, 21);
 	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&other, sizeof(other), &vm),
 			 -ENOENT);
+	/* An address without a lease is not scanned again at once: a guest
+	 * retrying from it costs no libvirt calls. */
+	scans = vm_identity_lease_scans(id);
+	for (int i = 0; i < 100; i++)
+		assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&other,
+							sizeof(other), &vm),
+				 -ENOENT);
+	assert_int_equal(vm_identity_lease_scans(id), scans);
 	vm_identity_free(id);
 }
 
