@@ -56,6 +56,7 @@ struct chan {
 	bool closing; /* we sent channel.close, waiting for close-ok */
 	bool crossed; /* ... and the guest's own channel.close came meanwhile */
 	bool confirm;
+	bool acks_due; /* settled tags not yet acked to the guest */
 	/* Confirm window: tags in [low, next_tag] not yet acked to the guest;
 	 * win[tag % cap] is 0 unsettled, 1 acked, 2 nacked. */
 	uint64_t next_tag, low;
@@ -91,6 +92,7 @@ struct guest_session {
 	bool dropped;	 /* output is discarded from now on */
 	bool rx_paused;	 /* the caller does not read: no receive timeout */
 	bool lost_sync;	 /* bad framing: the rest of this feed is discarded */
+	bool acks_due;	 /* some channel has settled tags to ack */
 	uint64_t now_ms; /* the latest time the caller passed in */
 	uint16_t close_code;
 	char close_text[256];
@@ -183,14 +185,19 @@ static void out_raw(struct guest_session *s, const void *p, size_t n)
 	s->out_len += n;
 }
 
+static void flush_due_acks(struct guest_session *s);
+
 /* Encode METHOD_ID with DECODED arguments as a method frame on CHANNEL. */
 static void send_method(struct guest_session *s, uint16_t channel, amqp_method_number_t id,
 			void *decoded)
 {
 	uint8_t buf[4096];
 	amqp_bytes_t enc = { sizeof(buf) - 12, buf + 11 };
-	int n = amqp_encode_method(id, decoded, enc);
+	int n;
 
+	/* Acks settled earlier go out before anything sent after them. */
+	flush_due_acks(s);
+	n = amqp_encode_method(id, decoded, enc);
 	if (n < 0) {
 		drop(s, "cannot encode a reply");
 		return;
@@ -412,6 +419,24 @@ static void chan_flush_acks(struct guest_session *s, struct chan *c)
 		for (uint64_t t = c->low; t <= end; t++)
 			c->win[t % c->cap] = 0;
 		c->low = end + 1;
+	}
+}
+
+/* Settled tags are acked when the output is next taken (or before any
+ * other frame), so the confirms of one loop iteration become as few
+ * "multiple" acks as the tags allow. */
+static void flush_due_acks(struct guest_session *s)
+{
+	if (!s->acks_due)
+		return;
+	s->acks_due = false;
+	for (uint16_t i = 0; i < s->nchans; i++) {
+		struct chan *c = s->chans[i];
+
+		if (c->acks_due) {
+			c->acks_due = false;
+			chan_flush_acks(s, c);
+		}
 	}
 }
 
@@ -1538,6 +1563,7 @@ size_t guest_session_output(struct guest_session *s, const void **data)
 {
 	static const uint8_t nothing;
 
+	flush_due_acks(s);
 	if (s->out_len == s->out_off) {
 		/* s->out may be NULL: no arithmetic on it; callers still get a
 		 * valid pointer for their zero-length copies. */
@@ -1577,7 +1603,8 @@ int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t cha
 	    c->win[delivery_tag % c->cap] != 0)
 		return -ENOENT;
 	c->win[delivery_tag % c->cap] = ack ? 1 : 2;
-	chan_flush_acks(s, c);
+	c->acks_due = true;
+	s->acks_due = true;
 	return 0;
 }
 

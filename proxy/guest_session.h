@@ -98,8 +98,10 @@ size_t guest_session_output(struct guest_session *s, const void **data);
 void guest_session_output_consumed(struct guest_session *s, size_t n, uint64_t now_ms);
 
 /* Settle a publish that was announced with confirm=true: ACK false nacks.
- * Acks go out in delivery-tag order; "multiple" never covers a tag that is
- * not settled. Settling a closed channel's generation is a no-op.
+ * Acks go out in delivery-tag order, when the output is next taken (or
+ * before any other frame), so that the settlements of one loop iteration
+ * coalesce into "multiple" acks; "multiple" never covers a tag that is not
+ * settled. Settling a closed channel's generation is a no-op.
  * Returns 0 or -ENOENT for an unknown tag. */
 int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
 			 uint64_t delivery_tag, bool ack);
@@ -114,7 +116,8 @@ void guest_session_close(struct guest_session *s, uint16_t code, const char *tex
 void guest_session_set_blocked(struct guest_session *s, bool blocked, const char *reason);
 
 /* False while the session is at a bound (output buffer above half its
- * limit, a channel at max_unconfirmed) or closing: stop reading the socket. */
+ * limit, a channel at max_unconfirmed: settled tags count until their acks
+ * are taken with the output) or closing: stop reading the socket. */
 bool guest_session_wants_read(const struct guest_session *s);
 
 /* The caller stopped (READING false) or resumed reading the socket at

@@ -685,6 +685,38 @@ static void test_settle_out_of_order(void **state)
 	assert_false(a->multiple);
 }
 
+/* The settlements of one loop iteration (between two takes of the output)
+ * go out as one "multiple" ack, on each channel, not one frame per tag. */
+static void test_settle_batch_coalesced(void **state)
+{
+	struct fx *f = *state;
+	uint32_t gen1, gen2;
+	amqp_basic_ack_t *a;
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, true);
+	open_channel(f, 2, true);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(publish(f, 1, "metrics", "k", "m"), 0);
+	gen1 = last_event(f, GUEST_EVENT_PUBLISH)->gen;
+	for (int i = 0; i < 5; i++)
+		assert_int_equal(publish(f, 2, "metrics", "k", "m"), 0);
+	gen2 = last_event(f, GUEST_EVENT_PUBLISH)->gen;
+	for (uint64_t t = 1; t <= 50; t++)
+		assert_int_equal(guest_session_settle(f->s, 1, gen1, t, true), 0);
+	for (uint64_t t = 1; t <= 5; t++)
+		assert_int_equal(guest_session_settle(f->s, 2, gen2, t, true), 0);
+	drain(f);
+	assert_int_equal(f->nfr, 2);
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(f->fr[i].id, AMQP_BASIC_ACK_METHOD);
+		a = f->fr[i].decoded;
+		assert_true(a->multiple);
+		assert_int_equal(a->delivery_tag, f->fr[i].ch == 1 ? 50 : 5);
+	}
+	assert_int_not_equal(f->fr[0].ch, f->fr[1].ch);
+}
+
 static void test_nack(void **state)
 {
 	struct fx *f = *state;
@@ -1682,6 +1714,7 @@ static void test_output_bound(void **state)
 		publish(f, 1, "metrics", "k", "m");
 		e = last_event(f, GUEST_EVENT_PUBLISH);
 		guest_session_settle(f->s, 1, e->gen, e->tag, true);
+		guest_session_output(f->s, &p); /* the ack is queued when output is taken */
 		if (!guest_session_wants_read(f->s) && count_events(f, GUEST_EVENT_CLOSED) == 0) {
 			assert_true(guest_session_output(f->s, &p) > 1024);
 			saw_backoff = true;
@@ -1709,8 +1742,10 @@ static void test_max_unconfirmed(void **state)
 	assert_false(guest_session_wants_read(f->s));
 	e = last_event(f, GUEST_EVENT_PUBLISH);
 	assert_int_equal(guest_session_settle(f->s, 1, e->gen, 1, true), 0);
-	assert_true(guest_session_wants_read(f->s));
+	/* The window opens once the ack is taken with the output. */
+	assert_false(guest_session_wants_read(f->s));
 	expect_one_method(f, 1, AMQP_BASIC_ACK_METHOD);
+	assert_true(guest_session_wants_read(f->s));
 	/* A channel without confirms is not bounded this way. */
 	open_channel(f, 2, false);
 	for (int i = 0; i < 10; i++)
@@ -1855,6 +1890,7 @@ int main(void)
 	        T(test_interleaved_content),
 	        T(test_byte_at_a_time),
 	        T(test_settle_out_of_order),
+	        T(test_settle_batch_coalesced),
 	        T(test_nack),
 	        T(test_settle_closed_generation),
 	        T(test_client_close),
