@@ -592,9 +592,6 @@ static void on_timer(struct vmproxy *p)
 	bool alive = true;
 
 	for (unsigned i = 0; i < p->nthreads; i++) {
-		if (poll_thread_watchdog(p->threads[i], now, p->cfg->upstream.stuck_timeout_ms))
-			log_error("thread=%u: upstream call stuck for more than %u ms: link shut down",
-				  i, p->cfg->upstream.stuck_timeout_ms);
 		if (now - atomic_load(&poll_thread_gauges(p->threads[i])->loop_ms) > 10000)
 			alive = false;
 	}

@@ -9,7 +9,7 @@
 /* What a poll thread's mailbox carries (struct mail.type). */
 enum mail_type {
 	MAIL_NEW_CONN,		 /* acceptor: a delegated guest connection */
-	MAIL_UPSTREAM_CONNECTED, /* helper: the result of an upstream connect */
+	MAIL_UPSTREAM_RESOLVED,	 /* helper: broker address and TLS context for a link */
 	MAIL_VM_GONE,		 /* libvirt: close a VM's connections with 320 */
 	MAIL_QUERY,		 /* admin: report what the thread owns */
 	MAIL_PAUSE,		 /* shutdown: stop reading guests, keep settling */

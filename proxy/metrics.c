@@ -182,6 +182,22 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 	per_thread(&b, threads, "vmproxy_upstream_broker_blocked", "gauge",
 		   "1 while the broker has blocked the link (resource alarm).", "broker_blocked",
 		   true);
+	per_thread(&b, threads, "vmproxy_upstream_writes_total", "counter",
+		   "Write calls (SSL_write, or send without TLS) on the link.", "writes", true);
+	per_thread(&b, threads, "vmproxy_upstream_reads_total", "counter",
+		   "Read calls (SSL_read, or recv without TLS) on the link.", "reads", true);
+	prom_family(&b, "vmproxy_upstream_refusals_total", "counter",
+		    "Links the broker closed with a 4xx or 5xx reply code, by code.");
+	json_array_foreach(threads, i, t) {
+		json_t *r, *refusals = json_object_get(json_object_get(t, "upstream"), "refusals");
+		const char *code;
+		char th[24];
+
+		snprintf(th, sizeof(th), "%zu", i);
+		json_object_foreach(refusals, code, r)
+			prom_sample(&b, "vmproxy_upstream_refusals_total", json_number_value(r),
+				    "thread", th, "code", code, NULL);
+	}
 
 	if (per_vm) {
 		static const struct {

@@ -44,6 +44,7 @@ struct vm_state {
 	uint64_t held_bytes, held_msgs;
 	struct upstream_msg *pend_head, *pend_tail; /* waiting for the link */
 	struct vm_state *ring_next;		    /* in the active ring */
+	uint32_t inflight; /* published on the link, not yet confirmed */
 	bool in_ring;
 	bool blocked; /* over its unconfirmed-bytes bound */
 	bool migrating; /* quiescing: not read, waiting for confirms */
@@ -76,12 +77,13 @@ struct poll_thread {
 	uint32_t nconns;
 	struct guest_conn *dirty;
 	struct vm_state *ring_head, *ring_tail; /* VMs with messages waiting */
+	uint32_t ring_len;
+	struct vm_state *pick, *pick_prev; /* what op_peek chose, for op_pop */
 	struct vm_state *migrating;
 	uint64_t msgs_in, bytes_in, msgs_out, bytes_out, migrations_in, migrations_out;
 	uint64_t busy_ns, busy_max_ns; /* loop time spent working, since the last report */
 
 	struct guest_conn *cur; /* the connection whose engine is running */
-	bool kick;		/* new messages for the link */
 	bool stopping;
 	bool paused; /* draining: guests are no longer read */
 	bool started;
@@ -238,44 +240,36 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 
 /* ---- the link's view of the queues ------------------------------------- */
 
+/* The first VM of the ring still under its share of the link's window.
+ * While several VMs have messages waiting, none may hold more than
+ * max_in_flight / min(waiting VMs, 4) unconfirmed on the link: a VM
+ * publishing flat out cannot fill the window (and the broker's queue in
+ * front of everyone else's messages) while others wait. At most four VMs
+ * can be at their share at once, so the scan is short. */
 static struct upstream_msg *op_peek(void *ud)
 {
 	struct poll_thread *pt = ud;
+	uint32_t window = pt->sh->cfg->upstream.max_in_flight;
+	uint32_t share = UINT32_MAX;
+	struct vm_state *prev = NULL;
 
-	return pt->ring_head ? pt->ring_head->pend_head : NULL;
-}
-
-static void op_pop(void *ud, struct upstream_msg *m)
-{
-	struct poll_thread *pt = ud;
-	struct vm_state *v = pt->ring_head;
-
-	pt->msgs_out++;
-	pt->bytes_out += m->body_len;
-	v->pend_head = m->next;
-	if (!v->pend_head)
-		v->pend_tail = NULL;
-	m->next = NULL;
-	/* Rotate: the next message comes from the next VM. */
-	pt->ring_head = v->ring_next;
-	if (!pt->ring_head)
-		pt->ring_tail = NULL;
-	v->ring_next = NULL;
-	v->in_ring = false;
-	if (v->pend_head) {
-		v->in_ring = true;
-		if (pt->ring_tail)
-			pt->ring_tail->ring_next = v;
-		else
-			pt->ring_head = v;
-		pt->ring_tail = v;
+	if (pt->ring_len > 1) {
+		share = window / (pt->ring_len < 4 ? pt->ring_len : 4);
+		if (share == 0)
+			share = 1;
 	}
+	for (struct vm_state *v = pt->ring_head; v; prev = v, v = v->ring_next) {
+		if (v->inflight < share) {
+			pt->pick = v;
+			pt->pick_prev = prev;
+			return v->pend_head;
+		}
+	}
+	return NULL;
 }
 
-static void ring_add(struct poll_thread *pt, struct vm_state *v)
+static void ring_append(struct poll_thread *pt, struct vm_state *v)
 {
-	if (v->in_ring)
-		return;
 	v->in_ring = true;
 	v->ring_next = NULL;
 	if (pt->ring_tail)
@@ -283,6 +277,40 @@ static void ring_add(struct poll_thread *pt, struct vm_state *v)
 	else
 		pt->ring_head = v;
 	pt->ring_tail = v;
+	pt->ring_len++;
+}
+
+static void op_pop(void *ud, struct upstream_msg *m)
+{
+	struct poll_thread *pt = ud;
+	struct vm_state *v = pt->pick, *prev = pt->pick_prev;
+
+	pt->msgs_out++;
+	pt->bytes_out += m->body_len;
+	v->inflight++;
+	v->pend_head = m->next;
+	if (!v->pend_head)
+		v->pend_tail = NULL;
+	m->next = NULL;
+	/* Rotate: the next message comes from the next VM. */
+	if (prev)
+		prev->ring_next = v->ring_next;
+	else
+		pt->ring_head = v->ring_next;
+	if (pt->ring_tail == v)
+		pt->ring_tail = prev;
+	v->ring_next = NULL;
+	v->in_ring = false;
+	pt->ring_len--;
+	pt->pick = pt->pick_prev = NULL;
+	if (v->pend_head)
+		ring_append(pt, v);
+}
+
+static void ring_add(struct poll_thread *pt, struct vm_state *v)
+{
+	if (!v->in_ring)
+		ring_append(pt, v);
 }
 
 static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
@@ -291,6 +319,7 @@ static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
 	struct guest_conn *c = m->conn;
 	struct vm_state *v = m->vm;
 
+	v->inflight--;
 	if (ack)
 		v->acked++;
 	else
@@ -310,12 +339,12 @@ static void op_requeue(void *ud, struct upstream_msg *m)
 	struct poll_thread *pt = ud;
 	struct vm_state *v = m->vm;
 
+	v->inflight--;
 	m->next = v->pend_head;
 	v->pend_head = m;
 	if (!v->pend_tail)
 		v->pend_tail = m;
 	ring_add(pt, v);
-	pt->kick = true;
 }
 
 static void op_state_changed(void *ud, bool up)
@@ -443,7 +472,6 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 		v->pend_head = m;
 	v->pend_tail = m;
 	ring_add(pt, v);
-	pt->kick = true;
 	check_bounds(pt, v);
 }
 
@@ -918,6 +946,18 @@ static json_t *report(struct poll_thread *pt)
 	json_object_set_new(link, "unconfirmed", json_integer(st.unconfirmed));
 	json_object_set_new(link, "broker_blocked", json_boolean(st.broker_blocked));
 	json_object_set_new(link, "last_error", json_string(st.last_error));
+	json_object_set_new(link, "writes", json_integer((json_int_t)st.writes));
+	json_object_set_new(link, "reads", json_integer((json_int_t)st.reads));
+	{
+		json_t *ref = json_object();
+		for (size_t i = 0; i < UPSTREAM_REFUSAL_CODES && st.refusals[i].code; i++) {
+			char code[8];
+			snprintf(code, sizeof(code), "%u", st.refusals[i].code);
+			json_object_set_new(ref, code,
+					    json_integer((json_int_t)st.refusals[i].count));
+		}
+		json_object_set_new(link, "refusals", ref);
+	}
 	json_object_set_new(o, "thread", json_integer(pt->id));
 	json_object_set_new(o, "cpu", json_integer(pt->cpu));
 	json_object_set_new(o, "connections", json_integer(pt->nconns));
@@ -950,7 +990,7 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		if (adopt_conn(pt, (struct new_conn_mail *)m, now))
 			free(m);
 		break;
-	case MAIL_UPSTREAM_CONNECTED:
+	case MAIL_UPSTREAM_RESOLVED:
 		if (pt->stopping)
 			upstream_mail_discard(m);
 		else
@@ -1072,10 +1112,8 @@ static void *poll_main(void *arg)
 				conn_handle_events(pt, p, evs[i].events, now);
 			}
 		}
-		if (pt->kick) {
-			pt->kick = false;
-			upstream_kick(pt->up, now);
-		}
+		/* One write to the link per iteration, whatever woke it. */
+		upstream_kick(pt->up, now);
 		flush_dirty(pt, now);
 		if (pt->migrating)
 			process_migrations(pt, now);
@@ -1170,11 +1208,6 @@ const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)
 	return &pt->g;
 }
 
-bool poll_thread_watchdog(struct poll_thread *pt, uint64_t now_ms, uint64_t stuck_ms)
-{
-	return upstream_watchdog(pt->up, now_ms, stuck_ms);
-}
-
 static void discard_mail(struct mail *m)
 {
 	switch ((enum mail_type)m->type) {
@@ -1182,7 +1215,7 @@ static void discard_mail(struct mail *m)
 		close(((struct new_conn_mail *)m)->fd);
 		free(m);
 		break;
-	case MAIL_UPSTREAM_CONNECTED:
+	case MAIL_UPSTREAM_RESOLVED:
 		upstream_mail_discard(m);
 		break;
 	case MAIL_QUERY: {

@@ -113,5 +113,3 @@ void poll_thread_free(struct poll_thread *pt);
 
 const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt);
 
-/* For the watchdog thread: see upstream_watchdog. */
-bool poll_thread_watchdog(struct poll_thread *pt, uint64_t now_ms, uint64_t stuck_ms);

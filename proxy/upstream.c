@@ -1,20 +1,30 @@
 /* upstream.c -- see upstream.h.
  *
- * rabbitmq-c writes block without a timeout, so a publish is attempted only
- * when the socket's send queue has room for the whole message plus slack
- * (SO_MEMINFO: queued bytes against the send buffer; a SIOCOUTQ-based check
- * ignores per-segment overhead and lets writes block). The send buffer is
- * fixed large enough for the biggest allowed message, so the check can
- * always pass once the broker reads. Frames rabbitmq-c already buffered do
- * not wake epoll, hence the drain loop after every wake-up and publish. A
- * connection that returned an error is destroyed, never reused. */
+ * The link is one more event source of its poll thread: a non-blocking
+ * socket and OpenSSL object in the thread's epoll (edge-triggered, read
+ * and write interest registered once), driven through its states by
+ * readiness and by deadlines that upstream_tick checks. Only what can block
+ * by nature runs on a helper thread: name resolution and loading the TLS
+ * files into an SSL_CTX; the result comes back as mail.
+ *
+ * Write path: publishes are appended to the protocol engine's output
+ * buffer (upstream_proto) and written once per loop iteration with as few
+ * SSL_write calls as the data needs; OpenSSL cuts records of up to 16 KiB.
+ * A full socket (WANT_WRITE) keeps the buffer and the next EPOLLOUT edge
+ * continues; a full buffer pauses publishing. Read path: on EPOLLIN,
+ * SSL_read until WANT_READ, and confirms settle messages through a ring
+ * indexed by delivery tag. */
 #include "upstream.h"
 
-#include <amqp.h>
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <arpa/inet.h>
 #include <stdarg.h>
-#include <linux/sock_diag.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,32 +33,47 @@
 #include <unistd.h>
 
 #include "backoff.h"
-#include "broker.h"
 #include "clock.h"
 #include "log.h"
+#include "upstream_proto.h"
 
-#ifndef SO_MEMINFO
-#define SO_MEMINFO 55
-#endif
-
-#define UPSTREAM_CHANNEL 1
-#define PUBLISH_SLACK	 8192
-#define DRAIN_EVERY	 64 /* publishes between drains inside one kick */
+#define OUTPUT_MAX	  (256u << 10) /* unsent bytes past which publishing pauses */
+#define READ_BUF	  (64u << 10)
+#define READS_PER_WAKE	  16	  /* then the loop comes back to the link next time */
+#define CLOSE_TIMEOUT_MS  2000	  /* waiting for close-ok on a planned reconnect */
+#define SESSION_OK_MS	  60000	  /* a link up this long resets the backoff by itself */
 
 enum link_state {
 	LINK_DOWN,
-	LINK_CONNECTING,
+	LINK_RESOLVING,	 /* helper: getaddrinfo and the TLS files */
+	LINK_CONNECTING, /* non-blocking connect() in progress */
+	LINK_TLS,	 /* TLS handshake */
+	LINK_AMQP,	 /* AMQP handshake up to confirm.select-ok */
 	LINK_UP,
+	LINK_CLOSING, /* planned reconnect: connection.close sent */
 };
 
-struct connect_job {
+static const char *const state_names[] = {
+	[LINK_DOWN] = "down",
+	[LINK_RESOLVING] = "resolving the broker's address",
+	[LINK_CONNECTING] = "connecting",
+	[LINK_TLS] = "in the TLS handshake",
+	[LINK_AMQP] = "in the AMQP handshake",
+	[LINK_UP] = "up",
+	[LINK_CLOSING] = "closing",
+};
+
+/* Runs on a helper: everything about a connect that may block. */
+struct resolve_job {
 	struct helper_job job;
 	struct mail mail;
 	struct mailbox *mb;
-	struct broker_opts opts;
-	char name[160];
-	int sndbuf;
-	amqp_connection_state_t conn;
+	const struct proxy_config *cfg;
+	uint64_t gen;
+	char host[256];
+	char port[8];
+	struct addrinfo *ai;
+	SSL_CTX *ctx;
 	int r;
 	char err[300];
 };
@@ -63,30 +88,39 @@ struct upstream {
 	void *ud;
 
 	enum link_state state;
-	amqp_connection_state_t conn;
-	_Atomic int fd;
-	/* Held by the watchdog from reading fd to its shutdown(), and by the
-	 * owner while it retires fd before closing it: the watchdog never
-	 * shuts down a descriptor number that was closed and reused. */
-	pthread_mutex_t fd_lock;
-	_Atomic uint64_t busy_since_ms; /* a rabbitmq-c call is running since */
-	uint64_t next_tag;
-	struct upstream_msg *unc_head, *unc_tail;
+	int fd;
+	SSL_CTX *ctx;
+	SSL *ssl;
+	struct addrinfo *ai, *ai_cur;
+	char server_name[256];
+	struct upstream_proto proto;
+	bool proto_live;
+	uint64_t resolve_gen; /* of the resolve whose answer is awaited */
+	struct upstream_proto_config pcfg;
+	uint64_t deadline; /* of the current connect, handshake or close */
+	uint64_t up_since;
+	bool read_more;	   /* the read budget ran out with data possibly left */
+	bool session_ok;   /* this connection got a confirm: the backoff resets */
+
+	/* Published and not yet handed back, by delivery tag: the message with
+	 * tag t is ring[t & ring_mask], for low_tag <= t <= proto.next_tag. */
+	struct upstream_msg **ring;
+	uint64_t ring_mask;
+	uint64_t low_tag;
 	uint32_t n_unconfirmed;
+
 	struct backoff backoff;
 	uint64_t reconnect_at;
 	size_t node;	    /* index into cfg->upstream.hosts */
 	size_t node_tries;  /* failed connects since the last full round */
 	size_t round_first; /* the node whose failure began this round */
 	uint32_t spread;    /* fixed per host and link: where it starts and moves */
-	uint64_t last_drain_ms;
-	uint64_t last_progress_ms; /* last confirm, or when the queue became non-empty */
+	uint64_t last_progress_ms; /* last confirm, or when the ring became non-empty */
 	bool broker_blocked;
 	bool relink; /* reconnect once nothing is unconfirmed (SIGHUP: new TLS files) */
-	amqp_pool_t scratch;
-	amqp_bytes_t exchange;
 	char name[160];
 	struct upstream_stats st;
+	uint8_t rbuf[READ_BUF];
 };
 
 uint32_t upstream_link_spread(const char *hostname, unsigned thread_id)
@@ -98,48 +132,129 @@ uint32_t upstream_link_spread(const char *hostname, unsigned thread_id)
 	return (h >> 8) + thread_id;
 }
 
-static int sndbuf_for(const struct proxy_config *cfg)
+size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_t n)
 {
-	uint64_t want = 2 * cfg->guest.max_message_bytes + (256u << 10);
-
-	if (want < (4u << 20))
-		want = 4u << 20;
-	if (want > (512u << 20))
-		want = 512u << 20;
-	return (int)want;
+	if (n <= 1 || tries % n == 0)
+		return n ? first % n : 0;
+	return (first + (spread / n + tries % n - 1) % (n - 1) + 1) % n;
 }
 
-static void connect_run(struct helper_job *job)
-{
-	struct connect_job *cj = (struct connect_job *)job;
+/* ---- OpenSSL errors, translated at this boundary ------------------------------- */
 
-	cj->r = broker_connect(&cj->opts, &cj->conn, cj->err, sizeof(cj->err));
-	if (cj->r == 0) {
-		cj->r = broker_channel_open(cj->conn, UPSTREAM_CHANNEL, true, cj->err,
-					    sizeof(cj->err));
-		if (cj->r == 0) {
-			int fd = amqp_get_sockfd(cj->conn);
-			/* Fixed, so the publish guard can always be met. */
-			if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &cj->sndbuf,
-				       sizeof(cj->sndbuf)) < 0)
-				log_warn("%s: SO_SNDBUF: %s", cj->name, strerror(errno));
-		} else {
-			amqp_destroy_connection(cj->conn);
-			cj->conn = NULL;
+/* The OpenSSL error queue (or errno for a syscall error) as text. */
+static const char *tls_error(char *buf, size_t len, int ssl_err)
+{
+	unsigned long e = ERR_get_error();
+
+	if (e) {
+		ERR_error_string_n(e, buf, len);
+		ERR_clear_error();
+	} else if (ssl_err == SSL_ERROR_SYSCALL) {
+		snprintf(buf, len, "%s", errno ? strerror(errno) : "connection closed by the peer");
+	} else if (ssl_err == SSL_ERROR_ZERO_RETURN) {
+		snprintf(buf, len, "the broker closed the TLS session");
+	} else {
+		snprintf(buf, len, "TLS error %d", ssl_err);
+	}
+	return buf;
+}
+
+/* ---- the helper's part: resolve and load the TLS files ------------------------- */
+
+static SSL_CTX *tls_context(const struct proxy_config *c, char *err, size_t errlen)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+	char e[200];
+
+	if (!ctx) {
+		snprintf(err, errlen, "SSL_CTX_new: %s", tls_error(e, sizeof(e), 0));
+		return NULL;
+	}
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+				      SSL_MODE_RELEASE_BUFFERS);
+	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+	if (!c->upstream.ca) {
+		snprintf(err, errlen, "TLS needs a CA file (upstream.tls.ca)");
+		goto fail;
+	}
+	if (SSL_CTX_load_verify_locations(ctx, c->upstream.ca, NULL) != 1) {
+		snprintf(err, errlen, "CA file \"%s\": %s", c->upstream.ca,
+			 tls_error(e, sizeof(e), 0));
+		goto fail;
+	}
+	if (c->upstream.cert) {
+		if (!c->upstream.key) {
+			snprintf(err, errlen, "client certificate given without a key");
+			goto fail;
+		}
+		if (SSL_CTX_use_certificate_chain_file(ctx, c->upstream.cert) != 1) {
+			snprintf(err, errlen, "client certificate \"%s\": %s", c->upstream.cert,
+				 tls_error(e, sizeof(e), 0));
+			goto fail;
+		}
+		if (SSL_CTX_use_PrivateKey_file(ctx, c->upstream.key, SSL_FILETYPE_PEM) != 1 ||
+		    SSL_CTX_check_private_key(ctx) != 1) {
+			snprintf(err, errlen, "client key \"%s\" (for \"%s\"): %s", c->upstream.key,
+				 c->upstream.cert, tls_error(e, sizeof(e), 0));
+			goto fail;
 		}
 	}
-	cj->mail.type = MAIL_UPSTREAM_CONNECTED;
-	mailbox_post(cj->mb, &cj->mail);
+	return ctx;
+fail:
+	SSL_CTX_free(ctx);
+	return NULL;
 }
+
+static void resolve_run(struct helper_job *job)
+{
+	struct resolve_job *rj = (struct resolve_job *)job;
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+	int r = getaddrinfo(rj->host, rj->port, &hints, &rj->ai);
+
+	if (r != 0) {
+		snprintf(rj->err, sizeof(rj->err), "cannot resolve \"%s\": %s", rj->host,
+			 r == EAI_SYSTEM ? strerror(errno) : gai_strerror(r));
+		rj->ai = NULL;
+		rj->r = -EHOSTUNREACH;
+	} else if (rj->cfg->upstream.tls) {
+		rj->ctx = tls_context(rj->cfg, rj->err, sizeof(rj->err));
+		rj->r = rj->ctx ? 0 : -EINVAL;
+	}
+	ERR_clear_error(); /* this thread's queue: nothing left for another user */
+	rj->mail.type = MAIL_UPSTREAM_RESOLVED;
+	mailbox_post(rj->mb, &rj->mail);
+}
+
+void upstream_mail_discard(struct mail *m)
+{
+	struct resolve_job *rj = (struct resolve_job *)((char *)m - offsetof(struct resolve_job, mail));
+
+	if (rj->ai)
+		freeaddrinfo(rj->ai);
+	SSL_CTX_free(rj->ctx);
+	free(rj);
+}
+
+/* ---- life of one connection ---------------------------------------------------- */
 
 int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 		 struct helper_pool *helpers, struct mailbox *mb, const struct upstream_ops *ops,
 		 void *userdata, struct upstream **out)
 {
 	struct upstream *up = calloc(1, sizeof(*up));
+	uint64_t cap = 64;
 
 	if (!up)
 		return -ENOMEM;
+	while (cap < cfg->upstream.max_in_flight)
+		cap *= 2;
+	up->ring = calloc(cap, sizeof(*up->ring));
+	if (!up->ring) {
+		free(up);
+		return -ENOMEM;
+	}
+	up->ring_mask = cap - 1;
 	up->cfg = cfg;
 	up->thread_id = thread_id;
 	up->epfd = epfd;
@@ -148,8 +263,7 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->ops = ops;
 	up->ud = userdata;
 	up->state = LINK_DOWN;
-	atomic_store(&up->fd, -1);
-	pthread_mutex_init(&up->fd_lock, NULL);
+	up->fd = -1;
 	backoff_init(&up->backoff, 200, 30000, 0);
 	/* Spread the links over the cluster's nodes: a host's threads on
 	 * consecutive nodes, from a node that depends on the host name, so a
@@ -157,26 +271,30 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	 * multiple of the node count. */
 	up->spread = upstream_link_spread(cfg->hostname, thread_id);
 	up->node = cfg->upstream.n_hosts ? up->spread % cfg->upstream.n_hosts : 0;
-	init_amqp_pool(&up->scratch, 4096);
-	up->exchange = amqp_cstring_bytes(cfg->upstream.exchange);
 	snprintf(up->name, sizeof(up->name), "vmproxyd/%s/thread-%u", cfg->hostname, thread_id);
+	up->pcfg.vhost = cfg->upstream.vhost;
+	up->pcfg.mechanism = cfg->upstream.mechanism;
+	up->pcfg.user = cfg->upstream.user;
+	up->pcfg.password = cfg->upstream.password;
+	up->pcfg.heartbeat = cfg->upstream.heartbeat;
+	up->pcfg.connection_name = up->name;
+	up->pcfg.product = "vmproxyd";
+	up->pcfg.exchange = cfg->upstream.exchange;
+	up->pcfg.max_output = OUTPUT_MAX;
 	*out = up;
 	return 0;
 }
 
+/* Hand every published, unsettled message back, newest first, so the
+ * oldest ends up in front of its queue. */
 static void requeue_all(struct upstream *up)
 {
-	struct upstream_msg *rev = NULL, *m, *n;
+	uint64_t t = up->low_tag + up->n_unconfirmed;
 
-	/* Reverse, then hand back newest first: the oldest ends up in front. */
-	for (m = up->unc_head; m; m = n) {
-		n = m->next;
-		m->next = rev;
-		rev = m;
-	}
-	up->unc_head = up->unc_tail = NULL;
-	for (m = rev; m; m = n) {
-		n = m->next;
+	while (t-- > up->low_tag) {
+		struct upstream_msg *m = up->ring[t & up->ring_mask];
+
+		up->ring[t & up->ring_mask] = NULL;
 		m->next = NULL;
 		m->outcome = 0;
 		up->st.republished++;
@@ -185,22 +303,76 @@ static void requeue_all(struct upstream *up)
 	up->n_unconfirmed = 0;
 }
 
-static void link_close(struct upstream *up)
+/* Write what the protocol engine has queued, as far as the socket takes it.
+ * Returns 0 (all written or would block) or -1 with the reason in ERR. */
+static int flush_output(struct upstream *up, uint64_t now, char *err, size_t errlen)
 {
-	int fd = atomic_load(&up->fd);
+	for (;;) {
+		const void *data;
+		size_t len = upstream_proto_output(&up->proto, &data);
+		ssize_t n;
 
-	if (fd >= 0)
-		epoll_ctl(up->epfd, EPOLL_CTL_DEL, fd, NULL);
-	pthread_mutex_lock(&up->fd_lock);
-	atomic_store(&up->fd, -1);
-	pthread_mutex_unlock(&up->fd_lock);
-	if (up->conn)
-		amqp_destroy_connection(up->conn);
-	up->conn = NULL;
+		if (len == 0)
+			return 0;
+		up->st.writes++;
+		if (up->ssl) {
+			int r, e;
+
+			ERR_clear_error();
+			r = SSL_write(up->ssl, data, len > INT32_MAX ? INT32_MAX : (int)len);
+			if (r <= 0) {
+				e = SSL_get_error(up->ssl, r);
+				if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
+					return 0;
+				snprintf(err, errlen, "TLS write: %s", tls_error((char[200]){ 0 }, 200, e));
+				return -1;
+			}
+			n = r;
+		} else {
+			n = send(up->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+			if (n < 0) {
+				if (errno == EAGAIN || errno == EWOULDBLOCK)
+					return 0;
+				if (errno == EINTR)
+					continue;
+				snprintf(err, errlen, "write: %s", strerror(errno));
+				return -1;
+			}
+		}
+		upstream_proto_consumed(&up->proto, (size_t)n, now);
+	}
 }
 
-static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+/* Tear the connection down (no I/O but a last try to write what is queued,
+ * such as a connection.close). */
+static void link_close(struct upstream *up, uint64_t now)
+{
+	char err[8];
+
+	if (up->proto_live && up->fd >= 0 && (up->state == LINK_AMQP || up->state == LINK_UP ||
+					      up->state == LINK_CLOSING))
+		flush_output(up, now, err, sizeof(err));
+	if (up->ssl) {
+		SSL_free(up->ssl);
+		up->ssl = NULL;
+	}
+	if (up->fd >= 0) {
+		epoll_ctl(up->epfd, EPOLL_CTL_DEL, up->fd, NULL);
+		close(up->fd);
+		up->fd = -1;
+	}
+	if (up->proto_live) {
+		upstream_proto_destroy(&up->proto);
+		up->proto_live = false;
+	}
+	if (up->ai) {
+		freeaddrinfo(up->ai);
+		up->ai = up->ai_cur = NULL;
+	}
+	SSL_CTX_free(up->ctx);
+	up->ctx = NULL;
+	up->read_more = false;
+}
 
 /* After a failure on the current node: another node at once while some
  * node of this round has not been tried, then the first one again after a
@@ -222,432 +394,591 @@ static uint32_t next_node_delay(struct upstream *up)
 	return backoff_next(&up->backoff);
 }
 
-size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_t n)
+static void count_refusal(struct upstream *up, uint16_t code)
 {
-	if (n <= 1 || tries % n == 0)
-		return n ? first % n : 0;
-	return (first + (spread / n + tries % n - 1) % (n - 1) + 1) % n;
+	size_t i;
+
+	/* Closes the broker chose for a reason (4xx and 5xx), not a shutdown. */
+	if (code < 400)
+		return;
+	for (i = 0; i < UPSTREAM_REFUSAL_CODES && up->st.refusals[i].code; i++)
+		if (up->st.refusals[i].code == code)
+			break;
+	if (i == UPSTREAM_REFUSAL_CODES)
+		i--; /* the last slot takes whatever does not fit */
+	up->st.refusals[i].code = code;
+	up->st.refusals[i].count++;
 }
 
-static void link_fail(struct upstream *up, uint64_t now_ms, const char *fmt, ...)
+static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* The connection ended in failure: everything unsettled is republished on
+ * the next one. A connection that never had a message confirmed (a refusal
+ * right after login, say) counts as a failed attempt like a failed connect,
+ * so a broker refusing every publish sees reconnects back off to 30 s. */
+static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 {
-	uint32_t delay = next_node_delay(up);
+	bool was_up = up->state == LINK_UP || up->state == LINK_CLOSING;
+	uint32_t delay;
 	va_list ap;
 
+	if (up->session_ok || (was_up && now - up->up_since >= SESSION_OK_MS)) {
+		backoff_reset(&up->backoff);
+		up->node_tries = 0;
+	}
+	up->session_ok = false;
+	delay = next_node_delay(up);
 	va_start(ap, fmt);
 	vsnprintf(up->st.last_error, sizeof(up->st.last_error), fmt, ap);
 	va_end(ap);
-	log_warn("thread=%u upstream %s: %s; %u unconfirmed messages will be republished, "
-		 "reconnecting in %u ms",
-		 up->thread_id, up->st.node, up->st.last_error, up->n_unconfirmed, delay);
-	link_close(up);
+	if (up->proto_live && up->proto.broker_code)
+		count_refusal(up, up->proto.broker_code);
+	if (was_up)
+		log_warn("thread=%u upstream %s: %s; %u unconfirmed messages will be "
+			 "republished, reconnecting in %u ms",
+			 up->thread_id, up->st.node, up->st.last_error, up->n_unconfirmed, delay);
+	else
+		log_warn("thread=%u upstream %s: %s; retrying in %u ms", up->thread_id,
+			 up->st.node, up->st.last_error, delay);
+	link_close(up, now);
 	requeue_all(up);
 	up->state = LINK_DOWN;
 	up->broker_blocked = false;
-	up->reconnect_at = now_ms + delay;
-	up->ops->state_changed(up->ud, false);
+	up->reconnect_at = now + delay;
+	if (was_up)
+		up->ops->state_changed(up->ud, false);
 }
 
 void upstream_free(struct upstream *up)
 {
 	if (!up)
 		return;
-	link_close(up);
+	link_close(up, clock_mono_ms());
 	requeue_all(up);
-	empty_amqp_pool(&up->scratch);
-	pthread_mutex_destroy(&up->fd_lock);
+	free(up->ring);
 	free(up);
 }
 
-static void start_connect(struct upstream *up)
+static void start_resolve(struct upstream *up, uint64_t now)
 {
 	const struct proxy_config *c = up->cfg;
-	struct connect_job *cj = calloc(1, sizeof(*cj));
 	const struct upstream_host *h = c->upstream.n_hosts ? &c->upstream.hosts[up->node] : NULL;
-	/* rabbitmq-c verifies the certificate against the name it connects
-	 * to: a node's server_name is therefore also what is connected to. */
-	const char *host = h ? (h->server_name ? h->server_name : h->host) : c->upstream.host;
+	const char *host = h ? h->host : c->upstream.host;
+	const char *sni = h && h->server_name ? h->server_name : host;
 	uint16_t port = h && h->port ? h->port : c->upstream.port;
+	struct resolve_job *rj = calloc(1, sizeof(*rj));
 
-	if (!cj) {
-		up->reconnect_at = clock_mono_ms() + 1000;
+	if (!rj) {
+		up->reconnect_at = now + 1000;
 		return;
 	}
-	cj->job.run = connect_run;
-	cj->mb = up->mb;
-	broker_opts_init(&cj->opts);
-	cj->opts.host = host;
-	cj->opts.port = port;
-	cj->opts.vhost = c->upstream.vhost;
-	cj->opts.tls = c->upstream.tls;
-	cj->opts.ca = c->upstream.ca;
-	cj->opts.cert = c->upstream.cert;
-	cj->opts.key = c->upstream.key;
-	cj->opts.verify_hostname = c->upstream.verify_hostname;
-	cj->opts.auth = c->upstream.mechanism;
-	cj->opts.user = c->upstream.user;
-	cj->opts.password = c->upstream.password;
-	cj->opts.heartbeat = c->upstream.heartbeat;
-	cj->opts.timeout_ms = (int)c->upstream.connect_timeout_ms;
-	cj->opts.product = "vmproxyd";
-	snprintf(cj->name, sizeof(cj->name), "%s", up->name);
-	cj->opts.connection_name = cj->name;
-	cj->sndbuf = sndbuf_for(c);
-	snprintf(up->st.node, sizeof(up->st.node), "%s:%u", host, port);
-	up->state = LINK_CONNECTING;
-	helper_pool_submit(up->helpers, &cj->job);
+	rj->job.run = resolve_run;
+	rj->mb = up->mb;
+	rj->cfg = c;
+	rj->gen = ++up->resolve_gen;
+	snprintf(rj->host, sizeof(rj->host), "%s", host);
+	snprintf(rj->port, sizeof(rj->port), "%u", port);
+	snprintf(up->server_name, sizeof(up->server_name), "%s", sni);
+	snprintf(up->st.node, sizeof(up->st.node), "%s:%u", sni, port);
+	up->state = LINK_RESOLVING;
+	up->deadline = now + c->upstream.connect_timeout_ms;
+	helper_pool_submit(up->helpers, &rj->job);
 }
 
-void upstream_mail_discard(struct mail *m)
+/* connect() to the current address; on immediate failure, the next ones. */
+static void try_connect(struct upstream *up, uint64_t now)
 {
-	struct connect_job *cj = (struct connect_job *)((char *)m - offsetof(struct connect_job, mail));
+	struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLET | EPOLLRDHUP };
+	char addr[INET6_ADDRSTRLEN] = "?";
+	int one = 1, err = 0;
 
-	if (cj->conn)
-		amqp_destroy_connection(cj->conn);
-	free(cj);
+	for (; up->ai_cur; up->ai_cur = up->ai_cur->ai_next) {
+		struct addrinfo *a = up->ai_cur;
+		int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+				a->ai_protocol);
+
+		if (fd < 0) {
+			err = errno;
+			continue;
+		}
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (connect(fd, a->ai_addr, a->ai_addrlen) < 0 && errno != EINPROGRESS) {
+			err = errno;
+			close(fd);
+			continue;
+		}
+		ev.data.ptr = up;
+		if (epoll_ctl(up->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+			err = errno;
+			close(fd);
+			continue;
+		}
+		up->fd = fd;
+		up->state = LINK_CONNECTING;
+		return;
+	}
+	if (up->ai && up->ai->ai_family == AF_INET)
+		inet_ntop(AF_INET, &((struct sockaddr_in *)up->ai->ai_addr)->sin_addr, addr,
+			  sizeof(addr));
+	link_fail(up, now, "connect %s (%s)%s: %s", up->st.node, addr,
+		  up->cfg->upstream.tls ? " (TLS)" : "", strerror(err ? err : ECONNREFUSED));
 }
 
-static void drain(struct upstream *up, uint64_t now_ms);
+static void proto_ready(void *ud);
+static void proto_confirm(void *ud, uint64_t tag, bool multiple, bool ack);
+static void proto_flow(void *ud, bool blocked, const char *reason);
 
-void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms)
+static const struct upstream_proto_ops proto_ops = {
+	.ready = proto_ready,
+	.confirm = proto_confirm,
+	.flow = proto_flow,
+};
+
+static void start_amqp(struct upstream *up, uint64_t now)
 {
-	struct connect_job *cj = (struct connect_job *)((char *)m - offsetof(struct connect_job, mail));
-	struct epoll_event ev;
-	int fd;
+	if (upstream_proto_init(&up->proto, &up->pcfg, &proto_ops, up, now) < 0) {
+		link_fail(up, now, "out of memory");
+		return;
+	}
+	up->proto_live = true;
+	up->state = LINK_AMQP;
+}
 
-	if (cj->r < 0) {
-		uint32_t delay = next_node_delay(up);
+static bool is_ip_literal(const char *s)
+{
+	unsigned char b[sizeof(struct in6_addr)];
 
-		snprintf(up->st.last_error, sizeof(up->st.last_error), "%.150s", cj->err);
-		log_warn("thread=%u upstream %s: %s; retrying in %u ms", up->thread_id,
-			 up->st.node, cj->err, delay);
-		up->state = LINK_DOWN;
-		up->reconnect_at = now_ms + delay;
+	return inet_pton(AF_INET, s, b) == 1 || inet_pton(AF_INET6, s, b) == 1;
+}
+
+static void start_tls(struct upstream *up, uint64_t now)
+{
+	up->ssl = SSL_new(up->ctx);
+	if (!up->ssl || SSL_set_fd(up->ssl, up->fd) != 1) {
+		link_fail(up, now, "SSL_new: out of memory");
+		return;
+	}
+	if (!is_ip_literal(up->server_name))
+		SSL_set_tlsext_host_name(up->ssl, up->server_name);
+	if (up->cfg->upstream.verify_hostname) {
+		SSL_set_hostflags(up->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+		if (SSL_set1_host(up->ssl, up->server_name) != 1) {
+			link_fail(up, now, "cannot verify against the name \"%s\"", up->server_name);
+			return;
+		}
+	}
+	SSL_set_connect_state(up->ssl);
+	up->state = LINK_TLS;
+}
+
+/* Resolve result from the helper: connect to the first address. */
+void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now)
+{
+	struct resolve_job *rj = (struct resolve_job *)((char *)m - offsetof(struct resolve_job, mail));
+
+	if (up->state != LINK_RESOLVING || rj->gen != up->resolve_gen) {
+		upstream_mail_discard(m); /* an attempt given up on (timed out) */
+		return;
+	}
+	if (rj->r < 0) {
+		char err[300];
+
+		snprintf(err, sizeof(err), "%s", rj->err);
 		upstream_mail_discard(m);
+		link_fail(up, now, "%s", err);
 		return;
 	}
-	up->conn = cj->conn;
-	cj->conn = NULL;
+	up->ai = up->ai_cur = rj->ai;
+	up->ctx = rj->ctx;
+	rj->ai = NULL;
+	rj->ctx = NULL;
 	upstream_mail_discard(m);
-	fd = amqp_get_sockfd(up->conn);
-	ev.events = EPOLLIN | EPOLLOUT | EPOLLET;
-	ev.data.ptr = up;
-	if (epoll_ctl(up->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-		link_fail(up, now_ms, "epoll_ctl: %s", strerror(errno));
+	try_connect(up, now);
+}
+
+/* ---- handshakes ---------------------------------------------------------------- */
+
+static void connect_done(struct upstream *up, uint64_t now)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	if (getsockopt(up->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		err = errno;
+	if (err == EINPROGRESS || err == EALREADY)
+		return;
+	if (err) {
+		/* This address refused: the next one, if any. */
+		epoll_ctl(up->epfd, EPOLL_CTL_DEL, up->fd, NULL);
+		close(up->fd);
+		up->fd = -1;
+		if (up->ai_cur->ai_next) {
+			up->ai_cur = up->ai_cur->ai_next;
+			try_connect(up, now);
+			return;
+		}
+		link_fail(up, now, "connect %s%s: %s", up->st.node,
+			  up->cfg->upstream.tls ? " (TLS)" : "", strerror(err));
 		return;
 	}
-	atomic_store(&up->fd, fd);
+	if (up->cfg->upstream.tls)
+		start_tls(up, now);
+	else
+		start_amqp(up, now);
+}
+
+static void tls_handshake(struct upstream *up, uint64_t now)
+{
+	int r, e;
+	char buf[200];
+	long v;
+
+	ERR_clear_error();
+	r = SSL_do_handshake(up->ssl);
+	if (r == 1) {
+		start_amqp(up, now);
+		return;
+	}
+	e = SSL_get_error(up->ssl, r);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+		return;
+	v = SSL_get_verify_result(up->ssl);
+	if (v != X509_V_OK)
+		link_fail(up, now, "TLS handshake with %s: certificate verify failed: %s",
+			  up->st.node, X509_verify_cert_error_string(v));
+	else
+		link_fail(up, now, "TLS handshake with %s: %s", up->st.node,
+			  tls_error(buf, sizeof(buf), e));
+}
+
+/* ---- confirms -------------------------------------------------------------------- */
+
+static void proto_ready(void *ud)
+{
+	struct upstream *up = ud;
+	uint64_t now = clock_mono_ms();
+
 	up->state = LINK_UP;
-	up->next_tag = 0;
-	up->last_drain_ms = now_ms;
-	up->last_progress_ms = now_ms;
+	up->up_since = now;
+	up->low_tag = 1;
+	up->last_progress_ms = now;
 	up->st.reconnects++;
 	up->st.last_error[0] = '\0';
-	up->node_tries = 0;
-	backoff_reset(&up->backoff);
-	log_info("thread=%u upstream %s: link up as \"%s\"", up->thread_id, up->st.node,
-		 up->name);
+	log_info("thread=%u upstream %s: link up as \"%s\" (%s, heartbeat %u s, frame_max %u)",
+		 up->thread_id, up->st.node, up->name, up->ssl ? SSL_get_version(up->ssl) : "plain",
+		 up->proto.heartbeat, up->proto.frame_max);
 	up->ops->state_changed(up->ud, true);
-	upstream_kick(up, now_ms);
 }
 
-static void settle_one(struct upstream *up, struct upstream_msg *m, bool ack)
+/* Settle one message, or all up to TAG when MULTIPLE; what is settled at
+ * the front is handed back in tag order. Constant work per message. */
+static void proto_confirm(void *ud, uint64_t tag, bool multiple, bool ack)
 {
-	if (ack)
-		up->st.acked++;
-	else
-		up->st.nacked++;
-	up->ops->confirmed(up->ud, m, ack);
-}
+	struct upstream *up = ud;
+	uint64_t end = up->low_tag + up->n_unconfirmed; /* one past the newest */
+	int8_t outcome = ack ? 1 : -1;
 
-/* Apply a basic.ack/nack from the broker. Confirms may arrive out of order
- * (single tags); whatever is settled at the front is handed back in order. */
-static void handle_confirm(struct upstream *up, uint64_t tag, bool multiple, bool ack)
-{
-	struct upstream_msg *m;
-
+	if (tag >= end || tag < up->low_tag)
+		return; /* settled already (a repeated confirm) */
 	if (multiple) {
-		for (m = up->unc_head; m && m->tag <= tag; m = m->next)
+		for (uint64_t t = up->low_tag; t <= tag; t++) {
+			struct upstream_msg *m = up->ring[t & up->ring_mask];
 			if (m->outcome == 0)
-				m->outcome = ack ? 1 : -1;
-	} else {
-		for (m = up->unc_head; m && m->tag < tag; m = m->next)
-			;
-		if (m && m->tag == tag)
-			m->outcome = ack ? 1 : -1;
+				m->outcome = outcome;
+		}
+	} else if (up->ring[tag & up->ring_mask]->outcome == 0) {
+		up->ring[tag & up->ring_mask]->outcome = outcome;
 	}
-	while ((m = up->unc_head) && m->outcome != 0) {
-		up->unc_head = m->next;
-		if (!up->unc_head)
-			up->unc_tail = NULL;
+	while (up->n_unconfirmed > 0) {
+		struct upstream_msg *m = up->ring[up->low_tag & up->ring_mask];
+
+		if (m->outcome == 0)
+			break;
+		up->ring[up->low_tag & up->ring_mask] = NULL;
+		up->low_tag++;
 		up->n_unconfirmed--;
-		m->next = NULL;
-		settle_one(up, m, m->outcome > 0);
+		if (m->outcome > 0) {
+			up->st.acked++;
+			up->session_ok = true;
+		} else {
+			up->st.nacked++;
+		}
+		up->ops->confirmed(up->ud, m, m->outcome > 0);
 	}
 	up->last_progress_ms = clock_mono_ms();
 }
 
-static void busy_begin(struct upstream *up, uint64_t now_ms)
+static void proto_flow(void *ud, bool blocked, const char *reason)
 {
-	atomic_store_explicit(&up->busy_since_ms, now_ms ? now_ms : 1, memory_order_relaxed);
+	struct upstream *up = ud;
+
+	if (blocked == up->broker_blocked)
+		return;
+	up->broker_blocked = blocked;
+	if (blocked)
+		log_warn("thread=%u upstream %s: broker blocked the link: \"%s\"", up->thread_id,
+			 up->st.node, reason);
+	else
+		log_info("thread=%u upstream %s: broker unblocked the link", up->thread_id,
+			 up->st.node);
+	up->last_progress_ms = clock_mono_ms();
 }
 
-static void busy_end(struct upstream *up)
+/* ---- reading and writing ------------------------------------------------------------ */
+
+/* Read until the socket has nothing more (or the budget is spent) and feed
+ * the protocol engine. Returns -1 when the link failed. */
+static int read_input(struct upstream *up, uint64_t now)
 {
-	atomic_store_explicit(&up->busy_since_ms, 0, memory_order_relaxed);
-}
+	char err[200];
 
-static void drain(struct upstream *up, uint64_t now_ms)
-{
-	char desc[200];
+	up->read_more = false;
+	for (int i = 0; i < READS_PER_WAKE; i++) {
+		ssize_t n;
 
-	while (up->state == LINK_UP) {
-		struct timeval tv = { 0, 0 };
-		amqp_frame_t f;
-		int r;
+		up->st.reads++;
+		if (up->ssl) {
+			int r, e;
 
-		busy_begin(up, now_ms);
-		r = amqp_simple_wait_frame_noblock(up->conn, &f, &tv);
-		busy_end(up);
-		if (r == AMQP_STATUS_TIMEOUT)
-			break;
-		if (r != AMQP_STATUS_OK) {
-			link_fail(up, now_ms, "%s", amqp_error_string2(r));
-			return;
+			ERR_clear_error();
+			r = SSL_read(up->ssl, up->rbuf, sizeof(up->rbuf));
+			if (r <= 0) {
+				e = SSL_get_error(up->ssl, r);
+				if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+					return 0;
+				link_fail(up, now, "TLS read: %s", tls_error(err, sizeof(err), e));
+				return -1;
+			}
+			n = r;
+		} else {
+			n = recv(up->fd, up->rbuf, sizeof(up->rbuf), MSG_DONTWAIT);
+			if (n < 0) {
+				if (errno == EAGAIN || errno == EWOULDBLOCK)
+					return 0;
+				if (errno == EINTR)
+					continue;
+				link_fail(up, now, "read: %s", strerror(errno));
+				return -1;
+			}
+			if (n == 0) {
+				link_fail(up, now, "the broker closed the connection");
+				return -1;
+			}
 		}
-		if (f.frame_type != AMQP_FRAME_METHOD)
-			continue;
-		switch (f.payload.method.id) {
-		case AMQP_BASIC_ACK_METHOD: {
-			const amqp_basic_ack_t *a = f.payload.method.decoded;
-			handle_confirm(up, a->delivery_tag, a->multiple, true);
-			break;
-		}
-		case AMQP_BASIC_NACK_METHOD: {
-			const amqp_basic_nack_t *a = f.payload.method.decoded;
-			handle_confirm(up, a->delivery_tag, a->multiple, false);
-			break;
-		}
-		case AMQP_CONNECTION_BLOCKED_METHOD: {
-			const amqp_connection_blocked_t *b = f.payload.method.decoded;
-			up->broker_blocked = true;
-			log_warn("thread=%u upstream %s: broker blocked the link: %.*s",
-				 up->thread_id, up->st.node, (int)b->reason.len,
-				 (const char *)b->reason.bytes);
-			break;
-		}
-		case AMQP_CONNECTION_UNBLOCKED_METHOD:
-			up->broker_blocked = false;
-			log_info("thread=%u upstream %s: broker unblocked the link", up->thread_id,
-				 up->st.node);
-			break;
-		case AMQP_CHANNEL_CLOSE_METHOD: {
-			const amqp_channel_close_t *c = f.payload.method.decoded;
-			snprintf(desc, sizeof(desc), "broker closed the channel: %u %.*s",
-				 c->reply_code, (int)c->reply_text.len,
-				 (const char *)c->reply_text.bytes);
-			link_fail(up, now_ms, "%s", desc);
-			return;
-		}
-		case AMQP_CONNECTION_CLOSE_METHOD: {
-			const amqp_connection_close_t *c = f.payload.method.decoded;
-			amqp_connection_close_ok_t ok = { 0 };
-			snprintf(desc, sizeof(desc), "broker closed the connection: %u %.*s",
-				 c->reply_code, (int)c->reply_text.len,
-				 (const char *)c->reply_text.bytes);
-			amqp_send_method(up->conn, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-			link_fail(up, now_ms, "%s", desc);
-			return;
-		}
-		default:
-			break;
-		}
+		upstream_proto_feed(&up->proto, up->rbuf, (size_t)n, now);
+		if (up->proto.st == UPSTREAM_PROTO_CLOSED)
+			return 0; /* the caller ends the link once the output is written */
 	}
-	if (up->state == LINK_UP)
-		amqp_maybe_release_buffers(up->conn);
-	up->last_drain_ms = now_ms;
+	up->read_more = true;
+	return 0;
 }
 
-/* Room in the socket's send queue for BYTES more without blocking. */
-static bool can_send(struct upstream *up, size_t bytes)
+/* Whether the link may take more messages now. */
+static bool can_publish(const struct upstream *up)
 {
-	uint32_t mem[SK_MEMINFO_VARS];
-	socklen_t len = sizeof(mem);
-	int fd = atomic_load(&up->fd);
-
-	if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mem, &len) < 0)
-		return false;
-	return (uint64_t)mem[SK_MEMINFO_WMEM_QUEUED] + bytes + bytes / 64 + PUBLISH_SLACK <=
-	       mem[SK_MEMINFO_SNDBUF];
+	return up->state == LINK_UP && !up->broker_blocked && !up->relink &&
+	       up->n_unconfirmed < up->cfg->upstream.max_in_flight;
 }
 
-static int publish_one(struct upstream *up, struct upstream_msg *m, uint64_t now_ms)
+/* Append what the window and the output bound allow to the output buffer. */
+static void publish_some(struct upstream *up, uint64_t now)
 {
-	amqp_bytes_t rk = { m->rk_len, m->data };
-	amqp_bytes_t enc = { m->props_len, m->data + m->rk_len };
-	amqp_bytes_t body = { m->body_len, m->body };
-	amqp_basic_properties_t *props = NULL;
-	int r;
-
-	r = amqp_decode_properties(AMQP_BASIC_CLASS, &up->scratch, enc, (void **)&props);
-	if (r < 0)
-		return r;
-	busy_begin(up, now_ms);
-	r = amqp_basic_publish(up->conn, UPSTREAM_CHANNEL, up->exchange, rk, 0, 0, props, body);
-	busy_end(up);
-	recycle_amqp_pool(&up->scratch);
-	return r;
-}
-
-/* Publish what the window and the socket allow. Returns true when the
- * window (not the socket or an empty queue) stopped it. */
-static bool publish_some(struct upstream *up, uint64_t now_ms)
-{
-	unsigned n = 0;
-
 	/* A bounded window keeps the queue in the proxy, where VMs take
 	 * turns, rather than in the socket and the broker, where a busy VM's
 	 * messages would sit in front of everyone else's. */
-	while (up->state == LINK_UP && !up->broker_blocked && !up->relink) {
-		struct upstream_msg *m;
-		int r;
+	while (can_publish(up)) {
+		struct upstream_msg *m = up->ops->peek(up->ud);
+		int64_t tag;
 
-		if (up->n_unconfirmed >= up->cfg->upstream.max_in_flight)
-			return true;
-		m = up->ops->peek(up->ud);
 		if (!m)
 			break;
-		if (!can_send(up, m->body_len + m->props_len + m->rk_len + 256))
-			break; /* EPOLLOUT (edge) calls us again as the queue drains */
+		tag = upstream_proto_publish(&up->proto, m->data, m->rk_len, m->data + m->rk_len,
+					     m->props_len, m->body, m->body_len);
+		if (tag == -EAGAIN)
+			break; /* output full: the next write makes room */
 		up->ops->pop(up->ud, m);
-		m->tag = ++up->next_tag;
-		m->outcome = 0;
 		m->next = NULL;
-		if (up->unc_tail)
-			up->unc_tail->next = m;
-		else
-			up->unc_head = m;
-		up->unc_tail = m;
-		if (up->n_unconfirmed++ == 0)
-			up->last_progress_ms = now_ms;
-		up->st.published++;
-		r = publish_one(up, m, now_ms);
-		if (r != AMQP_STATUS_OK) {
-			/* It may or may not have reached the broker: republished. */
-			link_fail(up, now_ms, "publish: %s", amqp_error_string2(r));
-			return false;
+		m->outcome = 0;
+		if (tag < 0) {
+			/* Its properties do not fit in one frame of this link:
+			 * it can never be published, so the guest gets a nack. */
+			log_warn("thread=%u upstream %s: a message's properties (%u bytes) do not "
+				 "fit in a frame of %u bytes: nacked", up->thread_id, up->st.node,
+				 m->props_len, up->proto.frame_max);
+			up->st.nacked++;
+			up->ops->confirmed(up->ud, m, false);
+			continue;
 		}
-		if (++n % DRAIN_EVERY == 0)
-			drain(up, now_ms);
+		m->tag = (uint64_t)tag;
+		up->ring[m->tag & up->ring_mask] = m;
+		if (up->n_unconfirmed++ == 0)
+			up->last_progress_ms = now;
+		up->st.published++;
 	}
-	return false;
 }
 
-/* A requested relink happens once every published message is settled:
- * nothing is republished, nothing is duplicated. The connection is closed
- * (connection.close sent, close-ok not awaited) and opened again at once,
- * reading the TLS files anew, on the link's home node (where it started):
- * links that failed over come back once their node has returned. */
-static void relink_if_idle(struct upstream *up, uint64_t now_ms)
+/* The connection's part of a loop iteration once connected: input read,
+ * output written, the protocol's verdict applied. */
+static void service(struct upstream *up, uint64_t now, bool readable)
 {
-	amqp_connection_close_t cl = { .reply_code = 200 };
+	char err[240];
 
-	if (!up->relink || up->state != LINK_UP || up->n_unconfirmed > 0)
+	if (readable && read_input(up, now) < 0)
 		return;
-	up->relink = false;
-	cl.reply_text = amqp_cstring_bytes("vmproxyd: reconnecting to re-read TLS files");
-	busy_begin(up, now_ms); /* an idle link's socket has room; the watchdog cuts it if not */
-	amqp_send_method(up->conn, 0, AMQP_CONNECTION_CLOSE_METHOD, &cl);
-	busy_end(up);
-	log_info("thread=%u upstream %s: reconnecting to re-read the TLS files", up->thread_id,
-		 up->st.node);
-	link_close(up);
+	if (up->state == LINK_UP)
+		publish_some(up, now);
+	if (flush_output(up, now, err, sizeof(err)) < 0) {
+		link_fail(up, now, "%s", err);
+		return;
+	}
+	if (up->proto.st != UPSTREAM_PROTO_CLOSED)
+		return;
+	if (up->proto.error[0]) {
+		char e[240];
+
+		snprintf(e, sizeof(e), "%s", up->proto.error);
+		link_fail(up, now, "%s", e);
+		return;
+	}
+	/* close-ok for our close: a planned reconnect, to the home node. */
+	link_close(up, now);
 	up->state = LINK_DOWN;
 	up->broker_blocked = false;
-	up->reconnect_at = now_ms;
+	up->reconnect_at = now;
 	up->node = up->cfg->upstream.n_hosts ? up->spread % up->cfg->upstream.n_hosts : 0;
 	up->node_tries = 0;
 	up->ops->state_changed(up->ud, false);
 }
 
-void upstream_relink(struct upstream *up, uint64_t now_ms)
+/* A requested relink happens once every published message is settled:
+ * nothing is republished, nothing is duplicated. connection.close is sent
+ * and close-ok awaited (bounded), then the link connects again at once,
+ * reading the TLS files anew, on its home node (where it started): links
+ * that failed over come back once their node has returned. */
+static void relink_if_idle(struct upstream *up, uint64_t now)
 {
-	if (up->state == LINK_DOWN)
-		return; /* the next connect reads the files anyway */
+	if (!up->relink || up->state != LINK_UP || up->n_unconfirmed > 0)
+		return;
+	up->relink = false;
+	log_info("thread=%u upstream %s: reconnecting to re-read the TLS files", up->thread_id,
+		 up->st.node);
+	upstream_proto_close(&up->proto, 200, "vmproxyd: reconnecting to re-read TLS files");
+	up->state = LINK_CLOSING;
+	up->deadline = now + CLOSE_TIMEOUT_MS;
+}
+
+static void step(struct upstream *up, uint64_t now)
+{
+	/* Each stage may complete at once and hand over to the next. */
+	if (up->state == LINK_CONNECTING)
+		connect_done(up, now);
+	if (up->state == LINK_TLS)
+		tls_handshake(up, now);
+	if (up->state == LINK_AMQP || up->state == LINK_UP || up->state == LINK_CLOSING) {
+		service(up, now, true);
+		relink_if_idle(up, now);
+		if (up->state == LINK_CLOSING)
+			service(up, now, false); /* the close goes out now */
+	}
+}
+
+void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now)
+{
+	(void)events; /* errors show as a failed read, write or SO_ERROR */
+	step(up, now);
+}
+
+void upstream_kick(struct upstream *up, uint64_t now)
+{
+	if (up->state != LINK_UP)
+		return;
+	service(up, now, up->read_more);
+	relink_if_idle(up, now);
+	if (up->state == LINK_CLOSING)
+		service(up, now, false);
+}
+
+void upstream_relink(struct upstream *up, uint64_t now)
+{
+	if (up->state != LINK_UP) {
+		/* The next connect reads the files anyway; one in progress
+		 * may have read the old ones. */
+		if (up->state != LINK_DOWN)
+			up->relink = true;
+		return;
+	}
 	up->relink = true;
-	if (up->state == LINK_UP)
-		upstream_kick(up, now_ms);
+	relink_if_idle(up, now);
+	if (up->state == LINK_CLOSING)
+		service(up, now, false);
 }
 
-static void kick(struct upstream *up, uint64_t now_ms)
+uint64_t upstream_tick(struct upstream *up, uint64_t now)
 {
-	drain(up, now_ms);
-	for (;;) {
-		uint32_t before;
-
-		if (!publish_some(up, now_ms))
-			break;
-		/* Window full: the confirms this drain reads may already be
-		 * all the broker will send for now, and they no longer wake
-		 * epoll once read, so publish again while they free room. */
-		before = up->n_unconfirmed;
-		drain(up, now_ms);
-		if (up->state != LINK_UP || up->n_unconfirmed >= before)
-			return;
-	}
-	drain(up, now_ms);
-}
-
-void upstream_kick(struct upstream *up, uint64_t now_ms)
-{
-	if (up->state != LINK_UP)
-		return;
-	kick(up, now_ms);
-	relink_if_idle(up, now_ms);
-}
-
-void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now_ms)
-{
-	if (up->state != LINK_UP)
-		return;
-	if (events & (EPOLLERR | EPOLLHUP)) {
-		/* Let rabbitmq-c read what is left and report the error. */
-		drain(up, now_ms);
-		if (up->state == LINK_UP)
-			link_fail(up, now_ms, "socket error or hang-up");
-		return;
-	}
-	upstream_kick(up, now_ms);
-}
-
-uint64_t upstream_tick(struct upstream *up, uint64_t now_ms)
-{
-	uint64_t hb_ms = up->cfg->upstream.heartbeat ? up->cfg->upstream.heartbeat * 1000u / 4 : 5000;
+	uint64_t next;
 
 	switch (up->state) {
 	case LINK_DOWN:
-		if (now_ms >= up->reconnect_at) {
-			start_connect(up);
-			return UINT64_MAX;
-		}
-		return up->reconnect_at;
+		if (now < up->reconnect_at)
+			return up->reconnect_at;
+		start_resolve(up, now);
+		return up->deadline;
+	case LINK_RESOLVING:
 	case LINK_CONNECTING:
-		return UINT64_MAX;
+	case LINK_TLS:
+	case LINK_AMQP:
+		if (now >= up->deadline) {
+			link_fail(up, now, "%s: no progress for %u ms (upstream.connect_timeout_ms)",
+				  state_names[up->state], up->cfg->upstream.connect_timeout_ms);
+			return up->reconnect_at;
+		}
+		if (up->state == LINK_AMQP) {
+			next = upstream_proto_tick(&up->proto, now);
+			if (next == 0) {
+				link_fail(up, now, "%s", up->proto.error);
+				return up->reconnect_at;
+			}
+			if (next < up->deadline)
+				return next;
+		}
+		return up->deadline;
+	case LINK_CLOSING:
+		if (now >= up->deadline) {
+			log_info("thread=%u upstream %s: no close-ok in %u ms; closing anyway",
+				 up->thread_id, up->st.node, CLOSE_TIMEOUT_MS);
+			up->proto.st = UPSTREAM_PROTO_CLOSED;
+			up->proto.error[0] = '\0';
+			service(up, now, false);
+			return now;
+		}
+		return up->deadline;
 	case LINK_UP:
 		break;
 	}
 	/* A broker that blocked publishers (resource alarm) is not stuck. */
 	if (up->n_unconfirmed > 0 && !up->broker_blocked &&
-	    now_ms - up->last_progress_ms > up->cfg->upstream.stuck_timeout_ms) {
-		link_fail(up, now_ms, "no confirm from the broker for %u ms",
+	    now - up->last_progress_ms > up->cfg->upstream.stuck_timeout_ms) {
+		link_fail(up, now, "no confirm from the broker for %u ms",
 			  up->cfg->upstream.stuck_timeout_ms);
 		return up->reconnect_at;
 	}
-	if (now_ms - up->last_drain_ms >= hb_ms)
-		upstream_kick(up, now_ms); /* heartbeats are sent and checked while draining */
-	if (up->state != LINK_UP)
+	next = upstream_proto_tick(&up->proto, now);
+	if (next == 0) {
+		link_fail(up, now, "%s", up->proto.error);
 		return up->reconnect_at;
-	return up->last_drain_ms + hb_ms;
+	}
+	service(up, now, up->read_more); /* a heartbeat it queued goes out now */
+	if (up->state != LINK_UP)
+		return up->state == LINK_DOWN ? up->reconnect_at : now;
+	if (up->read_more)
+		return now;
+	if (up->relink && up->n_unconfirmed == 0)
+		return now;
+	if (up->n_unconfirmed > 0 && !up->broker_blocked &&
+	    up->last_progress_ms + up->cfg->upstream.stuck_timeout_ms + 1 < next)
+		next = up->last_progress_ms + up->cfg->upstream.stuck_timeout_ms + 1;
+	return next;
 }
 
 bool upstream_is_up(const struct upstream *up)
@@ -661,22 +992,4 @@ void upstream_get_stats(const struct upstream *up, struct upstream_stats *st)
 	st->unconfirmed = up->n_unconfirmed;
 	st->up = up->state == LINK_UP;
 	st->broker_blocked = up->broker_blocked;
-}
-
-bool upstream_watchdog(struct upstream *up, uint64_t now_ms, uint64_t stuck_ms)
-{
-	uint64_t since;
-	bool fired = false;
-	int fd;
-
-	pthread_mutex_lock(&up->fd_lock);
-	since = atomic_load_explicit(&up->busy_since_ms, memory_order_relaxed);
-	fd = atomic_load(&up->fd);
-	if (since != 0 && fd >= 0 && now_ms - since >= stuck_ms) {
-		/* The owner is blocked inside rabbitmq-c: make its call fail. */
-		shutdown(fd, SHUT_RDWR);
-		fired = true;
-	}
-	pthread_mutex_unlock(&up->fd_lock);
-	return fired;
 }

@@ -1,7 +1,10 @@
 /* upstream.h -- a poll thread's one AMQP link to the management broker
- * (rabbitmq-c, TLS): publishes the thread's held messages in confirm mode,
- * never blocking the thread, and hands back broker confirms. Connects and
- * reconnects through a helper thread with backoff; on link loss every
+ * (non-blocking TLS, our frames, rabbitmq-c's codec): an event source of
+ * the thread's epoll that publishes the thread's held messages in confirm
+ * mode and hands back broker confirms. Name resolution and the TLS files
+ * are loaded on a helper thread; connect, handshakes, publishing and
+ * closing are states driven by readiness and deadlines. Reconnects with
+ * backoff and fails over across upstream.hosts; on link loss every
  * unconfirmed message is handed back for republishing in order. */
 #pragma once
 
@@ -51,8 +54,15 @@ struct upstream_ops {
 	void (*state_changed)(void *userdata, bool up);
 };
 
+#define UPSTREAM_REFUSAL_CODES 8
+
 struct upstream_stats {
 	uint64_t published, acked, nacked, reconnects, republished;
+	uint64_t writes, reads; /* SSL_write/SSL_read (or send/recv) calls on the link */
+	struct {
+		uint16_t code; /* 0: unused slot */
+		uint64_t count;
+	} refusals[UPSTREAM_REFUSAL_CODES]; /* broker closes with 4xx/5xx codes */
 	uint32_t unconfirmed;
 	bool up, broker_blocked;
 	char last_error[160];
@@ -62,26 +72,28 @@ struct upstream_stats {
 struct upstream;
 
 /* A link for poll thread THREAD_ID that registers its socket in EPFD and
- * gets connect results through MB (MAIL_UPSTREAM_CONNECTED). CFG outlives
+ * gets resolve results through MB (MAIL_UPSTREAM_RESOLVED). CFG outlives
  * it. The first connect starts with upstream_tick. */
 int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 		 struct helper_pool *helpers, struct mailbox *mb, const struct upstream_ops *ops,
 		 void *userdata, struct upstream **out);
 
 /* Destroy the connection; unconfirmed messages go back through requeue.
- * A connect still running on a helper delivers its result to the mailbox,
+ * A resolve still running on a helper delivers its result to the mailbox,
  * which the owner drains with upstream_mail_discard. Accepts NULL. */
 void upstream_free(struct upstream *up);
 
-/* The epoll handle registered for the link socket: its data.ptr. */
+/* Readiness of the link socket (registered with data.ptr = UP): advance
+ * the connect or handshake, or read the broker's frames. */
 void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now_ms);
 
-/* A MAIL_UPSTREAM_CONNECTED arrived (steals M). */
+/* A MAIL_UPSTREAM_RESOLVED arrived (steals M). */
 void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms);
-/* Free a MAIL_UPSTREAM_CONNECTED without a link to give it to. */
+/* Free a MAIL_UPSTREAM_RESOLVED without a link to give it to. */
 void upstream_mail_discard(struct mail *m);
 
-/* Publish what the socket can take now, then drain the broker's frames. */
+/* Once per loop iteration: append what the window allows to the output
+ * and write it with as few TLS writes as it needs. Never blocks. */
 void upstream_kick(struct upstream *up, uint64_t now_ms);
 
 /* Reconnect (to re-read the TLS files, and to return to the link's home
@@ -90,17 +102,13 @@ void upstream_kick(struct upstream *up, uint64_t now_ms);
  * A link that is down reads the files at its next connect. */
 void upstream_relink(struct upstream *up, uint64_t now_ms);
 
-/* Reconnect timer, heartbeats, stuck-link detection. Returns the next
+/* Reconnect timer, connect and handshake deadlines, heartbeats, stuck-link
+ * detection (no confirm for upstream.stuck_timeout_ms). Returns the next
  * deadline (absolute ms). */
 uint64_t upstream_tick(struct upstream *up, uint64_t now_ms);
 
 bool upstream_is_up(const struct upstream *up);
 void upstream_get_stats(const struct upstream *up, struct upstream_stats *st);
-
-/* For the watchdog thread: if a rabbitmq-c call on this link has been
- * running for more than STUCK_MS, shut the socket down so it returns.
- * Safe from any thread. Returns true when it did. */
-bool upstream_watchdog(struct upstream *up, uint64_t now_ms, uint64_t stuck_ms);
 
 /* Where links go on a cluster (upstream.hosts with n nodes). A link's
  * SPREAD is fixed by the host name and its thread; it starts on node

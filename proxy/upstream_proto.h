@@ -1,0 +1,110 @@
+/* upstream_proto.h -- the client side of AMQP 0-9-1 for an upstream link,
+ * without I/O: bytes from the broker in, frames for the broker out, and
+ * events (link ready, confirms, flow) to the owner. Handshake (start/
+ * start-ok with PLAIN or EXTERNAL, tune/tune-ok, open, channel.open,
+ * confirm.select), publishing with pre-encoded properties, confirms,
+ * heartbeats and closing. Methods go through rabbitmq-c's codec; the frame
+ * layer is ours. Anything malformed or unexpected from the broker ends the
+ * link: there is nothing to recover on it, the owner republishes. */
+#pragma once
+
+#include <amqp.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "broker.h"
+
+#define UPSTREAM_PROTO_CHANNEL	 1
+#define UPSTREAM_PROTO_FRAME_MAX 131072 /* what we propose in tune-ok */
+#define UPSTREAM_PROTO_TABLE_DEPTH 16	/* nested tables accepted from the broker */
+
+enum upstream_proto_state {
+	UPSTREAM_PROTO_START,	/* header sent, waiting for connection.start */
+	UPSTREAM_PROTO_TUNE,	/* start-ok sent, waiting for tune (or secure) */
+	UPSTREAM_PROTO_OPEN,	/* tune-ok and open sent, waiting for open-ok */
+	UPSTREAM_PROTO_CHANNEL_OPEN, /* channel.open sent */
+	UPSTREAM_PROTO_SELECT,	/* confirm.select sent */
+	UPSTREAM_PROTO_READY,	/* publishing */
+	UPSTREAM_PROTO_CLOSING, /* connection.close sent, waiting for close-ok */
+	UPSTREAM_PROTO_CLOSED,	/* over: close-ok received, or an error */
+};
+
+struct upstream_proto_ops {
+	/* confirm.select-ok arrived: publishing may start. */
+	void (*ready)(void *ud);
+	/* basic.ack (ACK) or basic.nack for TAG, or every tag up to it when
+	 * MULTIPLE. Tags are not checked here: the owner does. */
+	void (*confirm)(void *ud, uint64_t tag, bool multiple, bool ack);
+	/* connection.blocked (BLOCKED, with the broker's REASON) or unblocked. */
+	void (*flow)(void *ud, bool blocked, const char *reason);
+};
+
+struct upstream_proto_config {
+	const char *vhost; /* "/" when NULL */
+	enum broker_auth mechanism;
+	const char *user, *password; /* PLAIN */
+	uint16_t heartbeat;	     /* proposed, seconds; 0 disables */
+	const char *connection_name;
+	const char *product;
+	const char *exchange; /* every publish goes there */
+	size_t max_output;    /* unsent output allowed before publish refuses */
+};
+
+struct upstream_proto {
+	const struct upstream_proto_config *cfg;
+	const struct upstream_proto_ops *ops;
+	void *ud;
+	enum upstream_proto_state st;
+	uint32_t frame_max; /* negotiated; frames from the broker are held to it */
+	uint16_t heartbeat; /* negotiated, seconds */
+	uint64_t next_tag;  /* the last tag given to a publish */
+	uint64_t last_rx_ms, last_tx_ms;
+	uint16_t error_code; /* AMQP reply code of the failure, or 0 */
+	uint16_t broker_code; /* the code of a close the broker sent, or 0 */
+	bool close_received; /* the broker closed the connection */
+	char error[240];     /* why the link ended; empty while it lives */
+	uint8_t *out;
+	size_t out_off, out_len, out_cap;
+	uint8_t *in; /* a partial frame carried over between feeds */
+	size_t in_len, in_cap;
+	amqp_pool_t pool;
+};
+
+/* Start a connection: the protocol header is the first output. CFG, OPS
+ * and the strings they point to outlive P. Returns 0 or -ENOMEM. */
+int upstream_proto_init(struct upstream_proto *p, const struct upstream_proto_config *cfg,
+			const struct upstream_proto_ops *ops, void *ud, uint64_t now_ms);
+void upstream_proto_destroy(struct upstream_proto *p);
+
+/* LEN bytes from the broker at NOW_MS, all consumed (a partial frame is
+ * kept, bounded by frame_max). Returns 0, or -EPROTO once the link is over
+ * (the reason in p->error, a connection.close possibly queued as output). */
+int upstream_proto_feed(struct upstream_proto *p, const void *data, size_t len, uint64_t now_ms);
+
+/* Queue one basic.publish to the configured exchange with routing key RK,
+ * encoded basic properties PROPS (flags and list, as amqp_encode_properties
+ * writes them) copied verbatim into the content header, and BODY split over
+ * frame_max. Returns the delivery tag (> 0), -EAGAIN when not ready or the
+ * output is over max_output, or -EMSGSIZE when the header cannot fit in a
+ * frame (the message can never be published on this link). */
+int64_t upstream_proto_publish(struct upstream_proto *p, const void *rk, size_t rk_len,
+			       const void *props, size_t props_len, const void *body,
+			       size_t body_len);
+
+/* Output not yet written, and how much of it was written at NOW_MS. */
+size_t upstream_proto_output(const struct upstream_proto *p, const void **data);
+void upstream_proto_consumed(struct upstream_proto *p, size_t n, uint64_t now_ms);
+
+/* Heartbeats to send and the broker's to check. Returns the next deadline
+ * (absolute ms, UINT64_MAX for none), or 0 when the broker missed two
+ * heartbeats (the link is then over, reason in p->error). */
+uint64_t upstream_proto_tick(struct upstream_proto *p, uint64_t now_ms);
+
+/* Queue connection.close with CODE and TEXT; the link ends with close-ok. */
+void upstream_proto_close(struct upstream_proto *p, uint16_t code, const char *text);
+
+static inline bool upstream_proto_ready(const struct upstream_proto *p)
+{
+	return p->st == UPSTREAM_PROTO_READY;
+}

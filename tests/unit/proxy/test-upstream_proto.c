@@ -1,0 +1,709 @@
+/* test-upstream_proto.c -- the upstream link's protocol engine against
+ * scripted broker byte streams: the handshake, publishing with verbatim
+ * properties, confirms (split across reads, multiple, nack), heartbeats,
+ * and every way the broker's bytes can end the link. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "amqp_wire.h"
+#include "upstream_proto.h"
+
+#define MAX_CONFIRMS 64
+
+struct rec {
+	int ready;
+	unsigned nconf;
+	struct {
+		uint64_t tag;
+		bool multiple, ack;
+	} conf[MAX_CONFIRMS];
+	int blocked; /* -1 unset, 0 unblocked, 1 blocked */
+	char reason[128];
+};
+
+static void on_ready(void *ud)
+{
+	((struct rec *)ud)->ready++;
+}
+
+static void on_confirm(void *ud, uint64_t tag, bool multiple, bool ack)
+{
+	struct rec *r = ud;
+
+	assert_true(r->nconf < MAX_CONFIRMS);
+	r->conf[r->nconf].tag = tag;
+	r->conf[r->nconf].multiple = multiple;
+	r->conf[r->nconf].ack = ack;
+	r->nconf++;
+}
+
+static void on_flow(void *ud, bool blocked, const char *reason)
+{
+	struct rec *r = ud;
+
+	r->blocked = blocked;
+	snprintf(r->reason, sizeof(r->reason), "%s", reason ? reason : "");
+}
+
+static const struct upstream_proto_ops ops = { on_ready, on_confirm, on_flow };
+
+struct fx {
+	struct upstream_proto p;
+	struct upstream_proto_config cfg;
+	struct rec rec;
+	amqp_pool_t pool;
+	struct wire_frame f[64];
+	int nf;
+	uint64_t now;
+};
+
+static void fx_init(struct fx *x, enum broker_auth mech)
+{
+	memset(x, 0, sizeof(*x));
+	x->cfg.vhost = "/vms";
+	x->cfg.mechanism = mech;
+	x->cfg.user = "proxy";
+	x->cfg.password = "secret";
+	x->cfg.heartbeat = 30;
+	x->cfg.connection_name = "vmproxyd/test/thread-0";
+	x->cfg.product = "vmproxyd";
+	x->cfg.exchange = "vm.metrics";
+	x->cfg.max_output = 64u << 10;
+	x->rec.blocked = -1;
+	x->now = 1000;
+	init_amqp_pool(&x->pool, 4096);
+	assert_int_equal(upstream_proto_init(&x->p, &x->cfg, &ops, &x->rec, x->now), 0);
+}
+
+static void fx_free(struct fx *x)
+{
+	upstream_proto_destroy(&x->p);
+	empty_amqp_pool(&x->pool);
+}
+
+/* Take and parse everything the engine wrote since the last call. */
+static int take(struct fx *x)
+{
+	const void *d;
+	size_t n = upstream_proto_output(&x->p, &d);
+	static uint8_t copy[1 << 20];
+
+	assert_true(n <= sizeof(copy));
+	memcpy(copy, d, n);
+	upstream_proto_consumed(&x->p, n, x->now);
+	recycle_amqp_pool(&x->pool);
+	if (n >= 8 && memcmp(copy, "AMQP", 4) == 0) { /* the protocol header */
+		x->nf = wire_parse(copy + 8, n - 8, x->f, 64, &x->pool);
+		assert_true(x->nf >= 0);
+		return x->nf;
+	}
+	x->nf = wire_parse(copy, n, x->f, 64, &x->pool);
+	assert_true(x->nf >= 0);
+	return x->nf;
+}
+
+/* Feed B in pieces of CHUNK bytes (0: at once). */
+static int feed(struct fx *x, struct wire_buf *b, size_t chunk)
+{
+	int r = 0;
+
+	if (!chunk)
+		chunk = b->len ? b->len : 1;
+	for (size_t off = 0; off < b->len && r == 0; off += chunk)
+		r = upstream_proto_feed(&x->p, b->p + off, b->len - off < chunk ? b->len - off : chunk,
+					x->now);
+	wire_buf_free(b);
+	return r;
+}
+
+static int send_start(struct fx *x, const char *mechs)
+{
+	struct wire_buf b = { 0 };
+	amqp_connection_start_t s = { .version_major = 0, .version_minor = 9 };
+
+	s.mechanisms = amqp_cstring_bytes(mechs);
+	s.locales = amqp_cstring_bytes("en_US");
+	wire_method(&b, 0, AMQP_CONNECTION_START_METHOD, &s);
+	return feed(x, &b, 0);
+}
+
+static int send_tune(struct fx *x, uint32_t frame_max, uint16_t heartbeat)
+{
+	struct wire_buf b = { 0 };
+	amqp_connection_tune_t t = { .channel_max = 2047, .frame_max = frame_max,
+				     .heartbeat = heartbeat };
+
+	wire_method(&b, 0, AMQP_CONNECTION_TUNE_METHOD, &t);
+	return feed(x, &b, 0);
+}
+
+static void send_method(struct fx *x, uint16_t ch, amqp_method_number_t id, void *m)
+{
+	struct wire_buf b = { 0 };
+
+	wire_method(&b, ch, id, m);
+	feed(x, &b, 0);
+}
+
+/* A full handshake with FRAME_MAX offered by the broker. */
+static void handshake(struct fx *x, uint32_t frame_max)
+{
+	amqp_connection_open_ok_t ook = { .known_hosts = amqp_cstring_bytes("") };
+	amqp_channel_open_ok_t cok = { .channel_id = amqp_cstring_bytes("") };
+	amqp_confirm_select_ok_t sok = { 0 };
+
+	take(x);
+	assert_int_equal(send_start(x, "AMQPLAIN PLAIN EXTERNAL"), 0);
+	assert_int_equal(send_tune(x, frame_max, 60), 0);
+	send_method(x, 0, AMQP_CONNECTION_OPEN_OK_METHOD, &ook);
+	send_method(x, UPSTREAM_PROTO_CHANNEL, AMQP_CHANNEL_OPEN_OK_METHOD, &cok);
+	send_method(x, UPSTREAM_PROTO_CHANNEL, AMQP_CONFIRM_SELECT_OK_METHOD, &sok);
+	assert_int_equal(x->rec.ready, 1);
+	assert_true(upstream_proto_ready(&x->p));
+	take(x);
+}
+
+static void ack(struct fx *x, uint64_t tag, bool multiple, bool is_ack, size_t chunk)
+{
+	struct wire_buf b = { 0 };
+
+	if (is_ack) {
+		amqp_basic_ack_t a = { .delivery_tag = tag, .multiple = multiple };
+		wire_method(&b, UPSTREAM_PROTO_CHANNEL, AMQP_BASIC_ACK_METHOD, &a);
+	} else {
+		amqp_basic_nack_t a = { .delivery_tag = tag, .multiple = multiple };
+		wire_method(&b, UPSTREAM_PROTO_CHANNEL, AMQP_BASIC_NACK_METHOD, &a);
+	}
+	assert_int_equal(feed(x, &b, chunk), 0);
+}
+
+/* The close the engine sent last: its code, and it is the last frame. */
+static void assert_sent_close(struct fx *x, uint16_t code)
+{
+	const amqp_connection_close_t *c;
+
+	take(x);
+	assert_true(x->nf >= 1);
+	assert_int_equal(x->f[x->nf - 1].id, AMQP_CONNECTION_CLOSE_METHOD);
+	c = x->f[x->nf - 1].decoded;
+	assert_int_equal(c->reply_code, code);
+}
+
+/* ---- the handshake ---------------------------------------------------------------- */
+
+static void test_handshake_plain(void **state)
+{
+	struct fx x;
+	const amqp_connection_start_ok_t *so;
+	const amqp_connection_tune_ok_t *to;
+	const amqp_connection_open_t *op;
+	const void *d;
+	size_t n;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	n = upstream_proto_output(&x.p, &d);
+	assert_int_equal(n, 8);
+	assert_memory_equal(d, "AMQP\0\0\x09\x01", 8);
+	upstream_proto_consumed(&x.p, n, x.now);
+
+	assert_int_equal(send_start(&x, "AMQPLAIN PLAIN"), 0);
+	assert_int_equal(take(&x), 1);
+	assert_int_equal(x.f[0].id, AMQP_CONNECTION_START_OK_METHOD);
+	so = x.f[0].decoded;
+	assert_int_equal(so->mechanism.len, 5);
+	assert_memory_equal(so->mechanism.bytes, "PLAIN", 5);
+	assert_int_equal(so->response.len, 13);
+	assert_memory_equal(so->response.bytes, "\0proxy\0secret", 13);
+	{
+		bool caps = false, name = false;
+		for (int i = 0; i < so->client_properties.num_entries; i++) {
+			amqp_table_entry_t *e = &so->client_properties.entries[i];
+			if (e->key.len == 12 && !memcmp(e->key.bytes, "capabilities", 12))
+				caps = true;
+			if (e->key.len == 15 && !memcmp(e->key.bytes, "connection_name", 15))
+				name = e->value.value.bytes.len == strlen(x.cfg.connection_name);
+		}
+		assert_true(caps);
+		assert_true(name);
+	}
+
+	/* The broker's 60 s against our 30: ours, the shorter. */
+	assert_int_equal(send_tune(&x, 131072, 60), 0);
+	assert_int_equal(take(&x), 2);
+	assert_int_equal(x.f[0].id, AMQP_CONNECTION_TUNE_OK_METHOD);
+	to = x.f[0].decoded;
+	assert_int_equal(to->heartbeat, 30);
+	assert_int_equal(to->frame_max, 131072);
+	assert_int_equal(x.f[1].id, AMQP_CONNECTION_OPEN_METHOD);
+	op = x.f[1].decoded;
+	assert_int_equal(op->virtual_host.len, 4);
+	assert_memory_equal(op->virtual_host.bytes, "/vms", 4);
+	assert_int_equal(x.rec.ready, 0);
+	fx_free(&x);
+}
+
+static void test_handshake_external_heartbeat_from_broker(void **state)
+{
+	struct fx x;
+	const amqp_connection_start_ok_t *so;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_EXTERNAL);
+	x.cfg.heartbeat = 60;
+	take(&x);
+	assert_int_equal(send_start(&x, "PLAIN EXTERNAL"), 0);
+	take(&x);
+	so = x.f[0].decoded;
+	assert_int_equal(so->mechanism.len, 8);
+	assert_memory_equal(so->mechanism.bytes, "EXTERNAL", 8);
+	assert_int_equal(so->response.len, 0);
+	assert_int_equal(send_tune(&x, 0, 10), 0);
+	take(&x);
+	assert_int_equal(((amqp_connection_tune_ok_t *)x.f[0].decoded)->heartbeat, 10);
+	/* frame_max 0 (no limit) from the broker: ours. */
+	assert_int_equal(((amqp_connection_tune_ok_t *)x.f[0].decoded)->frame_max, 131072);
+	fx_free(&x);
+}
+
+static void test_mechanism_not_offered(void **state)
+{
+	struct fx x;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_EXTERNAL);
+	take(&x);
+	assert_int_equal(send_start(&x, "PLAIN AMQPLAIN"), -EPROTO);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	/* Before start-ok there is no connection to close: nothing is sent. */
+	assert_int_equal(take(&x), 0);
+	assert_non_null(strstr(x.p.error, "EXTERNAL"));
+	fx_free(&x);
+}
+
+static void test_full_handshake_then_ready(void **state)
+{
+	struct fx x;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	assert_int_equal(x.p.frame_max, 131072);
+	fx_free(&x);
+}
+
+static void test_tune_frame_max_below_minimum(void **state)
+{
+	struct fx x;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	take(&x);
+	assert_int_equal(send_start(&x, "PLAIN"), 0);
+	take(&x);
+	assert_int_equal(send_tune(&x, 1024, 60), -EPROTO);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.error_code, 530);
+	assert_non_null(strstr(x.p.error, "frame_max"));
+	assert_sent_close(&x, 530);
+	fx_free(&x);
+}
+
+static void test_close_mid_handshake(void **state)
+{
+	struct fx x;
+	amqp_connection_close_t c = { .reply_code = 403 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	take(&x);
+	assert_int_equal(send_start(&x, "PLAIN"), 0);
+	take(&x);
+	c.reply_text = amqp_cstring_bytes("ACCESS_REFUSED - Login was refused\nforged line");
+	send_method(&x, 0, AMQP_CONNECTION_CLOSE_METHOD, &c);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.broker_code, 403);
+	assert_non_null(strstr(x.p.error, "403"));
+	assert_null(strchr(x.p.error, '\n')); /* the broker's text cannot forge a log line */
+	take(&x);
+	assert_int_equal(x.nf, 1);
+	assert_int_equal(x.f[0].id, AMQP_CONNECTION_CLOSE_OK_METHOD);
+	fx_free(&x);
+}
+
+static void test_deep_table_in_start(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 }, payload = { 0 };
+	size_t tlen;
+	uint8_t *t = wire_deep_table(100, &tlen);
+	uint8_t hdr[6] = { 0, 10, 0, 10, 0, 9 }; /* connection.start, 0-9 */
+	uint8_t lstr[4] = { 0, 0, 0, 5 };
+
+	(void)state;
+	wire_raw(&payload, hdr, sizeof(hdr));
+	wire_raw(&payload, t, tlen);
+	wire_raw(&payload, lstr, 4);
+	wire_raw(&payload, "PLAIN", 5);
+	wire_raw(&payload, lstr, 4);
+	wire_raw(&payload, "en_US", 5);
+	wire_frame(&b, 1, 0, payload.p, payload.len);
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	take(&x);
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 502);
+	free(t);
+	wire_buf_free(&payload);
+	fx_free(&x);
+}
+
+/* ---- publishing and confirms -------------------------------------------------------- */
+
+static void test_publish_frames_and_verbatim_properties(void **state)
+{
+	struct fx x;
+	uint8_t props[64];
+	amqp_basic_properties_t in = { ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG |
+						 AMQP_BASIC_DELIVERY_MODE_FLAG,
+				       .content_type = amqp_cstring_bytes("application/json"),
+				       .delivery_mode = 2 };
+	int plen = amqp_encode_properties(AMQP_BASIC_CLASS, &in, (amqp_bytes_t){ sizeof(props), props });
+	char body[10000];
+	const amqp_basic_publish_t *pub;
+
+	(void)state;
+	assert_true(plen > 0);
+	for (size_t i = 0; i < sizeof(body); i++)
+		body[i] = (char)i;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 4096);
+	assert_int_equal(upstream_proto_publish(&x.p, "uuid.cpu", 8, props, (size_t)plen, body,
+						sizeof(body)), 1);
+	assert_int_equal(upstream_proto_publish(&x.p, "uuid.mem", 8, props, (size_t)plen, NULL, 0),
+			 2);
+	take(&x);
+	/* method, header, 3 bodies (4088 per frame), then method, header */
+	assert_int_equal(x.nf, 7);
+	assert_int_equal(x.f[0].id, AMQP_BASIC_PUBLISH_METHOD);
+	pub = x.f[0].decoded;
+	assert_int_equal(pub->exchange.len, 10);
+	assert_memory_equal(pub->exchange.bytes, "vm.metrics", 10);
+	assert_memory_equal(pub->routing_key.bytes, "uuid.cpu", 8);
+	assert_int_equal(x.f[1].type, 2);
+	/* class 60, weight 0, body size 10000, then the properties as given */
+	assert_int_equal(x.f[1].size, 12 + (uint32_t)plen);
+	assert_memory_equal(x.f[1].payload, "\0\x3c\0\0\0\0\0\0\0\0\x27\x10", 12);
+	assert_memory_equal(x.f[1].payload + 12, props, (size_t)plen);
+	assert_int_equal(x.f[2].size, 4088);
+	assert_int_equal(x.f[3].size, 4088);
+	assert_int_equal(x.f[4].size, 10000 - 2 * 4088);
+	assert_memory_equal(x.f[3].payload, body + 4088, 4088);
+	assert_int_equal(x.f[6].type, 2);
+	fx_free(&x);
+}
+
+static void test_publish_refusals(void **state)
+{
+	struct fx x;
+	static uint8_t big[8192];
+	static uint8_t body[70000];
+	int64_t r;
+	unsigned n = 0;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	/* Not ready yet. */
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, NULL, 0), -EAGAIN);
+	handshake(&x, 4096);
+	/* Properties larger than a frame can never go out on this link. */
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, big, sizeof(big), NULL, 0),
+			 -EMSGSIZE);
+	/* The output bound (64 KiB here): one message past it, then -EAGAIN. */
+	while ((r = upstream_proto_publish(&x.p, "k", 1, NULL, 0, body, 30000)) > 0)
+		n++;
+	assert_int_equal(r, -EAGAIN);
+	assert_int_equal(n, 3);
+	take(&x);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, body, 30000), 4);
+	fx_free(&x);
+}
+
+static void test_confirms(void **state)
+{
+	struct fx x;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	for (int i = 0; i < 10; i++)
+		upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	ack(&x, 3, false, true, 1); /* a confirm split across many reads */
+	ack(&x, 2, true, true, 5);
+	ack(&x, 4, false, false, 0);
+	ack(&x, 10, true, true, 0);
+	assert_int_equal(x.rec.nconf, 4);
+	assert_int_equal(x.rec.conf[0].tag, 3);
+	assert_false(x.rec.conf[0].multiple);
+	assert_true(x.rec.conf[1].multiple);
+	assert_int_equal(x.rec.conf[1].tag, 2);
+	assert_false(x.rec.conf[2].ack);
+	assert_int_equal(x.rec.conf[3].tag, 10);
+	assert_true(upstream_proto_ready(&x.p));
+	fx_free(&x);
+}
+
+static void test_confirm_split_across_feeds_with_heartbeat(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_ack_t a1 = { .delivery_tag = 1 }, a2 = { .delivery_tag = 2 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a1);
+	wire_heartbeat(&b, 0);
+	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a2);
+	/* Every split point, as TLS records might cut it. */
+	for (size_t cut = 1; cut < b.len; cut++) {
+		x.rec.nconf = 0;
+		assert_int_equal(upstream_proto_feed(&x.p, b.p, cut, x.now), 0);
+		assert_int_equal(upstream_proto_feed(&x.p, b.p + cut, b.len - cut, x.now), 0);
+		assert_int_equal(x.rec.nconf, 2);
+		assert_int_equal(x.rec.conf[1].tag, 2);
+	}
+	wire_buf_free(&b);
+	fx_free(&x);
+}
+
+static void test_confirm_unknown_tag(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_ack_t a = { .delivery_tag = 5 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a);
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 406);
+	assert_int_equal(x.rec.nconf, 0);
+	assert_sent_close(&x, 406);
+	fx_free(&x);
+}
+
+static void test_flow(void **state)
+{
+	struct fx x;
+	amqp_connection_blocked_t bl = { .reason = amqp_cstring_bytes("low on memory") };
+	amqp_connection_unblocked_t ub = { 0 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	send_method(&x, 0, AMQP_CONNECTION_BLOCKED_METHOD, &bl);
+	assert_int_equal(x.rec.blocked, 1);
+	assert_string_equal(x.rec.reason, "low on memory");
+	send_method(&x, 0, AMQP_CONNECTION_UNBLOCKED_METHOD, &ub);
+	assert_int_equal(x.rec.blocked, 0);
+	fx_free(&x);
+}
+
+static void test_channel_close_from_broker(void **state)
+{
+	struct fx x;
+	amqp_channel_close_t c = { .reply_code = 404 };
+
+	(void)state;
+	c.reply_text = amqp_cstring_bytes("NOT_FOUND - no exchange 'vm.metrics' in vhost '/'");
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	send_method(&x, 1, AMQP_CHANNEL_CLOSE_METHOD, &c);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.broker_code, 404);
+	take(&x);
+	assert_int_equal(x.nf, 2);
+	assert_int_equal(x.f[0].id, AMQP_CHANNEL_CLOSE_OK_METHOD);
+	assert_int_equal(x.f[1].id, AMQP_CONNECTION_CLOSE_METHOD);
+	fx_free(&x);
+}
+
+/* ---- malformed input ------------------------------------------------------------------- */
+
+static void test_oversize_frame(void **state)
+{
+	struct fx x;
+	uint8_t hdr[7] = { 1, 0, 1, 0, 0x10, 0, 0 }; /* 1 MiB method frame */
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	/* Refused on its header alone: nothing of it is buffered. */
+	assert_int_equal(upstream_proto_feed(&x.p, hdr, 3, x.now), 0);
+	assert_int_equal(upstream_proto_feed(&x.p, hdr + 3, 4, x.now), -EPROTO);
+	assert_int_equal(x.p.error_code, 501);
+	assert_sent_close(&x, 501);
+	fx_free(&x);
+}
+
+static void test_bad_frame_end(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	wire_frame_end(&b, 8, 0, NULL, 0, 0x00);
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 501);
+	fx_free(&x);
+}
+
+static void test_unexpected_frames(void **state)
+{
+	static const struct {
+		uint8_t type;
+		uint16_t ch;
+		uint16_t code;
+	} cases[] = {
+		{ 2, 1, 505 },	/* a content header: this link never consumes */
+		{ 3, 1, 505 },	/* a body */
+		{ 1, 7, 504 },	/* a channel we never opened */
+		{ 9, 0, 501 },	/* no such frame type */
+		{ 8, 1, 501 },	/* heartbeat on a channel (the spec's frame error) */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct fx x;
+		struct wire_buf b = { 0 };
+		uint8_t payload[4] = { 0, 60, 0, 80 };
+
+		fx_init(&x, BROKER_AUTH_PLAIN);
+		handshake(&x, 131072);
+		wire_frame(&b, cases[i].type, cases[i].ch, payload, cases[i].type == 8 ? 0 : 4);
+		assert_int_equal(feed(&x, &b, 0), -EPROTO);
+		assert_int_equal(x.p.error_code, cases[i].code);
+		fx_free(&x);
+	}
+}
+
+static void test_short_and_unknown_methods(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	uint8_t shortm[2] = { 0, 60 };
+	amqp_basic_qos_ok_t q = { 0 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	wire_frame(&b, 1, 1, shortm, sizeof(shortm));
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 501);
+	fx_free(&x);
+
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	send_method(&x, 1, AMQP_BASIC_QOS_OK_METHOD, &q);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.error_code, 503);
+	fx_free(&x);
+}
+
+/* ---- heartbeats and closing ----------------------------------------------------------- */
+
+static void test_heartbeats(void **state)
+{
+	struct fx x;
+	uint64_t next;
+	struct wire_buf b = { 0 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	x.cfg.heartbeat = 10;
+	handshake(&x, 131072);
+	/* Nothing due before half the interval. */
+	next = upstream_proto_tick(&x.p, x.now + 1000);
+	assert_int_equal(next, x.now + 5000);
+	assert_int_equal(take(&x), 0);
+	/* Idle for half the interval: a heartbeat goes out. */
+	x.now += 5000;
+	upstream_proto_tick(&x.p, x.now);
+	assert_int_equal(take(&x), 1);
+	assert_int_equal(x.f[0].type, 8);
+	/* The broker's heartbeat keeps the link alive... */
+	x.now += 15000;
+	wire_heartbeat(&b, 0);
+	assert_int_equal(feed(&x, &b, 0), 0);
+	assert_true(upstream_proto_tick(&x.p, x.now + 19999) > 0);
+	/* ...and two missed intervals end it. */
+	assert_int_equal(upstream_proto_tick(&x.p, x.now + 20000), 0);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_non_null(strstr(x.p.error, "heartbeat"));
+	fx_free(&x);
+}
+
+static void test_planned_close(void **state)
+{
+	struct fx x;
+	amqp_connection_close_ok_t ok = { 0 };
+	amqp_basic_ack_t a = { .delivery_tag = 1 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	take(&x);
+	upstream_proto_close(&x.p, 200, "reconnecting");
+	assert_sent_close(&x, 200);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1), -EAGAIN);
+	/* A confirm crossing the close still counts. */
+	send_method(&x, 1, AMQP_BASIC_ACK_METHOD, &a);
+	assert_int_equal(x.rec.nconf, 1);
+	send_method(&x, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_string_equal(x.p.error, "");
+	fx_free(&x);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_handshake_plain),
+		cmocka_unit_test(test_handshake_external_heartbeat_from_broker),
+		cmocka_unit_test(test_mechanism_not_offered),
+		cmocka_unit_test(test_full_handshake_then_ready),
+		cmocka_unit_test(test_tune_frame_max_below_minimum),
+		cmocka_unit_test(test_close_mid_handshake),
+		cmocka_unit_test(test_deep_table_in_start),
+		cmocka_unit_test(test_publish_frames_and_verbatim_properties),
+		cmocka_unit_test(test_publish_refusals),
+		cmocka_unit_test(test_confirms),
+		cmocka_unit_test(test_confirm_split_across_feeds_with_heartbeat),
+		cmocka_unit_test(test_confirm_unknown_tag),
+		cmocka_unit_test(test_flow),
+		cmocka_unit_test(test_channel_close_from_broker),
+		cmocka_unit_test(test_oversize_frame),
+		cmocka_unit_test(test_bad_frame_end),
+		cmocka_unit_test(test_unexpected_frames),
+		cmocka_unit_test(test_short_and_unknown_methods),
+		cmocka_unit_test(test_heartbeats),
+		cmocka_unit_test(test_planned_close),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
