@@ -1,0 +1,156 @@
+"""vmproxyd's upstream link as an event source of its poll thread, against
+a real RabbitMQ over TLS: publishes are batched into few TLS writes, a
+frozen broker blocks no poll thread (guests on every thread keep their
+heartbeats and new guests connect meanwhile), and a broker that accepts
+the login but refuses every publish sees reconnects back off instead of a
+reconnect storm, with the refusals counted by reply code.
+"""
+import json
+import time
+
+import pika
+import pytest
+
+from harness import wait_for
+from harness.vmproxyd import VmProxyd, from_source, make_vms
+from test_proxy import finish, loadgen
+
+
+@pytest.fixture
+def proxy_factory(build_dir, broker, certs, tmp_path):
+    started = []
+
+    def make(vms, **kw):
+        p = VmProxyd(build_dir, tmp_path, broker, certs, vms, **kw)
+        started.append(p)
+        return p
+    yield make
+    for p in started:
+        p.kill()
+
+
+def guest_params(proxy, **kw):
+    return pika.ConnectionParameters(host="127.0.0.1", port=proxy.port, **kw)
+
+
+def link_totals(proxy):
+    threads = proxy.admin("threads")["threads"]
+    tot = {}
+    for t in threads:
+        for k in ("published", "acked", "writes", "reads", "connects"):
+            tot[k] = tot.get(k, 0) + t["upstream"][k]
+    return tot, threads
+
+
+def test_publishes_are_batched_into_few_tls_writes(build_dir, broker, proxy_factory):
+    """20 guest connections pipelining 64 confirms each: the link writes
+    many messages per SSL_write (one write per loop iteration, not three
+    records per message), and every message arrives."""
+    vms = make_vms(10, base="127.10.40.1")
+    proxy = proxy_factory(vms, threads=1).start()
+    broker.purge(broker.queue)
+    before, _ = link_totals(proxy)
+    lg = loadgen(build_dir, proxy, vms, conns=2, count=500, window=64)
+    rc, out, err = finish(lg, 180)
+    assert rc == 0, out + err
+    rep = json.loads(out)
+    assert rep["confirmed"] == 10 * 2 * 500 and rep["errors"] == 0, rep
+    after, threads = link_totals(proxy)
+    published = after["published"] - before["published"]
+    writes = after["writes"] - before["writes"]
+    assert published == 10 * 2 * 500, threads
+    print("LINK %d messages in %d TLS writes (%.2f per write), %d reads"
+          % (published, writes, published / max(writes, 1), after["reads"] - before["reads"]))
+    # Three records per message was the old cost; a batch per iteration is
+    # the new one. Half a write per message leaves room for a slow machine.
+    assert writes * 2 < published, (writes, published)
+    assert broker.queue_depth(broker.queue) >= published
+
+
+def test_frozen_broker_blocks_no_poll_thread(build_dir, broker, proxy_factory):
+    """SIGSTOP the broker for 15 s with guests on both poll threads: every
+    guest keeps its 2 s heartbeats, a new guest of each VM connects and
+    opens a channel meanwhile, and the admin queries are answered."""
+    vms = make_vms(4, base="127.10.41.1")
+    proxy = proxy_factory(vms, threads=2, guest={"heartbeat": 2}).start()
+    conns = []
+    for v in vms:
+        with from_source(v["address"]):
+            conns.append(pika.BlockingConnection(guest_params(proxy, heartbeat=2)))
+    placed = {v["uuid"]: v["thread"] for v in proxy.admin("vms")["vms"]}
+    assert sorted(set(placed.values())) == [0, 1], placed  # both threads serve guests
+    broker.freeze()
+    lg = None
+    try:
+        frozen_at = time.monotonic()
+        # VM 0 publishes 4.8 MB meanwhile: the link's socket and its output
+        # buffer fill up, and the poll thread must not wait on either.
+        lg = loadgen(build_dir, proxy, vms[:1], conns=1, count=300, size=16384, window=300)
+        for v in vms:
+            t0 = time.monotonic()
+            with from_source(v["address"]):
+                c = pika.BlockingConnection(guest_params(proxy, heartbeat=2))
+            c.channel()
+            took = time.monotonic() - t0
+            c.close()
+            # A blocked poll thread would hold the handshake for the rest
+            # of the freeze; 5 s leaves room for a loaded machine.
+            assert took < 5, "guest of %s took %.1f s to connect" % (v["name"], took)
+        while time.monotonic() - frozen_at < 15:
+            for c in conns:
+                c.process_data_events(time_limit=0.1)
+        assert all(c.is_open for c in conns)
+        # The poll threads still answer the admin thread's queries.
+        assert len(proxy.admin("vms")["vms"]) == 4
+        assert lg.poll() is None  # nothing confirmed while the broker is frozen
+    finally:
+        broker.thaw()
+    rc, out, err = finish(lg, 120)
+    assert rc == 0, out + err
+    assert json.loads(out)["confirmed"] == 300
+    for c in conns:
+        c.close()
+
+
+def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_factory):
+    """The broker accepts the link's login but refuses every publish (write
+    permission revoked: channel.close 403). The link does not reconnect in
+    a storm: successful logins do not reset the backoff, so reconnects in
+    25 s stay few; the refusals are counted by code and the reason shown.
+    Once permissions return, everything the guests published arrives."""
+    vms = make_vms(2, base="127.10.42.1")
+    proxy = proxy_factory(vms, threads=1).start()
+    broker.purge(broker.queue)
+    grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^vm\\.metrics$", "^$")
+    broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^$", "^$")
+    try:
+        lg = loadgen(build_dir, proxy, vms, conns=1, count=50, rate=20, window=10)
+        wait_for(lambda: link_totals(proxy)[1][0]["upstream"]["refusals"].get("403", 0) >= 1,
+                 30, "a 403 refusal counted")
+        start, _ = link_totals(proxy)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 25:
+            assert lg.poll() is None  # guests wait for confirms, none come
+            time.sleep(0.5)
+        end, threads = link_totals(proxy)
+        reconnects = end["connects"] - start["connects"]
+        print("REFUSED %d reconnects in 25 s, refusals %s, last error %r"
+              % (reconnects, threads[0]["upstream"]["refusals"],
+                 threads[0]["upstream"]["last_error"]))
+        # Backoff from 200 ms doubling to 30 s: about 7 attempts in 25 s at
+        # most (each waits between half and all of its ceiling); a login
+        # resetting it would make well over a hundred.
+        assert 1 <= reconnects <= 10, reconnects
+        assert end["acked"] == start["acked"]
+        last = threads[0]["upstream"]["last_error"]
+        assert "403" in last and "ACCESS_REFUSED" in last, last
+        assert threads[0]["upstream"]["refusals"]["403"] >= reconnects
+    finally:
+        broker.ctl(*grant)
+    rc, out, err = finish(lg, 120)
+    assert rc == 0, out + err
+    rep = json.loads(out)
+    assert rep["confirmed"] == 2 * 50 and rep["errors"] == 0, rep
+    seqs = {(json.loads(b)["vm"], json.loads(b)["seq"])
+            for _, _, b in broker.get_all(broker.queue, timeout=30)}
+    assert seqs >= {(v, s) for v in range(2) for s in range(1, 51)}
