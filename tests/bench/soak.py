@@ -199,6 +199,7 @@ class Sampler(threading.Thread):
     def __init__(self, px, guests, interval, stop):
         super().__init__(name="sampler", daemon=True)
         self.px, self.guests, self.interval, self.stop = px, guests, interval, stop
+        self.t0 = time.monotonic()  # reset when the guests start
         self.samples = []
         self.died = None
 
@@ -208,7 +209,7 @@ class Sampler(threading.Thread):
             self.died = self.px.proc.returncode
             return False
         try:
-            s = {"t": round(time.monotonic() - T0, 1), "rss_kib": proc_rss_kib(pid),
+            s = {"t": round(time.monotonic() - self.t0, 1), "rss_kib": proc_rss_kib(pid),
                  "fds": proc_fds(pid),
                  "guests_connected": sum(1 for g in self.guests if g.connected)}
         except OSError:
@@ -330,6 +331,7 @@ def flatness(samples, warmup_s, key):
     var = sum((s["t"] - mt) ** 2 for s in after)
     slope = sum((s["t"] - mt) * (s[key] - mv) for s in after) / var if var else 0.0
     return {"warmup_t": first["t"], "warmup": first[key], "end_t": last["t"], "end": last[key],
+            "samples": n,
             "min": min(s[key] for s in after), "max": max(s[key] for s in after),
             "end_over_warmup": round(last[key] / first[key], 3) if first[key] else None,
             "slope_per_10min": round(slope * 600, 1)}
@@ -405,8 +407,9 @@ def main():
                       extra={"log_level": "warn", "balancer": {"enabled": False}})
         px.start(timeout=120)
         sampler = Sampler(px, guests, args.sample, stop_side)
-        sampler.sample()
         guests.extend(Guest(v, px.port, args, stop_guests) for v in vms)
+        sampler.t0 = time.monotonic()
+        sampler.sample()
         for g in guests:
             g.start()
         sampler.start()
@@ -558,14 +561,16 @@ def report(res, out):
                res["duplicates"], res["unacked_but_delivered"], res["foreign_bodies"]),
             "ACKED LOST: %d" % res["lost_acked"],
             "stuck guests: %d" % len(res.get("stuck_guests", []))]
-        for key, unit in (("rss_kib", "KiB"), ("fds", "")):
+        for key, unit in (("rss_kib", " KiB"), ("fds", "")):
             fl = res.get(key)
             if fl:
                 lines.append("vmproxyd %s: %s%s at warm-up (t=%ss), %s%s at the end (t=%ss), "
-                             "min %s max %s after warm-up, end/warm-up %s, trend %s%s per 10 min"
+                             "min %s max %s over %d samples after warm-up, end/warm-up %s, "
+                             "linear trend %s%s per 10 min (fit over %.0f s)"
                              % (key, fl["warmup"], unit, fl["warmup_t"], fl["end"], unit,
-                                fl["end_t"], fl["min"], fl["max"], fl["end_over_warmup"],
-                                fl["slope_per_10min"], unit))
+                                fl["end_t"], fl["min"], fl["max"], fl["samples"],
+                                fl["end_over_warmup"], fl["slope_per_10min"], unit,
+                                fl["end_t"] - fl["warmup_t"]))
         lines.append("vmproxyd exit status after drain: %s" % res.get("vmproxyd_exit"))
     lines.append("verdict: %s" % res.get("verdict"))
     text = "\n".join(lines)
