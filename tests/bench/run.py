@@ -855,7 +855,12 @@ def make_plots(summary, outdir):
     return files
 
 
-def copy_plots(files, src):
+def copy_plots(files, src, mode):
+    """Copy the plots to docs/img/, for full runs only: docs/performance.md
+    embeds all four, and a quick run draws only some of them."""
+    if mode != "full":
+        log("plots not copied to docs/img: a %s run; docs show full runs" % mode)
+        return
     dst = TOP / "docs" / "img"
     dst.mkdir(parents=True, exist_ok=True)
     for name in files:
@@ -1028,7 +1033,7 @@ def main():
         except (KeyError, TypeError) as e:  # an incomplete summary: the plots are drawn
             log("results.md not rewritten: missing %s" % e)
         if args.docs:
-            copy_plots(summary["plots"], rdir)
+            copy_plots(summary["plots"], rdir, summary.get("mode"))
         return 0
     build = pathlib.Path(args.build).resolve()
     out = pathlib.Path(args.out or build / ("results-%s" % time.strftime("%Y%m%d-%H%M%S")))
@@ -1079,7 +1084,7 @@ def main():
         try:
             summary["plots"] = make_plots(summary, out)
             if args.docs and summary["plots"]:
-                copy_plots(summary["plots"], out)
+                copy_plots(summary["plots"], out, summary["mode"])
         except Exception as e:  # the numbers matter more than the pictures
             log("plots: %s" % e)
         with open(out / "summary.json", "w") as f:
