@@ -1047,6 +1047,8 @@ def main():
         ctx = dict(duration=args.duration or 15, conn_counts=[10, 100, 1000], sizes=[256, 4096],
                    idle_vms=1000, idle_per_vm=10, idle_s=30, cg_n=5000, fair_s=15, sc_n=20000)
     ctx.update(build=build, out=out, work=work, vm_base="127.10.0.1", topologies=topologies)
+    # SIGINT too: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     summary = {"mode": "quick" if args.quick else "full", "machine": machine(),
                "duration_s": ctx["duration"]}

@@ -384,6 +384,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-soak-"))
     os.chmod(work, 0o755)
+    # SIGINT too: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     rng = random.Random(args.seed)
     res = {"args": vars(args), "warmup_s": warmup, "faults": []}
