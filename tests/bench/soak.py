@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -261,7 +262,8 @@ class Migrator(threading.Thread):
                 # e.g. abandoned because the link was down and the VM's
                 # messages could not be confirmed in migrate_timeout_ms.
                 msg = (r.stderr or r.stdout).strip().splitlines()
-                self.count("refused: %s" % (msg[-1][:80] if msg else "status %d" % r.returncode))
+                self.count("refused: %s" % (re.sub(r"\d+", "N", msg[-1][:80]) if msg
+                                            else "status %d" % r.returncode))
 
 
 def fault(broker, action, rng, stop):
