@@ -18,6 +18,8 @@ packages=(
 	rabbitmq-server openssl python3 python3-pika python3-pytest
 	python3-jsonschema amqp-tools prometheus libvirt-clients valgrind
 	procps iproute2 systemd groff-base
+	# benchmarks and soak (tests/bench)
+	strace python3-matplotlib
 )
 
 missing=()

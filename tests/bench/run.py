@@ -1,13 +1,16 @@
 #!/usr/bin/python3
-"""Performance benchmark of vmproxyd against a proxy-less topology and HAProxy.
+"""Performance benchmark of vmproxyd against proxy-less topologies and HAProxy.
 
-Run through tests/bench/run.sh (which installs haproxy, builds the release
-tree and raises the open-files limit). Everything is on loopback, against
-one private RabbitMQ started by the integration harness; every wait is
-bounded and every process started here is stopped on exit or Ctrl-C.
+Run through tests/bench/run.sh (which installs haproxy, valgrind, strace and
+matplotlib, builds the release tree and raises the open-files limit).
+Everything is on loopback, against one private RabbitMQ started by the
+integration harness; every wait is bounded and every process started here
+is stopped on exit or Ctrl-C.
 
 Writes into --out: one JSON file per measured point (the loadgen report
-plus the side measurements), summary.json and results.md.
+plus the side measurements), summary.json, results.md and the PNG plots
+(bench-*.png; --docs copies them to docs/img/). --replot DIR redraws the
+plots of an earlier run from its summary.json without measuring anything.
 """
 import argparse
 import datetime
@@ -23,17 +26,27 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 TOP = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(TOP / "tests" / "integration"))
 
 from harness.procs import free_port, wait_for  # noqa: E402
-from harness.rabbitmq import RabbitMQ, ensure_certs  # noqa: E402
+from harness.rabbitmq import PASSWORDS, RabbitMQ, ensure_certs  # noqa: E402
 from harness.vmproxyd import VmProxyd, make_vms  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 QUEUE_MAX_LENGTH = 10000
+# The matrix's topologies, in the order they run; ratios are against the
+# first two.
+TOPOLOGIES = ("direct", "direct-plain", "vmproxyd", "haproxy")
+# Per-thread link counters on vmproxyd's /metrics: one increment per
+# SSL_write/write and per SSL_read/read on the upstream link.
+UP_WRITES = "vmproxy_upstream_writes_total"
+UP_READS = "vmproxy_upstream_reads_total"
+UP_PUBLISHED = "vmproxy_upstream_published_total"
+SYSCALLS = ("write", "sendto", "sendmsg", "read", "recvfrom")
 
 # Everything started here, stopped by cleanup() whatever happens.
 _procs = []
@@ -98,6 +111,64 @@ def machine():
         mem_kib = int(f.readline().split()[1])
     return {"nproc": os.cpu_count(), "cpu": model, "mem_gib": round(mem_kib / 1048576, 1),
             "kernel": platform.release(), "date": datetime.datetime.now().isoformat(" ", "seconds")}
+
+
+# ---- vmproxyd's Prometheus endpoint ------------------------------------------------
+
+_SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)')
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url, timeout=10):
+    """GET URL (a Prometheus text page) as {name: {labels tuple: value}};
+    None if the endpoint cannot be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            v = float(m.group(3))
+        except ValueError:
+            continue
+        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+        out.setdefault(m.group(1), {})[labels] = v
+    return out
+
+
+def counter_delta(before, after, name):
+    """(total, {thread: delta}) of counter NAME between two scrapes, or
+    (None, {}) when either scrape lacks it."""
+    if not before or not after or name not in before or name not in after:
+        return None, {}
+    per = {}
+    total = 0.0
+    for labels, v in after[name].items():
+        d = v - before[name].get(labels, 0.0)
+        total += d
+        key = dict(labels).get("thread", ",".join("%s=%s" % kv for kv in labels))
+        per[key] = per.get(key, 0.0) + d
+    return total, per
+
+
+def link_io(before, after):
+    """Upstream writes and reads per published message between two
+    scrapes; a counter the daemon does not have gives None."""
+    pub, pub_per = counter_delta(before, after, UP_PUBLISHED)
+    res = {"published": pub, "published_per_thread": pub_per}
+    for key, name in (("writes", UP_WRITES), ("reads", UP_READS)):
+        tot, per = counter_delta(before, after, name)
+        res[key] = tot
+        res[key + "_per_thread"] = per
+        res[key + "_per_msg"] = round(tot / pub, 3) if tot is not None and pub else None
+    return res
 
 
 # ---- processes ------------------------------------------------------------------
@@ -176,6 +247,10 @@ def loadgen_argv(build, target, broker, certs, vms, conns_per_vm, size, duration
         argv += ["--host", "127.0.0.1", "--port", str(target["port"]), "--exchange", "metrics"]
         if source_base:
             argv += ["--source-base", source_base]
+    elif target["kind"] == "plain":  # straight to the broker's plain port, PLAIN login
+        argv += ["--host", "127.0.0.1", "--port", str(target["port"]), "--user", "vmproxyd",
+                 "--password", PASSWORDS["vmproxyd"], "--vhost", broker.vhost,
+                 "--exchange", broker.exchange]
     else:  # TLS straight to the broker, or through haproxy
         # The server certificate names localhost; rabbitmq-c checks DNS names only.
         argv += ["--host", "localhost", "--port", str(target["port"]), "--tls",
@@ -281,28 +356,38 @@ def matrix_point(ctx, scenario, target, proxy_pid, conns, size):
 
     name = "%s-c%d-s%d" % (scenario, conns, size)
     report = ctx["out"] / ("%s.loadgen.json" % name)
+    metrics_url = target.get("metrics_url")
+    m0 = scrape(metrics_url) if metrics_url else None
     rep, side = run_loadgen(argv, report, mid, proxy_pid, timeout=duration + 300)
+    m1 = scrape(metrics_url) if metrics_url else None
     res = {"scenario": scenario, "connections": conns, "size": size,
            "msgs_per_s": rep.get("msgs_per_s", 0), "confirmed": rep.get("confirmed", 0),
            "errors": rep.get("errors"), "nacked": rep.get("nacked"),
            "latency_us": rep.get("latency_us", {}), "duration_s": rep.get("duration_s")}
     res.update(side)
     res["broker_rss_before_kib"] = rss_before
+    if metrics_url:
+        res["upstream_io"] = link_io(m0, m1)
     if proxy_pid and res.get("proxy_cpu_s") is not None and res["confirmed"]:
         res["proxy_cpu_us_per_msg"] = round(res["proxy_cpu_s"] * 1e6 / res["confirmed"], 2)
     with open(ctx["out"] / ("%s.json" % name), "w") as f:
         json.dump(res, f, indent=1)
-    log("%-9s conns=%-4d size=%-4d %8.0f msg/s p99=%s us broker_conns=%s broker_rss=%s "
-        "proxy_rss=%s proxy_cpu=%s errors=%s" % (
+    io = res.get("upstream_io") or {}
+    log("%-12s conns=%-4d size=%-4d %8.0f msg/s p99=%s us broker_conns=%s broker_rss=%s "
+        "proxy_rss=%s proxy_cpu=%s errors=%s%s" % (
             scenario, conns, size, res["msgs_per_s"], res["latency_us"].get("p99"),
             res.get("broker_connections"), res.get("broker_rss_kib"), res.get("proxy_rss_kib"),
-            res.get("proxy_cpu_s"), res.get("errors")))
+            res.get("proxy_cpu_s"), res.get("errors"),
+            " up_writes/msg=%s up_reads/msg=%s" % (fmt(io.get("writes_per_msg"), 3),
+                                                 fmt(io.get("reads_per_msg"), 3))
+            if metrics_url else ""))
     return res
 
 
-def start_proxy(ctx, name, vms, guest=None, wrapper=None):
+def start_proxy(ctx, name, vms, guest=None, wrapper=None, metrics=False):
     """vmproxyd with its default thread count (no threads.count in the
-    configuration); WRAPPER, when given, is run instead of the binary."""
+    configuration); WRAPPER, when given, is run instead of the binary.
+    METRICS: with a /metrics endpoint on loopback (px.metrics_url)."""
     workdir = ctx["work"] / name
     workdir.mkdir(parents=True, exist_ok=True)
     build = ctx["build"]
@@ -312,8 +397,15 @@ def start_proxy(ctx, name, vms, guest=None, wrapper=None):
         def binary(self):
             return wrapper or super().binary
 
+    extra = {"threads": {}, "log_level": "warn"}
+    metrics_url = None
+    if metrics:
+        mport = free_port()
+        extra["metrics"] = {"listen": "127.0.0.1:%d" % mport}
+        metrics_url = "http://127.0.0.1:%d/metrics" % mport
     px = Proxy(build, workdir, ctx["broker"], ctx["certs"], vms, threads=os.cpu_count(),
-               guest=guest, extra={"threads": {}, "log_level": "warn"})
+               guest=guest, extra=extra)
+    px.metrics_url = metrics_url
     _proxies.append(px)
     px.start(timeout=120)
     return px
@@ -331,30 +423,30 @@ def run_matrix(ctx):
     counts = ctx["conn_counts"]
     vms = make_vms(max(counts), ctx["vm_base"])
 
-    log("scenario direct")
-    for c in counts:
-        for s in sizes:
-            results.append(matrix_point(ctx, "direct", {"kind": "tls", "port": broker.tls_port},
-                                        None, c, s))
-    log("scenario vmproxyd")
-    px = start_proxy(ctx, "proxy-matrix", vms)
-    try:
+    def points(scenario, target, pid):
         for c in counts:
             for s in sizes:
-                results.append(matrix_point(ctx, "vmproxyd", {"kind": "vmproxyd",
-                                                              "port": px.port},
-                                            px.proc.pid, c, s))
-    finally:
-        stop_proxy(px)
-    log("scenario haproxy")
-    hp = Haproxy(ctx["work"] / "haproxy", broker.tls_port)
-    try:
-        for c in counts:
-            for s in sizes:
-                results.append(matrix_point(ctx, "haproxy", {"kind": "tls", "port": hp.port},
-                                            hp.proc.pid, c, s))
-    finally:
-        hp.stop()
+                results.append(matrix_point(ctx, scenario, target, pid, c, s))
+
+    for topo in ctx["topologies"]:
+        log("scenario %s" % topo)
+        if topo == "direct":
+            points(topo, {"kind": "tls", "port": broker.tls_port}, None)
+        elif topo == "direct-plain":
+            points(topo, {"kind": "plain", "port": broker.port}, None)
+        elif topo == "vmproxyd":
+            px = start_proxy(ctx, "proxy-matrix", vms, metrics=True)
+            try:
+                points(topo, {"kind": "vmproxyd", "port": px.port,
+                              "metrics_url": px.metrics_url}, px.proc.pid)
+            finally:
+                stop_proxy(px)
+        elif topo == "haproxy":
+            hp = Haproxy(ctx["work"] / "haproxy", broker.tls_port)
+            try:
+                points(topo, {"kind": "tls", "port": hp.port}, hp.proc.pid)
+            finally:
+                hp.stop()
     return results
 
 
@@ -549,6 +641,233 @@ def run_fairness(ctx):
     return res
 
 
+# ---- system calls per message (strace) ------------------------------------------------
+
+# "PID call(FD<description>, ..."; a TCP description contains "->".
+_ST_CALL = re.compile(r'^(\d+)\s+(\w+)\((\d+)<(.*?)>[,)]')
+_ST_ADDR = re.compile(r'(?:TCP|TCPv6):\[(.+):(\d+)->(.+):(\d+)\]')
+
+
+def classify_fd(desc, listen_port, broker_ports):
+    """'upstream', 'guest' or 'other' for an strace -yy descriptor text."""
+    m = _ST_ADDR.search(desc)
+    if m:
+        if int(m.group(4)) in broker_ports:
+            return "upstream"
+        if int(m.group(2)) == listen_port:
+            return "guest"
+    return "other"
+
+
+def parse_strace(path, listen_port, broker_ports):
+    """Count the calls of an strace -f -C -yy output file by side (upstream
+    link, guest sockets, other descriptors) and by system call; also the
+    -c summary's total and the calls that failed (EAGAIN)."""
+    by_side = {}
+    failed = {}
+    summary_total = None
+    in_summary = False
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("% time"):
+                in_summary = True
+                continue
+            if in_summary:
+                cols = line.split()
+                if cols and cols[-1] == "total":
+                    summary_total = int(cols[3])
+                continue
+            m = _ST_CALL.match(line)
+            if not m or m.group(2) not in SYSCALLS:
+                continue
+            side = classify_fd(m.group(4), listen_port, broker_ports)
+            by_side.setdefault(side, {}).setdefault(m.group(2), 0)
+            by_side[side][m.group(2)] += 1
+            if "EAGAIN" in line:
+                failed[side] = failed.get(side, 0) + 1
+    return by_side, failed, summary_total
+
+
+def run_syscalls(ctx):
+    """vmproxyd under strace -f -c for a fixed number of 256-byte messages
+    through one guest connection (window 64): system calls per message on
+    the upstream link, on the guest socket and in total."""
+    n = ctx["sc_n"]
+    log("syscalls: strace over %d messages through one connection" % n)
+    if not shutil.which("strace"):
+        log("syscalls: strace not installed; skipped")
+        return {"error": "strace not installed"}
+    broker = ctx["broker"]
+    broker.purge(broker.queue)
+    vms = make_vms(1, ctx["vm_base"])
+    px = start_proxy(ctx, "proxy-syscalls", vms, metrics=True)
+    st_file = ctx["out"] / "strace.txt"
+    res = {"n": n, "syscalls": list(SYSCALLS)}
+    strace = None
+    try:
+        strace = subprocess.Popen(["strace", "-f", "-C", "-yy", "-s", "0", "-e",
+                                   "trace=" + ",".join(SYSCALLS), "-o", str(st_file),
+                                   "-p", str(px.proc.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL)
+        _procs.append(strace)
+        # "strace: Process N attached with T threads" once every thread is traced.
+        if not wait_line(strace, r"attached", 30):
+            raise RuntimeError("strace did not attach to vmproxyd (pid %d)" % px.proc.pid)
+        m0 = scrape(px.metrics_url)
+        argv = loadgen_argv(ctx["build"], {"kind": "vmproxyd", "port": px.port}, None,
+                            ctx["certs"], 1, 1, 256, None, threads=1,
+                            source_base=ctx["vm_base"], extra=["--count", str(n)])
+        rep, side = run_loadgen(argv, ctx["out"] / "syscalls.loadgen.json", timeout=600)
+        m1 = scrape(px.metrics_url)
+        strace.send_signal(signal.SIGINT)
+        try:
+            strace.wait(60)
+        except subprocess.TimeoutExpired:
+            strace.kill()
+            strace.wait()
+        strace.stderr.close()
+    finally:
+        if strace is not None and strace.poll() is None:
+            strace.kill()
+            strace.wait()
+        stop_proxy(px)
+    res["confirmed"] = rep.get("confirmed")
+    res["loadgen_status"] = side.get("loadgen_status")
+    res["upstream_io"] = link_io(m0, m1)
+    by_side, failed, total = parse_strace(st_file, px.port,
+                                          {broker.port, broker.tls_port})
+    res["calls"] = by_side
+    res["eagain"] = failed
+    res["summary_total"] = total
+    msgs = res["confirmed"] or 0
+    if msgs:
+        per = {}
+        for side_name, calls in by_side.items():
+            per[side_name] = {k: round(v / msgs, 3) for k, v in sorted(calls.items())}
+            per[side_name]["all"] = round(sum(calls.values()) / msgs, 3)
+        res["per_msg"] = per
+        if total is not None:
+            res["total_per_msg"] = round(total / msgs, 3)
+    with open(ctx["out"] / "syscalls.json", "w") as f:
+        json.dump(res, f, indent=1)
+    per = res.get("per_msg", {})
+    log("syscalls: %s per message in total, upstream %s, guest %s (%s messages confirmed)"
+        % (res.get("total_per_msg"), (per.get("upstream") or {}).get("all"),
+           (per.get("guest") or {}).get("all"), msgs))
+    return res
+
+
+# ---- plots ---------------------------------------------------------------------------------
+
+def make_plots(summary, outdir):
+    """PNG plots of the matrix into OUTDIR; returns their file names. Each
+    plot's title says which run it comes from (mode and date)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        log("plots: matplotlib not available (%s); none drawn" % e)
+        return []
+    matrix = summary.get("matrix") or []
+    if not matrix:
+        return []
+    m = summary.get("machine", {})
+    label = "%s run %s, %s CPUs" % (summary.get("mode", "?"), m.get("date", "?"), m.get("nproc"))
+    topos = [t for t in TOPOLOGIES if any(r["scenario"] == t for r in matrix)]
+    counts = sorted({r["connections"] for r in matrix})
+    sizes = sorted({r["size"] for r in matrix})
+    colour = {"direct": "tab:blue", "direct-plain": "tab:cyan", "vmproxyd": "tab:red",
+              "haproxy": "tab:green"}
+    point = {(r["scenario"], r["connections"], r["size"]): r for r in matrix}
+    files = []
+
+    def bars(ax, groups, series, value, ylabel):
+        """One group of bars per entry of GROUPS, one bar per SERIES entry;
+        VALUE(group, series) gives a bar's height or None."""
+        width = 0.8 / max(1, len(series))
+        for i, (name, col) in enumerate(series):
+            xs, ys = [], []
+            for g, grp in enumerate(groups):
+                v = value(grp, name)
+                if v is not None:
+                    xs.append(g - 0.4 + width * (i + 0.5))
+                    ys.append(v)
+            b = ax.bar(xs, ys, width, label=name, color=col,
+                       hatch="//" if name.endswith(" 4096 B") else None)
+            ax.bar_label(b, labels=[human(y) for y in ys], fontsize=7, padding=1)
+        ax.set_xticks(range(len(groups)))
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    def human(v):
+        if v >= 10000:
+            return "%.0fk" % (v / 1000)
+        if v >= 1000:
+            return "%.1fk" % (v / 1000)
+        return "%.3g" % v
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(outdir / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+
+    for size in sizes:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        bars(ax, counts, [(t, colour.get(t)) for t in topos],
+             lambda c, t: (point.get((t, c, size)) or {}).get("msgs_per_s"),
+             "confirmed msgs/s")
+        ax.set_xticklabels([str(c) for c in counts])
+        ax.set_xlabel("guest connections")
+        ax.set_title("Throughput, %d-byte messages, confirm window 64\n%s" % (size, label),
+                     fontsize=10)
+        save(fig, "bench-throughput-%d.png" % size)
+
+    proxied = [t for t in topos if any(r.get("proxy_cpu_us_per_msg") is not None
+                                       for r in matrix if r["scenario"] == t)]
+    if proxied:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        series = [("%s %d B" % (t, sz), colour.get(t)) for t in proxied for sz in sizes]
+        bars(ax, counts, series,
+             lambda c, name: (point.get((name.split()[0], c, int(name.split()[1]))) or {}
+                              ).get("proxy_cpu_us_per_msg"),
+             "proxy CPU us per message (utime + stime)")
+        ax.set_xticklabels([str(c) for c in counts])
+        ax.set_xlabel("guest connections")
+        ax.set_title("Proxy CPU per confirmed message\n%s" % label, fontsize=10)
+        save(fig, "bench-cpu-per-msg.png")
+
+    top = max(counts)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes) + 1, 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        bars(ax, topos, [("p50", "tab:gray"), ("p99", "tab:orange")],
+             lambda t, q: (((point.get((t, top, size)) or {}).get("latency_us") or {}).get(q)
+                           or 0) / 1000 or None,
+             "publish-to-confirm latency, ms")
+        ax.set_xticklabels(topos, fontsize=8)
+        ax.set_title("%d connections, %d-byte messages" % (top, size), fontsize=10)
+    fig.suptitle("Confirm latency percentiles\n%s" % label, fontsize=10)
+    save(fig, "bench-latency.png")
+    log("plots: %s" % ", ".join(files))
+    return files
+
+
+def copy_plots(files, src, mode):
+    """Copy the plots to docs/img/, for full runs only: docs/performance.md
+    embeds all four, and a quick run draws only some of them."""
+    if mode != "full":
+        log("plots not copied to docs/img: a %s run; docs show full runs" % mode)
+        return
+    dst = TOP / "docs" / "img"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        shutil.copyfile(src / name, dst / name)
+    log("plots copied to %s" % dst)
+
+
 # ---- report ---------------------------------------------------------------------------
 
 def fmt(v, nd=0):
@@ -567,22 +886,34 @@ def write_markdown(ctx, summary):
                                      summary["mode"], ctx["duration"]), ""]
     direct = {(r["connections"], r["size"]): r for r in summary.get("matrix", [])
               if r["scenario"] == "direct"}
+    plain = {(r["connections"], r["size"]): r for r in summary.get("matrix", [])
+             if r["scenario"] == "direct-plain"}
     lines += ["## Throughput, latency and memory", "",
-              "| scenario | conns | size | msgs/s | x direct | p50 us | p99 us | p999 us | "
-              "broker conns | broker RSS MiB (before) | x direct | proxy RSS MiB | proxy CPU s | "
-              "proxy us/msg | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "`x direct` is against direct TLS, `x plain` against direct plain AMQP, at the "
+              "same connection count and size. `up w/msg` and `up r/msg`: vmproxyd's upstream "
+              "writes and reads (`%s`, `%s`) per published message, \"-\" where the daemon "
+              "has no such counter." % (UP_WRITES, UP_READS), "",
+              "| scenario | conns | size | msgs/s | x direct | x plain | p50 us | p99 us | "
+              "p999 us | broker conns | broker RSS MiB (before) | x direct | proxy RSS MiB | "
+              "proxy CPU s | proxy us/msg | up w/msg | up r/msg | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+              "---:|---:|"]
     for r in summary.get("matrix", []):
         d = direct.get((r["connections"], r["size"]))
+        pl = plain.get((r["connections"], r["size"]))
         lat = r.get("latency_us") or {}
-        xt = xr = None
+        xt = xp = xr = None
         if d and d.get("msgs_per_s"):
             xt = r["msgs_per_s"] / d["msgs_per_s"]
+        if pl and pl.get("msgs_per_s"):
+            xp = r["msgs_per_s"] / pl["msgs_per_s"]
         if d and d.get("broker_rss_kib") and r.get("broker_rss_kib"):
             xr = r["broker_rss_kib"] / d["broker_rss_kib"]
-        lines.append("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |"
+        io = r.get("upstream_io") or {}
+        lines.append("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s "
+                     "| %s | %s | %s |"
                      % (r["scenario"], r["connections"], r["size"], fmt(r["msgs_per_s"]),
-                        fmt(xt, 2), fmt(lat.get("p50")), fmt(lat.get("p99")),
+                        fmt(xt, 2), fmt(xp, 2), fmt(lat.get("p50")), fmt(lat.get("p99")),
                         fmt(lat.get("p999")), fmt(r.get("broker_connections")),
                         "%s (%s)" % (
                             fmt(r["broker_rss_kib"] / 1024 if r.get("broker_rss_kib") else None, 1),
@@ -591,8 +922,36 @@ def write_markdown(ctx, summary):
                         fmt(xr, 2),
                         fmt(r["proxy_rss_kib"] / 1024 if r.get("proxy_rss_kib") else None, 1),
                         fmt(r.get("proxy_cpu_s"), 2), fmt(r.get("proxy_cpu_us_per_msg"), 2),
+                        fmt(io.get("writes_per_msg"), 3), fmt(io.get("reads_per_msg"), 3),
                         fmt(r.get("errors"))))
     lines.append("")
+    sc = summary.get("syscalls")
+    if sc:
+        lines += ["## System calls per message (strace)", ""]
+        if sc.get("error"):
+            lines += ["Not measured: %s." % sc["error"], ""]
+        else:
+            io = sc.get("upstream_io") or {}
+            lines += ["`strace -f -c -e trace=%s` on vmproxyd over %s 256-byte messages through "
+                      "one guest connection (window 64); %s confirmed. Calls per confirmed "
+                      "message, by descriptor (`-yy`: the link's socket to the broker, the "
+                      "guest's socket, anything else such as mailbox eventfds):"
+                      % (",".join(SYSCALLS), sc["n"], fmt(sc.get("confirmed"))), "",
+                      "| descriptor | %s | all |" % " | ".join(SYSCALLS),
+                      "|---|%s---:|" % ("---:|" * len(SYSCALLS))]
+            for side_name in ("upstream", "guest", "other"):
+                per = (sc.get("per_msg") or {}).get(side_name)
+                if per is None:
+                    continue
+                lines.append("| %s | %s | %s |" % (side_name, " | ".join(
+                    fmt(per.get(c, 0.0), 3) for c in SYSCALLS), fmt(per.get("all"), 3)))
+            lines += ["", "Total (the -c summary): %s calls per message. Upstream writes per "
+                      "message from /metrics over the same messages: %s, reads: %s."
+                      % (fmt(sc.get("total_per_msg"), 3), fmt(io.get("writes_per_msg"), 3),
+                         fmt(io.get("reads_per_msg"), 3)), ""]
+    plots = summary.get("plots")
+    if plots:
+        lines += ["## Plots", ""] + ["![%s](%s)" % (pl, pl) for pl in plots] + [""]
     idle = summary.get("idle")
     if idle:
         lines += ["## Idle scale", "",
@@ -646,9 +1005,36 @@ def main():
     ap.add_argument("--build", default=str(TOP / "build-bench"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--duration", type=float, default=None, help="seconds per matrix point")
-    ap.add_argument("--only", default="matrix,idle,callgrind,fairness",
-                    help="comma-separated parts to run")
+    ap.add_argument("--only", default="matrix,idle,callgrind,fairness,syscalls",
+                    help="comma-separated parts to run (matrix, idle, callgrind, fairness, "
+                    "syscalls)")
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES),
+                    help="comma-separated matrix topologies (%s)" % ", ".join(TOPOLOGIES))
+    ap.add_argument("--docs", action="store_true",
+                    help="copy the plots to docs/img/ (embedded by docs/performance.md)")
+    ap.add_argument("--replot", metavar="DIR", default=None,
+                    help="only redraw the plots (and results.md) of the run in DIR")
     args = ap.parse_args()
+    topologies = [t for t in TOPOLOGIES if t in args.topologies.split(",")]
+    unknown = set(args.topologies.split(",")) - set(TOPOLOGIES)
+    parts = set(args.only.split(","))
+    bad_parts = parts - {"matrix", "idle", "callgrind", "fairness", "syscalls"}
+    if unknown or bad_parts:
+        ap.error("unknown %s" % ", ".join(sorted(unknown | bad_parts)))
+    if args.replot:
+        rdir = pathlib.Path(args.replot).resolve()
+        with open(rdir / "summary.json") as f:
+            summary = json.load(f)
+        summary["plots"] = make_plots(summary, rdir)
+        with open(rdir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        try:
+            write_markdown({"out": rdir, "duration": summary.get("duration_s", "?")}, summary)
+        except (KeyError, TypeError) as e:  # an incomplete summary: the plots are drawn
+            log("results.md not rewritten: missing %s" % e)
+        if args.docs:
+            copy_plots(summary["plots"], rdir, summary.get("mode"))
+        return 0
     build = pathlib.Path(args.build).resolve()
     out = pathlib.Path(args.out or build / ("results-%s" % time.strftime("%Y%m%d-%H%M%S")))
     out.mkdir(parents=True, exist_ok=True)
@@ -656,14 +1042,16 @@ def main():
     os.chmod(work, 0o755)
     if args.quick:
         ctx = dict(duration=args.duration or 4, conn_counts=[10, 100], sizes=[256],
-                   idle_vms=100, idle_per_vm=10, idle_s=5, cg_n=1000, fair_s=5)
+                   idle_vms=100, idle_per_vm=10, idle_s=5, cg_n=1000, fair_s=5, sc_n=2000)
     else:
         ctx = dict(duration=args.duration or 15, conn_counts=[10, 100, 1000], sizes=[256, 4096],
-                   idle_vms=1000, idle_per_vm=10, idle_s=30, cg_n=5000, fair_s=15)
-    ctx.update(build=build, out=out, work=work, vm_base="127.10.0.1")
-    parts = set(args.only.split(","))
+                   idle_vms=1000, idle_per_vm=10, idle_s=30, cg_n=5000, fair_s=15, sc_n=20000)
+    ctx.update(build=build, out=out, work=work, vm_base="127.10.0.1", topologies=topologies)
+    # SIGINT too: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    summary = {"mode": "quick" if args.quick else "full", "machine": machine()}
+    summary = {"mode": "quick" if args.quick else "full", "machine": machine(),
+               "duration_s": ctx["duration"]}
     try:
         certs = ensure_certs(work / "certs")
         ctx["certs"] = certs
@@ -688,11 +1076,19 @@ def main():
             summary["fairness"] = run_fairness(ctx)
         if "callgrind" in parts:
             summary["callgrind"] = run_callgrind(ctx)
+        if "syscalls" in parts:
+            summary["syscalls"] = run_syscalls(ctx)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         cleanup()
         return 130
     finally:
+        try:
+            summary["plots"] = make_plots(summary, out)
+            if args.docs and summary["plots"]:
+                copy_plots(summary["plots"], out, summary["mode"])
+        except Exception as e:  # the numbers matter more than the pictures
+            log("plots: %s" % e)
         with open(out / "summary.json", "w") as f:
             json.dump(summary, f, indent=1, default=str)
         try:

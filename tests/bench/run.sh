@@ -1,7 +1,9 @@
 #!/bin/bash
-# Performance benchmark of vmproxyd against direct TLS and HAProxy (see
-# docs/performance.md). Usage: tests/bench/run.sh [--quick] [--out DIR]
-# [--only matrix,idle,fairness,callgrind]. Loopback only; stops by itself.
+# Performance benchmark of vmproxyd against direct TLS, direct plain AMQP and
+# HAProxy (see docs/performance.md). Usage: tests/bench/run.sh [--quick]
+# [--out DIR] [--only matrix,idle,fairness,callgrind,syscalls]
+# [--topologies direct,direct-plain,vmproxyd,haproxy] [--docs]
+# [--replot DIR]. Loopback only; stops by itself.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/../.." && pwd)
@@ -12,6 +14,12 @@ if ! command -v haproxy >/dev/null; then
 fi
 if ! command -v valgrind >/dev/null; then
 	apt-get install -y valgrind >/dev/null
+fi
+if ! command -v strace >/dev/null; then
+	apt-get install -y --no-install-recommends strace >/dev/null
+fi
+if ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+	apt-get install -y --no-install-recommends python3-matplotlib >/dev/null
 fi
 
 if [ ! -d "$build" ]; then
