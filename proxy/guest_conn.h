@@ -15,6 +15,7 @@ struct guest_conn {
 	struct vm_state *vm;
 	int fd;
 	uint32_t id;
+	uint32_t cid;	     /* vsock CID it came from (0: not vsock), for x-vm-cid */
 	uint32_t refs;	     /* 1 while open + 1 per held message */
 	uint32_t ep_events;  /* currently registered with epoll */
 	bool dirty;	     /* on the thread's flush list */

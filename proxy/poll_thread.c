@@ -17,16 +17,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "clock.h"
-#include "field.h"
 #include "guest_conn.h"
 #include "guest_session.h"
 #include "log.h"
+#include "stamp.h"
 #include "upstream.h"
 
 #define READ_CHUNK     65536
@@ -364,46 +363,6 @@ static const struct upstream_ops pt_upstream_ops = {
 
 /* ---- guest publishes ---------------------------------------------------- */
 
-static bool reserved_header(amqp_bytes_t key)
-{
-	return (key.len >= 5 && strncasecmp(key.bytes, "x-vm-", 5) == 0) ||
-	       (key.len >= 10 && strncasecmp(key.bytes, "x-vmproxy-", 10) == 0);
-}
-
-/* The guest's properties with user_id dropped, x-vm-* and x-vmproxy-*
- * headers removed and the proxy's stamp added, encoded into pt->props_buf.
- * Returns the encoded length or a negative rabbitmq-c status. */
-static int stamp_properties(struct poll_thread *pt, struct vm_state *v,
-			    const amqp_basic_properties_t *in)
-{
-	amqp_basic_properties_t p = *in;
-	const amqp_table_t *gh = (in->_flags & AMQP_BASIC_HEADERS_FLAG) ? &in->headers : NULL;
-	int n = gh ? gh->num_entries : 0, k = 0;
-	amqp_table_entry_t *e;
-	amqp_bytes_t out = { PROPS_BUF_SIZE, pt->props_buf };
-	int r;
-
-	e = amqp_pool_alloc(&pt->pool, sizeof(*e) * (size_t)(n + 5));
-	if (!e)
-		return AMQP_STATUS_NO_MEMORY;
-	for (int i = 0; i < n; i++)
-		if (!reserved_header(gh->entries[i].key))
-			e[k++] = gh->entries[i];
-	e[k++] = field_utf8("x-vm-uuid", v->info.uuid);
-	e[k++] = field_utf8("x-vm-name", v->info.name);
-	if (v->info.cid)
-		e[k++] = field_i64("x-vm-cid", v->info.cid);
-	e[k++] = field_utf8("x-vmproxy-host", pt->sh->cfg->hostname);
-	e[k++] = field_i64("x-vmproxy-received-ms", (int64_t)clock_wall_ms());
-	p.headers.num_entries = k;
-	p.headers.entries = e;
-	p._flags |= AMQP_BASIC_HEADERS_FLAG;
-	p._flags &= ~AMQP_BASIC_USER_ID_FLAG;
-	r = amqp_encode_properties(AMQP_BASIC_CLASS, &p, out);
-	recycle_amqp_pool(&pt->pool);
-	return r;
-}
-
 static void reject_publish(struct poll_thread *pt, struct guest_conn *c,
 			   const struct guest_publish *pub, const char *why)
 {
@@ -421,6 +380,8 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	struct vm_state *v = c->vm;
 	size_t uuid_len = strlen(v->info.uuid);
 	size_t rk_len = uuid_len + 1 + pub->routing_key.len;
+	struct stamp st = { v->info.uuid, v->info.name, c->cid, pt->sh->cfg->hostname,
+			    (int64_t)clock_wall_ms() };
 	struct upstream_msg *m;
 	int plen;
 
@@ -428,7 +389,7 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 		reject_publish(pt, c, pub, "routing key too long once prefixed with the VM uuid");
 		return;
 	}
-	plen = stamp_properties(pt, v, pub->properties);
+	plen = stamp_encode(&st, pub->properties, &pt->pool, pt->props_buf, PROPS_BUF_SIZE);
 	if (plen < 0) {
 		reject_publish(pt, c, pub, amqp_error_string2(plen));
 		return;
@@ -678,6 +639,8 @@ static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 	v->refs++; /* the connection's */
 	c->fd = nm->fd;
 	c->id = nm->conn_id;
+	c->cid = nm->vm.cid;
+	v->info.cid = nm->vm.cid; /* the VM's newest connection: a restart may change it */
 	c->vm = v;
 	c->refs = 1;
 	snprintf(c->peer, sizeof(c->peer), "%s", nm->peer);

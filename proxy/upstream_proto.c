@@ -597,7 +597,8 @@ int64_t upstream_proto_publish(struct upstream_proto *p, const void *rk, size_t 
 	amqp_frame_put16(b + 9, 0);
 	amqp_frame_put32(b + 11, (uint32_t)((uint64_t)body_len >> 32));
 	amqp_frame_put32(b + 15, (uint32_t)body_len);
-	memcpy(b + 7 + HEADER_FRAME_FIXED, props, props_len);
+	if (props_len)
+		memcpy(b + 7 + HEADER_FRAME_FIXED, props, props_len);
 	b[7 + HEADER_FRAME_FIXED + props_len] = AMQP_FRAME_END_OCTET;
 	b += 8 + HEADER_FRAME_FIXED + props_len;
 
