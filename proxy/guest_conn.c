@@ -18,7 +18,7 @@ int guest_conn_read(struct guest_conn *c, void *buf, size_t len, uint64_t now_ms
 	return (int)n;
 }
 
-int guest_conn_flush(struct guest_conn *c, uint64_t now_ms)
+int guest_conn_flush(struct guest_conn *c, uint64_t now_ms, uint64_t *writes)
 {
 	for (;;) {
 		const void *data;
@@ -27,6 +27,7 @@ int guest_conn_flush(struct guest_conn *c, uint64_t now_ms)
 
 		if (len == 0)
 			return 0;
+		(*writes)++;
 		n = send(c->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)

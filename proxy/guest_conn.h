@@ -9,10 +9,12 @@
 #include "guest_session.h"
 
 struct vm_state;
+struct poll_thread;
 
 struct guest_conn {
 	struct guest_session *sess; /* NULL once the socket is closed */
 	struct vm_state *vm;
+	struct poll_thread *pt; /* the thread that owns it now */
 	int fd;
 	uint32_t id;
 	uint32_t cid;	     /* vsock CID it came from (0: not vsock), for x-vm-cid */
@@ -32,6 +34,7 @@ struct guest_conn {
  * bytes read, 0 on EOF, -EAGAIN when nothing was there, or -errno. */
 int guest_conn_read(struct guest_conn *c, void *buf, size_t len, uint64_t now_ms);
 
-/* Write as much pending output as the socket takes. Returns 0 when all was
- * written, -EAGAIN when some is left, or -errno on a dead socket. */
-int guest_conn_flush(struct guest_conn *c, uint64_t now_ms);
+/* Write as much pending output as the socket takes, counting the send()
+ * calls in *WRITES. Returns 0 when all was written, -EAGAIN when some is
+ * left, or -errno on a dead socket. */
+int guest_conn_flush(struct guest_conn *c, uint64_t now_ms, uint64_t *writes);

@@ -77,6 +77,7 @@ struct chan {
 
 struct guest_session {
 	const struct guest_session_config *cfg;
+	void *ud; /* the owner's, passed to on_event */
 	enum conn_state st;
 	uint8_t *in;
 	size_t in_len, in_cap;
@@ -131,7 +132,7 @@ static void emit_closed(struct guest_session *s)
 	ev.type = GUEST_EVENT_CLOSED;
 	ev.reply_code = s->close_code;
 	ev.text = s->close_text;
-	s->cfg->on_event(s->cfg->event_userdata, &ev);
+	s->cfg->on_event(s->ud, &ev);
 }
 
 /* The guest does not read: drop the connection, output and all. */
@@ -351,7 +352,7 @@ static void chan_emit_closed(struct guest_session *s, struct chan *c)
 	ev.type = GUEST_EVENT_CHANNEL_CLOSED;
 	ev.channel = c->id;
 	ev.channel_gen = c->gen;
-	s->cfg->on_event(s->cfg->event_userdata, &ev);
+	s->cfg->on_event(s->ud, &ev);
 }
 
 static void chan_free(struct guest_session *s, struct chan *c)
@@ -443,13 +444,14 @@ static void flush_due_acks(struct guest_session *s)
 /* ---- session lifetime ---------------------------------------------------- */
 
 struct guest_session *guest_session_new(const struct guest_session_config *config,
-					uint64_t now_ms)
+					void *userdata, uint64_t now_ms)
 {
 	struct guest_session *s = calloc(1, sizeof(*s));
 
 	if (!s)
 		return NULL;
 	s->cfg = config;
+	s->ud = userdata;
 	s->st = ST_HEADER;
 	s->frame_max = AMQP_FRAME_MIN_SIZE;
 	s->created_ms = s->last_rx_ms = s->last_tx_ms = s->now_ms = now_ms;
@@ -712,7 +714,7 @@ static void on_open(struct guest_session *s, const uint8_t *args, size_t len)
 	if (s->cfg->on_event) {
 		memset(&ev, 0, sizeof(ev));
 		ev.type = GUEST_EVENT_OPENED;
-		s->cfg->on_event(s->cfg->event_userdata, &ev);
+		s->cfg->on_event(s->ud, &ev);
 	}
 }
 
@@ -768,7 +770,7 @@ static void complete_publish(struct guest_session *s, struct chan *c)
 	c->body_cap = c->body_got = c->body_size = 0;
 	c->pub = PUB_NONE;
 	if (s->cfg->on_event)
-		s->cfg->on_event(s->cfg->event_userdata, &ev);
+		s->cfg->on_event(s->ud, &ev);
 	else
 		free(ev.publish.body);
 	c->props_len = 0;

@@ -69,18 +69,18 @@ struct guest_session_config {
 	const char *product;		      /* server property "product" */
 	guest_auth_fn auth;		      /* NULL accepts everyone */
 	void *auth_userdata;
-	guest_event_fn on_event;
-	void *event_userdata;
+	guest_event_fn on_event; /* called with the session's own userdata */
 };
 
 /* Fill C with the defaults above (no exchange allowed, no callbacks). */
 void guest_session_config_init(struct guest_session_config *c);
 
 /* A new session in the "waiting for protocol header" state. CONFIG and the
- * strings it points to must outlive the session. NOW_MS starts the
- * handshake timer. NULL on allocation failure. */
+ * strings it points to must outlive the session; its events are delivered
+ * with USERDATA (the caller's connection). NOW_MS starts the handshake
+ * timer. NULL on allocation failure. */
 struct guest_session *guest_session_new(const struct guest_session_config *config,
-					uint64_t now_ms);
+					void *userdata, uint64_t now_ms);
 void guest_session_free(struct guest_session *s);
 
 /* Feed LEN bytes the guest sent at NOW_MS. Consumes all of them (partial

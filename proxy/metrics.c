@@ -144,6 +144,10 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 		   "Messages published on the upstream link.", "messages_out", false);
 	per_thread(&b, threads, "vmproxy_thread_bytes_out_total", "counter",
 		   "Message body bytes published on the upstream link.", "bytes_out", false);
+	per_thread(&b, threads, "vmproxy_thread_guest_reads_total", "counter",
+		   "recv() calls on guest sockets.", "guest_reads", false);
+	per_thread(&b, threads, "vmproxy_thread_guest_writes_total", "counter",
+		   "send() calls on guest sockets.", "guest_writes", false);
 	per_thread(&b, threads, "vmproxy_thread_held_messages", "gauge",
 		   "Messages held until the broker confirms them.", "held_messages", false);
 	per_thread(&b, threads, "vmproxy_thread_held_bytes", "gauge",

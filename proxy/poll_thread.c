@@ -80,9 +80,9 @@ struct poll_thread {
 	struct vm_state *pick, *pick_prev; /* what op_peek chose, for op_pop */
 	struct vm_state *migrating;
 	uint64_t msgs_in, bytes_in, msgs_out, bytes_out, migrations_in, migrations_out;
+	uint64_t guest_reads, guest_writes; /* recv() and send() calls on guest sockets */
 	uint64_t busy_ns, busy_max_ns; /* loop time spent working, since the last report */
 
-	struct guest_conn *cur; /* the connection whose engine is running */
 	bool stopping;
 	bool paused; /* draining: guests are no longer read */
 	bool started;
@@ -181,7 +181,7 @@ static void msg_free(struct poll_thread *pt, struct upstream_msg *m)
 
 static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool blocked)
 {
-	struct guest_conn *c, *saved = pt->cur; /* may run inside an engine callback */
+	struct guest_conn *c;
 
 	if (v->blocked == blocked)
 		return;
@@ -193,12 +193,10 @@ static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool bloc
 	else
 		log_info("vm=%s thread=%u: below the bound again, resuming", v->info.name, pt->id);
 	for (c = v->conns; c; c = c->vm_next) {
-		pt->cur = c;
 		guest_session_set_blocked(c->sess, blocked || pt->blocked,
 					  "vmproxy: unconfirmed message limit");
 		mark_dirty(pt, c);
 	}
-	pt->cur = saved;
 }
 
 static void check_bounds(struct poll_thread *pt, struct vm_state *v)
@@ -206,28 +204,23 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 	const struct proxy_config *cfg = pt->sh->cfg;
 	uint64_t vm_max = cfg->limits.unconfirmed_bytes_per_vm;
 	uint64_t pt_max = cfg->limits.unconfirmed_bytes_per_thread;
-	struct guest_conn *saved = pt->cur; /* may run inside an engine callback */
 
 	if (!pt->blocked && pt->held_bytes > pt_max) {
 		pt->blocked = true;
 		log_warn("thread=%u: %llu unconfirmed bytes held, over the thread bound: "
 			 "pausing all its guests", pt->id, (unsigned long long)pt->held_bytes);
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			pt->cur = c;
 			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
 			mark_dirty(pt, c);
 		}
-		pt->cur = saved;
 	} else if (pt->blocked && pt->held_bytes <= pt_max / 2) {
 		pt->blocked = false;
 		log_info("thread=%u: below the thread bound again", pt->id);
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			pt->cur = c;
 			if (!c->vm->blocked)
 				guest_session_set_blocked(c->sess, false, NULL);
 			mark_dirty(pt, c);
 		}
-		pt->cur = saved;
 	}
 	if (v) {
 		if (!v->blocked && v->held_bytes > vm_max)
@@ -436,15 +429,12 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	check_bounds(pt, v);
 }
 
-/* The poll thread running on this OS thread: engine callbacks find their
- * thread through it, since one session config serves every thread and a
- * session may move between threads with its VM. */
-static _Thread_local struct poll_thread *tls_pt;
-
+/* Engine events; UD is the session's connection, which knows its thread
+ * (a session moves between threads with its VM). */
 static void on_session_event(void *ud, const struct guest_event *ev)
 {
-	struct poll_thread *pt = tls_pt;
-	struct guest_conn *c = pt->cur;
+	struct guest_conn *c = ud;
+	struct poll_thread *pt = c->pt;
 
 	switch (ev->type) {
 	case GUEST_EVENT_OPENED: {
@@ -569,7 +559,7 @@ static void conn_service(struct poll_thread *pt, struct guest_conn *c, uint64_t 
 
 	if (!c->sess)
 		return;
-	r = guest_conn_flush(c, now);
+	r = guest_conn_flush(c, now, &pt->guest_writes);
 	if (r < 0 && r != -EAGAIN) {
 		conn_close(pt, c);
 		return;
@@ -600,9 +590,8 @@ static void conn_handle_events(struct poll_thread *pt, struct guest_conn *c, uin
 	if (events & EPOLLIN) {
 		int r;
 
-		pt->cur = c;
+		pt->guest_reads++;
 		r = guest_conn_read(c, pt->read_buf, sizeof(pt->read_buf), now);
-		pt->cur = NULL;
 		if (r == 0 || (r < 0 && r != -EAGAIN)) {
 			log_debug("vm=%s conn=%u: peer went away", c->vm->info.name, c->id);
 			c->closing = true;
@@ -632,7 +621,8 @@ static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		goto fail;
-	c->sess = guest_session_new(&pt->sh->scfg, now);
+	c->pt = pt;
+	c->sess = guest_session_new(&pt->sh->scfg, c, now);
 	v = c->sess ? vm_get(pt, &nm->vm) : NULL;
 	if (!v)
 		goto fail;
@@ -671,9 +661,7 @@ static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t 
 			   const char *text)
 {
 	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
-		pt->cur = c;
 		guest_session_close(c->sess, code, text);
-		pt->cur = NULL;
 		mark_dirty(pt, c);
 	}
 }
@@ -775,7 +763,7 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 	}
 	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
 		/* Last chance to send acks from here; what is left moves along. */
-		int r = guest_conn_flush(c, now);
+		int r = guest_conn_flush(c, now, &pt->guest_writes);
 		if (r < 0 && r != -EAGAIN)
 			c->closing = true;
 		epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -830,6 +818,7 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 
 		next = c->vm_next;
 		c->vm = v;
+		c->pt = pt;
 		v->refs++;
 		conn_attach(pt, c);
 		c->ep_events = 0;
@@ -932,6 +921,8 @@ static json_t *report(struct poll_thread *pt)
 	json_object_set_new(o, "bytes_in", json_integer((json_int_t)pt->bytes_in));
 	json_object_set_new(o, "messages_out", json_integer((json_int_t)pt->msgs_out));
 	json_object_set_new(o, "bytes_out", json_integer((json_int_t)pt->bytes_out));
+	json_object_set_new(o, "guest_reads", json_integer((json_int_t)pt->guest_reads));
+	json_object_set_new(o, "guest_writes", json_integer((json_int_t)pt->guest_writes));
 	json_object_set_new(o, "migrations_in", json_integer((json_int_t)pt->migrations_in));
 	json_object_set_new(o, "migrations_out", json_integer((json_int_t)pt->migrations_out));
 	json_object_set_new(o, "cpu_seconds", json_real(thread_cpu_seconds()));
@@ -989,9 +980,7 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		break;
 	case MAIL_DRAIN:
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			pt->cur = c;
 			guest_session_close(c->sess, 320, "CONNECTION_FORCED - vmproxyd shutdown");
-			pt->cur = NULL;
 			mark_dirty(pt, c);
 		}
 		free(m);
@@ -1020,9 +1009,7 @@ static void scan_timers(struct poll_thread *pt, uint64_t now)
 	for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
 		if (c->deadline > now)
 			continue;
-		pt->cur = c;
 		c->deadline = guest_session_tick(c->sess, now);
-		pt->cur = NULL;
 		mark_dirty(pt, c);
 	}
 	pt->next_scan = now + SCAN_EVERY_MS;
@@ -1034,7 +1021,6 @@ static void *poll_main(void *arg)
 	struct epoll_event evs[MAX_EVENTS];
 	char name[16];
 
-	tls_pt = pt;
 	snprintf(name, sizeof(name), "vmproxy-poll%u", pt->id);
 	pthread_setname_np(pthread_self(), name);
 	if (pt->cpu >= 0) {
@@ -1163,7 +1149,6 @@ void poll_thread_session_config(const struct proxy_config *cfg, const char *cons
 	out->allowed_exchanges = allowed;
 	out->product = "vmproxyd";
 	out->on_event = on_session_event;
-	out->event_userdata = NULL;
 }
 
 const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)

@@ -89,8 +89,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	cfg.vhost = (size && (data[0] & 0x80)) ? "vmproxy" : NULL;
 	cfg.auth = auth;
 	cfg.on_event = on_event;
-	cfg.event_userdata = &h;
-	s = guest_session_new(&cfg, now);
+	s = guest_session_new(&cfg, &h, now);
 	if (!s)
 		return 0;
 	while (off < size && !guest_session_done(s)) {

@@ -238,8 +238,7 @@ int main(int argc, char **argv)
 				c->cfg.allowed_exchanges = allowed;
 				c->cfg.product = "vmproxy guest-test-server";
 				c->cfg.on_event = on_event;
-				c->cfg.event_userdata = c;
-				c->s = guest_session_new(&c->cfg, clock_mono_ms());
+				c->s = guest_session_new(&c->cfg, c, clock_mono_ms());
 				if (!c->s) {
 					close(fd);
 					free(c);

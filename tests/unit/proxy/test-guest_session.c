@@ -121,7 +121,6 @@ static int setup(void **state)
 	f->cfg.auth = auth_hook;
 	f->cfg.auth_userdata = f;
 	f->cfg.on_event = on_event;
-	f->cfg.event_userdata = f;
 	f->now = 1000000;
 	init_amqp_pool(&f->pool, 4096);
 	*state = f;
@@ -145,7 +144,7 @@ static int teardown(void **state)
 static struct guest_session *sess(struct fx *f)
 {
 	if (!f->s) {
-		f->s = guest_session_new(&f->cfg, f->now);
+		f->s = guest_session_new(&f->cfg, f, f->now);
 		assert_non_null(f->s);
 	}
 	return f->s;
