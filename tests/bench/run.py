@@ -1010,6 +1010,9 @@ def main():
                     "syscalls)")
     ap.add_argument("--topologies", default=",".join(TOPOLOGIES),
                     help="comma-separated matrix topologies (%s)" % ", ".join(TOPOLOGIES))
+    ap.add_argument("--conns", default=None,
+                    help="comma-separated guest connection counts of the matrix (default: "
+                         "10,100,1000; --quick: 10,100)")
     ap.add_argument("--docs", action="store_true",
                     help="copy the plots to docs/img/ (embedded by docs/performance.md)")
     ap.add_argument("--replot", metavar="DIR", default=None,
@@ -1046,6 +1049,8 @@ def main():
     else:
         ctx = dict(duration=args.duration or 15, conn_counts=[10, 100, 1000], sizes=[256, 4096],
                    idle_vms=1000, idle_per_vm=10, idle_s=30, cg_n=5000, fair_s=15, sc_n=20000)
+    if args.conns:
+        ctx["conn_counts"] = [int(c) for c in args.conns.split(",")]
     ctx.update(build=build, out=out, work=work, vm_base="127.10.0.1", topologies=topologies)
     # SIGINT too: a shell starts background jobs with it ignored.
     signal.signal(signal.SIGINT, on_signal)
