@@ -11,6 +11,9 @@ struct listener {
 	const struct listener_config *cfg;
 	int fd;
 	uint64_t accepted, refused;
+	uint64_t accept_errors;	    /* EMFILE and the like, each pausing it */
+	uint64_t paused_until_ms;   /* out of the epoll set until then; 0: not paused */
+	uint64_t last_error_log_ms; /* accept errors are logged at most every 10 s */
 	char name[128]; /* "tcp 127.0.0.1:5672", "vsock port 5672", "unix /run/vm1.sock" */
 };
 

@@ -1,0 +1,81 @@
+"""vmproxyd's acceptor under descriptor exhaustion: with the descriptor
+limit lowered (prlimit) while guests wait in the listen backlog, the
+acceptor neither spins nor floods the log, and accepts them once
+descriptors are available again.
+"""
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import pika
+import pytest
+
+from harness import wait_for
+from harness.vmproxyd import VmProxyd, from_source, make_vms
+
+
+@pytest.fixture
+def proxy_factory(build_dir, broker, certs, tmp_path):
+    started = []
+
+    def make(vms, **kw):
+        p = VmProxyd(build_dir, tmp_path, broker, certs, vms, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.kill()
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_emfile_pauses_the_listener_and_recovers(broker, proxy_factory):
+    vms = make_vms(1, base="127.10.20.1")
+    proxy = proxy_factory(vms, threads=1).start()
+    pid = proxy.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    fds = [int(n) for n in os.listdir("/proc/%d/fd" % pid)]
+    # No descriptor left: the lowest free number is at or above the limit.
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(fds) + 1, hard))
+    waiting = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.bind((vms[0]["address"], 0))
+            s.connect(("127.0.0.1", proxy.port))  # completes in the backlog
+            waiting.append(s)
+        wait_for(lambda: "Too many open files" in proxy.log_text(), 10,
+                 "the acceptor to hit EMFILE")
+        cpu0 = cpu_seconds(pid)
+        time.sleep(5)  # the measurement window itself: nothing to wait for
+        used = cpu_seconds(pid) - cpu0
+        lines = [l for l in proxy.log_text().splitlines() if "accept: Too many open files" in l]
+        print("CPU time over 5 s with the listener out of descriptors: %.2f s; "
+              "%d log lines" % (used, len(lines)))
+        assert used < 1.0, "the acceptor spins: %.2f s of CPU in 5 s" % used
+        assert len(lines) <= 2, lines[:5]
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+    # Descriptors free again: the waiting guests are accepted (and dropped
+    # when they close), and a new guest publishes with confirms.
+    wait_for(lambda: proxy.admin("status")["daemon"]["accepted"] >= 3, 15,
+             "the waiting connections to be accepted")
+    for s in waiting:
+        s.close()
+    with from_source(vms[0]["address"]):
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            host="127.0.0.1", port=proxy.port, connection_attempts=1, socket_timeout=10))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.basic_publish("metrics", "after-emfile", b'{"ok": true}')
+    conn.close()
+    assert proxy.proc.poll() is None
