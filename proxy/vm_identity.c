@@ -309,10 +309,11 @@ static bool still_owns(struct vm_identity *id, unsigned int dom_id, const struct
 }
 
 /* Look CID up in the cache (locked by the caller): 1 and the entry, 0 on
- * a miss. */
-static int cache_find(struct vm_identity *id, uint32_t cid, struct cid_entry *out)
+ * a miss. A cache marked stale is searched only when ANYWAY is set (right
+ * after a rescan that an event overtook: its entries are then proved). */
+static int cache_find(struct vm_identity *id, uint32_t cid, bool anyway, struct cid_entry *out)
 {
-	for (size_t i = 0; id->cids_valid && i < id->ncids; i++) {
+	for (size_t i = 0; (id->cids_valid || anyway) && i < id->ncids; i++) {
 		if (id->cids[i].cid == cid) {
 			*out = id->cids[i];
 			return 1;
@@ -354,7 +355,7 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 		pthread_mutex_unlock(&id->lock);
 		return -ENOENT;
 	}
-	found = cache_find(id, cid, &e);
+	found = cache_find(id, cid, false, &e);
 	pthread_mutex_unlock(&id->lock);
 	if (found) {
 		if (still_owns(id, e.dom_id, &e.vm)) {
@@ -372,15 +373,16 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 	pthread_mutex_lock(&id->scan_lock);
 	pthread_mutex_lock(&id->lock);
 	now = clock_mono_ms();
-	found = cache_find(id, cid, &e);
+	found = cache_find(id, cid, false, &e);
 	if (!found && (!id->cids_valid || now >= id->last_rescan_ms + RESCAN_MIN_MS)) {
 		pthread_mutex_unlock(&id->lock);
 		scanned = rescan(id) == 0;
 		pthread_mutex_lock(&id->lock);
-		found = cache_find(id, cid, &e);
+		found = cache_find(id, cid, true, &e);
 		fresh = scanned && id->cids_valid;
 	}
-	if (!found) {
+	/* Remembered as unknown only on an answer no event has overtaken. */
+	if (!found && id->cids_valid) {
 		struct no_cid *nc = &id->no_cid[id->no_cid_next];
 
 		id->no_cid_next = (id->no_cid_next + 1) % NO_CID_SLOTS;
