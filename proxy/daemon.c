@@ -308,6 +308,14 @@ static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr
 		return vm_identity_by_cid(p->id, svm->svm_cid, vm);
 	}
 	case LISTENER_UNIX:
+	case LISTENER_FIRECRACKER:
+		/* Whoever can connect is the listener's VM. */
+		if (l->cfg->uuid) {
+			memset(vm, 0, sizeof(*vm));
+			snprintf(vm->uuid, sizeof(vm->uuid), "%s", l->cfg->uuid);
+			snprintf(vm->name, sizeof(vm->name), "%s", l->cfg->vm);
+			return 0;
+		}
 		return vm_identity_by_name(p->id, l->cfg->vm, vm);
 	}
 	return -ENOENT;
