@@ -150,13 +150,12 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 			}
 			if (l->path && strlen(l->path) > 107) {
 				char kp[80];
+				bool fc = l->type == LISTENER_FIRECRACKER;
+
 				r |= conf_error(c, conf_path(kp, sizeof(kp), p,
-							     l->type == LISTENER_UNIX ? "path"
-										  : "uds_path"),
-						l->type == LISTENER_UNIX
-							? "expected a path of at most 107 bytes"
-							: "expected a path of at most 107 bytes with "
-							  "\"_<port>\" appended");
+							     fc ? "uds_path" : "path"),
+						"expected a path of at most 107 bytes%s",
+						fc ? " with \"_<port>\" appended" : "");
 			}
 			l->mode = 0660;
 			s = NULL;

@@ -341,8 +341,9 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 		l->refused++;
 		atomic_fetch_add(&p->refused_unknown, 1);
 		log_warn("%s: refused connection from %s: %s", l->name, peer,
-			 r == -EPERM ? "a reserved CID (hypervisor, loopback or host), never a guest"
-				     : "no VM known for this peer");
+			 r == -EPERM
+				 ? "a reserved CID (hypervisor, loopback or host), never a guest"
+				 : "no VM known for this peer");
 		close(fd);
 		return r;
 	}
@@ -862,12 +863,14 @@ json_t *vmproxy_counters(struct vmproxy *p)
 		json_object_set_new(o, "load", json_deep_copy(p->load));
 		pthread_mutex_unlock(&p->load_lock);
 	}
-	for (size_t i = 0; i < p->nlisteners; i++)
-		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name",
-						    p->listeners[i].name, "accepted",
-						    (json_int_t)p->listeners[i].accepted, "refused",
-						    (json_int_t)p->listeners[i].refused, "accept_errors",
-						    (json_int_t)p->listeners[i].accept_errors));
+	for (size_t i = 0; i < p->nlisteners; i++) {
+		const struct listener *l = &p->listeners[i];
+
+		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name", l->name,
+						    "accepted", (json_int_t)l->accepted, "refused",
+						    (json_int_t)l->refused, "accept_errors",
+						    (json_int_t)l->accept_errors));
+	}
 	json_object_set_new(o, "listeners", ls);
 	return o;
 }

@@ -120,8 +120,8 @@ static int make_dirs(const char *path, mode_t mode, gid_t gid, char *err, size_t
 			if (errno != ENOENT || mkdir(dir, mode) < 0 || chmod(dir, mode) < 0 ||
 			    (gid != (gid_t)-1 && chown(dir, (uid_t)-1, gid) < 0)) {
 				int e = errno;
-				snprintf(err, errlen, "%s: cannot create directory %s: %s", name, dir,
-					 strerror(e));
+				snprintf(err, errlen, "%s: cannot create directory %s: %s", name,
+					 dir, strerror(e));
 				return -e;
 			}
 		} else if (!S_ISDIR(st.st_mode)) {

@@ -199,13 +199,14 @@ static void test_errors(void **state)
 		  "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], " MINIMAL_UP "}",
 		  "listeners[0].uds_path: missing required key" },
 		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/srv/jailer/"
-		  "firecracker/0123456789012345678901234567890123456789/root/run/firecracker/vsock-directory/v.sock\","
+		  "firecracker/0123456789012345678901234567890123456789/root/run/firecracker/"
+		  "vsock-directory/v.sock\","
 		  " \"vm\": \"a\", \"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], "
 		  MINIMAL_UP "}",
 		  "listeners[0].uds_path: expected a path of at most 107 bytes with \"_<port>\"" },
 		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/x/v.sock\", "
-		  "\"path\": \"/y\", \"vm\": \"a\", \"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}],"
-		  " " MINIMAL_UP "}",
+		  "\"path\": \"/y\", \"vm\": \"a\", "
+		  "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], " MINIMAL_UP "}",
 		  "listeners[0].path: unknown key" },
 		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\"}], " MINIMAL_UP "}",
 		  "listeners[0].vm: missing required key" },

@@ -62,9 +62,11 @@ static int start(void **state)
 		"{\"listeners\": [{\"type\": \"vsock\", \"port\": %u}],"
 		" \"identity\": {\"libvirt_uri\": \"test://%s\", \"libvirt_read_write\": true},"
 		" \"threads\": {\"count\": 1},"
-		" \"upstream\": {\"host\": \"127.0.0.1\", \"port\": 9, \"exchange\": \"vm.metrics\","
+		" \"upstream\": {\"host\": \"127.0.0.1\", \"port\": 9,"
+		" \"exchange\": \"vm.metrics\","
 		" \"auth\": {\"mechanism\": \"PLAIN\", \"user\": \"u\", \"password\": \"p\"}},"
-		" \"guest\": {\"allowed_exchanges\": [\"metrics\"], \"max_connections_per_vm\": 1000}}",
+		" \"guest\": {\"allowed_exchanges\": [\"metrics\"],"
+		" \"max_connections_per_vm\": 1000}}",
 		40000u + (unsigned)getpid() % 20000u, node);
 	fclose(fp);
 	assert_int_equal(proxy_config_load(cfgpath, &cfg, err, sizeof(err)), 0);
