@@ -5,7 +5,8 @@
  * have had (vmproxy_admit). Shown: reserved CIDs refused without a libvirt
  * call; a connect loop from an unknown CID costs at most one rescan while a
  * known VM is admitted in between from the cache; a CID that moved from
- * one domain to another is credited to the new one. */
+ * one domain to another is credited to the new one; a lifecycle event
+ * forgets a CID remembered as unknown. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -224,12 +225,46 @@ static void test_cid_reuse(void **state)
 	virDomainFree(c);
 }
 
+/* A CID refused as unknown is remembered for 10 s, but a domain that
+ * starts with it is admitted as soon as its lifecycle event is in: the
+ * event clears what was remembered. */
+static void test_event_clears_unknown_cid(void **state)
+{
+	virConnectPtr conn = vm_identity_libvirt_conn(vmproxy_identity(p));
+	struct vm_info vm;
+	virDomainPtr d;
+	char xml[600];
+	int r = -1;
+
+	(void)state;
+	assert_int_equal(connect_from(24, &vm), -ENOENT);
+	assert_int_equal(connect_from(24, &vm), -ENOENT);
+	d = virDomainDefineXML(conn, domain_xml("guest-d", "11111111-2222-4333-8444-555555555504",
+						24, xml, sizeof(xml)));
+	assert_non_null(d);
+	assert_int_equal(virDomainCreate(d), 0);
+	/* The event thread delivers the event; without it the CID would stay
+	 * refused for 10 s. Bounded at 5 s. */
+	for (uint64_t t0 = now_us(); now_us() - t0 < 5000000u;) {
+		struct timespec ts = { 0, 10 * 1000000L };
+
+		r = connect_from(24, &vm);
+		if (r == 0)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	assert_int_equal(r, 0);
+	assert_string_equal(vm.name, "guest-d");
+	virDomainFree(d);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_reserved_cids),
 		cmocka_unit_test(test_unknown_cid_loop),
 		cmocka_unit_test(test_cid_reuse),
+		cmocka_unit_test(test_event_clears_unknown_cid),
 	};
 
 	log_init("test-vsock-accept", LOG_LEVEL_ERROR);
