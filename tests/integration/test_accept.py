@@ -46,8 +46,9 @@ def test_emfile_pauses_the_listener_and_recovers(broker, proxy_factory):
     # No descriptor left: the lowest free number is at or above the limit.
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(fds) + 1, hard))
     waiting = []
+    holes = max(fds) + 1 - len(fds)  # free numbers below the limit get used first
     try:
-        for _ in range(3):
+        for _ in range(holes + 3):
             s = socket.socket()
             s.bind((vms[0]["address"], 0))
             s.connect(("127.0.0.1", proxy.port))  # completes in the backlog
@@ -67,10 +68,12 @@ def test_emfile_pauses_the_listener_and_recovers(broker, proxy_factory):
 
     # Descriptors free again: the waiting guests are accepted (and dropped
     # when they close), and a new guest publishes with confirms.
-    wait_for(lambda: proxy.admin("status")["daemon"]["accepted"] >= 3, 15,
+    wait_for(lambda: proxy.admin("status")["daemon"]["accepted"] >= len(waiting), 15,
              "the waiting connections to be accepted")
     for s in waiting:
         s.close()
+    listeners = proxy.admin("status")["daemon"]["listeners"]
+    assert listeners[0]["accept_errors"] >= 1, listeners
     with from_source(vms[0]["address"]):
         conn = pika.BlockingConnection(pika.ConnectionParameters(
             host="127.0.0.1", port=proxy.port, connection_attempts=1, socket_timeout=10))
