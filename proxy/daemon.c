@@ -39,6 +39,8 @@
 #define ACCEPT_PAUSE_MS 250
 /* "accept: ..." is logged once, then at most once in this long. */
 #define ACCEPT_LOG_MS 10000
+/* Refused peers: at most one log line in this long per listener. */
+#define REFUSAL_LOG_MS 1000
 #define MAX_VMS		 100000
 #define CLOSE_GRACE_MS	 3000
 
@@ -338,12 +340,28 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 	}
 	r = identify(p, l, ss, len, vm);
 	if (r < 0) {
+		uint64_t now = clock_mono_ms();
+
 		l->refused++;
 		atomic_fetch_add(&p->refused_unknown, 1);
-		log_warn("%s: refused connection from %s: %s", l->name, peer,
-			 r == -EPERM
-				 ? "a reserved CID (hypervisor, loopback or host), never a guest"
-				 : "no VM known for this peer");
+		/* A peer in a connect loop must not flood the log: one line a
+		 * second per listener, saying how many went unlogged. */
+		if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
+			char more[64] = "";
+
+			if (l->refusals_unlogged)
+				snprintf(more, sizeof(more), " (and %llu more refused since)",
+					 (unsigned long long)l->refusals_unlogged);
+			log_warn("%s: refused connection from %s: %s%s", l->name, peer,
+				 r == -EPERM ? "a reserved CID (hypervisor, loopback or host), "
+					       "never a guest"
+					     : "no VM known for this peer",
+				 more);
+			l->last_refusal_log_ms = now;
+			l->refusals_unlogged = 0;
+		} else {
+			l->refusals_unlogged++;
+		}
 		close(fd);
 		return r;
 	}

@@ -16,6 +16,7 @@ struct listener {
 	uint64_t accept_errors;	    /* EMFILE and the like, each pausing it */
 	uint64_t paused_until_ms;   /* out of the epoll set until then; 0: not paused */
 	uint64_t last_error_log_ms; /* accept errors are logged at most every 10 s */
+	uint64_t last_refusal_log_ms, refusals_unlogged; /* refusals: a line a second */
 	dev_t sock_dev;		    /* unix, firecracker: the socket file bound, */
 	ino_t sock_ino;		    /* removed at close only if still there */
 	char name[128]; /* "tcp 127.0.0.1:5672", "vsock port 5672", "unix /run/vm1.sock" */

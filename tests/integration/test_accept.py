@@ -82,3 +82,29 @@ def test_emfile_pauses_the_listener_and_recovers(broker, proxy_factory):
     ch.basic_publish("metrics", "after-emfile", b'{"ok": true}')
     conn.close()
     assert proxy.proc.poll() is None
+
+
+def test_unknown_peer_in_a_connect_loop(broker, proxy_factory):
+    """200 connects from an address no VM has: each refused and counted,
+    but the log gets at most a line a second, saying how many it left out;
+    a known VM is served meanwhile."""
+    vms = make_vms(1, base="127.10.21.1")
+    proxy = proxy_factory(vms, threads=1).start()
+    t0 = time.monotonic()
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.99.0.7", 0))
+        s.connect(("127.0.0.1", proxy.port))
+        s.recv(1)  # closed by the proxy
+        s.close()
+    elapsed = time.monotonic() - t0
+    wait_for(lambda: proxy.admin("status")["daemon"]["refused_unknown_peer"] == 200, 10,
+             "200 refusals counted")
+    with from_source(vms[0]["address"]):
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            host="127.0.0.1", port=proxy.port, connection_attempts=1, socket_timeout=10))
+    conn.close()
+    lines = [l for l in proxy.log_text().splitlines()
+             if "refused connection from 127.99.0.7" in l]
+    print("200 refused connects in %.1f s: %d log lines" % (elapsed, len(lines)))
+    assert 1 <= len(lines) <= elapsed + 2, lines
