@@ -33,6 +33,7 @@ static void on_signal(int sig)
 {
 	(void)sig;
 	stop = 1;
+	transport_abort_from_signal(); /* a publish in progress ends now */
 }
 
 static void usage(FILE *f)
@@ -53,15 +54,15 @@ static void usage(FILE *f)
 		"      --tls-ca F [--tls-cert F --tls-key F]   TLS for tcp:// endpoints\n"
 		"      --spool-dir D          default /var/lib/vmproxy-agent/spool\n"
 		"      --spool-max-bytes N    default 16777216\n"
-		"      --timeout SECONDS      connect and confirm timeout (default 10)\n"
+		"      --timeout SECONDS      bound on connect, handshake, a publish (default 10)\n"
 		"      --proc-root DIR        read DIR/proc and DIR/sys instead (tests)\n"
 		"      --log-level L          error, warn, info (default) or debug\n"
 		"  -h, --help    -V, --version\n"
 		"\n"
 		"send exits 0 once the broker confirmed the message, 1 on a usage or\n"
 		"configuration error, 2 when the broker nacked it, 3 when the server refused\n"
-		"it (its reply code and text are printed), 4 on a timeout, 5 when it cannot\n"
-		"connect.\n");
+		"it (its reply code and text are printed), 4 on a timeout (connect, send or\n"
+		"confirm), 5 when it cannot connect, 6 when SIGTERM or SIGINT interrupted it.\n");
 }
 
 static int load_config(const char *file, struct agent_cfg *c, json_t **root)

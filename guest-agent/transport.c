@@ -3,16 +3,49 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "clock.h"
+
+/* The socket of the connection (or connect) in progress, for the signal
+ * handlers to shut down; -1 when none. */
+static volatile sig_atomic_t cur_fd = -1;
+static volatile sig_atomic_t timed_out, interrupted;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	timed_out = 1;
+	if (cur_fd >= 0)
+		shutdown(cur_fd, SHUT_RDWR);
+}
+
+void transport_abort_from_signal(void)
+{
+	interrupted = 1;
+	if (cur_fd >= 0)
+		shutdown(cur_fd, SHUT_RDWR);
+}
+
+/* Arm the watchdog for MS from now (0: disarm). */
+static void watchdog(int ms)
+{
+	struct itimerval it = { { 0, 0 }, { ms / 1000, (ms % 1000) * 1000 } };
+
+	timed_out = 0;
+	setitimer(ITIMER_REAL, &it, NULL);
+}
 
 struct transport {
 	struct transport_opts o;
@@ -59,12 +92,21 @@ int transport_new(const struct transport_opts *o, struct transport **out, char *
 		free(t);
 		return -EINVAL;
 	}
+	{
+		struct sigaction sa;
+
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = on_alarm; /* no SA_RESTART: a blocked call returns */
+		sigemptyset(&sa.sa_mask);
+		sigaction(SIGALRM, &sa, NULL);
+	}
 	*out = t;
 	return 0;
 }
 
 static void disconnect(struct transport *t)
 {
+	cur_fd = -1; /* before the descriptor is closed and its number reused */
 	if (t->conn)
 		amqp_destroy_connection(t->conn);
 	t->conn = NULL;
@@ -74,9 +116,48 @@ void transport_free(struct transport *t)
 {
 	if (!t)
 		return;
-	if (t->conn)
+	if (t->conn) {
+		/* Bounded too: a peer that stopped reading cannot hold the exit. */
+		watchdog(t->o.timeout_ms > 0 ? t->o.timeout_ms : 10000);
 		broker_close(t->conn);
+		cur_fd = -1;
+		watchdog(0);
+	}
 	free(t);
+}
+
+/* connect() bounded by TIMEOUT_MS and by transport_abort_from_signal:
+ * 0 or -errno (-ETIMEDOUT, -EINTR when interrupted). */
+static int connect_bounded(int fd, const struct sockaddr *sa, socklen_t len, int timeout_ms)
+{
+	uint64_t deadline = clock_mono_ms() + (uint64_t)timeout_ms;
+	int fl = fcntl(fd, F_GETFL), e = 0;
+	socklen_t elen = sizeof(e);
+
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	if (connect(fd, sa, len) == 0)
+		return 0;
+	if (errno != EINPROGRESS)
+		return -errno;
+	for (;;) {
+		struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+		uint64_t now = clock_mono_ms();
+		int r;
+
+		if (interrupted)
+			return -EINTR;
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		r = poll(&pfd, 1, (int)(deadline - now));
+		if (r < 0 && errno != EINTR)
+			return -errno;
+		if (r > 0)
+			break;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &elen) < 0)
+		return -errno;
+	return -e;
 }
 
 bool transport_connected(const struct transport *t)
@@ -92,11 +173,26 @@ static int make_fd(struct transport *t, char *err, size_t errlen)
 	if (t->vsock) {
 		struct sockaddr_vm svm = { .svm_family = AF_VSOCK, .svm_cid = t->cid,
 					   .svm_port = t->port };
+		/* The kernel gives up a vsock connect after 2 s by default: it
+		 * may take --timeout. */
+		struct timeval tv = { t->o.timeout_ms / 1000, (t->o.timeout_ms % 1000) * 1000 };
 		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd >= 0 && connect(fd, (struct sockaddr *)&svm, sizeof(svm)) == 0)
-			return fd;
-		e = errno;
-		snprintf(err, errlen, "vsock cid %u port %u: %s", t->cid, t->port, strerror(e));
+		if (fd >= 0) {
+			cur_fd = fd;
+			setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof(tv));
+			e = -connect_bounded(fd, (struct sockaddr *)&svm, sizeof(svm),
+					     t->o.timeout_ms);
+			if (e == 0)
+				return fd;
+		} else {
+			e = errno;
+		}
+		if (e == ETIMEDOUT)
+			snprintf(err, errlen, "vsock cid %u port %u: no connection within %d ms",
+				 t->cid, t->port, t->o.timeout_ms);
+		else
+			snprintf(err, errlen, "vsock cid %u port %u: %s", t->cid, t->port,
+				 e == EINTR ? "interrupted" : strerror(e));
 	} else {
 		struct sockaddr_in src = { .sin_family = AF_INET }, dst = { .sin_family = AF_INET };
 		if (inet_pton(AF_INET, t->o.source_address, &src.sin_addr) != 1 ||
@@ -106,13 +202,25 @@ static int make_fd(struct transport *t, char *err, size_t errlen)
 		}
 		dst.sin_port = htons((uint16_t)t->port);
 		fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd >= 0 && bind(fd, (struct sockaddr *)&src, sizeof(src)) == 0 &&
-		    connect(fd, (struct sockaddr *)&dst, sizeof(dst)) == 0)
-			return fd;
-		e = errno;
-		snprintf(err, errlen, "tcp %s:%u from %s: %s", t->host, t->port, t->o.source_address,
-			 strerror(e));
+		if (fd >= 0) {
+			cur_fd = fd;
+			e = bind(fd, (struct sockaddr *)&src, sizeof(src)) < 0
+				    ? errno
+				    : -connect_bounded(fd, (struct sockaddr *)&dst, sizeof(dst),
+						       t->o.timeout_ms);
+			if (e == 0)
+				return fd;
+		} else {
+			e = errno;
+		}
+		if (e == ETIMEDOUT)
+			snprintf(err, errlen, "tcp %s:%u from %s: no connection within %d ms",
+				 t->host, t->port, t->o.source_address, t->o.timeout_ms);
+		else
+			snprintf(err, errlen, "tcp %s:%u from %s: %s", t->host, t->port,
+				 t->o.source_address, e == EINTR ? "interrupted" : strerror(e));
 	}
+	cur_fd = -1;
 	if (fd >= 0)
 		close(fd);
 	return -e;
@@ -137,22 +245,65 @@ static enum transport_result connect_now(struct transport *t, char *err, size_t 
 	bo.timeout_ms = t->o.timeout_ms;
 	bo.product = "vmproxy-agent";
 	bo.connection_name = "vmproxy-agent";
+	if (interrupted) {
+		snprintf(err, errlen, "interrupted");
+		return TRANSPORT_INTERRUPTED;
+	}
+	/* The connect and the handshake have their own timeouts; the
+	 * watchdog catches whatever blocks past them. */
+	watchdog(t->o.timeout_ms + 1000);
 	if (t->vsock || t->o.source_address) {
 		bo.fd = make_fd(t, err, errlen);
-		if (bo.fd < 0)
-			return TRANSPORT_NO_CONNECT;
+		if (bo.fd < 0) {
+			watchdog(0);
+			if (bo.fd == -EINTR || interrupted)
+				return TRANSPORT_INTERRUPTED;
+			return bo.fd == -ETIMEDOUT ? TRANSPORT_TIMEOUT : TRANSPORT_NO_CONNECT;
+		}
 	}
 	r = broker_connect(&bo, &t->conn, err, errlen);
-	if (r == 0)
+	if (r == 0) {
+		cur_fd = amqp_get_sockfd(t->conn);
+		if (interrupted) /* the signal came before the socket was known */
+			shutdown(cur_fd, SHUT_RDWR);
 		r = broker_channel_open(t->conn, 1, true, err, errlen);
+	}
+	watchdog(0);
 	if (r < 0) {
 		disconnect(t);
-		if (r == -ETIMEDOUT)
+		if (interrupted) {
+			snprintf(err, errlen, "interrupted");
+			return TRANSPORT_INTERRUPTED;
+		}
+		if (timed_out)
+			snprintf(err, errlen, "no connection and handshake within %d ms",
+				 t->o.timeout_ms + 1000);
+		if (r == -ETIMEDOUT || timed_out)
 			return TRANSPORT_TIMEOUT;
 		return r == -EACCES ? TRANSPORT_REFUSED : TRANSPORT_NO_CONNECT;
 	}
 	t->tag = 0;
 	return TRANSPORT_CONFIRMED;
+}
+
+/* After a failed call: interrupted, timed out (the watchdog shut the socket
+ * down) or OTHERWISE; the connection is dropped. */
+static enum transport_result failed(struct transport *t, enum transport_result otherwise,
+				    char *err, size_t errlen)
+{
+	watchdog(0);
+	disconnect(t);
+	if (interrupted) {
+		snprintf(err, errlen, "interrupted");
+		return TRANSPORT_INTERRUPTED;
+	}
+	if (timed_out) {
+		snprintf(err, errlen,
+			 "not sent and confirmed within %d ms (the peer stopped reading)",
+			 t->o.timeout_ms);
+		return TRANSPORT_TIMEOUT;
+	}
+	return otherwise;
 }
 
 enum transport_result transport_publish(struct transport *t, const char *rk, const char *msgid,
@@ -178,22 +329,28 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 		p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
 		p.message_id = amqp_cstring_bytes(msgid);
 	}
+	/* rabbitmq-c sends with no deadline and retries on EINTR: a peer that
+	 * stops reading would hold a large body forever. The watchdog (a
+	 * little after the confirm deadline) shuts the socket down. */
+	deadline = clock_mono_ms() + (uint64_t)t->o.timeout_ms;
+	watchdog(t->o.timeout_ms + 100);
 	r = amqp_basic_publish(t->conn, 1, amqp_cstring_bytes(t->o.exchange), amqp_cstring_bytes(rk),
 			       0, 0, &p, (amqp_bytes_t){ len, (void *)body });
 	if (r != AMQP_STATUS_OK) {
 		snprintf(err, errlen, "publish: %s", amqp_error_string2(r));
-		disconnect(t);
-		return TRANSPORT_NO_CONNECT;
+		return failed(t, TRANSPORT_NO_CONNECT, err, errlen);
 	}
 	t->tag++;
-	deadline = clock_mono_ms() + (uint64_t)t->o.timeout_ms;
 	for (;;) {
 		uint64_t now = clock_mono_ms();
 		struct timeval tv;
 		amqp_frame_t f;
 
+		if (interrupted)
+			return failed(t, TRANSPORT_INTERRUPTED, err, errlen);
 		if (now >= deadline) {
 			snprintf(err, errlen, "no confirm within %d ms", t->o.timeout_ms);
+			watchdog(0);
 			disconnect(t);
 			return TRANSPORT_TIMEOUT;
 		}
@@ -204,8 +361,7 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 			continue;
 		if (r != AMQP_STATUS_OK) {
 			snprintf(err, errlen, "connection lost: %s", amqp_error_string2(r));
-			disconnect(t);
-			return TRANSPORT_NO_CONNECT;
+			return failed(t, TRANSPORT_NO_CONNECT, err, errlen);
 		}
 		if (f.frame_type != AMQP_FRAME_METHOD)
 			continue;
@@ -213,6 +369,7 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 		case AMQP_BASIC_ACK_METHOD: {
 			amqp_basic_ack_t *a = f.payload.method.decoded;
 			if (a->delivery_tag >= t->tag) {
+				watchdog(0);
 				amqp_maybe_release_buffers(t->conn);
 				return TRANSPORT_CONFIRMED;
 			}
@@ -222,6 +379,7 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 			amqp_basic_nack_t *n = f.payload.method.decoded;
 			if (n->delivery_tag >= t->tag) {
 				snprintf(err, errlen, "the broker nacked the message");
+				watchdog(0);
 				amqp_maybe_release_buffers(t->conn);
 				return TRANSPORT_NACKED;
 			}
@@ -231,6 +389,7 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 			amqp_channel_close_t *c = f.payload.method.decoded;
 			snprintf(err, errlen, "refused: %u %.*s", c->reply_code,
 				 (int)c->reply_text.len, (char *)c->reply_text.bytes);
+			watchdog(0);
 			disconnect(t);
 			return TRANSPORT_REFUSED;
 		}
@@ -238,6 +397,7 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 			amqp_connection_close_t *c = f.payload.method.decoded;
 			snprintf(err, errlen, "refused: %u %.*s", c->reply_code,
 				 (int)c->reply_text.len, (char *)c->reply_text.bytes);
+			watchdog(0);
 			disconnect(t);
 			return TRANSPORT_REFUSED;
 		}

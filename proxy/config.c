@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "conf.h"
@@ -52,10 +53,13 @@ static bool valid_uuid(const char *s, char out[37])
 
 static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
 {
-	static const char *const types[] = { "tcp", "vsock", "unix", NULL };
+	static const char *const types[] = { "tcp", "vsock", "unix", "firecracker", NULL };
 	static const char *const tcp_keys[] = { "type", "address", "port", NULL };
 	static const char *const vsock_keys[] = { "type", "port", NULL };
-	static const char *const unix_keys[] = { "type", "path", "vm", "mode", "group", NULL };
+	static const char *const unix_keys[] = { "type", "path", "vm", "uuid", "mode", "group",
+						 NULL };
+	static const char *const fc_keys[] = { "type", "uds_path", "port", "vm", "uuid", "mode",
+					       "group", NULL };
 	json_t *arr = NULL, *v;
 	size_t i;
 	int r = 0;
@@ -111,17 +115,47 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 			l->port = (uint32_t)port;
 			break;
 		case LISTENER_UNIX:
-			r |= conf_check_keys(c, v, p, unix_keys);
+		case LISTENER_FIRECRACKER:
 			s = NULL;
-			r |= conf_get_string(c, v, p, "path", true, &s);
-			l->path = dup_or_null(s);
+			if (l->type == LISTENER_UNIX) {
+				r |= conf_check_keys(c, v, p, unix_keys);
+				r |= conf_get_string(c, v, p, "path", true, &s);
+				l->path = dup_or_null(s);
+			} else {
+				/* Firecracker hands a guest's connection to host
+				 * port P to "<uds_path>_P". */
+				r |= conf_check_keys(c, v, p, fc_keys);
+				r |= conf_get_uint(c, v, p, "port", false, 1, 0xfffffffe, &port);
+				l->port = (uint32_t)port;
+				r |= conf_get_string(c, v, p, "uds_path", true, &s);
+				l->uds_path = dup_or_null(s);
+				if (s && (l->path = malloc(strlen(s) + 16)) != NULL)
+					sprintf(l->path, "%s_%u", s, l->port);
+			}
 			s = NULL;
 			r |= conf_get_string(c, v, p, "vm", true, &s);
 			l->vm = dup_or_null(s);
+			s = NULL;
+			r |= conf_get_string(c, v, p, "uuid", false, &s);
+			if (s) {
+				char kp[80], canon[37];
+
+				if (!valid_uuid(s, canon))
+					r |= conf_error(c, conf_path(kp, sizeof(kp), p, "uuid"),
+							"expected a UUID like "
+							"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60, got "
+							"\"%.64s\"", s);
+				else
+					l->uuid = strdup(canon);
+			}
 			if (l->path && strlen(l->path) > 107) {
 				char kp[80];
-				r |= conf_error(c, conf_path(kp, sizeof(kp), p, "path"),
-						"expected a path of at most 107 bytes");
+				bool fc = l->type == LISTENER_FIRECRACKER;
+
+				r |= conf_error(c, conf_path(kp, sizeof(kp), p,
+							     fc ? "uds_path" : "path"),
+						"expected a path of at most 107 bytes%s",
+						fc ? " with \"_<port>\" appended" : "");
 			}
 			l->mode = 0660;
 			s = NULL;
@@ -219,6 +253,38 @@ static int parse_identity(struct conf_ctx *c, json_t *root, struct proxy_config 
 		e->address = dup_or_null(addr);
 		e->vm = dup_or_null(vm);
 		e->uuid = uuid && valid_uuid(uuid, canon) ? strdup(canon) : NULL;
+	}
+	return r ? -EINVAL : 0;
+}
+
+/* A listener whose peers only libvirt can name needs libvirt: a vsock
+ * listener without identity.libvirt_uri would refuse every guest. */
+static int check_listener_identity(struct conf_ctx *c, const struct proxy_config *cfg)
+{
+	int r = 0;
+
+	for (size_t i = 0; i < cfg->n_listeners; i++) {
+		const struct listener_config *l = &cfg->listeners[i];
+		char p[64];
+
+		conf_path_index(p, sizeof(p), "listeners", i);
+		if (l->type == LISTENER_VSOCK && !cfg->identity.libvirt_uri)
+			r |= conf_error(c, p, "a vsock listener identifies guests by CID through "
+					      "libvirt: identity.libvirt_uri is required");
+		if ((l->type == LISTENER_UNIX || l->type == LISTENER_FIRECRACKER) && !l->uuid &&
+		    !cfg->identity.libvirt_uri) {
+			bool is_static = false;
+			char kp[80];
+
+			for (size_t j = 0; l->vm && j < cfg->identity.n_statics; j++)
+				if (cfg->identity.statics[j].vm && cfg->identity.statics[j].uuid &&
+				    (strcmp(cfg->identity.statics[j].vm, l->vm) == 0 ||
+				     strcasecmp(cfg->identity.statics[j].uuid, l->vm) == 0))
+					is_static = true;
+			if (!is_static)
+				r |= conf_error(c, conf_path(kp, sizeof(kp), p, "uuid"),
+						"required when identity.libvirt_uri is not set");
+		}
 	}
 	return r ? -EINVAL : 0;
 }
@@ -549,6 +615,8 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	r |= conf_check_keys(&c, root, "", keys);
 	r |= parse_listeners(&c, root, cfg);
 	r |= parse_identity(&c, root, cfg);
+	if (r == 0)
+		r |= check_listener_identity(&c, cfg);
 	r |= parse_threads(&c, root, cfg);
 	r |= parse_upstream(&c, root, cfg);
 	r |= parse_guest(&c, root, cfg);
@@ -572,6 +640,8 @@ void proxy_config_free(struct proxy_config *c)
 		free(c->listeners[i].address);
 		free(c->listeners[i].path);
 		free(c->listeners[i].vm);
+		free(c->listeners[i].uuid);
+		free(c->listeners[i].uds_path);
 		free(c->listeners[i].group);
 	}
 	free(c->listeners);

@@ -14,16 +14,19 @@ enum listener_type {
 	LISTENER_TCP,
 	LISTENER_VSOCK,
 	LISTENER_UNIX,
+	LISTENER_FIRECRACKER, /* a unix listener on "<uds_path>_<port>" */
 };
 
 struct listener_config {
 	enum listener_type type;
 	char *address; /* tcp: bind address, default "0.0.0.0" */
-	uint32_t port; /* tcp and vsock; default 5672 */
-	char *path;    /* unix: socket path */
-	char *vm;      /* unix: the VM (name or uuid) the socket belongs to */
-	unsigned mode; /* unix: socket file mode, default 0660 */
-	char *group;   /* unix: socket file group (name), default the daemon's */
+	uint32_t port; /* tcp, vsock and firecracker; default 5672 */
+	char *path;    /* unix: socket path; firecracker: "<uds_path>_<port>" */
+	char *uds_path; /* firecracker: the VM's vsock uds_path */
+	char *vm;      /* unix, firecracker: the VM (name or uuid) the socket belongs to */
+	char *uuid;    /* unix, firecracker: the VM's uuid, taken as is (no lookup) */
+	unsigned mode; /* unix, firecracker: socket file mode, default 0660 */
+	char *group;   /* unix, firecracker: socket file group (name), default the daemon's */
 };
 
 struct static_identity {

@@ -33,6 +33,14 @@
 #include "poll_thread.h"
 
 #define ACCEPTS_PER_WAKE 64
+/* After EMFILE, ENFILE, ENOBUFS or ENOMEM a listener is taken out of the
+ * epoll set this long: it is level-triggered, and the connection waiting
+ * in its backlog would wake the acceptor again at once. */
+#define ACCEPT_PAUSE_MS 250
+/* "accept: ..." is logged once, then at most once in this long. */
+#define ACCEPT_LOG_MS 10000
+/* Refused peers: at most one log line in this long per listener. */
+#define REFUSAL_LOG_MS 1000
 #define MAX_VMS		 100000
 #define CLOSE_GRACE_MS	 3000
 
@@ -293,81 +301,195 @@ static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr
 		return vm_identity_by_address(p->id, (const struct sockaddr *)ss, len, vm);
 	case LISTENER_VSOCK: {
 		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
+
+		if (ss->ss_family != AF_VSOCK || len < sizeof(*svm))
+			return -ENOENT;
+		/* CIDs 0, 1, 2 and ANY are never a guest: no lookup at all. */
+		if (vm_identity_cid_reserved(svm->svm_cid))
+			return -EPERM;
 		return vm_identity_by_cid(p->id, svm->svm_cid, vm);
 	}
 	case LISTENER_UNIX:
+	case LISTENER_FIRECRACKER:
+		/* Whoever can connect is the listener's VM. */
+		if (l->cfg->uuid) {
+			memset(vm, 0, sizeof(*vm));
+			snprintf(vm->uuid, sizeof(vm->uuid), "%s", l->cfg->uuid);
+			snprintf(vm->name, sizeof(vm->name), "%s", l->cfg->vm);
+			return 0;
+		}
 		return vm_identity_by_name(p->id, l->cfg->vm, vm);
 	}
 	return -ENOENT;
+}
+
+/* Identify FD's peer and hand FD to its VM's poll thread, or close it.
+ * 0 when admitted (VM filled in), else -errno. */
+static int admit(struct vmproxy *p, struct listener *l, int fd, const struct sockaddr_storage *ss,
+		 socklen_t len, struct vm_info *vm)
+{
+	struct new_conn_mail *m;
+	char peer[80];
+	unsigned t;
+	int r;
+
+	listener_peer_str(ss, len, peer, sizeof(peer));
+	if (p->phase != RUNNING) {
+		close(fd);
+		return -ESHUTDOWN;
+	}
+	r = identify(p, l, ss, len, vm);
+	if (r < 0) {
+		uint64_t now = clock_mono_ms();
+
+		l->refused++;
+		atomic_fetch_add(&p->refused_unknown, 1);
+		/* A peer in a connect loop must not flood the log: one line a
+		 * second per listener, saying how many went unlogged. */
+		if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
+			char more[64] = "";
+
+			if (l->refusals_unlogged)
+				snprintf(more, sizeof(more), " (and %llu more refused since)",
+					 (unsigned long long)l->refusals_unlogged);
+			log_warn("%s: refused connection from %s: %s%s", l->name, peer,
+				 r == -EPERM ? "a reserved CID (hypervisor, loopback or host), "
+					       "never a guest"
+					     : "no VM known for this peer",
+				 more);
+			l->last_refusal_log_ms = now;
+			l->refusals_unlogged = 0;
+		} else {
+			l->refusals_unlogged++;
+		}
+		close(fd);
+		return r;
+	}
+	if (partition_total_conns(p->partition) >= p->cfg->limits.max_connections) {
+		atomic_fetch_add(&p->refused_limit, 1);
+		log_warn("vm=%s: refused connection from %s: the daemon holds its limit of "
+			 "%u connections", vm->name, peer, p->cfg->limits.max_connections);
+		close(fd);
+		return -EMFILE;
+	}
+	r = partition_assign_conn(p->partition, vm->uuid, p->cfg->guest.max_connections_per_vm, &t);
+	if (r < 0) {
+		atomic_fetch_add(&p->refused_limit, 1);
+		log_warn("vm=%s: refused connection from %s: %s", vm->name, peer,
+			 r == -EMFILE ? "the VM holds guest.max_connections_per_vm connections"
+				      : strerror(-r));
+		close(fd);
+		return r;
+	}
+	m = calloc(1, sizeof(*m));
+	if (!m) {
+		partition_release_conn(p->partition, vm->uuid);
+		close(fd);
+		return -ENOMEM;
+	}
+	m->mail.type = MAIL_NEW_CONN;
+	m->fd = fd;
+	m->conn_id = atomic_fetch_add(&p->next_conn_id, 1) + 1;
+	m->vm = *vm;
+	snprintf(m->peer, sizeof(m->peer), "%s", peer);
+	l->accepted++;
+	atomic_fetch_add(&p->accepted, 1);
+	log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm->name, m->conn_id, peer,
+		  l->name, t);
+	poll_thread_post(p->threads[t], &m->mail);
+	return 0;
+}
+
+int vmproxy_admit(struct vmproxy *p, size_t listener, int fd, const struct sockaddr_storage *ss,
+		  socklen_t len, struct vm_info *vm)
+{
+	struct vm_info tmp;
+
+	if (listener >= p->nlisteners) {
+		close(fd);
+		return -EINVAL;
+	}
+	return admit(p, &p->listeners[listener], fd, ss, len, vm ? vm : &tmp);
+}
+
+/* Out of descriptors or memory: take L out of the epoll set for a while
+ * (vmproxy_run puts it back) instead of being woken for it in a loop. */
+static void pause_listener(struct vmproxy *p, struct listener *l, int err)
+{
+	uint64_t now = clock_mono_ms();
+
+	epoll_ctl(p->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+	l->paused_until_ms = now + ACCEPT_PAUSE_MS;
+	l->accept_errors++;
+	if (!l->last_error_log_ms || now >= l->last_error_log_ms + ACCEPT_LOG_MS) {
+		log_warn("%s: accept: %s; pausing this listener for %u ms at a time until it "
+			 "passes (%llu such errors so far)",
+			 l->name, strerror(err), ACCEPT_PAUSE_MS,
+			 (unsigned long long)l->accept_errors);
+		l->last_error_log_ms = now;
+	}
 }
 
 static void accept_some(struct vmproxy *p, struct listener *l)
 {
 	for (int i = 0; i < ACCEPTS_PER_WAKE; i++) {
 		struct sockaddr_storage ss;
-		struct new_conn_mail *m;
 		struct vm_info vm;
-		char peer[80];
 		socklen_t len;
-		unsigned t;
 		int fd, r;
 
 		r = listener_accept(l, &fd, &ss, &len);
 		if (r == -EAGAIN)
 			return;
-		if (r < 0) {
-			/* EMFILE and friends: the listener stays; try next wake-up. */
-			log_warn("%s: accept: %s", l->name, strerror(-r));
+		switch (r) {
+		case 0:
+			break;
+		/* The connection that was waiting is gone, or a network error
+		 * that belongs to it (accept(2)): the next one may be fine. */
+		case -ECONNABORTED:
+		case -EINTR:
+		case -EPROTO:
+		case -EPERM:
+		case -ENETDOWN:
+		case -ENETUNREACH:
+		case -EHOSTDOWN:
+		case -EHOSTUNREACH:
+		case -ENONET:
+		case -ENOPROTOOPT:
+		case -EOPNOTSUPP:
+		case -ETIMEDOUT:
+			log_debug("%s: accept: %s; skipped", l->name, strerror(-r));
+			continue;
+		default:
+			/* EMFILE, ENFILE, ENOBUFS, ENOMEM, anything else. */
+			pause_listener(p, l, -r);
 			return;
 		}
-		listener_peer_str(&ss, len, peer, sizeof(peer));
-		if (p->phase != RUNNING) {
-			close(fd);
-			continue;
-		}
-		r = identify(p, l, &ss, len, &vm);
-		if (r < 0) {
-			l->refused++;
-			atomic_fetch_add(&p->refused_unknown, 1);
-			log_warn("%s: refused connection from %s: no VM known for this peer", l->name,
-				 peer);
-			close(fd);
-			continue;
-		}
-		if (partition_total_conns(p->partition) >= p->cfg->limits.max_connections) {
-			atomic_fetch_add(&p->refused_limit, 1);
-			log_warn("vm=%s: refused connection from %s: the daemon holds its limit of "
-				 "%u connections", vm.name, peer, p->cfg->limits.max_connections);
-			close(fd);
-			continue;
-		}
-		r = partition_assign_conn(p->partition, vm.uuid, p->cfg->guest.max_connections_per_vm,
-					  &t);
-		if (r < 0) {
-			atomic_fetch_add(&p->refused_limit, 1);
-			log_warn("vm=%s: refused connection from %s: %s", vm.name, peer,
-				 r == -EMFILE ? "the VM holds guest.max_connections_per_vm connections"
-					      : strerror(-r));
-			close(fd);
-			continue;
-		}
-		m = calloc(1, sizeof(*m));
-		if (!m) {
-			partition_release_conn(p->partition, vm.uuid);
-			close(fd);
-			continue;
-		}
-		m->mail.type = MAIL_NEW_CONN;
-		m->fd = fd;
-		m->conn_id = atomic_fetch_add(&p->next_conn_id, 1) + 1;
-		m->vm = vm;
-		snprintf(m->peer, sizeof(m->peer), "%s", peer);
-		l->accepted++;
-		atomic_fetch_add(&p->accepted, 1);
-		log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm.name, m->conn_id,
-			  peer, l->name, t);
-		poll_thread_post(p->threads[t], &m->mail);
+		admit(p, l, fd, &ss, len, &vm);
 	}
+}
+
+/* Put paused listeners whose time has come back into the epoll set;
+ * returns the epoll_wait timeout until the next one (-1: none paused). */
+static int resume_listeners(struct vmproxy *p)
+{
+	uint64_t now = clock_mono_ms(), next = 0;
+
+	if (p->phase != RUNNING)
+		return -1;
+	for (size_t i = 0; i < p->nlisteners; i++) {
+		struct listener *l = &p->listeners[i];
+
+		if (!l->paused_until_ms || l->fd < 0)
+			continue;
+		if (now >= l->paused_until_ms) {
+			l->paused_until_ms = 0;
+			add_fd(p, l->fd, l);
+		} else if (!next || l->paused_until_ms < next) {
+			next = l->paused_until_ms;
+		}
+	}
+	return next ? (int)(next - now) : -1;
 }
 
 static void post_all(struct vmproxy *p, enum mail_type type)
@@ -656,7 +778,7 @@ int vmproxy_run(struct vmproxy *p)
 	struct epoll_event evs[32];
 
 	while (p->phase != DONE) {
-		int n = epoll_wait(p->epfd, evs, 32, -1);
+		int n = epoll_wait(p->epfd, evs, 32, resume_listeners(p));
 
 		if (n < 0 && errno != EINTR)
 			return -errno;
@@ -756,11 +878,14 @@ json_t *vmproxy_counters(struct vmproxy *p)
 		json_object_set_new(o, "load", json_deep_copy(p->load));
 		pthread_mutex_unlock(&p->load_lock);
 	}
-	for (size_t i = 0; i < p->nlisteners; i++)
-		json_array_append_new(ls, json_pack("{s:s, s:I, s:I}", "name", p->listeners[i].name,
-						    "accepted",
-						    (json_int_t)p->listeners[i].accepted, "refused",
-						    (json_int_t)p->listeners[i].refused));
+	for (size_t i = 0; i < p->nlisteners; i++) {
+		const struct listener *l = &p->listeners[i];
+
+		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name", l->name,
+						    "accepted", (json_int_t)l->accepted, "refused",
+						    (json_int_t)l->refused, "accept_errors",
+						    (json_int_t)l->accept_errors));
+	}
 	json_object_set_new(o, "listeners", ls);
 	return o;
 }

@@ -6,6 +6,7 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <sys/socket.h>
 
 #include "config.h"
 #include "vm_identity.h"
@@ -48,6 +49,14 @@ int vmproxy_migrate(struct vmproxy *p, const char *vm, unsigned to, char *msg, s
 
 /* Switch the automatic balancer on or off at run time. */
 void vmproxy_set_balancer(struct vmproxy *p, bool enabled);
+
+/* The acceptor's decision on one accepted connection, as if listener
+ * number LISTENER had accepted FD from peer SS: identify the VM (VM, may
+ * be NULL) and hand FD to its poll thread. 0 when admitted, else -errno
+ * with FD closed (-EPERM: a reserved vsock CID). For tests, which can give
+ * a vsock listener a peer CID without a vsock peer. */
+int vmproxy_admit(struct vmproxy *p, size_t listener, int fd, const struct sockaddr_storage *ss,
+		  socklen_t len, struct vm_info *vm);
 
 /* Daemon-wide counters as a JSON object (accepted, refused, ...). */
 json_t *vmproxy_counters(struct vmproxy *p);

@@ -7,6 +7,7 @@
 #include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -79,25 +80,105 @@ fail:
 	return -e;
 }
 
+/* Is something listening on the Unix socket PATH? A non-blocking connect
+ * tells without waiting: refused means a dead socket file; accepted or a
+ * full backlog means a live one; anything else is not known to be dead. */
+static bool socket_dead(const char *path)
+{
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), r, e;
+
+	if (fd < 0)
+		return false;
+	strcpy(sun.sun_path, path);
+	r = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
+	e = errno;
+	close(fd);
+	return r < 0 && e == ECONNREFUSED;
+}
+
+/* Create the missing directories above PATH with MODE and group GID. */
+static int make_dirs(const char *path, mode_t mode, gid_t gid, char *err, size_t errlen,
+		     const char *name)
+{
+	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	char *slash;
+
+	snprintf(dir, sizeof(dir), "%s", path);
+	slash = strrchr(dir, '/');
+	if (!slash || slash == dir)
+		return 0;
+	*slash = '\0';
+	for (char *p = dir + 1;; p++) {
+		bool last = *p == '\0';
+		struct stat st;
+
+		if (*p != '/' && !last)
+			continue;
+		*p = '\0';
+		if (stat(dir, &st) < 0) {
+			if (errno != ENOENT || mkdir(dir, mode) < 0 || chmod(dir, mode) < 0 ||
+			    (gid != (gid_t)-1 && chown(dir, (uid_t)-1, gid) < 0)) {
+				int e = errno;
+				snprintf(err, errlen, "%s: cannot create directory %s: %s", name,
+					 dir, strerror(e));
+				return -e;
+			}
+		} else if (!S_ISDIR(st.st_mode)) {
+			snprintf(err, errlen, "%s: %s is not a directory", name, dir);
+			return -ENOTDIR;
+		}
+		if (last)
+			break;
+		*p = '/';
+	}
+	return 0;
+}
+
 static int open_unix(const struct listener_config *lc, struct listener *l, char *err,
 		     size_t errlen)
 {
 	struct sockaddr_un sun;
 	struct stat st;
 	gid_t gid = (gid_t)-1;
-	int fd, e;
+	int fd, e, r;
 
-	snprintf(l->name, sizeof(l->name), "unix %s", lc->path);
+	if (lc->type == LISTENER_FIRECRACKER)
+		snprintf(l->name, sizeof(l->name), "firecracker %s", lc->path);
+	else
+		snprintf(l->name, sizeof(l->name), "unix %s", lc->path);
 	if (strlen(lc->path) >= sizeof(sun.sun_path)) {
 		snprintf(err, errlen, "%s: path longer than %zu bytes", l->name,
 			 sizeof(sun.sun_path) - 1);
 		return -ENAMETOOLONG;
 	}
-	/* A stale socket from a previous run is replaced; anything else is not. */
+	/* Whoever may connect is the VM: the mode and group say who that is,
+	 * independently of the umask. */
+	if (lc->group) {
+		struct group *gr = getgrnam(lc->group);
+
+		if (!gr) {
+			snprintf(err, errlen, "%s: no group \"%s\"", l->name, lc->group);
+			return -ENOENT;
+		}
+		gid = gr->gr_gid;
+	}
+	r = make_dirs(lc->path, (mode_t)(lc->mode | ((lc->mode & 0444) >> 2)), gid, err, errlen,
+		      l->name);
+	if (r < 0)
+		return r;
+	/* A dead socket from a previous run is replaced. A live one (another
+	 * vmproxyd, or Firecracker's own uds_path) and anything that is not
+	 * a socket are not. */
 	if (lstat(lc->path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode)) {
 			snprintf(err, errlen, "%s: exists and is not a socket", l->name);
 			return -EEXIST;
+		}
+		if (!socket_dead(lc->path)) {
+			snprintf(err, errlen, "%s: a process is listening on this socket; not "
+				 "replacing it", l->name);
+			return -EADDRINUSE;
 		}
 		unlink(lc->path);
 	}
@@ -109,17 +190,9 @@ static int open_unix(const struct listener_config *lc, struct listener *l, char 
 	strcpy(sun.sun_path, lc->path);
 	if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0)
 		goto fail;
-	/* Whoever may connect is the VM: the mode and group say who that is,
-	 * independently of the umask. */
-	if (lc->group) {
-		struct group *gr = getgrnam(lc->group);
-
-		if (!gr) {
-			snprintf(err, errlen, "%s: no group \"%s\"", l->name, lc->group);
-			close(fd);
-			return -ENOENT;
-		}
-		gid = gr->gr_gid;
+	if (lstat(lc->path, &st) == 0) {
+		l->sock_dev = st.st_dev;
+		l->sock_ino = st.st_ino;
 	}
 	if (chmod(lc->path, lc->mode) < 0 ||
 	    (gid != (gid_t)-1 && chown(lc->path, (uid_t)-1, gid) < 0)) {
@@ -154,6 +227,7 @@ int listener_open(const struct listener_config *lc, struct listener *out, char *
 	case LISTENER_VSOCK:
 		return open_vsock(lc, out, err, errlen);
 	case LISTENER_UNIX:
+	case LISTENER_FIRECRACKER:
 		return open_unix(lc, out, err, errlen);
 	}
 	return -EINVAL;
@@ -179,8 +253,14 @@ void listener_close(struct listener *l)
 		return;
 	close(l->fd);
 	l->fd = -1;
-	if (l->cfg && l->cfg->type == LISTENER_UNIX)
-		unlink(l->cfg->path);
+	if (l->cfg && (l->cfg->type == LISTENER_UNIX || l->cfg->type == LISTENER_FIRECRACKER)) {
+		struct stat st;
+
+		/* Only our own socket: the path may have been taken over since. */
+		if (lstat(l->cfg->path, &st) == 0 && st.st_dev == l->sock_dev &&
+		    st.st_ino == l->sock_ino)
+			unlink(l->cfg->path);
+	}
 }
 
 const char *listener_peer_str(const struct sockaddr_storage *sa, socklen_t len, char *buf,

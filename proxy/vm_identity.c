@@ -1,8 +1,16 @@
 /* vm_identity.c -- see vm_identity.h. libvirt's errors are turned into
- * -errno and a log line here; nothing else in the daemon sees them. The
- * CID cache is rebuilt from the running domains on a miss and dropped on
- * lifecycle events, so a CID that moved to another domain is never
- * served from a stale entry for longer than an event takes. */
+ * -errno and a log line here; nothing else in the daemon sees them.
+ *
+ * The CID cache holds (cid, domain id, uuid) from the running domains. A
+ * hit is proved before it is served: the domain with that id must still be
+ * running, have that uuid and that CID in its live XML (two RPCs), so a CID
+ * that moved to another domain is never credited to the old one, whether
+ * or not the lifecycle event has arrived. A miss rescans at most once, and
+ * not more often than once a second unless an event or a failed proof
+ * says the cache is wrong; a CID that is still unknown is remembered for
+ * 10 s (or until a lifecycle event), so a peer in a connect loop costs no
+ * libvirt calls. RPCs run without the cache lock, which lifecycle
+ * handling takes. */
 #include "vm_identity.h"
 
 #include <arpa/inet.h>
@@ -11,6 +19,7 @@
 #include <libvirt/virterror.h>
 #include <libxml/parser.h>
 #include <libxml/xpath.h>
+#include <linux/vm_sockets.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
 #include <pthread.h>
@@ -32,7 +41,20 @@ struct static_entry {
 
 struct cid_entry {
 	uint32_t cid;
+	unsigned int dom_id; /* the running domain's id: a restart changes it */
 	struct vm_info vm;
+};
+
+/* CIDs that no running domain had at the last rescan. */
+#define NO_CID_SLOTS 256
+#define NO_CID_TTL_MS 10000
+/* A miss on a cache that no event or failed proof has invalidated waits
+ * this long after the previous rescan. */
+#define RESCAN_MIN_MS 1000
+
+struct no_cid {
+	uint32_t cid;
+	uint64_t until_ms;
 };
 
 /* Addresses whose lease scan found nothing are not scanned again for a
@@ -51,13 +73,18 @@ struct no_lease {
 struct vm_identity {
 	const struct proxy_config *cfg;
 	virConnectPtr conn;
-	pthread_mutex_t lock; /* the CID cache and the no-lease cache */
+	pthread_mutex_t lock; /* the caches below; never held across an RPC */
+	pthread_mutex_t scan_lock; /* one CID rescan at a time; events never take it */
 	struct no_lease no_lease[NO_LEASE_SLOTS];
 	size_t no_lease_next;
-	atomic_uint_fast64_t lease_scans;
+	atomic_uint_fast64_t lease_scans, cid_rescans, libvirt_calls;
+	struct no_cid no_cid[NO_CID_SLOTS];
+	size_t no_cid_next;
 	struct cid_entry *cids;
 	size_t ncids;
 	bool cids_valid;
+	uint64_t generation; /* bumped by every lifecycle event */
+	uint64_t last_rescan_ms;
 	struct static_entry *statics;
 	size_t nstatics;
 	pthread_t ev_thread;
@@ -83,7 +110,7 @@ static const char *virt_error(void)
 }
 
 /* Fill VM from DOM: uuid, name, and the vsock CID from its XML. */
-static int info_from_domain(virDomainPtr dom, struct vm_info *vm)
+static int info_from_domain(struct vm_identity *id, virDomainPtr dom, struct vm_info *vm)
 {
 	char *xml;
 	const char *name = virDomainGetName(dom);
@@ -92,6 +119,7 @@ static int info_from_domain(virDomainPtr dom, struct vm_info *vm)
 	if (virDomainGetUUIDString(dom, vm->uuid) < 0 || !name)
 		return -EIO;
 	snprintf(vm->name, sizeof(vm->name), "%s", name);
+	atomic_fetch_add(&id->libvirt_calls, 1);
 	xml = virDomainGetXMLDesc(dom, 0);
 	if (xml) {
 		xmlDocPtr doc = xmlReadMemory(xml, (int)strlen(xml), "domain.xml", NULL,
@@ -121,12 +149,15 @@ static int lookup_libvirt(struct vm_identity *id, const char *name_or_uuid, stru
 
 	if (!id->conn)
 		return -ENOENT;
+	atomic_fetch_add(&id->libvirt_calls, 1);
 	dom = virDomainLookupByName(id->conn, name_or_uuid);
-	if (!dom)
+	if (!dom) {
+		atomic_fetch_add(&id->libvirt_calls, 1);
 		dom = virDomainLookupByUUIDString(id->conn, name_or_uuid);
+	}
 	if (!dom)
 		return -ENOENT;
-	r = info_from_domain(dom, vm);
+	r = info_from_domain(id, dom, vm);
 	virDomainFree(dom);
 	return r;
 }
@@ -156,6 +187,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 	id->ev_callback = -1;
 	id->ev_timer = -1;
 	pthread_mutex_init(&id->lock, NULL);
+	pthread_mutex_init(&id->scan_lock, NULL);
 	virSetErrorFunc(NULL, silent_error);
 	if (cfg->identity.libvirt_uri) {
 		/* Events need the default loop registered before the connection. */
@@ -210,73 +242,175 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 	return 0;
 }
 
-/* Rebuild the CID cache from the running domains. Called locked. */
+/* Rebuild the CID cache from the running domains: 1 + N RPCs, made under
+ * scan_lock only; the result is swapped in under the cache lock. A
+ * lifecycle event during the scan leaves the cache marked stale. */
 static int rescan(struct vm_identity *id)
 {
 	virDomainPtr *doms = NULL;
-	int n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	struct cid_entry *cids, *old;
+	uint64_t gen;
 	size_t k = 0;
+	int n;
 
+	pthread_mutex_lock(&id->lock);
+	gen = id->generation;
+	pthread_mutex_unlock(&id->lock);
+	atomic_fetch_add(&id->cid_rescans, 1);
+	atomic_fetch_add(&id->libvirt_calls, 1);
+	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	if (n < 0) {
 		log_warn("libvirt: cannot list domains: %s", virt_error());
+		pthread_mutex_lock(&id->lock);
+		id->last_rescan_ms = clock_mono_ms();
+		pthread_mutex_unlock(&id->lock);
 		return -EIO;
 	}
-	free(id->cids);
-	id->cids = calloc((size_t)n + 1, sizeof(*id->cids));
+	cids = calloc((size_t)n + 1, sizeof(*cids));
 	for (int i = 0; i < n; i++) {
 		struct vm_info vm;
 
-		if (id->cids && k < MAX_CIDS && info_from_domain(doms[i], &vm) == 0 && vm.cid) {
-			id->cids[k].cid = vm.cid;
-			id->cids[k].vm = vm;
+		if (cids && k < MAX_CIDS && info_from_domain(id, doms[i], &vm) == 0 && vm.cid) {
+			cids[k].cid = vm.cid;
+			cids[k].dom_id = virDomainGetID(doms[i]);
+			cids[k].vm = vm;
 			k++;
 		}
 		virDomainFree(doms[i]);
 	}
 	free(doms);
-	id->ncids = id->cids ? k : 0;
-	id->cids_valid = id->cids != NULL;
-	return id->cids ? 0 : -ENOMEM;
+	pthread_mutex_lock(&id->lock);
+	old = id->cids;
+	id->cids = cids;
+	id->ncids = cids ? k : 0;
+	id->cids_valid = cids != NULL && id->generation == gen;
+	id->last_rescan_ms = clock_mono_ms();
+	pthread_mutex_unlock(&id->lock);
+	free(old);
+	return cids ? 0 : -ENOMEM;
 }
 
-/* Is the domain UUID still running? One RPC. */
-static bool still_running(struct vm_identity *id, const char *uuid)
+/* Does the running domain DOM_ID still have uuid VM->uuid and CID
+ * VM->cid in its live XML? Two RPCs. */
+static bool still_owns(struct vm_identity *id, unsigned int dom_id, const struct vm_info *vm)
 {
-	virDomainPtr dom = virDomainLookupByUUIDString(id->conn, uuid);
-	bool up = dom && virDomainIsActive(dom) == 1;
+	virDomainPtr dom;
+	struct vm_info now;
+	bool owns;
 
-	if (dom)
-		virDomainFree(dom);
-	return up;
+	atomic_fetch_add(&id->libvirt_calls, 1);
+	dom = virDomainLookupByID(id->conn, (int)dom_id);
+	if (!dom)
+		return false;
+	owns = info_from_domain(id, dom, &now) == 0 && strcmp(now.uuid, vm->uuid) == 0 &&
+	       now.cid == vm->cid;
+	virDomainFree(dom);
+	return owns;
+}
+
+/* Look CID up in the cache (locked by the caller): 1 and the entry, 0 on
+ * a miss. A cache marked stale is searched only when ANYWAY is set (right
+ * after a rescan that an event overtook: its entries are then proved). */
+static int cache_find(struct vm_identity *id, uint32_t cid, bool anyway, struct cid_entry *out)
+{
+	for (size_t i = 0; (id->cids_valid || anyway) && i < id->ncids; i++) {
+		if (id->cids[i].cid == cid) {
+			*out = id->cids[i];
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static bool no_cid_known(struct vm_identity *id, uint32_t cid, uint64_t now)
+{
+	for (size_t i = 0; i < NO_CID_SLOTS; i++)
+		if (id->no_cid[i].until_ms > now && id->no_cid[i].cid == cid)
+			return true;
+	return false;
+}
+
+bool vm_identity_cid_reserved(uint32_t cid)
+{
+	/* 0: the hypervisor, 1: local loopback (any local user), 2: the host
+	 * itself, or the outer hypervisor on a nested host; -1: "any". None is
+	 * a guest of this host. */
+	return cid <= VMADDR_CID_HOST || cid == UINT32_MAX;
 }
 
 int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out)
 {
-	int r = -ENOENT;
+	struct cid_entry e;
+	uint64_t now;
+	bool scanned = false, fresh = false;
+	int found;
 
+	if (vm_identity_cid_reserved(cid))
+		return -EPERM;
 	if (!id->conn)
 		return -ENOENT;
 	pthread_mutex_lock(&id->lock);
-	for (int pass = 0; pass < 2 && r == -ENOENT; pass++) {
-		if (pass == 1 || !id->cids_valid)
-			if (rescan(id) < 0)
-				break;
-		for (size_t i = 0; i < id->ncids; i++) {
-			if (id->cids[i].cid != cid)
-				continue;
-			/* Checked again on every accept: a cached CID whose domain
-			 * stopped (and whose event has not arrived) is not served. */
-			if (pass == 0 && !still_running(id, id->cids[i].vm.uuid)) {
-				id->cids_valid = false;
-				break;
-			}
-			*out = id->cids[i].vm;
-			r = 0;
-			break;
+	now = clock_mono_ms();
+	if (no_cid_known(id, cid, now)) {
+		pthread_mutex_unlock(&id->lock);
+		return -ENOENT;
+	}
+	found = cache_find(id, cid, false, &e);
+	pthread_mutex_unlock(&id->lock);
+	if (found) {
+		if (still_owns(id, e.dom_id, &e.vm)) {
+			*out = e.vm;
+			return 0;
 		}
+		/* The domain stopped, restarted or gave the CID up: the cache
+		 * is wrong, whatever the events say. */
+		pthread_mutex_lock(&id->lock);
+		id->cids_valid = false;
+		pthread_mutex_unlock(&id->lock);
+	}
+	/* At most one rescan per lookup, and only one at a time: a lookup
+	 * that waited for another's rescan uses its result. */
+	pthread_mutex_lock(&id->scan_lock);
+	pthread_mutex_lock(&id->lock);
+	now = clock_mono_ms();
+	found = cache_find(id, cid, false, &e);
+	if (!found && (!id->cids_valid || now >= id->last_rescan_ms + RESCAN_MIN_MS)) {
+		pthread_mutex_unlock(&id->lock);
+		scanned = rescan(id) == 0;
+		pthread_mutex_lock(&id->lock);
+		found = cache_find(id, cid, true, &e);
+		fresh = scanned && id->cids_valid;
+	}
+	/* Remembered as unknown only on an answer no event has overtaken. */
+	if (!found && id->cids_valid) {
+		struct no_cid *nc = &id->no_cid[id->no_cid_next];
+
+		id->no_cid_next = (id->no_cid_next + 1) % NO_CID_SLOTS;
+		nc->cid = cid;
+		nc->until_ms = clock_mono_ms() + NO_CID_TTL_MS;
 	}
 	pthread_mutex_unlock(&id->lock);
-	return r;
+	pthread_mutex_unlock(&id->scan_lock);
+	if (!found)
+		return -ENOENT;
+	/* Fresh from this rescan with no event since: served as read. An
+	 * entry from another lookup's rescan is proved like any hit. */
+	if (!fresh && !still_owns(id, e.dom_id, &e.vm))
+		return -ENOENT;
+	*out = e.vm;
+	return 0;
+}
+
+void vm_identity_stats(struct vm_identity *id, struct vm_identity_stats *st)
+{
+	st->libvirt_calls = atomic_load(&id->libvirt_calls);
+	st->cid_rescans = atomic_load(&id->cid_rescans);
+	st->lease_scans = atomic_load(&id->lease_scans);
+}
+
+void *vm_identity_libvirt_conn(struct vm_identity *id)
+{
+	return id->conn;
 }
 
 /* A stable uuid derived from TEXT (SHA-256, version 8 / RFC 4122 variant). */
@@ -301,6 +435,7 @@ static int by_leases(struct vm_identity *id, const char *text, struct vm_info *o
 
 	if (!id->conn)
 		return -ENOENT;
+	atomic_fetch_add(&id->libvirt_calls, 1);
 	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	for (int i = 0; i < n; i++) {
 		virDomainInterfacePtr *ifs = NULL;
@@ -310,7 +445,7 @@ static int by_leases(struct vm_identity *id, const char *text, struct vm_info *o
 		for (int j = 0; j < nif; j++) {
 			for (unsigned a = 0; r != 0 && a < ifs[j]->naddrs; a++)
 				if (ifs[j]->addrs[a].addr && strcmp(ifs[j]->addrs[a].addr, text) == 0)
-					r = info_from_domain(doms[i], out);
+					r = info_from_domain(id, doms[i], out);
 			virDomainInterfaceFree(ifs[j]);
 		}
 		free(ifs);
@@ -423,7 +558,9 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
 	snprintf(vm.name, sizeof(vm.name), "%s", name ? name : "?");
 	pthread_mutex_lock(&id->lock);
 	id->cids_valid = false; /* any change: rescan on the next lookup */
+	id->generation++;
 	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
+	memset(id->no_cid, 0, sizeof(id->no_cid));	/* or the CID */
 	pthread_mutex_unlock(&id->lock);
 	if (event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED) {
 		log_info("vm=%s: libvirt reports it %s", vm.name,
@@ -509,6 +646,7 @@ void vm_identity_free(struct vm_identity *id)
 		virConnectClose(id->conn);
 	free(id->cids);
 	free(id->statics);
+	pthread_mutex_destroy(&id->scan_lock);
 	pthread_mutex_destroy(&id->lock);
 	free(id);
 }

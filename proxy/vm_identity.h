@@ -29,10 +29,29 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 /* Stops the event thread if started. Accepts NULL. */
 void vm_identity_free(struct vm_identity *id);
 
+/* CIDs that are never a guest of this host: 0 (hypervisor), 1 (local
+ * loopback), 2 (the host, or the outer hypervisor when nested), and
+ * VMADDR_CID_ANY. */
+bool vm_identity_cid_reserved(uint32_t cid);
+
 /* Resolve a vsock peer CID (a running domain whose
- * /domain/devices/vsock/cid/@address is CID). Looked up again on each call
- * unless cached; 0 or -ENOENT. */
+ * /domain/devices/vsock/cid/@address is CID): 0, -EPERM for a reserved CID
+ * (no libvirt call), or -ENOENT. A cached answer is proved on every call
+ * (the domain id it was read from still runs, with that uuid and CID: two
+ * RPCs); a miss rescans the running domains at most once, and at most once
+ * a second unless a lifecycle event or a failed proof came first; a CID
+ * still unknown after that is refused without libvirt calls for 10 s or
+ * until a lifecycle event. Never holds the lock lifecycle events take
+ * across an RPC. */
 int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out);
+
+struct vm_identity_stats {
+	uint64_t libvirt_calls; /* RPCs made by lookups */
+	uint64_t cid_rescans;	/* rebuilds of the CID cache */
+	uint64_t lease_scans;	/* as vm_identity_lease_scans */
+};
+
+void vm_identity_stats(struct vm_identity *id, struct vm_identity_stats *st);
 
 /* Resolve a TCP peer: the static table first, then libvirt (interface
  * addresses), then unknown_peers=by_address. 0 or -ENOENT. */
@@ -54,6 +73,11 @@ typedef void (*vm_gone_fn)(void *userdata, const struct vm_info *vm);
 /* Start the thread that runs libvirt's event loop and registers lifecycle
  * callbacks. A no-op returning 0 without libvirt. */
 int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *userdata);
+
+/* The libvirt connection (a virConnectPtr, NULL without libvirt), for
+ * tests with libvirt's test driver, whose state is private to each
+ * connection. */
+void *vm_identity_libvirt_conn(struct vm_identity *id);
 
 /* Destroy the running domain NAME on the connection this object holds.
  * For tests with libvirt's test driver, whose state is private to each

@@ -4,8 +4,10 @@ metrics schema, and `send` reports what happened in its exit status."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jsonschema
@@ -155,6 +157,119 @@ def test_send_exit_codes(build_dir, broker, agent_proxy):
     r = subprocess.run([agent_bin(build_dir), "send", "--routing-key", "k", "--endpoint",
                         "http://x"], input=b"x", capture_output=True)
     assert r.returncode == 1 and b"expected vsock://CID:PORT or tcp://HOST:PORT" in r.stderr
+
+
+class StallingRelay:
+    """Between the agent and vmproxyd: relays both ways until LIMIT bytes
+    came from the agent (the handshake fits), then stops reading from it,
+    like a peer that stopped reading. stalled is set at that point."""
+
+    def __init__(self, target, source, limit=4096):
+        self.target, self.source, self.limit = target, source, limit
+        self.stalled = threading.Event()
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(4)
+        self.port = self.srv.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            up = socket.socket()
+            up.bind((self.source, 0))
+            up.connect(self.target)
+            self.conns += [c, up]
+            threading.Thread(target=self._up, args=(c, up), daemon=True).start()
+            threading.Thread(target=self._down, args=(up, c), daemon=True).start()
+
+    def _up(self, c, up):
+        sent = 0
+        while sent < self.limit:
+            data = c.recv(min(4096, self.limit - sent))
+            if not data:
+                return
+            up.sendall(data)
+            sent += len(data)
+        self.stalled.set()  # and never read from the agent again
+
+    def _down(self, up, c):
+        try:
+            while True:
+                data = up.recv(65536)
+                if not data:
+                    return
+                c.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        for s in [self.srv] + self.conns:
+            s.close()
+
+
+def test_send_connect_timeout(build_dir):
+    """A connect that never completes (the listener's accept queue is full,
+    so the SYN is dropped) ends at --timeout with exit 4. The same bounded
+    connect serves vsock endpoints, which cannot be run here."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fill = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(srv.getsockname())
+        fill.append(c)
+    try:
+        t0 = time.monotonic()
+        r = run_send(build_dir, "tcp://127.0.0.1:%d" % srv.getsockname()[1], "127.0.0.1",
+                     b"x", timeout=60)
+        took = time.monotonic() - t0
+        print("connect timeout of 2 s: exit %d after %.1f s" % (r.returncode, took))
+        assert r.returncode == 4, r.stderr
+        assert b"no connection within 2000 ms" in r.stderr
+    finally:
+        for c in fill + [srv]:
+            c.close()
+
+
+def test_send_to_a_peer_that_stops_reading(build_dir, agent_proxy):
+    """A 1 MiB send to a peer that stops reading after the handshake: exit 4
+    at --timeout; and with a long --timeout, SIGTERM ends it (exit 6)."""
+    proxy, vm = agent_proxy
+    payload = b"x" * (1 << 20)
+    relay = StallingRelay(("127.0.0.1", proxy.port), vm["address"])
+    try:
+        ep = "tcp://127.0.0.1:%d" % relay.port
+        r = run_send(build_dir, ep, None, payload, timeout=60)
+        assert relay.stalled.is_set()
+        assert r.returncode == 4, r.stderr
+
+        relay.stalled.clear()
+        p = subprocess.Popen([agent_bin(build_dir), "send", "--endpoint", ep, "--routing-key",
+                              "events.x", "--timeout", "300"], stdin=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
+            p.stdin.write(payload)
+            p.stdin.close()
+            assert relay.stalled.wait(30), "the agent never got past the handshake"
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(15)
+            err = p.stderr.read()
+            assert rc == 6, err
+            assert b"interrupted" in err
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    finally:
+        relay.close()
 
 
 def test_send_over_tls(build_dir, broker, certs):

@@ -23,7 +23,8 @@ MAN = ["man8/vmproxyd.8", "man8/vmproxyctl.8", "man8/vmproxy-agent.8",
        "man8/vmproxy-consumer.8", "man5/vmproxyd.conf.5"]
 EXAMPLES = ["vmproxyd.example.json", "vmproxy-agent.example.json",
             "vmproxy-consumer.example.json", "rabbitmq/rabbitmq.conf.in",
-            "rabbitmq/definitions.json", "libvirt/vsock-device.xml"]
+            "rabbitmq/definitions.json", "libvirt/vsock-device.xml",
+            "systemd/vmproxyd-firecracker.conf"]
 
 
 def _options(build_dir):
@@ -113,6 +114,31 @@ def test_units_verify(installed, tmp_path):
                        [str(units / u) for u in UNITS],
                        capture_output=True, text=True, timeout=120, env=env)
     # verify prints nothing for a clean unit; anything said is a finding.
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), \
+        r.stdout + r.stderr
+
+
+def test_firecracker_dropin_verifies(installed, tmp_path):
+    """vmproxyd.service with the Firecracker drop-in in its .d directory
+    passes verify, and the drop-in is read (a broken copy is reported)."""
+    dest, opt = installed
+    units = _units_for_verify(dest, opt, tmp_path)
+    dropin = _under(dest, opt["prefix"],
+                    f"{opt['datadir']}/doc/vmproxy/examples/systemd/vmproxyd-firecracker.conf")
+    d = units / "vmproxyd.service.d"
+    d.mkdir()
+    env = dict(os.environ, MANPATH=str(_under(dest, opt["prefix"], opt["mandir"])),
+               SYSTEMD_LOG_LEVEL="notice")
+
+    def verify():
+        return subprocess.run(["systemd-analyze", "verify", "--man=yes",
+                               str(units / "vmproxyd.service")],
+                              capture_output=True, text=True, timeout=120, env=env)
+    (d / "firecracker.conf").write_text(dropin.read_text() + "ReadWritePathz=/x\n")
+    r = verify()
+    assert "ReadWritePathz" in r.stdout + r.stderr, "the drop-in was not read"
+    (d / "firecracker.conf").write_text(dropin.read_text())
+    r = verify()
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), \
         r.stdout + r.stderr
 

@@ -547,6 +547,9 @@ def test_vsock_listener_and_sighup_reopens_log(build_dir, broker, certs, tmp_pat
     vport = 20000 + os.getpid() % 20000
     cfg = proxy.config()
     cfg["listeners"].append({"type": "vsock", "port": vport})
+    # A vsock listener names its peers through libvirt: the test driver.
+    cfg["identity"]["libvirt_uri"] = "test://" + os.path.join(
+        HERE, "..", "unit", "proxycore", "data", "node.xml")
     proxy.write_config = lambda: open(proxy.config_path, "w").write(json.dumps(cfg))
     logfile = tmp_path / "vmproxyd-file.log"
     proxy.write_config()

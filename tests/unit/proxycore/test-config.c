@@ -145,6 +145,30 @@ static void test_defaults(void **state)
 	proxy_config_free(c);
 }
 
+/* The Firecracker form listens where Firecracker hands a guest's
+ * connection to host port P: "<uds_path>_P"; its uuid is taken as is. */
+static void test_firecracker_form(void **state)
+{
+	struct proxy_config *c;
+
+	load("{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/srv/fc/a/v.sock\", "
+	     "\"vm\": \"fc-a\", \"uuid\": \"6F1C7D2E-8A51-4E0B-9C3F-2B7A1D9E4C60\"}, "
+	     "{\"type\": \"firecracker\", \"uds_path\": \"/srv/fc/b/v.sock\", \"port\": 1025, "
+	     "\"vm\": \"fc-b\", \"mode\": \"0600\"}, {\"type\": \"vsock\"}], "
+	     "\"identity\": {\"libvirt_uri\": \"test:///x\"}, " MINIMAL_UP "}",
+	     NULL, &c);
+	assert_int_equal(c->listeners[0].type, LISTENER_FIRECRACKER);
+	assert_string_equal(c->listeners[0].path, "/srv/fc/a/v.sock_5672");
+	assert_string_equal(c->listeners[0].uds_path, "/srv/fc/a/v.sock");
+	assert_string_equal(c->listeners[0].uuid, "6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60");
+	assert_int_equal(c->listeners[0].mode, 0660);
+	assert_string_equal(c->listeners[1].path, "/srv/fc/b/v.sock_1025");
+	assert_null(c->listeners[1].uuid); /* fc-b is looked up in libvirt */
+	assert_int_equal(c->listeners[1].mode, 0600);
+	assert_int_equal(c->listeners[2].type, LISTENER_VSOCK);
+	proxy_config_free(c);
+}
+
 static void test_errors(void **state)
 {
 	static const struct {
@@ -157,7 +181,33 @@ static void test_errors(void **state)
 		{ "{\"listeners\": [{\"type\": \"tcp\", \"port\": 70000}], " MINIMAL_UP "}",
 		  "listeners[0].port: expected an integer in [1, 65535], got 70000" },
 		{ "{\"listeners\": [{\"type\": \"udp\"}], " MINIMAL_UP "}",
-		  "listeners[0].type: expected one of \"tcp\", \"vsock\", \"unix\"" },
+		  "listeners[0].type: expected one of \"tcp\", \"vsock\", \"unix\", "
+		  "\"firecracker\"" },
+		{ "{\"listeners\": [{\"type\": \"vsock\"}], " MINIMAL_UP "}",
+		  "listeners[0]: a vsock listener identifies guests by CID through libvirt: "
+		  "identity.libvirt_uri is required" },
+		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\", \"vm\": \"a\"}], "
+		  MINIMAL_UP "}",
+		  "listeners[0].uuid: required when identity.libvirt_uri is not set" },
+		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/x/v.sock\", "
+		  "\"vm\": \"a\"}], " MINIMAL_UP "}",
+		  "listeners[0].uuid: required when identity.libvirt_uri is not set" },
+		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/x/v.sock\", "
+		  "\"vm\": \"a\", \"uuid\": \"a-b\"}], " MINIMAL_UP "}",
+		  "listeners[0].uuid: expected a UUID" },
+		{ "{\"listeners\": [{\"type\": \"firecracker\", \"vm\": \"a\", "
+		  "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], " MINIMAL_UP "}",
+		  "listeners[0].uds_path: missing required key" },
+		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/srv/jailer/"
+		  "firecracker/0123456789012345678901234567890123456789/root/run/firecracker/"
+		  "vsock-directory/v.sock\","
+		  " \"vm\": \"a\", \"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], "
+		  MINIMAL_UP "}",
+		  "listeners[0].uds_path: expected a path of at most 107 bytes with \"_<port>\"" },
+		{ "{\"listeners\": [{\"type\": \"firecracker\", \"uds_path\": \"/x/v.sock\", "
+		  "\"path\": \"/y\", \"vm\": \"a\", "
+		  "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], " MINIMAL_UP "}",
+		  "listeners[0].path: unknown key" },
 		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\"}], " MINIMAL_UP "}",
 		  "listeners[0].vm: missing required key" },
 		{ "{\"listeners\": [{\"type\": \"unix\", \"path\": \"/x\", \"vm\": \"a\", "
@@ -218,6 +268,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_example_loads),
 		cmocka_unit_test(test_defaults),
+		cmocka_unit_test(test_firecracker_form),
 		cmocka_unit_test(test_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,7 +1,10 @@
 /* test-vm_identity.c -- who is behind a connection: vsock CID through
  * libvirt (test driver), the static address table (IPv4 and IPv4-mapped
  * IPv6), unknown peers refused or given a derived identity, per-VM socket
- * names, and a destroyed domain's CID no longer resolving. */
+ * names, a destroyed domain's CID no longer resolving, a CID taken over by
+ * another domain credited to it, reserved CIDs refused without a libvirt
+ * call, and an unknown CID in a connect loop costing a bounded number of
+ * rescans. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,6 +19,8 @@
 #include <string.h>
 
 #include <libvirt/libvirt.h>
+#include <linux/vm_sockets.h>
+#include <time.h>
 
 #include "config.h"
 #include "vm_identity.h"
@@ -176,6 +181,168 @@ static void test_unknown_by_address(void **state)
 	vm_identity_free(id);
 }
 
+static uint64_t calls(struct vm_identity *id)
+{
+	struct vm_identity_stats st;
+
+	vm_identity_stats(id, &st);
+	return st.libvirt_calls;
+}
+
+static uint64_t rescans(struct vm_identity *id)
+{
+	struct vm_identity_stats st;
+
+	vm_identity_stats(id, &st);
+	return st.cid_rescans;
+}
+
+/* 0 (hypervisor), 1 (loopback: any local user), 2 (the host, or the outer
+ * hypervisor when nested) and VMADDR_CID_ANY are never a guest: refused
+ * before any libvirt call, even with an empty cache. */
+static void test_reserved_cids(void **state)
+{
+	static const uint32_t reserved[] = { 0, 1, 2, VMADDR_CID_ANY };
+	struct vm_identity *id;
+	struct vm_info vm;
+	uint64_t c0;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	c0 = calls(id); /* the static table's domains were looked up */
+	for (size_t i = 0; i < sizeof(reserved) / sizeof(reserved[0]); i++) {
+		assert_int_not_equal(vm_identity_by_cid(id, reserved[i], &vm), 0);
+		assert_int_equal(calls(id), c0);
+	}
+	assert_true(vm_identity_cid_reserved(2));
+	assert_false(vm_identity_cid_reserved(3));
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_true(calls(id) > c0);
+	vm_identity_free(id);
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* 1000 connects from a CID no domain has cost one rescan (then the CID is
+ * remembered as unknown), and a known VM connecting in between is served
+ * from the cache with the two RPCs of its proof, no rescan. */
+static void test_unknown_cid_loop(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	uint64_t before, r0, worst_us = 0;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	r0 = rescans(id);
+	for (int i = 0; i < 1000; i++) {
+		assert_int_equal(vm_identity_by_cid(id, 99, &vm), -ENOENT);
+		if (i % 100 == 50) {
+			uint64_t t0 = now_us(), c0 = calls(id);
+
+			assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0);
+			assert_string_equal(vm.name, "guest-b");
+			assert_true(calls(id) - c0 <= 2);
+			if (now_us() - t0 > worst_us)
+				worst_us = now_us() - t0;
+		}
+	}
+	assert_true(rescans(id) - r0 <= 1);
+	print_message("known VM among 1000 unknown connects: slowest lookup %llu us\n",
+		      (unsigned long long)worst_us);
+
+	/* 1000 different unknown CIDs: rescans are spaced a second apart. */
+	before = rescans(id);
+	{
+		uint64_t t0 = now_us(), elapsed_s;
+
+		for (uint32_t c = 1000; c < 2000; c++)
+			assert_int_equal(vm_identity_by_cid(id, c, &vm), -ENOENT);
+		elapsed_s = (now_us() - t0) / 1000000u;
+		assert_true(rescans(id) - before <= elapsed_s + 2);
+	}
+	vm_identity_free(id);
+}
+
+static const char *domain_xml(const char *name, const char *uuid, unsigned cid, char *buf,
+			      size_t len)
+{
+	snprintf(buf, len,
+		 "<domain type='test'><name>%s</name><uuid>%s</uuid><memory>131072</memory>"
+		 "<vcpu>1</vcpu><os><type>hvm</type></os><devices><vsock model='virtio'>"
+		 "<cid auto='no' address='%u'/></vsock></devices></domain>",
+		 name, uuid, cid);
+	return buf;
+}
+
+/* libvirt gives auto CIDs as the first free one: guest-a has 21 and
+ * stops, guest-c starts and takes 21, guest-a restarts with 23. Without
+ * any lifecycle event processed, guest-c's connection is guest-c's and
+ * guest-a is found on its new CID. */
+static void test_cid_reuse(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	virConnectPtr conn;
+	virDomainPtr a, c;
+	char err[300], xml[600];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	cfg.identity.libvirt_read_write = true;
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	conn = vm_identity_libvirt_conn(id);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+
+	a = virDomainLookupByName(conn, "guest-a");
+	assert_non_null(a);
+	assert_int_equal(virDomainDestroy(a), 0);
+	c = virDomainDefineXML(conn, domain_xml("guest-c", "11111111-2222-4333-8444-555555555503",
+						21, xml, sizeof(xml)));
+	assert_non_null(c);
+	assert_int_equal(virDomainCreate(c), 0);
+	virDomainFree(a);
+	a = virDomainDefineXML(conn, domain_xml("guest-a", "11111111-2222-4333-8444-555555555501",
+						23, xml, sizeof(xml)));
+	assert_non_null(a);
+	assert_int_equal(virDomainCreate(a), 0);
+
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-c");
+	assert_string_equal(vm.uuid, "11111111-2222-4333-8444-555555555503");
+	assert_int_equal(vm_identity_by_cid(id, 23, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_int_equal(vm.cid, 23);
+
+	/* guest-c stops and guest-a's CID moves back to 21 in one go: the
+	 * cached (21, guest-c) fails its proof. */
+	assert_int_equal(virDomainDestroy(c), 0);
+	assert_int_equal(virDomainDestroy(a), 0);
+	virDomainFree(a);
+	a = virDomainDefineXML(conn, domain_xml("guest-a", "11111111-2222-4333-8444-555555555501",
+						21, xml, sizeof(xml)));
+	assert_non_null(a);
+	assert_int_equal(virDomainCreate(a), 0);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_int_equal(vm_identity_by_cid(id, 23, &vm), -ENOENT);
+	virDomainFree(a);
+	virDomainFree(c);
+	vm_identity_free(id);
+}
+
 static void test_bad_uri(void **state)
 {
 	struct vm_identity *id = NULL;
@@ -196,6 +363,9 @@ int main(void)
 		cmocka_unit_test(test_static_table),
 		cmocka_unit_test(test_dhcp_lease),
 		cmocka_unit_test(test_unknown_by_address),
+		cmocka_unit_test(test_reserved_cids),
+		cmocka_unit_test(test_unknown_cid_loop),
+		cmocka_unit_test(test_cid_reuse),
 		cmocka_unit_test(test_bad_uri),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
