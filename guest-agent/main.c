@@ -227,9 +227,11 @@ static int run_loop(const struct agent_cfg *c, bool once)
 			seq++;
 			json_object_set_new(doc, "seq", json_integer((json_int_t)seq));
 			text = json_dumps(doc, JSON_COMPACT);
-			/* Sequence first: a crash never reuses a seq that was spooled. */
-			if (spool_save_seq(sp, boot, seq) < 0 ||
-			    spool_put(sp, clock_wall_ms(), seq, text, strlen(text)) < 0)
+			/* The sample first, then its seq: a crash in between is
+			 * seen by spool_load_seq in the spool, so no seq is reused
+			 * or skipped. */
+			if (spool_put(sp, clock_wall_ms(), seq, text, strlen(text)) < 0 ||
+			    spool_save_seq(sp, boot, seq) < 0)
 				log_error("cannot spool sample %" PRIu64 ": %s", seq, strerror(errno));
 			free(text);
 			json_decref(doc);

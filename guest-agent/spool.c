@@ -233,6 +233,33 @@ int spool_save_seq(struct spool *sp, const char *boot_id, uint64_t seq)
 	return write_file(sp->dirfd, "state", buf, (size_t)n);
 }
 
+/* SEQ, or the seq of the newest spooled sample when that is later and the
+ * sample is of boot BOOT_ID (its document names the boot). */
+static uint64_t newest_seq(struct spool *sp, const char *boot_id, uint64_t seq)
+{
+	char buf[4096], want[80];
+	const char *dash;
+	uint64_t s;
+	ssize_t n;
+	int fd;
+
+	if (sp->n == 0)
+		return seq;
+	dash = strrchr(sp->e[sp->n - 1].name, '-');
+	if (!dash || sscanf(dash + 1, "%" SCNu64, &s) != 1 || s <= seq)
+		return seq;
+	fd = openat(sp->dirfd, sp->e[sp->n - 1].name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return seq;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return seq;
+	buf[n] = '\0';
+	snprintf(want, sizeof(want), "\"boot_id\":\"%s\"", boot_id);
+	return strstr(buf, want) ? s : seq;
+}
+
 uint64_t spool_load_seq(struct spool *sp, const char *boot_id)
 {
 	char buf[128], boot[64];
@@ -248,6 +275,6 @@ uint64_t spool_load_seq(struct spool *sp, const char *boot_id)
 		return 0;
 	buf[n] = '\0';
 	if (sscanf(buf, "%63s %" SCNu64, boot, &seq) != 2 || strcmp(boot, boot_id) != 0)
-		return 0; /* another boot: seq starts again */
-	return seq;
+		seq = 0; /* another boot: seq starts again */
+	return newest_seq(sp, boot_id, seq);
 }

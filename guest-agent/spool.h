@@ -31,6 +31,9 @@ size_t spool_count(const struct spool *sp);
 uint64_t spool_bytes(const struct spool *sp);
 uint64_t spool_dropped(const struct spool *sp);
 
-/* Persist and load the per-boot sequence (file "state" in the spool dir). */
+/* Persist and load the per-boot sequence (file "state" in the spool dir).
+ * The agent spools a sample before it saves its seq; loading also looks at
+ * the newest spooled sample, so a crash between the two neither skips nor
+ * reuses a seq. */
 int spool_save_seq(struct spool *sp, const char *boot_id, uint64_t seq);
 uint64_t spool_load_seq(struct spool *sp, const char *boot_id);

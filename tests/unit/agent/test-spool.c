@@ -131,12 +131,32 @@ static void test_seq_per_boot(void **state)
 	spool_close(sp);
 }
 
+/* The agent spools a sample, then saves its seq. Killed in between, the
+ * next run continues after the spooled sample: no seq skipped or reused. */
+static void test_seq_after_crash_between_spool_and_state(void **state)
+{
+	static const char a42[] = "{\"boot_id\":\"boot-a\",\"seq\":42}";
+	struct spool *sp;
+
+	assert_int_equal(spool_open(dir, 1 << 20, &sp), 0);
+	assert_int_equal(spool_save_seq(sp, "boot-a", 41), 0);
+	assert_int_equal(spool_put(sp, 1000, 42, a42, strlen(a42)), 0);
+	spool_close(sp); /* the crash: state still says 41 */
+	assert_int_equal(spool_open(dir, 1 << 20, &sp), 0);
+	assert_int_equal(spool_load_seq(sp, "boot-a"), 42);
+	/* A sample of another boot does not move this boot's sequence. */
+	assert_int_equal(spool_load_seq(sp, "boot-b"), 0);
+	spool_close(sp);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_order_and_reopen, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_bound_drops_oldest, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_too_big, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_seq_after_crash_between_spool_and_state, setup,
+						teardown),
 		cmocka_unit_test_setup_teardown(test_unreadable_removed, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_seq_per_boot, setup, teardown),
 	};
