@@ -1610,6 +1610,41 @@ int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t cha
 	return 0;
 }
 
+void guest_session_return(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			  uint16_t code, const char *text, amqp_bytes_t exchange,
+			  amqp_bytes_t routing_key, amqp_bytes_t properties, amqp_bytes_t body)
+{
+	struct chan *c = chan_find(s, channel);
+	amqp_basic_return_t r = { .reply_code = code, .reply_text = amqp_cstring_bytes(text),
+				  .exchange = exchange, .routing_key = routing_key };
+	size_t chunk = s->frame_max - 8;
+	uint8_t h[7 + 12];
+
+	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING ||
+	    12 + properties.len > chunk)
+		return;
+	send_method(s, channel, AMQP_BASIC_RETURN_METHOD, &r);
+	h[0] = AMQP_FT_HEADER;
+	amqp_frame_put16(h + 1, channel);
+	amqp_frame_put32(h + 3, (uint32_t)(12 + properties.len));
+	amqp_frame_put16(h + 7, AMQP_BASIC_CLASS);
+	amqp_frame_put16(h + 9, 0);
+	amqp_frame_put32(h + 11, (uint32_t)((uint64_t)body.len >> 32));
+	amqp_frame_put32(h + 15, (uint32_t)body.len);
+	out_raw(s, h, sizeof(h));
+	out_raw(s, properties.bytes, properties.len);
+	out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
+	for (size_t off = 0; off < body.len; off += chunk) {
+		size_t len = body.len - off < chunk ? body.len - off : chunk;
+
+		h[0] = AMQP_FT_BODY;
+		amqp_frame_put32(h + 3, (uint32_t)len);
+		out_raw(s, h, 7);
+		out_raw(s, (const uint8_t *)body.bytes + off, len);
+		out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
+	}
+}
+
 void guest_session_close(struct guest_session *s, uint16_t code, const char *text)
 {
 	switch (s->st) {

@@ -106,6 +106,14 @@ void guest_session_output_consumed(struct guest_session *s, size_t n, uint64_t n
 int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
 			 uint64_t delivery_tag, bool ack);
 
+/* A publish the broker returned (mandatory, unroutable): basic.return with
+ * CODE and TEXT, the guest's own EXCHANGE and ROUTING_KEY, and the message
+ * (PROPERTIES as a content header carries them, BODY), on CHANNEL of
+ * generation CHANNEL_GEN. Nothing when that channel is gone. */
+void guest_session_return(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			  uint16_t code, const char *text, amqp_bytes_t exchange,
+			  amqp_bytes_t routing_key, amqp_bytes_t properties, amqp_bytes_t body);
+
 /* Server-initiated close (320 CONNECTION_FORCED on VM stop or drain, ...).
  * After any connection.close it sends, the engine waits at most 3 s for
  * close-ok (answering a crossing connection.close), then reports CLOSED. */

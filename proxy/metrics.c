@@ -179,6 +179,9 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 		   "Publisher nacks from the broker.", "nacked", true);
 	per_thread(&b, threads, "vmproxy_upstream_republished_total", "counter",
 		   "Messages handed back for republishing after a link loss.", "republished", true);
+	per_thread(&b, threads, "vmproxy_upstream_returned_total", "counter",
+		   "Mandatory messages the broker returned as unroutable (sent back to the guest).",
+		   "returned", true);
 	per_thread(&b, threads, "vmproxy_upstream_connects_total", "counter",
 		   "Successful link connects (the first one included).", "connects", true);
 	per_thread(&b, threads, "vmproxy_upstream_unconfirmed", "gauge",

@@ -339,6 +339,23 @@ static void op_requeue(void *ud, struct upstream_msg *m)
 	ring_add(pt, v);
 }
 
+static void op_returned(void *ud, struct upstream_msg *m, uint16_t code, const char *text)
+{
+	struct poll_thread *pt = ud;
+	struct guest_conn *c = m->conn;
+	amqp_bytes_t ex = { m->ex_len, m->data + m->rk_len + m->props_len };
+	amqp_bytes_t rk = { (size_t)(m->rk_len - m->guest_rk_off), m->data + m->guest_rk_off };
+	amqp_bytes_t props = { m->props_len, m->data + m->rk_len };
+	amqp_bytes_t body = { m->body_len, m->body };
+
+	/* Back to the guest with the names it used, before its confirm. */
+	if (c->sess) {
+		guest_session_return(c->sess, m->channel, m->chan_gen, code, text, ex, rk, props,
+				     body);
+		mark_dirty(pt, c);
+	}
+}
+
 static void op_state_changed(void *ud, bool up)
 {
 	struct poll_thread *pt = ud;
@@ -352,6 +369,7 @@ static const struct upstream_ops pt_upstream_ops = {
 	.confirmed = op_confirmed,
 	.requeue = op_requeue,
 	.state_changed = op_state_changed,
+	.returned = op_returned,
 };
 
 /* ---- guest publishes ---------------------------------------------------- */
@@ -387,7 +405,7 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 		reject_publish(pt, c, pub, amqp_error_string2(plen));
 		return;
 	}
-	m = malloc(sizeof(*m) + rk_len + (size_t)plen);
+	m = malloc(sizeof(*m) + rk_len + (size_t)plen + pub->exchange.len);
 	if (!m) {
 		reject_publish(pt, c, pub, "out of memory");
 		return;
@@ -397,15 +415,20 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	m->data[uuid_len] = '.';
 	memcpy(m->data + uuid_len + 1, pub->routing_key.bytes, pub->routing_key.len);
 	memcpy(m->data + rk_len, pt->props_buf, (size_t)plen);
+	if (pub->exchange.len)
+		memcpy(m->data + rk_len + (size_t)plen, pub->exchange.bytes, pub->exchange.len);
 	m->rk_len = (uint16_t)rk_len;
+	m->guest_rk_off = (uint16_t)(uuid_len + 1);
 	m->props_len = (uint32_t)plen;
+	m->ex_len = (uint8_t)pub->exchange.len;
+	m->mandatory = pub->mandatory;
 	m->body = pub->body;
 	m->body_len = pub->body_len;
 	m->channel = pub->channel;
 	m->chan_gen = pub->channel_gen;
 	m->guest_tag = pub->delivery_tag;
 	m->confirm = pub->confirm;
-	m->size = (uint32_t)(sizeof(*m) + rk_len + (size_t)plen + pub->body_len);
+	m->size = (uint32_t)(sizeof(*m) + rk_len + (size_t)plen + pub->exchange.len + pub->body_len);
 	m->conn = c;
 	m->vm = v;
 	c->refs++;
@@ -894,6 +917,7 @@ static json_t *report(struct poll_thread *pt)
 	json_object_set_new(link, "acked", json_integer((json_int_t)st.acked));
 	json_object_set_new(link, "nacked", json_integer((json_int_t)st.nacked));
 	json_object_set_new(link, "republished", json_integer((json_int_t)st.republished));
+	json_object_set_new(link, "returned", json_integer((json_int_t)st.returned));
 	json_object_set_new(link, "connects", json_integer((json_int_t)st.reconnects));
 	json_object_set_new(link, "unconfirmed", json_integer(st.unconfirmed));
 	json_object_set_new(link, "broker_blocked", json_boolean(st.broker_blocked));

@@ -281,6 +281,7 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->pcfg.product = "vmproxyd";
 	up->pcfg.exchange = cfg->upstream.exchange;
 	up->pcfg.max_output = OUTPUT_MAX;
+	up->pcfg.max_return = cfg->guest.max_message_bytes;
 	*out = up;
 	return 0;
 }
@@ -528,11 +529,13 @@ static void try_connect(struct upstream *up, uint64_t now)
 static void proto_ready(void *ud);
 static void proto_confirm(void *ud, uint64_t tag, bool multiple, bool ack);
 static void proto_flow(void *ud, bool blocked, const char *reason);
+static void proto_returned(void *ud, const struct upstream_proto_return *r);
 
 static const struct upstream_proto_ops proto_ops = {
 	.ready = proto_ready,
 	.confirm = proto_confirm,
 	.flow = proto_flow,
+	.returned = proto_returned,
 };
 
 static void start_amqp(struct upstream *up, uint64_t now)
@@ -725,6 +728,29 @@ static void proto_flow(void *ud, bool blocked, const char *reason)
 	up->last_progress_ms = clock_mono_ms();
 }
 
+/* A return names no delivery tag: it is the oldest unsettled mandatory
+ * message with the same routing key and body (identical ones are
+ * interchangeable). Returns are rare; the scan is bounded by the window. */
+static void proto_returned(void *ud, const struct upstream_proto_return *r)
+{
+	struct upstream *up = ud;
+
+	for (uint64_t t = up->low_tag; t < up->low_tag + up->n_unconfirmed; t++) {
+		struct upstream_msg *m = up->ring[t & up->ring_mask];
+
+		if (!m->mandatory || m->returned || m->rk_len != r->routing_key.len ||
+		    m->body_len != r->body.len || memcmp(m->data, r->routing_key.bytes, m->rk_len) ||
+		    (m->body_len && memcmp(m->body, r->body.bytes, m->body_len)))
+			continue;
+		m->returned = true;
+		up->st.returned++;
+		up->ops->returned(up->ud, m, r->code, r->text);
+		return;
+	}
+	log_warn("thread=%u upstream %s: the broker returned a message this link has no record "
+		 "of (%u \"%s\"); ignored", up->thread_id, up->st.node, r->code, r->text);
+}
+
 /* ---- reading and writing ------------------------------------------------------------ */
 
 /* Read until the socket has nothing more (or the budget is spent) and feed
@@ -793,13 +819,14 @@ static void publish_some(struct upstream *up, uint64_t now)
 
 		if (!m)
 			break;
-		tag = upstream_proto_publish(&up->proto, m->data, m->rk_len, m->data + m->rk_len,
-					     m->props_len, m->body, m->body_len);
+		tag = upstream_proto_publish(&up->proto, m->data, m->rk_len, m->mandatory,
+					     m->data + m->rk_len, m->props_len, m->body, m->body_len);
 		if (tag == -EAGAIN)
 			break; /* output full: the next write makes room */
 		up->ops->pop(up->ud, m);
 		m->next = NULL;
 		m->outcome = 0;
+		m->returned = false;
 		if (tag < 0) {
 			/* Its properties do not fit in one frame of this link:
 			 * it can never be published, so the guest gets a nack. */

@@ -31,13 +31,17 @@ struct upstream_msg {
 	uint32_t chan_gen;
 	uint16_t channel;
 	bool confirm;
+	bool mandatory; /* the guest asked for it back if no queue takes it */
+	bool returned;	/* the broker returned it (a confirm still follows) */
 	int8_t outcome; /* 0 unsettled, 1 acked, -1 nacked */
 	uint32_t size;	/* what it counts against the bounds */
 	uint16_t rk_len;
+	uint16_t guest_rk_off; /* the guest's own routing key starts here in data */
+	uint8_t ex_len;	       /* the guest's exchange name, after the properties */
 	uint32_t props_len;
 	void *body;
 	size_t body_len;
-	unsigned char data[]; /* routing key, then encoded basic properties */
+	unsigned char data[]; /* routing key, encoded basic properties, guest exchange */
 };
 
 struct upstream_ops {
@@ -52,12 +56,15 @@ struct upstream_ops {
 	void (*requeue)(void *userdata, struct upstream_msg *m);
 	/* The link came up or went down. */
 	void (*state_changed)(void *userdata, bool up);
+	/* The broker returned M (mandatory, no queue took it) with CODE and
+	 * TEXT; M stays unconfirmed until its confirm. */
+	void (*returned)(void *userdata, struct upstream_msg *m, uint16_t code, const char *text);
 };
 
 #define UPSTREAM_REFUSAL_CODES 8
 
 struct upstream_stats {
-	uint64_t published, acked, nacked, reconnects, republished;
+	uint64_t published, acked, nacked, reconnects, republished, returned;
 	uint64_t writes, reads; /* SSL_write/SSL_read (or send/recv) calls on the link */
 	struct {
 		uint16_t code; /* 0: unused slot */

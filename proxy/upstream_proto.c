@@ -234,6 +234,108 @@ static void on_tune(struct upstream_proto *p, const amqp_connection_tune_t *m, u
 	p->st = UPSTREAM_PROTO_OPEN;
 }
 
+/* ---- returned messages ---------------------------------------------------------- */
+
+static void ret_reset(struct upstream_proto *p)
+{
+	free(p->ret.meta);
+	free(p->ret.body);
+	memset(&p->ret, 0, sizeof(p->ret));
+}
+
+static void ret_deliver(struct upstream_proto *p)
+{
+	struct upstream_proto_return r = {
+		.code = p->ret.code,
+		.text = p->ret.text,
+		.exchange = { p->ret.ex_len, p->ret.meta },
+		.routing_key = { p->ret.rk_len, p->ret.meta + p->ret.ex_len },
+		.properties = { p->ret.props_len, p->ret.meta + p->ret.ex_len + p->ret.rk_len },
+		.body = { (size_t)p->ret.size, p->ret.body },
+	};
+
+	if (p->ops->returned)
+		p->ops->returned(p->ud, &r);
+	ret_reset(p);
+}
+
+static void on_return(struct upstream_proto *p, const amqp_basic_return_t *m)
+{
+	if (m->exchange.len > 255 || m->routing_key.len > 255) {
+		fail(p, 502, "SYNTAX_ERROR - basic.return with an oversize name");
+		return;
+	}
+	p->ret.active = true;
+	p->ret.code = m->reply_code;
+	log_sanitize(p->ret.text, sizeof(p->ret.text), m->reply_text.bytes,
+		     (unsigned)m->reply_text.len);
+	p->ret.meta = malloc(m->exchange.len + m->routing_key.len + 1);
+	if (!p->ret.meta) {
+		fail(p, 0, "out of memory");
+		return;
+	}
+	p->ret.ex_len = (uint8_t)m->exchange.len;
+	p->ret.rk_len = (uint8_t)m->routing_key.len;
+	if (m->exchange.len)
+		memcpy(p->ret.meta, m->exchange.bytes, m->exchange.len);
+	if (m->routing_key.len)
+		memcpy(p->ret.meta + m->exchange.len, m->routing_key.bytes, m->routing_key.len);
+}
+
+/* The content header of a returned message: class, weight, body size and
+ * the properties, which are kept as they came. */
+static void on_return_header(struct upstream_proto *p, const uint8_t *f, size_t len)
+{
+	uint64_t size;
+	uint8_t *meta;
+
+	if (!p->ret.active || p->ret.header) {
+		fail(p, 505, "UNEXPECTED_FRAME - content header without basic.return");
+		return;
+	}
+	if (len < HEADER_FRAME_FIXED || amqp_frame_get16(f) != AMQP_BASIC_CLASS) {
+		fail(p, 501, "FRAME_ERROR - malformed content header");
+		return;
+	}
+	size = amqp_frame_get64(f + 4);
+	if (size > p->cfg->max_return) {
+		fail(p, 505, "UNEXPECTED_FRAME - returned body of %llu bytes, larger than anything "
+			     "published", (unsigned long long)size);
+		return;
+	}
+	meta = realloc(p->ret.meta, p->ret.ex_len + p->ret.rk_len + (len - HEADER_FRAME_FIXED) + 1);
+	p->ret.body = size ? malloc((size_t)size) : NULL;
+	if (!meta || (size && !p->ret.body)) {
+		if (meta)
+			p->ret.meta = meta;
+		fail(p, 0, "out of memory");
+		return;
+	}
+	p->ret.meta = meta;
+	p->ret.props_len = (uint32_t)(len - HEADER_FRAME_FIXED);
+	memcpy(meta + p->ret.ex_len + p->ret.rk_len, f + HEADER_FRAME_FIXED, p->ret.props_len);
+	p->ret.header = true;
+	p->ret.size = size;
+	if (size == 0)
+		ret_deliver(p);
+}
+
+static void on_return_body(struct upstream_proto *p, const uint8_t *f, size_t len)
+{
+	if (!p->ret.header) {
+		fail(p, 505, "UNEXPECTED_FRAME - body frame without basic.return");
+		return;
+	}
+	if (len > p->ret.size - p->ret.got) {
+		fail(p, 505, "UNEXPECTED_FRAME - returned body longer than its header said");
+		return;
+	}
+	memcpy(p->ret.body + p->ret.got, f, len);
+	p->ret.got += len;
+	if (p->ret.got == p->ret.size)
+		ret_deliver(p);
+}
+
 /* ---- frames from the broker ----------------------------------------------------- */
 
 static void on_connection_method(struct upstream_proto *p, amqp_method_number_t id, void *m,
@@ -327,6 +429,11 @@ static void on_channel_method(struct upstream_proto *p, amqp_method_number_t id,
 		p->ops->confirm(p->ud, tag, multiple, ack);
 		return;
 	}
+	case AMQP_BASIC_RETURN_METHOD:
+		if (p->st != UPSTREAM_PROTO_READY && p->st != UPSTREAM_PROTO_CLOSING)
+			break;
+		on_return(p, m);
+		return;
 	case AMQP_CHANNEL_FLOW_METHOD: {
 		amqp_channel_flow_ok_t ok = { .active = ((amqp_channel_flow_t *)m)->active };
 		send_method(p, UPSTREAM_PROTO_CHANNEL, AMQP_CHANNEL_FLOW_OK_METHOD, &ok);
@@ -393,6 +500,8 @@ static void on_method(struct upstream_proto *p, uint16_t ch, const uint8_t *f, s
 	}
 	if (ch == 0)
 		on_connection_method(p, id, m, now);
+	else if (p->ret.active)
+		fail(p, 505, "UNEXPECTED_FRAME - method 0x%08x where returned content was due", id);
 	else
 		on_channel_method(p, id, m);
 }
@@ -413,9 +522,16 @@ static void on_frame(struct upstream_proto *p, uint8_t type, uint16_t ch, const 
 			fail(p, 501, "FRAME_ERROR - malformed heartbeat frame");
 		break;
 	case AMQP_FT_HEADER:
+		if (ch != UPSTREAM_PROTO_CHANNEL)
+			fail(p, 504, "CHANNEL_ERROR - content header on channel 0");
+		else
+			on_return_header(p, f, len);
+		break;
 	case AMQP_FT_BODY:
-		fail(p, 505, "UNEXPECTED_FRAME - content frame (type %u) on a publish-only link",
-		     type);
+		if (ch != UPSTREAM_PROTO_CHANNEL)
+			fail(p, 504, "CHANNEL_ERROR - body frame on channel 0");
+		else
+			on_return_body(p, f, len);
 		break;
 	default:
 		fail(p, 501, "FRAME_ERROR - unknown frame type %u", type);
@@ -553,6 +669,7 @@ int upstream_proto_init(struct upstream_proto *p, const struct upstream_proto_co
 
 void upstream_proto_destroy(struct upstream_proto *p)
 {
+	ret_reset(p);
 	empty_amqp_pool(&p->pool);
 	free(p->out);
 	free(p->in);
@@ -561,8 +678,8 @@ void upstream_proto_destroy(struct upstream_proto *p)
 }
 
 int64_t upstream_proto_publish(struct upstream_proto *p, const void *rk, size_t rk_len,
-			       const void *props, size_t props_len, const void *body,
-			       size_t body_len)
+			       bool mandatory, const void *props, size_t props_len,
+			       const void *body, size_t body_len)
 {
 	amqp_basic_publish_t pub = { 0 };
 	size_t chunk = p->frame_max - 8;
@@ -582,6 +699,7 @@ int64_t upstream_proto_publish(struct upstream_proto *p, const void *rk, size_t 
 	b = p->out + start;
 	pub.exchange = amqp_cstring_bytes(p->cfg->exchange);
 	pub.routing_key = (amqp_bytes_t){ rk_len, (void *)rk };
+	pub.mandatory = mandatory;
 	n = amqp_encode_method(AMQP_BASIC_PUBLISH_METHOD, &pub,
 			       (amqp_bytes_t){ 2 * 256 + 8, b + 11 });
 	if (n < 0)

@@ -30,6 +30,16 @@ enum upstream_proto_state {
 	UPSTREAM_PROTO_CLOSED,	/* over: close-ok received, or an error */
 };
 
+/* A message the broker returned (basic.return with its content): it was
+ * published mandatory and no queue took it. Valid during the callback. */
+struct upstream_proto_return {
+	uint16_t code;	  /* 312 NO_ROUTE, ... */
+	const char *text; /* sanitized for logs */
+	amqp_bytes_t exchange, routing_key;
+	amqp_bytes_t properties; /* flags and list, as the content header carried them */
+	amqp_bytes_t body;
+};
+
 struct upstream_proto_ops {
 	/* confirm.select-ok arrived: publishing may start. */
 	void (*ready)(void *ud);
@@ -38,6 +48,9 @@ struct upstream_proto_ops {
 	void (*confirm)(void *ud, uint64_t tag, bool multiple, bool ack);
 	/* connection.blocked (BLOCKED, with the broker's REASON) or unblocked. */
 	void (*flow)(void *ud, bool blocked, const char *reason);
+	/* basic.return and its content; it comes before the confirm of the
+	 * returned message. */
+	void (*returned)(void *ud, const struct upstream_proto_return *r);
 };
 
 struct upstream_proto_config {
@@ -49,6 +62,7 @@ struct upstream_proto_config {
 	const char *product;
 	const char *exchange; /* every publish goes there */
 	size_t max_output;    /* unsent output allowed before publish refuses */
+	uint64_t max_return;  /* body of a returned message, at most (what was published) */
 };
 
 struct upstream_proto {
@@ -69,6 +83,16 @@ struct upstream_proto {
 	uint8_t *in; /* a partial frame carried over between feeds */
 	size_t in_len, in_cap;
 	amqp_pool_t pool;
+	struct {
+		bool active, header; /* basic.return seen; its content header seen */
+		uint16_t code;
+		char text[130];
+		uint8_t *meta; /* exchange, routing key, then properties */
+		uint8_t ex_len, rk_len;
+		uint32_t props_len;
+		uint8_t *body;
+		uint64_t size, got;
+	} ret; /* a returned message being assembled */
 };
 
 /* Start a connection: the protocol header is the first output. CFG, OPS
@@ -82,15 +106,16 @@ void upstream_proto_destroy(struct upstream_proto *p);
  * (the reason in p->error, a connection.close possibly queued as output). */
 int upstream_proto_feed(struct upstream_proto *p, const void *data, size_t len, uint64_t now_ms);
 
-/* Queue one basic.publish to the configured exchange with routing key RK,
+/* Queue one basic.publish to the configured exchange with routing key RK
+ * (MANDATORY: the broker returns it when no queue takes it),
  * encoded basic properties PROPS (flags and list, as amqp_encode_properties
  * writes them) copied verbatim into the content header, and BODY split over
  * frame_max. Returns the delivery tag (> 0), -EAGAIN when not ready or the
  * output is over max_output, or -EMSGSIZE when the header cannot fit in a
  * frame (the message can never be published on this link). */
 int64_t upstream_proto_publish(struct upstream_proto *p, const void *rk, size_t rk_len,
-			       const void *props, size_t props_len, const void *body,
-			       size_t body_len);
+			       bool mandatory, const void *props, size_t props_len,
+			       const void *body, size_t body_len);
 
 /* Output not yet written, and how much of it was written at NOW_MS. */
 size_t upstream_proto_output(const struct upstream_proto *p, const void **data);

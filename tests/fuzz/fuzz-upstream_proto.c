@@ -77,7 +77,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		off += chunk;
 		if (upstream_proto_ready(&p))
 			for (int i = 0; i < 3; i++)
-				upstream_proto_publish(&p, "rk", 2, props, sizeof(props), "body", 4);
+				upstream_proto_publish(&p, "rk", 2, false, props, sizeof(props), "body", 4);
 		if (!(ctl & 4) || (off & 1))
 			upstream_proto_consumed(&p, upstream_proto_output(&p, &out), now);
 		now += (ctl & 8) ? 3000 : 10;

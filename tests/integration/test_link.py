@@ -162,3 +162,45 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
     seqs = {(json.loads(b)["vm"], json.loads(b)["seq"])
             for _, _, b in broker.get_all(broker.queue, timeout=30)}
     assert seqs >= {(v, s) for v in range(2) for s in range(1, 51)}
+
+
+def test_mandatory_unroutable_comes_back_before_the_ack(build_dir, broker, proxy_factory):
+    """A guest's mandatory flag reaches the broker: a message no queue takes
+    comes back to the guest as basic.return (code 312, the guest's own
+    exchange and routing key, its body) before its confirm, as RabbitMQ
+    does; a routable mandatory message is confirmed and delivered; a
+    message without the flag is confirmed and dropped as before."""
+    admin = broker.connection()
+    ach = admin.channel()
+    ach.exchange_declare("vm.sparse", "topic", durable=False, auto_delete=False)
+    ach.queue_declare("vm.sparse.q", durable=False, auto_delete=False)
+    ach.queue_bind("vm.sparse.q", "vm.sparse", "*.bound")
+    broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$",
+               "^vm\\.(metrics|sparse)$", "^$")
+    try:
+        vms = make_vms(1, base="127.10.43.1")
+        proxy = proxy_factory(vms, threads=1, upstream={"exchange": "vm.sparse"}).start()
+        with from_source(vms[0]["address"]):
+            conn = pika.BlockingConnection(guest_params(proxy))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        with pytest.raises(pika.exceptions.UnroutableError) as exc:
+            ch.basic_publish("metrics", "nowhere", b"lost?", mandatory=True)
+        (ret,) = exc.value.messages
+        assert ret.method.reply_code == 312 and "NO_ROUTE" in ret.method.reply_text
+        assert ret.method.exchange == "metrics" and ret.method.routing_key == "nowhere"
+        assert ret.body == b"lost?"
+        assert ret.properties.headers["x-vm-uuid"] == vms[0]["uuid"]
+        ch.basic_publish("metrics", "bound", b"kept", mandatory=True)
+        ch.basic_publish("metrics", "nowhere", b"dropped")  # no flag: confirmed, dropped
+        conn.close()
+        msgs = broker.get_all("vm.sparse.q", timeout=10)
+        assert [b for _, _, b in msgs] == [b"kept"]
+        threads = proxy.admin("threads")["threads"]
+        assert threads[0]["upstream"]["returned"] == 1, threads
+    finally:
+        broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$",
+                   "^vm\\.metrics$", "^$")
+        ach.queue_delete("vm.sparse.q")
+        ach.exchange_delete("vm.sparse")
+        admin.close()

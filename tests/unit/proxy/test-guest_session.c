@@ -716,6 +716,57 @@ static void test_settle_batch_coalesced(void **state)
 	assert_int_not_equal(f->fr[0].ch, f->fr[1].ch);
 }
 
+/* A returned publish goes back on its own channel: basic.return with the
+ * guest's names, the content header with the properties as given, and the
+ * body cut to the guest's frame_max; nothing for a channel since closed. */
+static void test_return_to_guest(void **state)
+{
+	struct fx *f = *state;
+	static char body[10000];
+	uint8_t props[] = { 0x90, 0x00, 4, 't', 'e', 'x', 't', 2 };
+	amqp_basic_return_t *r;
+	uint32_t gen;
+
+	struct wire_buf b = { 0 };
+
+	memset(body, 'r', sizeof(body));
+	handshake_to_tune(f, 0);
+	put_tune_ok(&b, f->cfg.channel_max, 4096, 60); /* the guest's frames are small */
+	put_open(&b, "/");
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 0, AMQP_CONNECTION_OPEN_OK_METHOD);
+	open_channel(f, 1, true);
+	assert_int_equal(publish(f, 1, "metrics", "k", "m"), 0);
+	gen = last_event(f, GUEST_EVENT_PUBLISH)->gen;
+	guest_session_return(f->s, 1, gen, 312, "NO_ROUTE", amqp_cstring_bytes("metrics"),
+			     amqp_cstring_bytes("k"), (amqp_bytes_t){ sizeof(props), props },
+			     (amqp_bytes_t){ sizeof(body), body });
+	drain(f);
+	assert_int_equal(f->nfr, 2 + 3); /* 10000 bytes in frames of at most 4088 */
+	assert_int_equal(f->fr[0].id, AMQP_BASIC_RETURN_METHOD);
+	r = f->fr[0].decoded;
+	assert_int_equal(r->reply_code, 312);
+	assert_memory_equal(r->exchange.bytes, "metrics", 7);
+	assert_memory_equal(r->routing_key.bytes, "k", 1);
+	assert_int_equal(f->fr[1].type, 2);
+	assert_int_equal(f->fr[1].size, 12 + sizeof(props));
+	assert_memory_equal(f->fr[1].payload + 12, props, sizeof(props));
+	{
+		size_t got = 0;
+		for (int i = 2; i < f->nfr; i++) {
+			assert_int_equal(f->fr[i].type, 3);
+			assert_true(f->fr[i].size <= 4096 - 8);
+			got += f->fr[i].size;
+		}
+		assert_int_equal(got, sizeof(body));
+	}
+	/* The channel closed and reopened: the old generation gets nothing. */
+	guest_session_return(f->s, 1, gen + 100, 312, "NO_ROUTE", amqp_cstring_bytes("metrics"),
+			     amqp_cstring_bytes("k"), (amqp_bytes_t){ sizeof(props), props },
+			     (amqp_bytes_t){ 1, body });
+	assert_int_equal(drain(f), 0);
+}
+
 static void test_nack(void **state)
 {
 	struct fx *f = *state;
@@ -1890,6 +1941,7 @@ int main(void)
 	        T(test_byte_at_a_time),
 	        T(test_settle_out_of_order),
 	        T(test_settle_batch_coalesced),
+	        T(test_return_to_guest),
 	        T(test_nack),
 	        T(test_settle_closed_generation),
 	        T(test_client_close),

@@ -27,6 +27,12 @@ struct rec {
 	} conf[MAX_CONFIRMS];
 	int blocked; /* -1 unset, 0 unblocked, 1 blocked */
 	char reason[128];
+	unsigned nret;
+	uint16_t ret_code;
+	char ret_rk[64], ret_ex[64];
+	uint8_t ret_props[64], ret_body[8192];
+	size_t ret_props_len, ret_body_len;
+	unsigned nconf_at_return; /* confirms seen before the return */
 };
 
 static void on_ready(void *ud)
@@ -53,7 +59,26 @@ static void on_flow(void *ud, bool blocked, const char *reason)
 	snprintf(r->reason, sizeof(r->reason), "%s", reason ? reason : "");
 }
 
-static const struct upstream_proto_ops ops = { on_ready, on_confirm, on_flow };
+static void on_returned(void *ud, const struct upstream_proto_return *r)
+{
+	struct rec *x = ud;
+
+	x->nret++;
+	x->ret_code = r->code;
+	x->nconf_at_return = x->nconf;
+	snprintf(x->ret_rk, sizeof(x->ret_rk), "%.*s", (int)r->routing_key.len,
+		 (const char *)r->routing_key.bytes);
+	snprintf(x->ret_ex, sizeof(x->ret_ex), "%.*s", (int)r->exchange.len,
+		 (const char *)r->exchange.bytes);
+	assert_true(r->properties.len <= sizeof(x->ret_props) && r->body.len <= sizeof(x->ret_body));
+	memcpy(x->ret_props, r->properties.bytes, r->properties.len);
+	x->ret_props_len = r->properties.len;
+	if (r->body.len)
+		memcpy(x->ret_body, r->body.bytes, r->body.len);
+	x->ret_body_len = r->body.len;
+}
+
+static const struct upstream_proto_ops ops = { on_ready, on_confirm, on_flow, on_returned };
 
 struct fx {
 	struct upstream_proto p;
@@ -77,6 +102,7 @@ static void fx_init(struct fx *x, enum broker_auth mech)
 	x->cfg.product = "vmproxyd";
 	x->cfg.exchange = "vm.metrics";
 	x->cfg.max_output = 64u << 10;
+	x->cfg.max_return = 8192;
 	x->rec.blocked = -1;
 	x->now = 1000;
 	init_amqp_pool(&x->pool, 4096);
@@ -385,9 +411,9 @@ static void test_publish_frames_and_verbatim_properties(void **state)
 		body[i] = (char)i;
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	handshake(&x, 4096);
-	assert_int_equal(upstream_proto_publish(&x.p, "uuid.cpu", 8, props, (size_t)plen, body,
+	assert_int_equal(upstream_proto_publish(&x.p, "uuid.cpu", 8, false, props, (size_t)plen, body,
 						sizeof(body)), 1);
-	assert_int_equal(upstream_proto_publish(&x.p, "uuid.mem", 8, props, (size_t)plen, NULL, 0),
+	assert_int_equal(upstream_proto_publish(&x.p, "uuid.mem", 8, false, props, (size_t)plen, NULL, 0),
 			 2);
 	take(&x);
 	/* method, header, 3 bodies (4088 per frame), then method, header */
@@ -421,18 +447,18 @@ static void test_publish_refusals(void **state)
 	(void)state;
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	/* Not ready yet. */
-	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, NULL, 0), -EAGAIN);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, NULL, 0), -EAGAIN);
 	handshake(&x, 4096);
 	/* Properties larger than a frame can never go out on this link. */
-	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, big, sizeof(big), NULL, 0),
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, big, sizeof(big), NULL, 0),
 			 -EMSGSIZE);
 	/* The output bound (64 KiB here): one message past it, then -EAGAIN. */
-	while ((r = upstream_proto_publish(&x.p, "k", 1, NULL, 0, body, 30000)) > 0)
+	while ((r = upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, body, 30000)) > 0)
 		n++;
 	assert_int_equal(r, -EAGAIN);
 	assert_int_equal(n, 3);
 	take(&x);
-	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, body, 30000), 4);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, body, 30000), 4);
 	fx_free(&x);
 }
 
@@ -444,7 +470,7 @@ static void test_confirms(void **state)
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	handshake(&x, 131072);
 	for (int i = 0; i < 10; i++)
-		upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+		upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1);
 	ack(&x, 3, false, true, 1); /* a confirm split across many reads */
 	ack(&x, 2, true, true, 5);
 	ack(&x, 4, false, false, 0);
@@ -469,8 +495,8 @@ static void test_confirm_split_across_feeds_with_heartbeat(void **state)
 	(void)state;
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	handshake(&x, 131072);
-	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
-	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1);
+	upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1);
 	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a1);
 	wire_heartbeat(&b, 0);
 	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a2);
@@ -495,7 +521,7 @@ static void test_confirm_unknown_tag(void **state)
 	(void)state;
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	handshake(&x, 131072);
-	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1);
 	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a);
 	assert_int_equal(feed(&x, &b, 0), -EPROTO);
 	assert_int_equal(x.p.error_code, 406);
@@ -538,6 +564,103 @@ static void test_channel_close_from_broker(void **state)
 	assert_int_equal(x.f[0].id, AMQP_CHANNEL_CLOSE_OK_METHOD);
 	assert_int_equal(x.f[1].id, AMQP_CONNECTION_CLOSE_METHOD);
 	fx_free(&x);
+}
+
+/* basic.return, its header and its body (two frames), fed a byte at a time:
+ * delivered whole, with the properties as the broker sent them, before the
+ * confirm that follows it. */
+static void test_return_assembled(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_return_t r = { .reply_code = 312 };
+	amqp_basic_properties_t props = { ._flags = AMQP_BASIC_CONTENT_TYPE_FLAG,
+					  .content_type = amqp_cstring_bytes("text/plain") };
+	amqp_basic_ack_t a = { .delivery_tag = 1 };
+	char body[5000];
+	uint8_t enc[64];
+	int elen = amqp_encode_properties(AMQP_BASIC_CLASS, &props,
+					  (amqp_bytes_t){ sizeof(enc), enc });
+
+	(void)state;
+	memset(body, 'b', sizeof(body));
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 4096);
+	assert_int_equal(upstream_proto_publish(&x.p, "uuid.k", 6, true, enc, (size_t)elen, body,
+						sizeof(body)), 1);
+	take(&x);
+	assert_true(((amqp_basic_publish_t *)x.f[0].decoded)->mandatory);
+	r.reply_text = amqp_cstring_bytes("NO_ROUTE");
+	r.exchange = amqp_cstring_bytes("vm.metrics");
+	r.routing_key = amqp_cstring_bytes("uuid.k");
+	wire_method(&b, 1, AMQP_BASIC_RETURN_METHOD, &r);
+	wire_header(&b, 1, AMQP_BASIC_CLASS, sizeof(body), &props);
+	wire_body(&b, 1, body, 4088);
+	wire_heartbeat(&b, 0); /* channel 0 may come between content frames */
+	wire_body(&b, 1, body + 4088, sizeof(body) - 4088);
+	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a);
+	assert_int_equal(feed(&x, &b, 1), 0);
+	assert_int_equal(x.rec.nret, 1);
+	assert_int_equal(x.rec.ret_code, 312);
+	assert_string_equal(x.rec.ret_rk, "uuid.k");
+	assert_string_equal(x.rec.ret_ex, "vm.metrics");
+	assert_int_equal(x.rec.ret_props_len, (size_t)elen);
+	assert_memory_equal(x.rec.ret_props, enc, (size_t)elen);
+	assert_int_equal(x.rec.ret_body_len, sizeof(body));
+	assert_memory_equal(x.rec.ret_body, body, sizeof(body));
+	assert_int_equal(x.rec.nconf_at_return, 0);
+	assert_int_equal(x.rec.nconf, 1);
+	fx_free(&x);
+}
+
+static void test_return_bounds(void **state)
+{
+	amqp_basic_return_t r = { .reply_code = 312 };
+	amqp_basic_ack_t a = { .delivery_tag = 1 };
+
+	(void)state;
+	r.reply_text = amqp_cstring_bytes("NO_ROUTE");
+	r.exchange = amqp_cstring_bytes("x");
+	r.routing_key = amqp_cstring_bytes("k");
+	/* A body larger than anything published ends the link. */
+	{
+		struct fx x;
+		struct wire_buf b = { 0 };
+		fx_init(&x, BROKER_AUTH_PLAIN);
+		handshake(&x, 131072);
+		wire_method(&b, 1, AMQP_BASIC_RETURN_METHOD, &r);
+		wire_header(&b, 1, AMQP_BASIC_CLASS, 8193, NULL);
+		assert_int_equal(feed(&x, &b, 0), -EPROTO);
+		assert_int_equal(x.p.error_code, 505);
+		fx_free(&x);
+	}
+	/* A method where the returned content was due. */
+	{
+		struct fx x;
+		struct wire_buf b = { 0 };
+		fx_init(&x, BROKER_AUTH_PLAIN);
+		handshake(&x, 131072);
+		upstream_proto_publish(&x.p, "k", 1, true, NULL, 0, "x", 1);
+		wire_method(&b, 1, AMQP_BASIC_RETURN_METHOD, &r);
+		wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a);
+		assert_int_equal(feed(&x, &b, 0), -EPROTO);
+		assert_int_equal(x.p.error_code, 505);
+		assert_int_equal(x.rec.nret, 0);
+		fx_free(&x);
+	}
+	/* More body than the header announced. */
+	{
+		struct fx x;
+		struct wire_buf b = { 0 };
+		fx_init(&x, BROKER_AUTH_PLAIN);
+		handshake(&x, 131072);
+		wire_method(&b, 1, AMQP_BASIC_RETURN_METHOD, &r);
+		wire_header(&b, 1, AMQP_BASIC_CLASS, 2, NULL);
+		wire_body(&b, 1, "abc", 3);
+		assert_int_equal(feed(&x, &b, 0), -EPROTO);
+		assert_int_equal(x.p.error_code, 505);
+		fx_free(&x);
+	}
 }
 
 /* ---- malformed input ------------------------------------------------------------------- */
@@ -666,11 +789,11 @@ static void test_planned_close(void **state)
 	(void)state;
 	fx_init(&x, BROKER_AUTH_PLAIN);
 	handshake(&x, 131072);
-	upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1);
+	upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1);
 	take(&x);
 	upstream_proto_close(&x.p, 200, "reconnecting");
 	assert_sent_close(&x, 200);
-	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, NULL, 0, "x", 1), -EAGAIN);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1), -EAGAIN);
 	/* A confirm crossing the close still counts. */
 	send_method(&x, 1, AMQP_BASIC_ACK_METHOD, &a);
 	assert_int_equal(x.rec.nconf, 1);
@@ -696,6 +819,8 @@ int main(void)
 		cmocka_unit_test(test_confirm_split_across_feeds_with_heartbeat),
 		cmocka_unit_test(test_confirm_unknown_tag),
 		cmocka_unit_test(test_flow),
+		cmocka_unit_test(test_return_assembled),
+		cmocka_unit_test(test_return_bounds),
 		cmocka_unit_test(test_channel_close_from_broker),
 		cmocka_unit_test(test_oversize_frame),
 		cmocka_unit_test(test_bad_frame_end),
