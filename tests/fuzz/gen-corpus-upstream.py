@@ -55,6 +55,15 @@ def chan_close(code, text):
     return method(1, 20, 40, struct.pack(">H", code) + shortstr(text) + struct.pack(">HH", 60, 40))
 
 
+def basic_return(code=312, text="NO_ROUTE", exchange="x", rk="rk"):
+    return method(1, 60, 50, struct.pack(">H", code) + shortstr(text) + shortstr(exchange)
+                  + shortstr(rk))
+
+
+def content_header(size, props=b"\x00\x00"):
+    return frame(2, 1, struct.pack(">HHQ", 60, 0, size) + props)
+
+
 def seeds():
     hs = HANDSHAKE
     yield "valid-handshake", b"\x00" + hs
@@ -68,6 +77,15 @@ def seeds():
     yield "valid-close-ok", b"\x00" + hs + method(0, 10, 51)
     yield "valid-output-piles-up", b"\x06" + hs + HEARTBEAT * 20
     yield "valid-flow", b"\x00" + hs + method(1, 20, 20, b"\x00") + method(1, 20, 20, b"\x01")
+    yield "valid-return", (b"\x00" + hs + basic_return() + content_header(4) + frame(3, 1, b"body")
+                           + ack(1))
+    yield "valid-return-chunked", (b"\x02" + hs + basic_return() + content_header(4)
+                                   + HEARTBEAT + frame(3, 1, b"bo") + frame(3, 1, b"dy") + ack(1))
+    yield "valid-return-empty-body", b"\x00" + hs + basic_return() + content_header(0) + ack(1)
+    yield "hostile-return-oversize", b"\x00" + hs + basic_return() + content_header(1 << 40)
+    yield "hostile-return-then-method", b"\x00" + hs + basic_return() + ack(1)
+    yield "hostile-return-long-body", (b"\x00" + hs + basic_return() + content_header(2)
+                                       + frame(3, 1, b"abc"))
     yield "broker-close-mid-handshake", b"\x00" + start() + conn_close(403, "ACCESS_REFUSED - Login was refused")
     yield "broker-close-after-tune", b"\x00" + start() + tune() + conn_close(530, "NOT_ALLOWED - vhost")
     yield "broker-channel-close", b"\x00" + hs + ack(1) + chan_close(403, "ACCESS_REFUSED - write")
