@@ -12,7 +12,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "balancer.h"
 #include "conf.h"
+#include "metrics.h"
 
 static char *dup_or_null(const char *s)
 {
@@ -520,6 +522,17 @@ static int parse_misc(struct conf_ctx *c, json_t *root, struct proxy_config *cfg
 	r |= conf_get_object(c, root, "", "metrics", false, &m);
 	cfg->balancer_raw = json_incref(b);
 	cfg->metrics_raw = json_incref(m);
+	/* Their own modules parse them again at start; validating them here
+	 * means --check-config and a reload see the same errors as a start. */
+	{
+		struct balancer_config bc;
+		struct metrics_config mc;
+
+		if (b)
+			r |= balancer_config_parse(c, b, &bc);
+		if (m)
+			r |= metrics_config_parse(c, m, &mc);
+	}
 	return r ? -EINVAL : 0;
 }
 

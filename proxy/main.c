@@ -11,6 +11,7 @@
 #include "config.h"
 #include "daemon.h"
 #include "log.h"
+#include "preflight.h"
 
 static void usage(FILE *f)
 {
@@ -24,7 +25,9 @@ static void usage(FILE *f)
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE     configuration file (JSON; see vmproxyd.conf(5))\n"
-		"      --check-config    validate the configuration and exit\n"
+		"      --check-config    run every start check that leaves the host unchanged\n"
+		"                        (configuration, libvirt and its domains, addresses,\n"
+		"                        socket directories, TLS files) and exit: 0 if OK\n"
 		"      --log-file FILE   log there instead of stderr (reopened on SIGHUP)\n"
 		"      --log-level L     error, warn, info or debug (overrides the file)\n"
 		"  -h, --help            this text\n"
@@ -95,9 +98,18 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (check) {
-		printf("%s: configuration OK\n", config);
+		/* Everything the start would check that leaves the host as it is. */
+		int problems = preflight_run(cfg, log_file, stderr);
+
+		if (problems == 0)
+			printf("%s: configuration OK\n", config);
 		proxy_config_free(cfg);
-		return 0;
+		return problems ? 1 : 0;
+	}
+	if (preflight_tls(cfg, err, sizeof(err)) < 0) {
+		fprintf(stderr, "vmproxyd: %s\n", err);
+		proxy_config_free(cfg);
+		return 1;
 	}
 	if (!level_arg && cfg->log_level)
 		log_level_parse(cfg->log_level, &level);

@@ -1,0 +1,21 @@
+/* certfile.h -- PEM certificate files as an operator sees them: whether a
+ * client certificate, its key and the CA load and belong together before a
+ * start, and how long until they expire (the expiry metric). OpenSSL's
+ * errors stay inside this module. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Check the TLS files of one link: CA (at least one certificate, every one
+ * currently valid), and when CERT is given, CERT currently valid and KEY its
+ * private key. CA, CERT and KEY may be NULL (not checked). WHAT prefixes
+ * the message ("upstream.tls"). Returns 0, or -EINVAL/-errno with a message
+ * naming the key and the file in ERR. */
+int certfile_check(const char *what, const char *ca, const char *cert, const char *key,
+		   char *err, size_t errlen);
+
+/* The earliest notAfter among the certificates in the PEM FILE, as Unix
+ * seconds in *NOT_AFTER. Returns 0, -ENOENT when the file holds no
+ * certificate, or -errno when it cannot be read. */
+int certfile_not_after(const char *file, int64_t *not_after);
