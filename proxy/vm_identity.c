@@ -410,6 +410,44 @@ int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct
 	return lookup_libvirt(id, name_or_uuid, out);
 }
 
+int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t *n)
+{
+	virDomainPtr *doms = NULL;
+	struct vm_info *vms;
+	int nd = 0, r = 0;
+	size_t k = 0;
+
+	if (id->conn) {
+		nd = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+		if (nd < 0) {
+			log_warn("libvirt: cannot list domains: %s", virt_error());
+			nd = 0;
+			r = -EIO;
+		}
+	}
+	vms = calloc(id->nstatics + (size_t)nd + 1, sizeof(*vms));
+	for (size_t i = 0; vms && i < id->nstatics; i++)
+		vms[k++] = id->statics[i].vm;
+	for (int i = 0; i < nd; i++) {
+		struct vm_info vm;
+		bool dup = false;
+
+		if (vms && info_from_domain(doms[i], &vm) == 0) {
+			for (size_t j = 0; j < k && !dup; j++)
+				dup = strcmp(vms[j].uuid, vm.uuid) == 0;
+			if (!dup)
+				vms[k++] = vm;
+		}
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	if (!vms)
+		return -ENOMEM;
+	*out = vms;
+	*n = k;
+	return r;
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)
 {
 	struct vm_identity *id = ud;
