@@ -11,6 +11,8 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
+#include "prom.h"
+
 /* An encrypted key cannot be used by a daemon: never prompt for it. */
 static int no_password(char *buf, int size, int rwflag, void *u)
 {
@@ -172,4 +174,19 @@ int certfile_not_after(const char *file, int64_t *not_after)
 		return -ENOENT;
 	*not_after = min;
 	return 0;
+}
+
+void certfile_prom_expiry(struct prom_buf *b, const char *const *files, size_t n)
+{
+	int64_t now = (int64_t)time(NULL);
+
+	prom_family(b, "vmproxy_tls_certificate_expiry_seconds", "gauge",
+		    "Seconds until the earliest certificate of the file expires.");
+	for (size_t i = 0; i < n; i++) {
+		int64_t na;
+
+		if (files[i] && certfile_not_after(files[i], &na) == 0)
+			prom_sample(b, "vmproxy_tls_certificate_expiry_seconds", (double)(na - now),
+				    "file", files[i], NULL);
+	}
 }

@@ -19,3 +19,12 @@ int certfile_check(const char *what, const char *ca, const char *cert, const cha
  * seconds in *NOT_AFTER. Returns 0, -ENOENT when the file holds no
  * certificate, or -errno when it cannot be read. */
 int certfile_not_after(const char *file, int64_t *not_after);
+
+struct prom_buf;
+
+/* The family vmproxy_tls_certificate_expiry_seconds: for each of FILES
+ * (N of them; NULL entries skipped), seconds from now until its
+ * earliest notAfter (negative once expired), labelled file="...". A file
+ * that cannot be read has no sample. Read anew on each call, so a rotated
+ * certificate shows at the next scrape. */
+void certfile_prom_expiry(struct prom_buf *b, const char *const *files, size_t n);

@@ -567,7 +567,7 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	r |= parse_guest(&c, root, cfg);
 	r |= parse_limits(&c, root, cfg);
 	r |= parse_misc(&c, root, cfg);
-	json_decref(root);
+	cfg->raw = root;
 	if (r || c.nerr) {
 		snprintf(err, errlen, "%s", c.nerr ? c.err : "out of memory");
 		proxy_config_free(cfg);
@@ -575,6 +575,30 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	}
 	*out = cfg;
 	return 0;
+}
+
+bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
+			      char *key, size_t keylen)
+{
+	static const char *const fixed[] = { "listeners", "identity", "threads", "upstream",
+					     "limits", "admin", "hostname", NULL };
+	json_t *a, *b;
+
+	for (size_t i = 0; fixed[i]; i++) {
+		a = json_object_get(old->raw, fixed[i]);
+		b = json_object_get(new->raw, fixed[i]);
+		if ((a || b) && !(a && b && json_equal(a, b))) {
+			snprintf(key, keylen, "%s", fixed[i]);
+			return true;
+		}
+	}
+	a = json_object_get(old->metrics_raw, "listen");
+	b = json_object_get(new->metrics_raw, "listen");
+	if ((a || b) && !(a && b && json_equal(a, b))) {
+		snprintf(key, keylen, "metrics.listen");
+		return true;
+	}
+	return false;
 }
 
 void proxy_config_free(struct proxy_config *c)
@@ -616,6 +640,7 @@ void proxy_config_free(struct proxy_config *c)
 	free(c->admin.group);
 	json_decref(c->balancer_raw);
 	json_decref(c->metrics_raw);
+	json_decref(c->raw);
 	free(c->log_level);
 	free(c->hostname);
 	free(c->file);

@@ -34,8 +34,10 @@ static void usage(FILE *f)
 		"  -V, --version         print the version\n"
 		"\n"
 		"Signals: SIGTERM/SIGINT drain (stop accepting, wait for confirms, close guests\n"
-		"with 320), SIGHUP reopens the log file and reconnects the upstream links\n"
-		"once idle, re-reading the TLS files.\n");
+		"with 320), SIGHUP reloads what changes without closing guests (log level,\n"
+		"guest section, balancer, metrics.per_vm; anything else is refused), reopens\n"
+		"the log file and reconnects the upstream links once idle, re-reading the TLS\n"
+		"files.\n");
 }
 
 int main(int argc, char **argv)
@@ -133,6 +135,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	vmproxy_handle_signals(p, log_file);
+	if (level_arg)
+		vmproxy_pin_log_level(p);
 	r = vmproxy_start(p, err, sizeof(err));
 	if (r < 0) {
 		log_error("cannot start: %s", err);
