@@ -12,7 +12,9 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
+import urllib.request
 
 import pytest
 from cryptography import x509
@@ -182,3 +184,103 @@ def test_check_reports_a_port_in_use_as_a_warning(build_dir, certs, tmp_path):
         p.terminate()
         p.wait(timeout=30)
         log.close()
+
+
+def _agent_conf(tmp_path, certs, **kw):
+    c = {"endpoint": "tcp://127.0.0.1:%d" % free_port(),
+         "spool": {"dir": str(tmp_path / "spool")},
+         "tls": {"ca": str(certs / "ca.pem"), "cert": str(certs / "proxy.pem"),
+                 "key": str(certs / "proxy-key.pem")}}
+    c.update(kw)
+    return c
+
+
+AGENT_CASES = [
+    ("valid", {}, True),
+    ("endpoint", {"endpoint": "udp://127.0.0.1:5672"}, False),
+    ("spool-parent-missing", {"spool": {"dir": "/nonexistent-vmproxy/spool"}}, False),
+    ("source-address-not-here", {"source_address": "192.0.2.7"}, False),
+    ("tls-key-of-another-certificate", {"tls": "consumer-key"}, False),
+]
+
+
+@pytest.mark.parametrize("name,edit,ok", AGENT_CASES, ids=[c[0] for c in AGENT_CASES])
+def test_agent_check_config(build_dir, certs, tmp_path, name, edit, ok):
+    """vmproxy-agent --check-config: the endpoint, the spool directory, the
+    source address and the TLS files; where the start itself fails (the
+    endpoint, the spool directory), it fails too."""
+    edit = dict(edit)
+    c = _agent_conf(tmp_path, certs)
+    if edit.get("tls") == "consumer-key":
+        c["tls"]["key"] = str(certs / "consumer-key.pem")
+        edit.pop("tls")
+    c.update(edit)
+    conf = tmp_path / "agent.json"
+    conf.write_text(json.dumps(c))
+    agent = str(build_dir / "guest-agent" / "vmproxy-agent")
+    r = subprocess.run([agent, "--config", str(conf), "--check-config"], capture_output=True,
+                       text=True, timeout=30)
+    assert (r.returncode == 0) == ok, r.stdout + r.stderr
+    assert ("configuration OK" in r.stdout) == ok
+    if name in ("endpoint", "spool-parent-missing"):
+        s = subprocess.run([agent, "--config", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+        assert s.returncode == 1, s.stderr
+
+
+def _consumer_conf(tmp_path, certs, **kw):
+    c = {"broker": {"host": "localhost", "port": free_port(),
+                    "tls": {"ca": str(certs / "ca.pem"), "cert": str(certs / "consumer.pem"),
+                            "key": str(certs / "consumer-key.pem")},
+                    "auth": {"mechanism": "EXTERNAL"}},
+         "sink": {"dir": str(tmp_path / "jsonl")},
+         "metrics": {"listen": "127.0.0.1:%d" % free_port()}}
+    c.update(kw)
+    return c
+
+
+CONSUMER_CASES = [
+    ("valid", lambda c, k: None, True),
+    ("sink-parent-missing", lambda c, k: c.update(sink={"dir": "/nonexistent-vmproxy/x"}), False),
+    ("metrics-address-not-here",
+     lambda c, k: c.update(metrics={"listen": "192.0.2.1:%d" % free_port()}), False),
+    ("tls-key-of-another-certificate",
+     lambda c, k: c["broker"]["tls"].update(key=str(k / "proxy-key.pem")), False),
+]
+
+
+@pytest.mark.parametrize("name,edit,ok", CONSUMER_CASES, ids=[c[0] for c in CONSUMER_CASES])
+def test_consumer_check_config(build_dir, certs, tmp_path, name, edit, ok):
+    """vmproxy-consumer --check-config: the JSON Lines directory, the metrics
+    address and the TLS files; where the start itself fails (directory,
+    metrics address), it fails too."""
+    c = _consumer_conf(tmp_path, certs)
+    edit(c, certs)
+    conf = tmp_path / "consumer.json"
+    conf.write_text(json.dumps(c))
+    consumer = str(build_dir / "mgmt-consumer" / "vmproxy-consumer")
+    r = subprocess.run([consumer, "--config", str(conf), "--check-config"],
+                       capture_output=True, text=True, timeout=30)
+    assert (r.returncode == 0) == ok, r.stdout + r.stderr
+    assert ("configuration OK" in r.stdout) == ok
+    if name in ("sink-parent-missing", "metrics-address-not-here"):
+        s = subprocess.run([consumer, "--config", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+        assert s.returncode == 1, s.stderr
+
+
+def test_consumer_certificate_expiry_series(build_dir, certs, tmp_path, procs):
+    """The consumer's endpoint gives the seconds until its CA and client
+    certificate expire, whether or not the broker is reachable."""
+    c = _consumer_conf(tmp_path, certs)
+    conf = tmp_path / "consumer.json"
+    conf.write_text(json.dumps(c))
+    procs([build_dir / "mgmt-consumer" / "vmproxy-consumer", "--config", conf],
+          name="consumer")
+    url = "http://%s/metrics" % c["metrics"]["listen"]
+    text = wait_for(lambda: urllib.request.urlopen(url, timeout=5).read().decode(), 30,
+                    "the consumer's metrics endpoint")
+    series = dict(re.findall(r'^vmproxy_tls_certificate_expiry_seconds\{file="([^"]+)"\} (\S+)$',
+                             text, re.M))
+    assert set(series) == {str(certs / "ca.pem"), str(certs / "consumer.pem")}, text[-1500:]
+    assert all(800 * 86400 < float(v) <= 826 * 86400 for v in series.values()), series
