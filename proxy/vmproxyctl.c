@@ -156,10 +156,16 @@ static void print_load(json_t *load)
 
 static void print_vm_row(json_t *v)
 {
-	printf("%-36s %-20s %-6lld %-6lld %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
-	       str(v, "name"), num(v, "cid"), num(v, "thread"), num(v, "connections"),
+	char thread[24] = "-"; /* vms --all: a VM without connections has no thread */
+
+	if (json_is_integer(json_object_get(v, "thread")))
+		snprintf(thread, sizeof(thread), "%lld", num(v, "thread"));
+	printf("%-36s %-20s %-6lld %-6s %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
+	       str(v, "name"), num(v, "cid"), thread, num(v, "connections"),
 	       num(v, "messages_in"), num(v, "acked"), num(v, "held_bytes"),
-	       json_is_true(json_object_get(v, "blocked")) ? "blocked" : "");
+	       json_is_true(json_object_get(v, "blocked"))	    ? "blocked"
+	       : json_is_integer(json_object_get(v, "thread")) ? ""
+							    : "no connection");
 }
 
 static void print_vm_header(void)

@@ -115,7 +115,11 @@ def test_vms_all_lists_known_vms_without_connections(broker, proxy_factory):
         assert rows[vms[1]["name"]]["connections"] == 0
         assert rows[vms[2]["name"]]["uuid"] == vms[2]["uuid"]
         table = ctl(proxy, "vms", "--all")
-        assert all(v["name"] in table.stdout for v in vms)
+        lines = {l.split()[1]: l for l in table.stdout.splitlines()[1:]}
+        assert set(lines) == {v["name"] for v in vms}
+        assert lines[vms[1]["name"]].split()[3] == "-"
+        assert lines[vms[1]["name"]].endswith("no connection")
+        assert not lines[vms[0]["name"]].endswith("no connection")
     finally:
         conn.close()
 
