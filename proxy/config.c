@@ -580,17 +580,54 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
 			      char *key, size_t keylen)
 {
-	static const char *const fixed[] = { "listeners", "identity", "threads", "upstream",
-					     "limits", "admin", "hostname", NULL };
-	json_t *a, *b;
+	static const char *const fixed[] = { "listeners", "threads", "upstream", "limits",
+					     "admin", "hostname", NULL };
+	json_t *a, *b, *ia, *ib;
+	const char *k;
+	size_t i;
 
-	for (size_t i = 0; fixed[i]; i++) {
+	/* identity: only appending static entries is applied at a reload. */
+	ia = json_object_get(old->raw, "identity");
+	ib = json_object_get(new->raw, "identity");
+	if ((ia || ib) && !(ia && ib && json_equal(ia, ib))) {
+		json_object_foreach(ia ? ia : ib, k, a) {
+			b = json_object_get(ia ? ib : ia, k);
+			if (strcmp(k, "static") != 0 && !(b && json_equal(a, b))) {
+				snprintf(key, keylen, "identity.%s", k);
+				return true;
+			}
+		}
+		json_object_foreach(ib ? ib : ia, k, a) {
+			if (strcmp(k, "static") != 0 && !json_object_get(ib ? ia : ib, k)) {
+				snprintf(key, keylen, "identity.%s", k);
+				return true;
+			}
+		}
+		a = json_object_get(ia, "static");
+		b = json_object_get(ib, "static");
+		if (json_array_size(b) < json_array_size(a)) {
+			snprintf(key, keylen, "identity.static");
+			return true;
+		}
+		for (i = 0; i < json_array_size(a); i++) {
+			if (!json_equal(json_array_get(a, i), json_array_get(b, i))) {
+				snprintf(key, keylen, "identity.static[%zu]", i);
+				return true;
+			}
+		}
+	}
+	for (i = 0; fixed[i]; i++) {
 		a = json_object_get(old->raw, fixed[i]);
 		b = json_object_get(new->raw, fixed[i]);
 		if ((a || b) && !(a && b && json_equal(a, b))) {
 			snprintf(key, keylen, "%s", fixed[i]);
 			return true;
 		}
+	}
+	/* The upstream links size their socket buffers from it at connect. */
+	if (old->guest.max_message_bytes != new->guest.max_message_bytes) {
+		snprintf(key, keylen, "guest.max_message_bytes");
+		return true;
 	}
 	a = json_object_get(old->metrics_raw, "listen");
 	b = json_object_get(new->metrics_raw, "listen");

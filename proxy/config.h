@@ -125,9 +125,11 @@ struct proxy_config {
 int proxy_config_load(const char *file, struct proxy_config **out, char *err, size_t errlen);
 
 /* What a reload (SIGHUP) cannot apply: the first top-level key (or
- * "metrics.listen") whose value differs between OLD and NEW and needs a
- * restart, written into KEY; returns true then. Reloadable: log_level,
- * guest, balancer, metrics.per_vm, drain_timeout_ms. */
+ * "metrics.listen", "identity.static", "guest.max_message_bytes") whose
+ * value differs between OLD and NEW and needs a restart, written into KEY;
+ * returns true then. Reloadable: log_level, guest (but max_message_bytes),
+ * balancer, metrics.per_vm, drain_timeout_ms, and entries appended to
+ * identity.static. */
 bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
 			      char *key, size_t keylen);
 

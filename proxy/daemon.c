@@ -645,11 +645,18 @@ static void on_timer(struct vmproxy *p)
  * one aligned word written by one store: a poll thread's session reads the
  * old or the new value at its next channel or method, never a mix. */
 #define SET_SHARED(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELEASE)
+#define SWAP(a, b)                                                                                 \
+	do {                                                                                       \
+		__typeof__(a) swap_tmp_ = (a);                                                     \
+		(a) = (b);                                                                         \
+		(b) = swap_tmp_;                                                                   \
+	} while (0)
 
 /* SIGHUP: read the file again and apply what changes without dropping a
  * guest (log level, guest bounds and allowed exchanges, balancer settings,
- * metrics.per_vm, drain_timeout_ms). Anything else, or a file that does
- * not load, leaves the running configuration as it is, and says why. */
+ * metrics.per_vm, drain_timeout_ms, static identities appended). Anything
+ * else, or a file that does not load, leaves the running configuration as
+ * it is, and says why. */
 static void reload_config(struct vmproxy *p)
 {
 	struct proxy_config *cfg = p->cfg, *ncfg = NULL, **grown;
@@ -659,7 +666,7 @@ static void reload_config(struct vmproxy *p)
 	enum log_level level;
 	char err[600], key[64];
 	char **swap;
-	size_t nex = 0;
+	size_t nex = 0, nstatic;
 
 	if (proxy_config_load(cfg->file, &ncfg, err, sizeof(err)) < 0) {
 		log_error("SIGHUP: %s; the running configuration stays", err);
@@ -678,6 +685,17 @@ static void reload_config(struct vmproxy *p)
 		return;
 	}
 	p->retired = grown;
+	/* The one step that can still fail (a new static entry naming a domain
+	 * libvirt does not have), so it goes first. */
+	nstatic = json_array_size(json_object_get(json_object_get(cfg->raw, "identity"), "static"));
+	if (vm_identity_add_statics(p->id, ncfg, nstatic, err, sizeof(err)) < 0) {
+		log_error("SIGHUP: %s: %s; the running configuration stays", cfg->file, err);
+		proxy_config_free(ncfg);
+		return;
+	}
+	if (ncfg->identity.n_statics > nstatic)
+		log_info("SIGHUP: %zu identity.static entries added",
+			 ncfg->identity.n_statics - nstatic);
 	conf_ctx_init(&cc, cfg->file);
 	balancer_config_parse(&cc, ncfg->balancer_raw, &bc);
 	conf_ctx_init(&cc, cfg->file);
@@ -701,15 +719,21 @@ static void reload_config(struct vmproxy *p)
 	SET_SHARED(p->shared.allowed_exchanges, (const char *const *)cfg->guest.allowed_exchanges);
 	SET_SHARED(p->shared.scfg.allowed_exchanges,
 		   (const char *const *)cfg->guest.allowed_exchanges);
-	SET_SHARED(p->shared.scfg.max_message_bytes, ncfg->guest.max_message_bytes);
 	SET_SHARED(p->shared.scfg.channel_max, ncfg->guest.channel_max);
 	SET_SHARED(p->shared.scfg.heartbeat, ncfg->guest.heartbeat);
 	SET_SHARED(p->shared.scfg.handshake_timeout_ms, ncfg->guest.handshake_timeout_ms);
+	/* The file as applied is what the next reload compares against. */
+	SWAP(cfg->raw, ncfg->raw);
+	SWAP(cfg->balancer_raw, ncfg->balancer_raw);
+	SWAP(cfg->metrics_raw, ncfg->metrics_raw);
+	SWAP(cfg->identity.statics, ncfg->identity.statics);
+	SWAP(cfg->identity.n_statics, ncfg->identity.n_statics);
+	SWAP(cfg->log_level, ncfg->log_level);
 	p->retired[p->nretired++] = ncfg;
 	while (cfg->guest.allowed_exchanges[nex])
 		nex++;
 	log_info("SIGHUP: configuration reloaded (log_level %s%s, %zu allowed exchanges, "
-		 "balancer %s, metrics.per_vm %s)", ncfg->log_level,
+		 "balancer %s, metrics.per_vm %s)", cfg->log_level,
 		 p->log_level_pinned ? " ignored: --log-level given" : "", nex,
 		 bc.enabled ? "on" : "off", mc.per_vm ? "on" : "off");
 }

@@ -35,7 +35,8 @@ static void usage(FILE *f)
 		"\n"
 		"Signals: SIGTERM/SIGINT drain (stop accepting, wait for confirms, close guests\n"
 		"with 320), SIGHUP reloads what changes without closing guests (log level,\n"
-		"guest section, balancer, metrics.per_vm; anything else is refused), reopens\n"
+		"guest bounds, balancer, metrics.per_vm, static identities added; anything\n"
+		"else is refused), reopens\n"
 		"the log file and reconnects the upstream links once idle, re-reading the TLS\n"
 		"files.\n");
 }

@@ -51,7 +51,8 @@ struct no_lease {
 struct vm_identity {
 	const struct proxy_config *cfg;
 	virConnectPtr conn;
-	pthread_mutex_t lock; /* the CID cache and the no-lease cache */
+	pthread_mutex_t lock; /* the CID cache, the no-lease cache, and the static
+			       * table against readers other than the acceptor */
 	struct no_lease no_lease[NO_LEASE_SLOTS];
 	size_t no_lease_next;
 	atomic_uint_fast64_t lease_scans;
@@ -410,6 +411,52 @@ int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct
 	return lookup_libvirt(id, name_or_uuid, out);
 }
 
+int vm_identity_add_statics(struct vm_identity *id, const struct proxy_config *cfg, size_t from,
+			    char *err, size_t errlen)
+{
+	size_t n = cfg->identity.n_statics, k = 0;
+	struct static_entry *add, *grown;
+
+	if (from >= n)
+		return 0;
+	add = calloc(n - from, sizeof(*add));
+	if (!add)
+		return -ENOMEM;
+	/* Resolve every new entry first: all or nothing. */
+	for (size_t i = from; i < n; i++, k++) {
+		const struct static_identity *s = &cfg->identity.statics[i];
+		struct static_entry *e = &add[k];
+
+		if (parse_addr(s->address, &e->family, e->addr) < 0) {
+			snprintf(err, errlen, "identity.static[%zu].address: \"%s\" is not numeric", i,
+				 s->address);
+			free(add);
+			return -EINVAL;
+		}
+		if (lookup_libvirt(id, s->vm, &e->vm) < 0) {
+			if (!s->uuid) {
+				snprintf(err, errlen, "identity.static[%zu].vm: no libvirt domain \"%s\" "
+					 "and no uuid given", i, s->vm);
+				free(add);
+				return -ENOENT;
+			}
+			snprintf(e->vm.name, sizeof(e->vm.name), "%s", s->vm);
+		}
+		if (s->uuid)
+			snprintf(e->vm.uuid, sizeof(e->vm.uuid), "%s", s->uuid);
+	}
+	pthread_mutex_lock(&id->lock);
+	grown = realloc(id->statics, (id->nstatics + k + 1) * sizeof(*grown));
+	if (grown) {
+		memcpy(grown + id->nstatics, add, k * sizeof(*add));
+		id->statics = grown;
+		id->nstatics += k;
+	}
+	pthread_mutex_unlock(&id->lock);
+	free(add);
+	return grown ? 0 : -ENOMEM;
+}
+
 int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t *n)
 {
 	virDomainPtr *doms = NULL;
@@ -425,9 +472,12 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 			r = -EIO;
 		}
 	}
+	/* A reload may grow the static table meanwhile (on the acceptor). */
+	pthread_mutex_lock(&id->lock);
 	vms = calloc(id->nstatics + (size_t)nd + 1, sizeof(*vms));
 	for (size_t i = 0; vms && i < id->nstatics; i++)
 		vms[k++] = id->statics[i].vm;
+	pthread_mutex_unlock(&id->lock);
 	for (int i = 0; i < nd; i++) {
 		struct vm_info vm;
 		bool dup = false;

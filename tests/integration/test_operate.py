@@ -194,3 +194,47 @@ def test_certificate_expiry_series(broker, certs, proxy_factory):
     assert set(series) == {str(certs / "ca.pem"), str(certs / "proxy.pem")}, text[-2000:]
     for f, v in series.items():
         assert 800 * 86400 < float(v) <= 826 * 86400, (f, v)
+
+
+def test_reload_adds_static_identities_and_refuses_other_identity_changes(broker,
+                                                                          proxy_factory):
+    """A VM appended to identity.static is accepted after SIGHUP without a
+    restart (a guest connected before stays); changing an existing entry,
+    or guest.max_message_bytes, is refused by name and nothing changes."""
+    vms = make_vms(3, base="127.10.44.1")
+    proxy = proxy_factory(vms[:2], threads=1).start()
+    with from_source(vms[0]["address"]):
+        first = pika.BlockingConnection(guest_params(proxy))
+    with from_source(vms[2]["address"]):
+        with pytest.raises(pika.exceptions.AMQPConnectionError):
+            pika.BlockingConnection(guest_params(proxy))
+
+    proxy.vms = vms
+    proxy.write_config()
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "1 identity.static entries added" in proxy.log_text(), 30, "the addition")
+    with from_source(vms[2]["address"]):
+        third = pika.BlockingConnection(guest_params(proxy))
+    wait_for(lambda: vms[2]["name"] in {v["name"] for v in proxy.admin("vms")["vms"]}, 30,
+             "the added VM's connection")
+
+    renamed = [dict(v) for v in vms]
+    renamed[1]["name"] = "renamed"
+    proxy.vms = renamed
+    proxy.write_config()
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "identity.static[1] changed, which takes a restart" in proxy.log_text(),
+             30, "the refused change")
+    proxy.vms = vms
+    proxy.guest["max_message_bytes"] = 65536
+    proxy.write_config()
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "guest.max_message_bytes changed, which takes a restart"
+             in proxy.log_text(), 30, "the refused bound")
+    known = {v["name"] for v in json.loads(ctl(proxy, "--json", "vms", "--all").stdout)["vms"]}
+    assert known == {v["name"] for v in vms}
+    first.process_data_events(time_limit=0.5)
+    third.process_data_events(time_limit=0.5)
+    assert first.is_open and third.is_open
+    first.close()
+    third.close()
