@@ -44,13 +44,16 @@ static int64_t asn1_unix(const ASN1_TIME *t)
 	return (int64_t)timegm(&tm);
 }
 
-/* Every certificate of FILE: *N found, each currently valid. */
-static int check_certs(const char *key_path, const char *file, X509 **first, char *err,
-		       size_t errlen)
+/* The certificates of FILE. With ALL, each must be currently valid (a
+ * client certificate and its chain); without, at least one (a CA bundle may
+ * keep an expired CA during a CA change: verification uses the valid one).
+ * FIRST, when given, receives the first certificate. */
+static int check_certs(const char *key_path, const char *file, bool all, X509 **first,
+		       char *err, size_t errlen)
 {
 	FILE *f = fopen(file, "r");
-	char when[32];
-	int n = 0, r = 0;
+	char when[32], bad[300] = "";
+	int n = 0, valid = 0, r = 0;
 	X509 *x;
 
 	if (!f) {
@@ -70,11 +73,12 @@ static int check_certs(const char *key_path, const char *file, X509 **first, cha
 
 			gmtime_r(&t, &tm);
 			strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", &tm);
-			snprintf(err, errlen, "%s: certificate %d of \"%s\" %s %s", key_path, n, file,
-				 na <= (int64_t)now ? "expired on" : "is not valid before", when);
-			X509_free(x);
-			r = -EINVAL;
-			break;
+			if (!bad[0])
+				snprintf(bad, sizeof(bad), "certificate %d of \"%.200s\" %s %s", n,
+					 file, na <= (int64_t)now ? "expired on" : "is not valid before",
+					 when);
+		} else {
+			valid++;
 		}
 		if (first && !*first)
 			*first = x;
@@ -83,8 +87,11 @@ static int check_certs(const char *key_path, const char *file, X509 **first, cha
 	}
 	ERR_clear_error();
 	fclose(f);
-	if (r == 0 && n == 0) {
+	if (n == 0) {
 		snprintf(err, errlen, "%s: \"%s\" holds no PEM certificate", key_path, file);
+		r = -EINVAL;
+	} else if (all ? valid < n : valid == 0) {
+		snprintf(err, errlen, "%s: %s", key_path, bad);
 		r = -EINVAL;
 	}
 	if (r < 0 && first && *first) {
@@ -105,14 +112,14 @@ int certfile_check(const char *what, const char *ca, const char *cert, const cha
 
 	if (ca) {
 		snprintf(kp, sizeof(kp), "%s.ca", what);
-		r = check_certs(kp, ca, NULL, err, errlen);
+		r = check_certs(kp, ca, false, NULL, err, errlen);
 		if (r < 0)
 			return r;
 	}
 	if (!cert)
 		return 0;
 	snprintf(kp, sizeof(kp), "%s.cert", what);
-	r = check_certs(kp, cert, &x, err, errlen);
+	r = check_certs(kp, cert, true, &x, err, errlen);
 	if (r < 0)
 		return r;
 	snprintf(kp, sizeof(kp), "%s.key", what);

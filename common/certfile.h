@@ -7,8 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Check the TLS files of one link: CA (at least one certificate, every one
- * currently valid), and when CERT is given, CERT currently valid and KEY its
+/* Check the TLS files of one link: CA (at least one certificate currently
+ * valid: a bundle may keep an expired CA during a CA change), and when CERT
+ * is given, its certificates currently valid and KEY the first one's
  * private key. CA, CERT and KEY may be NULL (not checked). WHAT prefixes
  * the message ("upstream.tls"). Returns 0, or -EINVAL/-errno with a message
  * naming the key and the file in ERR. */

@@ -87,6 +87,32 @@ def _expired(c, tmp_path, certs):
     c["upstream"]["tls"]["cert"] = str(tmp_path / "expired.pem")
 
 
+def _ca_bundle_with_expired_ca(c, tmp_path, certs):
+    """ca.pem after an old CA that expired yesterday: a bundle as kept
+    during a CA change; the valid CA still verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old vmproxy CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=800))
+           .not_valid_after(now - datetime.timedelta(days=1))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256()))
+    bundle = tmp_path / "ca-bundle.pem"
+    bundle.write_bytes(old.public_bytes(serialization.Encoding.PEM)
+                       + (certs / "ca.pem").read_bytes())
+    c["upstream"]["tls"]["ca"] = str(bundle)
+
+
+def _ca_only_expired(c, tmp_path, certs):
+    _ca_bundle_with_expired_ca(c, tmp_path, certs)
+    text = (tmp_path / "ca-bundle.pem").read_text()
+    first = text[:text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    (tmp_path / "ca-bundle.pem").write_text(first + "\n")
+
+
 def _unix_on_file(c, tmp_path, certs):
     (tmp_path / "guest.sock").write_text("not a socket")
     c["listeners"].append({"type": "unix", "path": str(tmp_path / "guest.sock"), "vm": "vm-a"})
@@ -119,6 +145,8 @@ CASES = [
     ("tls-key-of-another-certificate", _tls("key", "consumer-key.pem"), False),
     ("tls-certificate-expired", _expired, False),
     ("tls-ca-not-pem", _tls("ca", "proxy-key.pem"), False),
+    ("tls-ca-bundle-with-an-expired-ca", _ca_bundle_with_expired_ca, True),
+    ("tls-ca-expired", _ca_only_expired, False),
 ]
 
 
