@@ -215,7 +215,8 @@ def test_hash_password_writes_definitions_the_broker_accepts(broker):
     """hash-password.py --definitions gives each user a new random password
     and writes the hashes into a copy of the definitions; the broker, given
     that copy, accepts the printed password and refuses the old one."""
-    helper = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "hash-password.py"
+    top = pathlib.Path(__file__).resolve().parents[2]
+    helper = top / "deploy" / "rabbitmq" / "hash-password.py"
     # rabbitmqctl runs as the broker's user: a directory it can read.
     tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-defs-"))
     os.chmod(tmp_path, 0o755)
