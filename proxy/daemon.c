@@ -68,7 +68,8 @@ struct vmproxy {
 	json_t *load;		/* per thread rates at the last sample */
 	_Atomic bool balancer_enabled;
 	bool log_level_pinned;	      /* --log-level given: reloads keep it */
-	struct proxy_config **retired; /* replaced by reloads; sessions may point into them */
+	char ***retired;	      /* exchange lists replaced by reloads: a session may
+				       * still be reading one, so they live until exit */
 	size_t nretired;
 	_Atomic uint32_t next_conn_id;
 	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
@@ -659,13 +660,13 @@ static void on_timer(struct vmproxy *p)
  * it is, and says why. */
 static void reload_config(struct vmproxy *p)
 {
-	struct proxy_config *cfg = p->cfg, *ncfg = NULL, **grown;
+	struct proxy_config *cfg = p->cfg, *ncfg = NULL;
+	char ***grown;
 	struct balancer_config bc;
 	struct metrics_config mc;
 	struct conf_ctx cc;
 	enum log_level level;
 	char err[600], key[64];
-	char **swap;
 	size_t nex = 0, nstatic;
 
 	if (proxy_config_load(cfg->file, &ncfg, err, sizeof(err)) < 0) {
@@ -711,11 +712,11 @@ static void reload_config(struct vmproxy *p)
 	atomic_store(&p->balancer_enabled, bc.enabled);
 	metrics_set_per_vm(p->metrics, mc.per_vm);
 	/* Session settings: every session points at p->shared.scfg. The old
-	 * exchange list may still be read by a poll thread: it moves to NCFG,
-	 * which is kept until the daemon exits. */
-	swap = cfg->guest.allowed_exchanges;
+	 * exchange list may still be read by a poll thread: it is retired, not
+	 * freed. */
+	p->retired[p->nretired++] = cfg->guest.allowed_exchanges;
 	cfg->guest.allowed_exchanges = ncfg->guest.allowed_exchanges;
-	ncfg->guest.allowed_exchanges = swap;
+	ncfg->guest.allowed_exchanges = NULL;
 	SET_SHARED(p->shared.allowed_exchanges, (const char *const *)cfg->guest.allowed_exchanges);
 	SET_SHARED(p->shared.scfg.allowed_exchanges,
 		   (const char *const *)cfg->guest.allowed_exchanges);
@@ -729,7 +730,7 @@ static void reload_config(struct vmproxy *p)
 	SWAP(cfg->identity.statics, ncfg->identity.statics);
 	SWAP(cfg->identity.n_statics, ncfg->identity.n_statics);
 	SWAP(cfg->log_level, ncfg->log_level);
-	p->retired[p->nretired++] = ncfg;
+	proxy_config_free(ncfg);
 	while (cfg->guest.allowed_exchanges[nex])
 		nex++;
 	log_info("SIGHUP: configuration reloaded (log_level %s%s, %zu allowed exchanges, "
@@ -916,8 +917,11 @@ void vmproxy_free(struct vmproxy *p)
 		json_decref(p->load);
 		pthread_mutex_destroy(&p->load_lock);
 	}
-	for (size_t i = 0; i < p->nretired; i++)
-		proxy_config_free(p->retired[i]);
+	for (size_t i = 0; i < p->nretired; i++) {
+		for (char **e = p->retired[i]; *e; e++)
+			free(*e);
+		free(p->retired[i]);
+	}
 	free(p->retired);
 	proxy_config_free(p->cfg);
 	free(p);
