@@ -231,6 +231,12 @@ def test_reload_adds_static_identities_and_refuses_other_identity_changes(broker
     proxy.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "guest.max_message_bytes changed, which takes a restart"
              in proxy.log_text(), 30, "the refused bound")
+    # A file that does not load: the error is logged, nothing changes.
+    with open(proxy.config_path, "w") as f:
+        f.write('{"listeners": [')
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: re.search(r"SIGHUP: .*vmproxyd.json: .*line \d+ column \d+: .*; the running "
+                               r"configuration stays", proxy.log_text()), 30, "the refused file")
     known = {v["name"] for v in json.loads(ctl(proxy, "--json", "vms", "--all").stdout)["vms"]}
     assert known == {v["name"] for v in vms}
     first.process_data_events(time_limit=0.5)
