@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +13,8 @@
 #include <unistd.h>
 
 static const char *log_ident = "vmproxy";
-static enum log_level log_min = LOG_LEVEL_INFO;
+/* Read by every thread; a reload (SIGHUP) changes it while they run. */
+static _Atomic int log_min = LOG_LEVEL_INFO;
 static bool log_journal;
 
 static bool stderr_is_journal(void)
@@ -32,7 +34,7 @@ void log_init(const char *ident, enum log_level min_level)
 {
 	if (ident)
 		log_ident = ident;
-	log_min = min_level;
+	atomic_store(&log_min, (int)min_level);
 	log_journal = stderr_is_journal();
 }
 
@@ -59,12 +61,12 @@ int log_level_parse(const char *s, enum log_level *out)
 
 void log_set_level(enum log_level min_level)
 {
-	log_min = min_level;
+	atomic_store(&log_min, (int)min_level);
 }
 
 bool log_enabled(enum log_level level)
 {
-	return level <= log_min;
+	return (int)level <= atomic_load(&log_min);
 }
 
 int log_reopen(const char *path)

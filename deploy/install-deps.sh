@@ -17,7 +17,7 @@ packages=(
 	# run and test
 	rabbitmq-server openssl python3 python3-pika python3-pytest
 	python3-jsonschema amqp-tools prometheus libvirt-clients valgrind
-	procps iproute2 systemd groff-base
+	procps iproute2 systemd groff-base python3-cryptography
 	# benchmarks and soak (tests/bench)
 	strace python3-matplotlib
 )

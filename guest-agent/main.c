@@ -1,6 +1,7 @@
 /* main.c -- vmproxy-agent: command line and configuration, then one of:
  * the sampling loop (collect, spool, publish with confirms, in order),
  * --once (one sample to stdout), or "send" (one message from stdin). */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -9,9 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backoff.h"
+#include "certfile.h"
 #include "clock.h"
 #include "collect.h"
 #include "conf.h"
@@ -57,6 +61,9 @@ static void usage(FILE *f)
 		"      --timeout SECONDS      bound on connect, handshake, a publish (default 10)\n"
 		"      --proc-root DIR        read DIR/proc and DIR/sys instead (tests)\n"
 		"      --log-level L          error, warn, info (default) or debug\n"
+		"      --check-config         check the configuration and what the start needs\n"
+		"                             (endpoint, TLS files, spool directory, source\n"
+		"                             address) and exit: 0 if OK, 1 otherwise\n"
 		"  -h, --help    -V, --version\n"
 		"\n"
 		"send exits 0 once the broker confirmed the message, 1 on a usage or\n"
@@ -136,6 +143,75 @@ static struct transport *make_transport(const struct agent_cfg *c)
 		return NULL;
 	}
 	return t;
+}
+
+/* --check-config: what the start and the first publish need, without
+ * creating anything: the endpoint, the TLS files (valid, the key the
+ * certificate's), the spool directory (or its parent) writable, the source
+ * address present on this guest. Each problem on a line; 0 or 1. */
+static int run_check(const struct agent_cfg *c, const char *config)
+{
+	const char *name = config ? config : "vmproxy-agent";
+	struct transport *t;
+	char err[600];
+	int problems = 0;
+
+	t = make_transport(c); /* says what is wrong itself */
+	if (!t)
+		problems++;
+	transport_free(t);
+	if (certfile_check("tls", c->ca, c->cert, c->key, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s: %s\n", name, err);
+		problems++;
+	}
+	{
+		struct stat st;
+
+		if (stat(c->spool_dir, &st) == 0) {
+			if (!S_ISDIR(st.st_mode) || access(c->spool_dir, W_OK | X_OK) < 0) {
+				fprintf(stderr, "%s: spool.dir \"%s\": %s\n", name, c->spool_dir,
+					S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+				problems++;
+			}
+		} else {
+			char parent[4096], *slash;
+
+			snprintf(parent, sizeof(parent), "%s", c->spool_dir);
+			slash = strrchr(parent, '/');
+			if (slash == parent)
+				slash[1] = '\0';
+			else if (slash)
+				*slash = '\0';
+			else
+				snprintf(parent, sizeof(parent), ".");
+			if (access(parent, W_OK | X_OK) < 0) {
+				fprintf(stderr, "%s: spool.dir \"%s\": cannot be created in \"%s\": %s\n",
+					name, c->spool_dir, parent, strerror(errno));
+				problems++;
+			}
+		}
+	}
+	if (c->source_address) {
+		struct sockaddr_in sa = { .sin_family = AF_INET };
+		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+		if (inet_pton(AF_INET, c->source_address, &sa.sin_addr) != 1) {
+			fprintf(stderr, "%s: source_address \"%s\": expected a numeric IPv4 address\n",
+				name, c->source_address);
+			problems++;
+		} else if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+			fprintf(stderr, "%s: source_address \"%s\": %s\n", name, c->source_address,
+				errno == EADDRNOTAVAIL ? "the address is not on this machine"
+						       : strerror(errno));
+			problems++;
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	if (problems)
+		return 1;
+	printf("%s: configuration OK\n", name);
+	return 0;
 }
 
 static int run_send(const struct agent_cfg *c)
@@ -298,6 +374,7 @@ int main(int argc, char **argv)
 		{ "timeout", 1, NULL, 't' },	     { "proc-root", 1, NULL, 'r' },
 		{ "log-level", 1, NULL, 'l' },	     { "once", 0, NULL, 'o' },
 		{ "help", 0, NULL, 'h' },	     { "version", 0, NULL, 'V' },
+		{ "check-config", 0, NULL, 'X' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct agent_cfg c = {
@@ -314,7 +391,7 @@ int main(int argc, char **argv)
 	};
 	struct agent_cfg flags = { 0 };
 	const char *config = NULL;
-	bool once = false, send = false;
+	bool once = false, send = false, check = false;
 	enum log_level level = LOG_LEVEL_INFO;
 	json_t *root = NULL;
 	struct sigaction sa;
@@ -343,6 +420,7 @@ int main(int argc, char **argv)
 		case 'r': flags.proc_root = optarg; break;
 		case 'l': flags.log_level = optarg; break;
 		case 'o': once = true; break;
+		case 'X': check = true; break;
 		case 'i':
 		case 'm':
 		case 't': {
@@ -396,6 +474,11 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	log_init("vmproxy-agent", level);
+	if (check) {
+		rc = run_check(&c, config);
+		json_decref(root);
+		return rc;
+	}
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
 	sigaction(SIGTERM, &sa, NULL);

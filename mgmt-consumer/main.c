@@ -2,6 +2,7 @@
  * batch of messages, validate, deduplicate, write them to JSON Lines (bad
  * ones to quarantine), fsync, and only then ack the batch. Reconnects with
  * backoff over the configured broker nodes after any failure. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -10,15 +11,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backoff.h"
 #include "broker.h"
+#include "certfile.h"
 #include "clock.h"
 #include "conf.h"
 #include "dedup.h"
 #include "log.h"
 #include "metrics_http.h"
+#include "prom.h"
 #include "sink.h"
 #include "validate.h"
 #include "vmstate.h"
@@ -47,7 +52,7 @@ static void on_signal(int sig)
 static void usage(FILE *f)
 {
 	fprintf(f, "Usage: vmproxy-consumer --config FILE [--jsonl-dir D] [--metrics-listen A:P]\n"
-		   "                        [--log-level L]\n"
+		   "                        [--log-level L] [--check-config]\n"
 		   "Consumes vmproxy metrics from the broker into JSON Lines files and a\n"
 		   "Prometheus endpoint, acking each batch only once it is on disk.\n"
 		   "See vmproxy-consumer(8) and docs/consumer.md for the configuration.\n");
@@ -163,9 +168,99 @@ fail:
 	return -EINVAL;
 }
 
+/* broker.tls.ca and .cert, for vmproxy_tls_certificate_expiry_seconds. */
+static const char *tls_files[2];
+
 static char *render(void *ud)
 {
-	return vmstate_render(ud, (double)clock_wall_ms() / 1000.0);
+	char *body = vmstate_render(ud, (double)clock_wall_ms() / 1000.0);
+	struct prom_buf b;
+
+	if (!body || (!tls_files[0] && !tls_files[1]))
+		return body;
+	prom_init(&b);
+	certfile_prom_expiry(&b, tls_files, 2);
+	if (!b.oom && b.len) {
+		size_t len = strlen(body);
+		char *all = realloc(body, len + b.len + 1);
+
+		if (all) {
+			memcpy(all + len, b.data, b.len);
+			all[len + b.len] = '\0';
+			body = all;
+		}
+	}
+	prom_free(&b);
+	return body;
+}
+
+/* --check-config: what the start needs, without creating anything: the
+ * TLS files (valid, the key the certificate's), the JSON Lines directory
+ * (or its parent) writable, the metrics address on this host (bound and
+ * closed). Each problem on a line; 0 or 1. */
+static int check_config(const char *file, const struct ccfg *c)
+{
+	struct stat st;
+	char err[600];
+	int problems = 0;
+
+	if (certfile_check("broker.tls", c->b.tls ? c->b.ca : NULL, c->b.cert, c->b.key, err,
+			   sizeof(err)) < 0) {
+		fprintf(stderr, "%s: %s\n", file, err);
+		problems++;
+	}
+	if (stat(c->dir, &st) == 0) {
+		if (!S_ISDIR(st.st_mode) || access(c->dir, W_OK | X_OK) < 0) {
+			fprintf(stderr, "%s: sink.dir \"%s\": %s\n", file, c->dir,
+				S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+			problems++;
+		}
+	} else {
+		char parent[4096], *slash;
+
+		snprintf(parent, sizeof(parent), "%s", c->dir);
+		slash = strrchr(parent, '/');
+		if (slash == parent)
+			slash[1] = '\0';
+		else if (slash)
+			*slash = '\0';
+		else
+			snprintf(parent, sizeof(parent), ".");
+		if (access(parent, W_OK | X_OK) < 0) {
+			fprintf(stderr, "%s: sink.dir \"%s\": cannot be created in \"%s\": %s\n",
+				file, c->dir, parent, strerror(errno));
+			problems++;
+		}
+	}
+	if (c->listen) {
+		struct sockaddr_in sa;
+		int one = 1, fd;
+
+		if (metrics_http_parse_listen(c->listen, &sa) < 0) {
+			fprintf(stderr, "%s: metrics.listen \"%s\": expected ADDRESS:PORT\n", file,
+				c->listen);
+			problems++;
+		} else if ((fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) >= 0) {
+			setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+			if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+				if (errno == EADDRINUSE) {
+					fprintf(stderr, "warning: %s: metrics.listen %s is in use now; "
+						"a start succeeds only once it is free\n", file,
+						c->listen);
+				} else {
+					fprintf(stderr, "%s: metrics.listen %s: %s\n", file, c->listen,
+						errno == EADDRNOTAVAIL ? "the address is not on this host"
+								       : strerror(errno));
+					problems++;
+				}
+			}
+			close(fd);
+		}
+	}
+	if (problems)
+		return 1;
+	printf("%s: configuration OK\n", file);
+	return 0;
 }
 
 /* ---- consuming ------------------------------------------------------------ */
@@ -420,6 +515,7 @@ int main(int argc, char **argv)
 		{ "config", 1, NULL, 'c' }, { "jsonl-dir", 1, NULL, 'd' },
 		{ "metrics-listen", 1, NULL, 'm' }, { "log-level", 1, NULL, 'l' },
 		{ "help", 0, NULL, 'h' },   { "version", 0, NULL, 'V' },
+		{ "check-config", 0, NULL, 'X' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ccfg c = {
@@ -445,6 +541,7 @@ int main(int argc, char **argv)
 	struct sigaction sa;
 	size_t node = 0;
 	int ch, seeded;
+	bool check = false;
 
 	broker_opts_init(&c.b);
 	while ((ch = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
@@ -453,6 +550,7 @@ int main(int argc, char **argv)
 		case 'd': dir = optarg; break;
 		case 'm': listen = optarg; break;
 		case 'l': level_s = optarg; break;
+		case 'X': check = true; break;
 		case 'h': usage(stdout); return 0;
 		case 'V': printf("vmproxy-consumer %s\n", VMPROXY_VERSION); return 0;
 		default: usage(stderr); return 1;
@@ -475,6 +573,16 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	log_init("vmproxy-consumer", level);
+	if (check) {
+		int rc = check_config(config, &c);
+
+		json_decref(root);
+		return rc;
+	}
+	if (c.b.tls) {
+		tls_files[0] = c.b.ca;
+		tls_files[1] = c.b.cert;
+	}
 	if (sink_open(c.dir, "metrics", c.max_file_bytes, NULL, &x.jsonl) < 0 ||
 	    sink_open(c.dir, "quarantine", c.max_file_bytes, NULL, &x.quarantine) < 0 ||
 	    dedup_new(c.dedup_window, &x.dedup) < 0 ||

@@ -79,6 +79,37 @@ static json_t *list_vms(json_t *threads, const char *only)
 	return out;
 }
 
+/* Append to VMS (rows of VMs with connections) a row for every VM the
+ * identity module knows of (static entries, running libvirt domains) that
+ * has none: the guest whose agent never connected is then visible. */
+static void add_idle_vms(struct vmproxy *p, json_t *vms)
+{
+	struct vm_info *known = NULL;
+	size_t n = 0, i, j;
+	json_t *v;
+
+	if (vm_identity_list_known(vmproxy_identity(p), &known, &n) < 0 && !known)
+		return;
+	for (i = 0; i < n; i++) {
+		bool seen = false;
+
+		json_array_foreach(vms, j, v) {
+			const char *u = json_string_value(json_object_get(v, "uuid"));
+			if (u && strcmp(u, known[i].uuid) == 0)
+				seen = true;
+		}
+		if (!seen)
+			json_array_append_new(vms, json_pack("{s:s, s:s, s:I, s:n, s:i, s:i, s:i, "
+							     "s:i, s:b}", "uuid", known[i].uuid,
+							     "name", known[i].name, "cid",
+							     (json_int_t)known[i].cid, "thread",
+							     "connections", 0, "messages_in", 0,
+							     "acked", 0, "held_bytes", 0,
+							     "blocked", 0));
+	}
+	free(known);
+}
+
 json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 {
 	json_error_t jerr;
@@ -149,7 +180,11 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 	} else if (strcmp(cmd, "threads") == 0) {
 		reply = json_pack("{s:b, s:o}", "ok", 1, "threads", strip_vms(threads));
 	} else if (strcmp(cmd, "vms") == 0) {
-		reply = json_pack("{s:b, s:o}", "ok", 1, "vms", list_vms(threads, NULL));
+		json_t *vms = list_vms(threads, NULL);
+
+		if (json_is_true(json_object_get(r, "all")))
+			add_idle_vms(p, vms);
+		reply = json_pack("{s:b, s:o}", "ok", 1, "vms", vms);
 		json_decref(threads);
 	} else {
 		const char *which = json_string_value(json_object_get(r, "vm"));

@@ -13,7 +13,9 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "balancer.h"
 #include "conf.h"
+#include "metrics.h"
 
 static char *dup_or_null(const char *s)
 {
@@ -586,6 +588,17 @@ static int parse_misc(struct conf_ctx *c, json_t *root, struct proxy_config *cfg
 	r |= conf_get_object(c, root, "", "metrics", false, &m);
 	cfg->balancer_raw = json_incref(b);
 	cfg->metrics_raw = json_incref(m);
+	/* Their own modules parse them again at start; validating them here
+	 * means --check-config and a reload see the same errors as a start. */
+	{
+		struct balancer_config bc;
+		struct metrics_config mc;
+
+		if (b)
+			r |= balancer_config_parse(c, b, &bc);
+		if (m)
+			r |= metrics_config_parse(c, m, &mc);
+	}
 	return r ? -EINVAL : 0;
 }
 
@@ -622,7 +635,7 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	r |= parse_guest(&c, root, cfg);
 	r |= parse_limits(&c, root, cfg);
 	r |= parse_misc(&c, root, cfg);
-	json_decref(root);
+	cfg->raw = root;
 	if (r || c.nerr) {
 		snprintf(err, errlen, "%s", c.nerr ? c.err : "out of memory");
 		proxy_config_free(cfg);
@@ -630,6 +643,67 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	}
 	*out = cfg;
 	return 0;
+}
+
+bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
+			      char *key, size_t keylen)
+{
+	static const char *const fixed[] = { "listeners", "threads", "upstream", "limits",
+					     "admin", "hostname", NULL };
+	json_t *a, *b, *ia, *ib;
+	const char *k;
+	size_t i;
+
+	/* identity: only appending static entries is applied at a reload. */
+	ia = json_object_get(old->raw, "identity");
+	ib = json_object_get(new->raw, "identity");
+	if ((ia || ib) && !(ia && ib && json_equal(ia, ib))) {
+		json_object_foreach(ia ? ia : ib, k, a) {
+			b = json_object_get(ia ? ib : ia, k);
+			if (strcmp(k, "static") != 0 && !(b && json_equal(a, b))) {
+				snprintf(key, keylen, "identity.%s", k);
+				return true;
+			}
+		}
+		json_object_foreach(ib ? ib : ia, k, a) {
+			if (strcmp(k, "static") != 0 && !json_object_get(ib ? ia : ib, k)) {
+				snprintf(key, keylen, "identity.%s", k);
+				return true;
+			}
+		}
+		a = json_object_get(ia, "static");
+		b = json_object_get(ib, "static");
+		if (json_array_size(b) < json_array_size(a)) {
+			snprintf(key, keylen, "identity.static");
+			return true;
+		}
+		for (i = 0; i < json_array_size(a); i++) {
+			if (!json_equal(json_array_get(a, i), json_array_get(b, i))) {
+				snprintf(key, keylen, "identity.static[%zu]", i);
+				return true;
+			}
+		}
+	}
+	for (i = 0; fixed[i]; i++) {
+		a = json_object_get(old->raw, fixed[i]);
+		b = json_object_get(new->raw, fixed[i]);
+		if ((a || b) && !(a && b && json_equal(a, b))) {
+			snprintf(key, keylen, "%s", fixed[i]);
+			return true;
+		}
+	}
+	/* The upstream links size their socket buffers from it at connect. */
+	if (old->guest.max_message_bytes != new->guest.max_message_bytes) {
+		snprintf(key, keylen, "guest.max_message_bytes");
+		return true;
+	}
+	a = json_object_get(old->metrics_raw, "listen");
+	b = json_object_get(new->metrics_raw, "listen");
+	if ((a || b) && !(a && b && json_equal(a, b))) {
+		snprintf(key, keylen, "metrics.listen");
+		return true;
+	}
+	return false;
 }
 
 void proxy_config_free(struct proxy_config *c)
@@ -673,6 +747,7 @@ void proxy_config_free(struct proxy_config *c)
 	free(c->admin.group);
 	json_decref(c->balancer_raw);
 	json_decref(c->metrics_raw);
+	json_decref(c->raw);
 	free(c->log_level);
 	free(c->hostname);
 	free(c->file);

@@ -119,11 +119,22 @@ struct proxy_config {
 	uint32_t drain_timeout_ms; /* "drain_timeout_ms", SIGTERM wait for confirms; 10000 */
 	char *log_level;	   /* "log_level": error|warn|info|debug, default info */
 	char *hostname;		   /* "hostname": x-vmproxy-host; default gethostname() */
+
+	json_t *raw; /* the whole file as loaded, for comparing at a reload */
 };
 
 /* Load and validate FILE. On error returns -EINVAL (or -errno) and writes
  * "FILE: key.path: what was expected" into ERR; nothing to free then. */
 int proxy_config_load(const char *file, struct proxy_config **out, char *err, size_t errlen);
+
+/* What a reload (SIGHUP) cannot apply: the first top-level key (or
+ * "metrics.listen", "identity.static", "guest.max_message_bytes") whose
+ * value differs between OLD and NEW and needs a restart, written into KEY;
+ * returns true then. Reloadable: log_level, guest (but max_message_bytes),
+ * balancer, metrics.per_vm, drain_timeout_ms, and entries appended to
+ * identity.static. */
+bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
+			      char *key, size_t keylen);
 
 /* Accepts NULL. */
 void proxy_config_free(struct proxy_config *c);

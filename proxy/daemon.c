@@ -75,6 +75,10 @@ struct vmproxy {
 	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
 	json_t *load;		/* per thread rates at the last sample */
 	_Atomic bool balancer_enabled;
+	bool log_level_pinned;	      /* --log-level given: reloads keep it */
+	char ***retired;	      /* exchange lists replaced by reloads: a session may
+				       * still be reading one, so they live until exit */
+	size_t nretired;
 	_Atomic uint32_t next_conn_id;
 	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
 };
@@ -96,6 +100,16 @@ int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out)
 struct vm_identity *vmproxy_identity(struct vmproxy *p)
 {
 	return p->id;
+}
+
+const struct proxy_config *vmproxy_config(struct vmproxy *p)
+{
+	return p->cfg;
+}
+
+void vmproxy_pin_log_level(struct vmproxy *p)
+{
+	p->log_level_pinned = true;
 }
 
 static void on_vm_gone(void *ud, const struct vm_info *vm)
@@ -747,13 +761,114 @@ static void on_timer(struct vmproxy *p)
 	}
 }
 
+/* Make a reloaded session setting visible to the poll threads. Each field is
+ * one aligned word written by one store: a poll thread's session reads the
+ * old or the new value at its next channel or method, never a mix. */
+#define SET_SHARED(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELEASE)
+#define SWAP(a, b)                                                                                 \
+	do {                                                                                       \
+		__typeof__(a) swap_tmp_ = (a);                                                     \
+		(a) = (b);                                                                         \
+		(b) = swap_tmp_;                                                                   \
+	} while (0)
+
+/* SIGHUP: read the file again and apply what changes without dropping a
+ * guest (log level, guest bounds and allowed exchanges, balancer settings,
+ * metrics.per_vm, drain_timeout_ms, static identities appended). Anything
+ * else, or a file that does not load, leaves the running configuration as
+ * it is, and says why. */
+static void reload_config(struct vmproxy *p)
+{
+	struct proxy_config *cfg = p->cfg, *ncfg = NULL;
+	char ***grown;
+	struct balancer_config bc;
+	struct metrics_config mc;
+	struct conf_ctx cc;
+	enum log_level level;
+	char err[600], key[64];
+	size_t nex = 0, nstatic;
+
+	if (proxy_config_load(cfg->file, &ncfg, err, sizeof(err)) < 0) {
+		log_error("SIGHUP: %s; the running configuration stays", err);
+		return;
+	}
+	if (proxy_config_restart_key(cfg, ncfg, key, sizeof(key))) {
+		log_error("SIGHUP: %s: %s changed, which takes a restart; the running "
+			  "configuration stays", cfg->file, key);
+		proxy_config_free(ncfg);
+		return;
+	}
+	grown = realloc(p->retired, (p->nretired + 1) * sizeof(*p->retired));
+	if (!grown) {
+		log_error("SIGHUP: out of memory; the running configuration stays");
+		proxy_config_free(ncfg);
+		return;
+	}
+	p->retired = grown;
+	/* The one step that can still fail (a new static entry naming a domain
+	 * libvirt does not have), so it goes first. */
+	nstatic = json_array_size(json_object_get(json_object_get(cfg->raw, "identity"), "static"));
+	if (vm_identity_add_statics(p->id, ncfg, nstatic, err, sizeof(err)) < 0) {
+		log_error("SIGHUP: %s: %s; the running configuration stays", cfg->file, err);
+		proxy_config_free(ncfg);
+		return;
+	}
+	if (ncfg->identity.n_statics > nstatic)
+		log_info("SIGHUP: %zu identity.static entries added",
+			 ncfg->identity.n_statics - nstatic);
+	conf_ctx_init(&cc, cfg->file);
+	balancer_config_parse(&cc, ncfg->balancer_raw, &bc);
+	conf_ctx_init(&cc, cfg->file);
+	metrics_config_parse(&cc, ncfg->metrics_raw, &mc);
+
+	if (!p->log_level_pinned && log_level_parse(ncfg->log_level, &level) == 0)
+		log_set_level(level);
+	/* Daemon-thread settings: the acceptor, the timer and the drain read
+	 * them on this thread. */
+	cfg->guest.max_connections_per_vm = ncfg->guest.max_connections_per_vm;
+	cfg->drain_timeout_ms = ncfg->drain_timeout_ms;
+	p->balancer.cfg = bc;
+	atomic_store(&p->balancer_enabled, bc.enabled);
+	metrics_set_per_vm(p->metrics, mc.per_vm);
+	/* Session settings: every session points at p->shared.scfg. The old
+	 * exchange list may still be read by a poll thread: it is retired, not
+	 * freed. */
+	p->retired[p->nretired++] = cfg->guest.allowed_exchanges;
+	cfg->guest.allowed_exchanges = ncfg->guest.allowed_exchanges;
+	ncfg->guest.allowed_exchanges = NULL;
+	SET_SHARED(p->shared.allowed_exchanges, (const char *const *)cfg->guest.allowed_exchanges);
+	SET_SHARED(p->shared.scfg.allowed_exchanges,
+		   (const char *const *)cfg->guest.allowed_exchanges);
+	SET_SHARED(p->shared.scfg.channel_max, ncfg->guest.channel_max);
+	SET_SHARED(p->shared.scfg.heartbeat, ncfg->guest.heartbeat);
+	SET_SHARED(p->shared.scfg.handshake_timeout_ms, ncfg->guest.handshake_timeout_ms);
+	/* The file as applied is what the next reload compares against. */
+	SWAP(cfg->raw, ncfg->raw);
+	SWAP(cfg->balancer_raw, ncfg->balancer_raw);
+	SWAP(cfg->metrics_raw, ncfg->metrics_raw);
+	SWAP(cfg->identity.statics, ncfg->identity.statics);
+	SWAP(cfg->identity.n_statics, ncfg->identity.n_statics);
+	SWAP(cfg->log_level, ncfg->log_level);
+	proxy_config_free(ncfg);
+	while (cfg->guest.allowed_exchanges[nex])
+		nex++;
+	log_info("SIGHUP: configuration reloaded (log_level %s%s, %zu allowed exchanges, "
+		 "balancer %s, metrics.per_vm %s)", cfg->log_level,
+		 p->log_level_pinned ? " ignored: --log-level given" : "", nex,
+		 bc.enabled ? "on" : "off", mc.per_vm ? "on" : "off");
+}
+
 static void on_signal(struct vmproxy *p)
 {
 	struct signalfd_siginfo si;
 
 	while (read(p->sigfd, &si, sizeof(si)) == sizeof(si)) {
 		if (si.ssi_signo == SIGHUP) {
-			int r = log_reopen(p->log_file);
+			int r;
+
+			if (p->phase == RUNNING)
+				reload_config(p);
+			r = log_reopen(p->log_file);
 			if (r < 0)
 				log_error("SIGHUP: cannot reopen \"%s\": %s", p->log_file,
 					  strerror(-r));
@@ -924,6 +1039,12 @@ void vmproxy_free(struct vmproxy *p)
 		json_decref(p->load);
 		pthread_mutex_destroy(&p->load_lock);
 	}
+	for (size_t i = 0; i < p->nretired; i++) {
+		for (char **e = p->retired[i]; *e; e++)
+			free(*e);
+		free(p->retired[i]);
+	}
+	free(p->retired);
 	proxy_config_free(p->cfg);
 	free(p);
 }

@@ -36,6 +36,10 @@ void vmproxy_stop(struct vmproxy *p);
 void vmproxy_free(struct vmproxy *p);
 
 struct vm_identity *vmproxy_identity(struct vmproxy *p);
+/* The running configuration (a reload changes only what it may). */
+const struct proxy_config *vmproxy_config(struct vmproxy *p);
+/* --log-level was given: a reload leaves the level alone. */
+void vmproxy_pin_log_level(struct vmproxy *p);
 
 /* Ask every poll thread for its report (claim 5: by message, never by
  * reading its memory). A new array of thread objects, or NULL if a thread

@@ -11,6 +11,7 @@
 #include "config.h"
 #include "daemon.h"
 #include "log.h"
+#include "preflight.h"
 
 static void usage(FILE *f)
 {
@@ -24,15 +25,20 @@ static void usage(FILE *f)
 		"\n"
 		"Options:\n"
 		"  -c, --config FILE     configuration file (JSON; see vmproxyd.conf(5))\n"
-		"      --check-config    validate the configuration and exit\n"
+		"      --check-config    run every start check that leaves the host unchanged\n"
+		"                        (configuration, libvirt and its domains, addresses,\n"
+		"                        socket directories, TLS files) and exit: 0 if OK\n"
 		"      --log-file FILE   log there instead of stderr (reopened on SIGHUP)\n"
 		"      --log-level L     error, warn, info or debug (overrides the file)\n"
 		"  -h, --help            this text\n"
 		"  -V, --version         print the version\n"
 		"\n"
 		"Signals: SIGTERM/SIGINT drain (stop accepting, wait for confirms, close guests\n"
-		"with 320), SIGHUP reopens the log file and reconnects the upstream links\n"
-		"once idle, re-reading the TLS files.\n");
+		"with 320), SIGHUP reloads what changes without closing guests (log level,\n"
+		"guest bounds, balancer, metrics.per_vm, static identities added; anything\n"
+		"else is refused), reopens\n"
+		"the log file and reconnects the upstream links once idle, re-reading the TLS\n"
+		"files.\n");
 }
 
 int main(int argc, char **argv)
@@ -95,9 +101,18 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (check) {
-		printf("%s: configuration OK\n", config);
+		/* Everything the start would check that leaves the host as it is. */
+		int problems = preflight_run(cfg, log_file, stderr);
+
+		if (problems == 0)
+			printf("%s: configuration OK\n", config);
 		proxy_config_free(cfg);
-		return 0;
+		return problems ? 1 : 0;
+	}
+	if (preflight_tls(cfg, err, sizeof(err)) < 0) {
+		fprintf(stderr, "vmproxyd: %s\n", err);
+		proxy_config_free(cfg);
+		return 1;
 	}
 	if (!level_arg && cfg->log_level)
 		log_level_parse(cfg->log_level, &level);
@@ -121,6 +136,8 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	vmproxy_handle_signals(p, log_file);
+	if (level_arg)
+		vmproxy_pin_log_level(p);
 	r = vmproxy_start(p, err, sizeof(err));
 	if (r < 0) {
 		log_error("cannot start: %s", err);

@@ -4,6 +4,7 @@
 #include "metrics.h"
 
 #include <dirent.h>
+#include <stdatomic.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "certfile.h"
 #include "daemon.h"
 #include "log.h"
 #include "metrics_http.h"
@@ -23,7 +25,8 @@
 struct metrics_server {
 	struct vmproxy *p;
 	struct metrics_http *http;
-	bool per_vm;
+	_Atomic bool per_vm; /* a reload changes it while scrapes run */
+	char *tls_files[2];  /* upstream.tls.ca and .cert, for their expiry */
 };
 
 int metrics_config_parse(struct conf_ctx *c, json_t *obj, struct metrics_config *out)
@@ -246,11 +249,33 @@ static char *render(void *ud)
 	struct metrics_server *m = ud;
 	json_t *threads = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS);
 	json_t *counters = vmproxy_counters(m->p);
-	char *body = metrics_render(threads, counters, m->per_vm);
+	char *body = metrics_render(threads, counters, atomic_load(&m->per_vm));
+	struct prom_buf certs;
 
 	json_decref(threads);
 	json_decref(counters);
+	if (!body)
+		return NULL;
+	prom_init(&certs);
+	certfile_prom_expiry(&certs, (const char *const *)m->tls_files, 2);
+	if (!certs.oom && certs.len) {
+		size_t len = strlen(body);
+		char *all = realloc(body, len + certs.len + 1);
+
+		if (all) {
+			memcpy(all + len, certs.data, certs.len);
+			all[len + certs.len] = '\0';
+			body = all;
+		}
+	}
+	prom_free(&certs);
 	return body;
+}
+
+void metrics_set_per_vm(struct metrics_server *m, bool per_vm)
+{
+	if (m)
+		atomic_store(&m->per_vm, per_vm);
 }
 
 int metrics_start(struct vmproxy *p, const struct metrics_config *cfg,
@@ -266,11 +291,19 @@ int metrics_start(struct vmproxy *p, const struct metrics_config *cfg,
 	if (!m)
 		return -ENOMEM;
 	m->p = p;
-	m->per_vm = cfg->per_vm;
+	atomic_store(&m->per_vm, cfg->per_vm);
+	{
+		const struct proxy_config *pc = vmproxy_config(p);
+
+		m->tls_files[0] = pc->upstream.ca ? strdup(pc->upstream.ca) : NULL;
+		m->tls_files[1] = pc->upstream.cert ? strdup(pc->upstream.cert) : NULL;
+	}
 	r = metrics_http_start(cfg->listen, render, m, &m->http);
 	if (r < 0) {
 		snprintf(err, errlen, "metrics.listen %s: cannot listen (address in use?)",
 			 cfg->listen);
+		free(m->tls_files[0]);
+		free(m->tls_files[1]);
 		free(m);
 		return r;
 	}
@@ -284,5 +317,7 @@ void metrics_stop(struct metrics_server *m)
 	if (!m)
 		return;
 	metrics_http_stop(m->http);
+	free(m->tls_files[0]);
+	free(m->tls_files[1]);
 	free(m);
 }

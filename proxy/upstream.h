@@ -72,7 +72,7 @@ struct upstream_stats {
 	} refusals[UPSTREAM_REFUSAL_CODES]; /* broker closes with 4xx/5xx codes */
 	uint32_t unconfirmed;
 	bool up, broker_blocked;
-	char last_error[160];
+	char last_error[320];
 	char node[128]; /* host:port of the current or last link */
 };
 

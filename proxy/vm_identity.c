@@ -73,7 +73,8 @@ struct no_lease {
 struct vm_identity {
 	const struct proxy_config *cfg;
 	virConnectPtr conn;
-	pthread_mutex_t lock; /* the caches below; never held across an RPC */
+	pthread_mutex_t lock; /* the caches below and the static table against readers
+			       * other than the acceptor; never held across an RPC */
 	pthread_mutex_t scan_lock; /* one CID rescan at a time; events never take it */
 	struct no_lease no_lease[NO_LEASE_SLOTS];
 	size_t no_lease_next;
@@ -543,6 +544,93 @@ int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct
 		}
 	}
 	return lookup_libvirt(id, name_or_uuid, out);
+}
+
+int vm_identity_add_statics(struct vm_identity *id, const struct proxy_config *cfg, size_t from,
+			    char *err, size_t errlen)
+{
+	size_t n = cfg->identity.n_statics, k = 0;
+	struct static_entry *add, *grown;
+
+	if (from >= n)
+		return 0;
+	add = calloc(n - from, sizeof(*add));
+	if (!add)
+		return -ENOMEM;
+	/* Resolve every new entry first: all or nothing. */
+	for (size_t i = from; i < n; i++, k++) {
+		const struct static_identity *s = &cfg->identity.statics[i];
+		struct static_entry *e = &add[k];
+
+		if (parse_addr(s->address, &e->family, e->addr) < 0) {
+			snprintf(err, errlen, "identity.static[%zu].address: \"%s\" is not numeric", i,
+				 s->address);
+			free(add);
+			return -EINVAL;
+		}
+		if (lookup_libvirt(id, s->vm, &e->vm) < 0) {
+			if (!s->uuid) {
+				snprintf(err, errlen, "identity.static[%zu].vm: no libvirt domain \"%s\" "
+					 "and no uuid given", i, s->vm);
+				free(add);
+				return -ENOENT;
+			}
+			snprintf(e->vm.name, sizeof(e->vm.name), "%s", s->vm);
+		}
+		if (s->uuid)
+			snprintf(e->vm.uuid, sizeof(e->vm.uuid), "%s", s->uuid);
+	}
+	pthread_mutex_lock(&id->lock);
+	grown = realloc(id->statics, (id->nstatics + k + 1) * sizeof(*grown));
+	if (grown) {
+		memcpy(grown + id->nstatics, add, k * sizeof(*add));
+		id->statics = grown;
+		id->nstatics += k;
+	}
+	pthread_mutex_unlock(&id->lock);
+	free(add);
+	return grown ? 0 : -ENOMEM;
+}
+
+int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t *n)
+{
+	virDomainPtr *doms = NULL;
+	struct vm_info *vms;
+	int nd = 0, r = 0;
+	size_t k = 0;
+
+	if (id->conn) {
+		nd = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+		if (nd < 0) {
+			log_warn("libvirt: cannot list domains: %s", virt_error());
+			nd = 0;
+			r = -EIO;
+		}
+	}
+	/* A reload may grow the static table meanwhile (on the acceptor). */
+	pthread_mutex_lock(&id->lock);
+	vms = calloc(id->nstatics + (size_t)nd + 1, sizeof(*vms));
+	for (size_t i = 0; vms && i < id->nstatics; i++)
+		vms[k++] = id->statics[i].vm;
+	pthread_mutex_unlock(&id->lock);
+	for (int i = 0; i < nd; i++) {
+		struct vm_info vm;
+		bool dup = false;
+
+		if (vms && info_from_domain(id, doms[i], &vm) == 0) {
+			for (size_t j = 0; j < k && !dup; j++)
+				dup = strcmp(vms[j].uuid, vm.uuid) == 0;
+			if (!dup)
+				vms[k++] = vm;
+		}
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	if (!vms)
+		return -ENOMEM;
+	*out = vms;
+	*n = k;
+	return r;
 }
 
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)

@@ -66,6 +66,19 @@ uint64_t vm_identity_lease_scans(struct vm_identity *id);
 /* Resolve a VM by name or uuid (per-VM Unix sockets, static entries). */
 int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out);
 
+/* A reload appended static entries: add CFG's identity.static[FROM..] to
+ * the table (resolved like at start: a domain that libvirt does not have
+ * needs a uuid). All or nothing; errors name the entry in ERR. Call on the
+ * acceptor thread, the one that looks peers up by address and name. */
+int vm_identity_add_statics(struct vm_identity *id, const struct proxy_config *cfg, size_t from,
+			    char *err, size_t errlen);
+
+/* Every VM this host knows of: the static table's entries, then the
+ * running libvirt domains not among them (one libvirt call per domain;
+ * admin requests only). *OUT is malloc'd, *N entries. Returns 0, -EIO when
+ * libvirt could not list (the static entries are still given), -ENOMEM. */
+int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t *n);
+
 /* Called from the event thread when a domain stops, is undefined or
  * migrates away: UUID is no longer running here. */
 typedef void (*vm_gone_fn)(void *userdata, const struct vm_info *vm);

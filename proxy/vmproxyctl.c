@@ -1,5 +1,7 @@
 /* vmproxyctl.c -- the operator's view into a running vmproxyd through its
- * admin socket: status, threads, vms, vm NAME|UUID; --json for scripts. */
+ * admin socket: status, health, threads, vms, vm NAME|UUID; --json for
+ * scripts. Exit status: 0 done (health: healthy), 1 an error or unhealthy,
+ * 2 a usage error. */
 #include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
@@ -22,8 +24,12 @@ static void usage(FILE *f)
 		   "\n"
 		   "Commands:\n"
 		   "  status          daemon counters and one line per poll thread\n"
+		   "  health          exit 0 when every upstream link is up and the daemon is\n"
+		   "                  not draining, 1 otherwise; one line saying why\n"
 		   "  threads         poll threads and their upstream links\n"
-		   "  vms             every VM with connections, and its thread\n"
+		   "  vms [--all]     every VM with connections, and its thread; --all adds\n"
+		   "                  the VMs known here (static, running domains) without\n"
+		   "                  any\n"
 		   "  vm NAME|UUID    one VM\n"
 		   "  migrate VM THREAD  move a VM with all its connections to a poll thread\n"
 		   "  balancer on|off    switch automatic balancing\n"
@@ -150,10 +156,16 @@ static void print_load(json_t *load)
 
 static void print_vm_row(json_t *v)
 {
-	printf("%-36s %-20s %-6lld %-6lld %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
-	       str(v, "name"), num(v, "cid"), num(v, "thread"), num(v, "connections"),
+	char thread[24] = "-"; /* vms --all: a VM without connections has no thread */
+
+	if (json_is_integer(json_object_get(v, "thread")))
+		snprintf(thread, sizeof(thread), "%lld", num(v, "thread"));
+	printf("%-36s %-20s %-6lld %-6s %-6lld %-10lld %-10lld %-10lld %s\n", str(v, "uuid"),
+	       str(v, "name"), num(v, "cid"), thread, num(v, "connections"),
 	       num(v, "messages_in"), num(v, "acked"), num(v, "held_bytes"),
-	       json_is_true(json_object_get(v, "blocked")) ? "blocked" : "");
+	       json_is_true(json_object_get(v, "blocked"))	    ? "blocked"
+	       : json_is_integer(json_object_get(v, "thread")) ? ""
+							    : "no connection");
 }
 
 static void print_vm_header(void)
@@ -162,17 +174,73 @@ static void print_vm_header(void)
 	       "THREAD", "CONNS", "MSGS_IN", "ACKED", "HELD_BYTES", "STATE");
 }
 
+/* Commands the daemon serves; anything else is a usage error (exit 2). */
+static bool known_command(const char *cmd)
+{
+	static const char *const cmds[] = { "status", "health", "threads", "vms", "vm", "migrate",
+					    "balancer", "drain", "top", NULL };
+
+	for (size_t i = 0; cmds[i]; i++)
+		if (strcmp(cmds[i], cmd) == 0)
+			return true;
+	return false;
+}
+
+/* The verdict of a status reply: 0 healthy, 1 not; with SAY, one line why. */
+static int print_health(json_t *reply, bool say)
+{
+	json_t *d = json_object_get(reply, "daemon"), *threads = json_object_get(reply, "threads");
+	json_t *t, *first_down = NULL;
+	size_t i, down = 0, n = json_array_size(threads);
+
+	json_array_foreach(threads, i, t) {
+		if (!json_is_true(json_object_get(json_object_get(t, "upstream"), "up"))) {
+			if (!first_down)
+				first_down = t;
+			down++;
+		}
+	}
+	if (json_is_true(json_object_get(d, "draining"))) {
+		if (say)
+			printf("unhealthy: draining (no new connections; it exits once guests "
+			       "are closed)\n");
+		return 1;
+	}
+	if (n == 0) {
+		if (say)
+			printf("unhealthy: no poll thread answered\n");
+		return 1;
+	}
+	if (down) {
+		json_t *u = json_object_get(first_down, "upstream");
+
+		if (say && json_is_object(first_down))
+			printf("unhealthy: %zu of %zu upstream links down (thread %lld: %s)\n", down,
+			       n, num(first_down, "thread"),
+			       *str(u, "last_error") ? str(u, "last_error") : "not connected yet");
+		else if (say)
+			printf("unhealthy: %zu of %zu upstream links down (a poll thread did not "
+			       "answer)\n", down, n);
+		return 1;
+	}
+	if (say)
+		printf("healthy: %zu upstream links up, %lld guest connections\n", n,
+		       num(d, "connections"));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "socket", required_argument, NULL, 's' },
 		{ "json", no_argument, NULL, 'j' },
+		{ "all", no_argument, NULL, 'a' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *path = DEFAULT_SOCKET, *cmd;
-	bool as_json = false;
+	bool as_json = false, all = false;
 	json_t *req, *reply;
 	char *reqtext, *text;
 	long thread = 0;
@@ -185,6 +253,9 @@ int main(int argc, char **argv)
 			break;
 		case 'j':
 			as_json = true;
+			break;
+		case 'a':
+			all = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -203,6 +274,15 @@ int main(int argc, char **argv)
 	}
 	cmd = argv[optind];
 	/* Arguments are checked before anything is allocated. */
+	if (!known_command(cmd)) {
+		fprintf(stderr, "vmproxyctl: unknown command \"%.64s\"\n", cmd);
+		usage(stderr);
+		return 2;
+	}
+	if (all && strcmp(cmd, "vms") != 0) {
+		fprintf(stderr, "vmproxyctl: --all goes with vms\n");
+		return 2;
+	}
 	if (strcmp(cmd, "vm") == 0 && optind + 1 >= argc) {
 		fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
 		return 2;
@@ -226,7 +306,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
 		return 2;
 	}
-	req = json_pack("{s:s}", "command", cmd);
+	/* health is a verdict over the status reply. */
+	req = json_pack("{s:s}", "command", strcmp(cmd, "health") == 0 ? "status" : cmd);
+	if (all)
+		json_object_set_new(req, "all", json_true());
 	if (strcmp(cmd, "vm") == 0) {
 		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
 	} else if (strcmp(cmd, "migrate") == 0) {
@@ -252,6 +335,10 @@ int main(int argc, char **argv)
 		rc = 1;
 	} else if (as_json) {
 		fputs(text, stdout);
+		if (strcmp(cmd, "health") == 0)
+			rc = print_health(reply, false);
+	} else if (strcmp(cmd, "health") == 0) {
+		rc = print_health(reply, true);
 	} else if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "drain") == 0) {
 		printf("%s\n", str(reply, "result"));
 	} else if (strcmp(cmd, "balancer") == 0) {

@@ -14,17 +14,21 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
+import tempfile
 
 import pytest
+
+from harness.rabbitmq import BrokerError
 
 UNITS = ["vmproxyd.service", "vmproxy-agent.service", "vmproxy-consumer.service"]
 MAN = ["man8/vmproxyd.8", "man8/vmproxyctl.8", "man8/vmproxy-agent.8",
        "man8/vmproxy-consumer.8", "man5/vmproxyd.conf.5"]
 EXAMPLES = ["vmproxyd.example.json", "vmproxy-agent.example.json",
             "vmproxy-consumer.example.json", "rabbitmq/rabbitmq.conf.in",
-            "rabbitmq/definitions.json", "libvirt/vsock-device.xml",
-            "systemd/vmproxyd-firecracker.conf"]
+            "rabbitmq/definitions.json", "rabbitmq/hash-password.py",
+            "libvirt/vsock-device.xml", "systemd/vmproxyd-firecracker.conf"]
 
 
 def _options(build_dir):
@@ -197,8 +201,11 @@ def test_man_page(installed, page):
 
 
 def test_conf_page_example_is_valid(installed, certs, tmp_path):
-    """The EXAMPLE of vmproxyd.conf(5), with the test certificates in place
-    of /etc/vmproxy/tls, passes vmproxyd --check-config."""
+    """The EXAMPLE of vmproxyd.conf(5), with what a host provides put in
+    place (the test certificates for /etc/vmproxy/tls, libvirt's test
+    driver for qemu:///system, a writable directory for /run/vmproxyd and
+    an existing group for vmproxy-admin), passes vmproxyd --check-config,
+    which checks those too."""
     dest, opt = installed
     page = _under(dest, opt["prefix"], f"{opt['mandir']}/man5/vmproxyd.conf.5").read_text()
     m = re.search(r"^\.SH EXAMPLE\n\.nf\n(.*?)^\.fi$", page, re.M | re.S)
@@ -206,9 +213,58 @@ def test_conf_page_example_is_valid(installed, certs, tmp_path):
     text = m.group(1).replace("\\-", "-")
     for name in ("ca.pem", "proxy.pem", "proxy-key.pem"):
         text = text.replace("/etc/vmproxy/tls/" + name, str(certs / name))
+    node = pathlib.Path(__file__).resolve().parents[2] / "tests/unit/proxycore/data/node.xml"
+    text = text.replace("qemu:///system", "test://%s" % node)
+    text = text.replace("/run/vmproxyd/", str(tmp_path) + "/")
+    text = text.replace('"vmproxy-admin"', '"root"')
     conf = tmp_path / "vmproxyd.json"
     conf.write_text(text)
     exe = _under(dest, opt["prefix"], f"{opt['sbindir']}/vmproxyd")
     r = subprocess.run([str(exe), "--config", str(conf), "--check-config"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr + text
+
+
+def test_man_pages_follow_the_prefix(installed):
+    """vmproxyd(8) names the example configuration under the configured
+    prefix, not a fixed /usr."""
+    dest, opt = installed
+    page = _under(dest, opt["prefix"], f"{opt['mandir']}/man8/vmproxyd.8").read_text()
+    want = os.path.join(opt["prefix"], opt["datadir"], "doc/vmproxy/examples",
+                        "vmproxyd.example.json")
+    assert want in page, want
+    assert "@EXAMPLES@" not in page
+
+
+def test_hash_password_writes_definitions_the_broker_accepts(broker):
+    """hash-password.py --definitions gives each user a new random password
+    and writes the hashes into a copy of the definitions; the broker, given
+    that copy, accepts the printed password and refuses the old one."""
+    top = pathlib.Path(__file__).resolve().parents[2]
+    helper = top / "deploy" / "rabbitmq" / "hash-password.py"
+    # rabbitmqctl runs as the broker's user: a directory it can read.
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-defs-"))
+    os.chmod(tmp_path, 0o755)
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"users": [
+        {"name": "hashcheck", "password_hash": "", "hashing_algorithm":
+         "rabbit_password_hashing_sha256", "tags": [], "limits": {}}]}))
+    out = tmp_path / "out.json"
+    r = subprocess.run(["/usr/bin/python3", str(helper), "--definitions", str(src), str(out)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    (name, password), = [line.split(" ", 1) for line in r.stdout.splitlines()]
+    assert name == "hashcheck" and len(password) >= 24
+    assert oct(out.stat().st_mode & 0o777) == "0o640"
+    os.chmod(out, 0o644)  # the broker's user reads it for the import
+    broker.ctl("import_definitions", str(out))
+    try:
+        broker.ctl("authenticate_user", "hashcheck", password)  # raises when refused
+        with pytest.raises(BrokerError):
+            broker.ctl("authenticate_user", "hashcheck", password + "x")
+    finally:
+        broker.ctl("delete_user", "hashcheck")
+    r = subprocess.run(["/usr/bin/python3", str(helper), "--definitions", str(src), str(out),
+                        "nobody"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "no user 'nobody'" in r.stderr
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -26,12 +26,12 @@ import threading
 
 from harness.rabbitmq import DEPLOY, PASSWORDS, BrokerError, RabbitMQ, ensure_certs
 
-# A minority that loses sight of the majority stops serving until it sees it
-# again, rather than running on as a second cluster: with quorum queues and
-# three nodes, the two that still see each other carry on. The network tick
-# is shortened so that a node frozen by a test is declared down in seconds.
+# The shipped rabbitmq.conf.in sets cluster_partition_handling =
+# pause_minority: a minority that loses sight of the majority stops serving
+# until it sees it again; with quorum queues and three nodes, the two that
+# still see each other carry on. The network tick is shortened so that a
+# node frozen by a test is declared down in seconds.
 CLUSTER_CONF = """
-cluster_partition_handling = pause_minority
 net_ticktime = 10
 """
 

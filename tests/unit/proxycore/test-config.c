@@ -257,10 +257,79 @@ static void test_errors(void **state)
 		  "log_level: expected one of \"error\"" },
 		{ "{" LISTEN ", \"upstream\": {\"hosts\": [], \"exchange\": \"x\"}}",
 		  "upstream.hosts: expected 1 to 64 broker nodes" },
+		/* Sections parsed by their own modules are validated at load too. */
+		{ "{" LISTEN ", " MINIMAL_UP ", \"balancer\": {\"intervall_ms\": 1000}}",
+		  "balancer.intervall_ms: unknown key" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"balancer\": {\"ratio\": 0.5}}",
+		  "balancer.ratio: expected a number in [1.05, 100]" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"metrics\": {\"listen\": \"127.0.0.1:9464\", "
+		  "\"per_vms\": true}}",
+		  "metrics.per_vms: unknown key" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"metrics\": {\"listen\": \"localhost:http\"}}",
+		  "metrics.listen: expected a numeric IPv4 \"ADDRESS:PORT\"" },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
 		load(cases[i].text, cases[i].err, NULL);
+}
+
+/* What a reload may apply: OLD_TEXT running, NEW_TEXT read at SIGHUP;
+ * WANT_KEY the key that needs a restart, or NULL. */
+static void restart_case(const char *old_text, const char *new_text, const char *want_key)
+{
+	struct proxy_config *a, *b;
+	char key[64] = "";
+	bool r;
+
+	load(old_text, NULL, &a);
+	load(new_text, NULL, &b);
+	r = proxy_config_restart_key(a, b, key, sizeof(key));
+	if (want_key && (!r || strcmp(key, want_key) != 0))
+		fail_msg("expected %s to need a restart, got %s", want_key, r ? key : "none");
+	if (!want_key && r)
+		fail_msg("expected a reloadable change, got %s", key);
+	proxy_config_free(a);
+	proxy_config_free(b);
+}
+
+#define ID(x) "{" LISTEN ", " MINIMAL_UP ", \"identity\": {" x "}}"
+#define ST(a, n) "{\"address\": \"" a "\", \"vm\": \"" n "\", " \
+	"\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c6" n "\"}"
+
+static void test_restart_keys(void **state)
+{
+	const char *base = "{" LISTEN ", " MINIMAL_UP "}";
+
+	restart_case(base, base, NULL);
+	restart_case(base, "{" LISTEN ", " MINIMAL_UP ", \"log_level\": \"debug\", "
+			   "\"guest\": {\"allowed_exchanges\": [\"a\", \"b\"], "
+			   "\"channel_max\": 8}, \"balancer\": {\"enabled\": false}, "
+			   "\"drain_timeout_ms\": 1, \"metrics\": {\"listen\": "
+			   "\"127.0.0.1:1\", \"per_vm\": true}}", "metrics.listen");
+	restart_case("{" LISTEN ", " MINIMAL_UP ", \"metrics\": {\"listen\": \"127.0.0.1:1\"}}",
+		     "{" LISTEN ", " MINIMAL_UP ", \"log_level\": \"debug\", "
+		     "\"guest\": {\"allowed_exchanges\": [\"a\"], \"channel_max\": 8}, "
+		     "\"balancer\": {\"enabled\": false}, \"drain_timeout_ms\": 1, "
+		     "\"metrics\": {\"listen\": \"127.0.0.1:1\", \"per_vm\": true}}",
+		     NULL);
+	restart_case(base, "{\"listeners\": [{\"type\": \"tcp\", \"port\": 5673}], "
+			   MINIMAL_UP "}", "listeners");
+	restart_case(base, "{" LISTEN ", " MINIMAL_UP ", \"threads\": {\"count\": 2}}",
+		     "threads");
+	restart_case(base, "{" LISTEN ", " MINIMAL_UP ", \"guest\": {\"max_message_bytes\": "
+			   "4096}}", "guest.max_message_bytes");
+	/* identity: appending static entries is the one reloadable change. */
+	restart_case(base, ID("\"static\": [" ST("10.0.0.1", "1") "]"), NULL);
+	restart_case(ID("\"static\": [" ST("10.0.0.1", "1") "]"),
+		     ID("\"static\": [" ST("10.0.0.1", "1") ", " ST("10.0.0.2", "2") "]"), NULL);
+	restart_case(ID("\"static\": [" ST("10.0.0.1", "1") ", " ST("10.0.0.2", "2") "]"),
+		     ID("\"static\": [" ST("10.0.0.1", "1") "]"), "identity.static");
+	restart_case(ID("\"static\": [" ST("10.0.0.1", "1") "]"),
+		     ID("\"static\": [" ST("10.0.0.9", "1") "]"), "identity.static[0]");
+	restart_case(ID("\"static\": [" ST("10.0.0.1", "1") "]"),
+		     ID("\"unknown_peers\": \"by_address\", \"static\": [" ST("10.0.0.1", "1") "]"),
+		     "identity.unknown_peers");
+	restart_case(ID("\"unknown_peers\": \"by_address\""), base, "identity.unknown_peers");
 }
 
 int main(void)
@@ -270,6 +339,7 @@ int main(void)
 		cmocka_unit_test(test_defaults),
 		cmocka_unit_test(test_firecracker_form),
 		cmocka_unit_test(test_errors),
+		cmocka_unit_test(test_restart_keys),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
