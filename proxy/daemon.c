@@ -764,7 +764,6 @@ static void on_timer(struct vmproxy *p)
 /* Make a reloaded session setting visible to the poll threads. Each field is
  * one aligned word written by one store: a poll thread's session reads the
  * old or the new value at its next channel or method, never a mix. */
-#define SET_SHARED(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELEASE)
 #define SWAP(a, b)                                                                                 \
 	do {                                                                                       \
 		__typeof__(a) swap_tmp_ = (a);                                                     \
@@ -830,18 +829,32 @@ static void reload_config(struct vmproxy *p)
 	p->balancer.cfg = bc;
 	atomic_store(&p->balancer_enabled, bc.enabled);
 	metrics_set_per_vm(p->metrics, mc.per_vm);
-	/* Session settings: every session points at p->shared.scfg. The old
-	 * exchange list may still be read by a poll thread: it is retired, not
-	 * freed. */
+	/* Session settings: each poll thread has its own copy, which its
+	 * sessions read, and takes the new values by mail. The old exchange
+	 * list may still be read by a session: it is retired, not freed. */
 	p->retired[p->nretired++] = cfg->guest.allowed_exchanges;
 	cfg->guest.allowed_exchanges = ncfg->guest.allowed_exchanges;
 	ncfg->guest.allowed_exchanges = NULL;
-	SET_SHARED(p->shared.allowed_exchanges, (const char *const *)cfg->guest.allowed_exchanges);
-	SET_SHARED(p->shared.scfg.allowed_exchanges,
-		   (const char *const *)cfg->guest.allowed_exchanges);
-	SET_SHARED(p->shared.scfg.channel_max, ncfg->guest.channel_max);
-	SET_SHARED(p->shared.scfg.heartbeat, ncfg->guest.heartbeat);
-	SET_SHARED(p->shared.scfg.handshake_timeout_ms, ncfg->guest.handshake_timeout_ms);
+	p->shared.allowed_exchanges = (const char *const *)cfg->guest.allowed_exchanges;
+	p->shared.scfg.allowed_exchanges = p->shared.allowed_exchanges;
+	p->shared.scfg.channel_max = ncfg->guest.channel_max;
+	p->shared.scfg.heartbeat = ncfg->guest.heartbeat;
+	p->shared.scfg.handshake_timeout_ms = ncfg->guest.handshake_timeout_ms;
+	for (unsigned i = 0; i < p->nthreads; i++) {
+		struct reconfig_mail *rm = calloc(1, sizeof(*rm));
+
+		if (!rm) {
+			log_error("SIGHUP: out of memory: thread %u keeps its guest session settings "
+				  "until the next reload", i);
+			continue;
+		}
+		rm->mail.type = MAIL_RECONFIG;
+		rm->allowed_exchanges = p->shared.allowed_exchanges;
+		rm->channel_max = p->shared.scfg.channel_max;
+		rm->heartbeat = p->shared.scfg.heartbeat;
+		rm->handshake_timeout_ms = p->shared.scfg.handshake_timeout_ms;
+		poll_thread_post(p->threads[i], &rm->mail);
+	}
 	/* The file as applied is what the next reload compares against. */
 	SWAP(cfg->raw, ncfg->raw);
 	SWAP(cfg->balancer_raw, ncfg->balancer_raw);

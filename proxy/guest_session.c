@@ -459,6 +459,11 @@ struct guest_session *guest_session_new(const struct guest_session_config *confi
 	return s;
 }
 
+void guest_session_set_config(struct guest_session *s, const struct guest_session_config *config)
+{
+	s->cfg = config;
+}
+
 void guest_session_free(struct guest_session *s)
 {
 	if (!s)

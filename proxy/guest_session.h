@@ -83,6 +83,10 @@ struct guest_session *guest_session_new(const struct guest_session_config *confi
 					void *userdata, uint64_t now_ms);
 void guest_session_free(struct guest_session *s);
 
+/* From now on S reads CONFIG (same lifetime rules as at creation): a
+ * session that moved to another thread reads that thread's copy. */
+void guest_session_set_config(struct guest_session *s, const struct guest_session_config *config);
+
 /* Feed LEN bytes the guest sent at NOW_MS. Consumes all of them (partial
  * frames are buffered, bounded by frame_max). Returns 0, or -EPROTO once the
  * session is closing or closed (the rest is discarded). */

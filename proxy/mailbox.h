@@ -18,6 +18,7 @@ enum mail_type {
 	MAIL_MIGRATE_OUT,	 /* balancer: hand a VM to another thread */
 	MAIL_MIGRATE_IN,	 /* balancer: adopt a VM's connections */
 	MAIL_RELINK,		 /* SIGHUP: reconnect the link when idle, re-reading TLS files */
+	MAIL_RECONFIG,		 /* SIGHUP: new guest session settings */
 };
 
 struct mail {

@@ -90,6 +90,7 @@ struct poll_thread {
 	uint64_t held_bytes, held_msgs;
 	uint64_t next_scan;
 
+	struct guest_session_config scfg; /* this thread's sessions read it */
 	amqp_pool_t pool;
 	unsigned char *props_buf;
 	unsigned char read_buf[READ_CHUNK];
@@ -645,7 +646,7 @@ static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 	if (!c)
 		goto fail;
 	c->pt = pt;
-	c->sess = guest_session_new(&pt->sh->scfg, c, now);
+	c->sess = guest_session_new(&pt->scfg, c, now);
 	v = c->sess ? vm_get(pt, &nm->vm) : NULL;
 	if (!v)
 		goto fail;
@@ -842,6 +843,8 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		next = c->vm_next;
 		c->vm = v;
 		c->pt = pt;
+		if (c->sess)
+			guest_session_set_config(c->sess, &pt->scfg);
 		v->refs++;
 		conn_attach(pt, c);
 		c->ep_events = 0;
@@ -1017,6 +1020,15 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		upstream_relink(pt->up, now);
 		free(m);
 		break;
+	case MAIL_RECONFIG: {
+		const struct reconfig_mail *rm = (const struct reconfig_mail *)m;
+		pt->scfg.allowed_exchanges = rm->allowed_exchanges;
+		pt->scfg.channel_max = rm->channel_max;
+		pt->scfg.heartbeat = rm->heartbeat;
+		pt->scfg.handshake_timeout_ms = rm->handshake_timeout_ms;
+		free(m);
+		break;
+	}
 	case MAIL_MIGRATE_OUT:
 		migrate_out(pt, (struct migrate_out_mail *)m, now);
 		free(m);
@@ -1112,6 +1124,7 @@ int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct p
 	pt->id = id;
 	pt->cpu = cpu;
 	pt->sh = sh;
+	pt->scfg = sh->scfg;
 	pt->epfd = -1;
 	pt->mb.efd = -1;
 	pt->props_buf = malloc(PROPS_BUF_SIZE);

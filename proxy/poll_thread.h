@@ -48,6 +48,17 @@ struct vm_gone_mail {
 	char uuid[VM_UUID_LEN + 1];
 };
 
+/* MAIL_RECONFIG: guest session settings a reload changed; the thread copies
+ * them into its own session configuration, which its sessions read. The
+ * exchange list outlives every session (the daemon keeps replaced ones). */
+struct reconfig_mail {
+	struct mail mail;
+	const char *const *allowed_exchanges;
+	uint16_t channel_max;
+	uint16_t heartbeat;
+	uint32_t handshake_timeout_ms;
+};
+
 /* MAIL_QUERY: each thread adds its report to RESULT[thread] and counts
  * PENDING down; the asker waits on COND. Owned by the asker. */
 struct query {
