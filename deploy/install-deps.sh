@@ -18,6 +18,9 @@ packages=(
 	rabbitmq-server openssl python3 python3-pika python3-pytest
 	python3-jsonschema amqp-tools prometheus libvirt-clients valgrind
 	procps iproute2 systemd groff-base
+	# Debian packages (deploy/build-debs.sh, test_packages) and the
+	# terminal tests of vmproxyctl top and the quickstart table
+	dpkg-dev debhelper fakeroot lintian git tmux
 )
 
 missing=()
