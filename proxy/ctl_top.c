@@ -33,15 +33,22 @@ static const char *str(json_t *o, const char *k)
 	return s ? s : "";
 }
 
-/* One line of at most COLS columns (the frame must never wrap: a wrapped
- * line scrolls the screen). */
-__attribute__((format(printf, 3, 4))) static void line(FILE *out, int cols, const char *fmt,
-							 ...)
+/* Where a frame goes: at most ROWS lines (0: no limit) of at most COLS
+ * columns (0: no limit). The frame must never wrap or pass the bottom of
+ * the screen: either scrolls the screen. */
+struct sink {
+	FILE *out;
+	int cols, rows, lines;
+};
+
+__attribute__((format(printf, 2, 3))) static void line(struct sink *o, const char *fmt, ...)
 {
 	char buf[TOP_LINE_MAX];
 	va_list ap;
 	int n;
 
+	if (o->rows > 0 && o->lines >= o->rows)
+		return;
 	va_start(ap, fmt);
 	n = vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
@@ -49,10 +56,11 @@ __attribute__((format(printf, 3, 4))) static void line(FILE *out, int cols, cons
 		n = 0;
 	if (n >= (int)sizeof(buf))
 		n = (int)sizeof(buf) - 1;
-	if (cols > 0 && n > cols)
-		n = cols;
-	fwrite(buf, 1, (size_t)n, out);
-	fputc('\n', out);
+	if (o->cols > 0 && n > o->cols)
+		n = o->cols;
+	fwrite(buf, 1, (size_t)n, o->out);
+	fputc('\n', o->out);
+	o->lines++;
 }
 
 /* "12.3", or "-" without a previous poll to compare with. */
@@ -103,23 +111,24 @@ void ctl_top_render(struct ctl_top *t, json_t *status, json_t *vms, double now, 
 	double dt = t->prev_at > 0 ? now - t->prev_at : 0;
 	size_t i, nvm = json_array_size(list), shown = 0, room;
 	struct vm_row *vr = calloc(nvm ? nvm : 1, sizeof(*vr));
+	struct sink o = { out, cols, rows, 0 };
 	char a[32], b[32], c[32];
 	int used;
 
-	line(out, cols,
+	line(&o,
 	     "vmproxyd: %zu threads, %lld connections, %zu VMs, %lld held messages, "
 	     "accepted %lld, refused %lld unknown peer / %lld limits%s",
 	     json_array_size(threads), num(d, "connections"), nvm, num(d, "held_messages"),
 	     num(d, "accepted"), num(d, "refused_unknown_peer"), num(d, "refused_limit"),
 	     json_is_true(json_object_get(d, "draining")) ? ", DRAINING" : "");
-	line(out, cols, "%s", "");
-	line(out, cols, "%-6s %-4s %-6s %-6s %-5s %-10s %-10s %-5s %-8s %s", "THREAD", "CPU",
+	line(&o, "%s", "");
+	line(&o, "%-6s %-4s %-6s %-6s %-5s %-10s %-10s %-5s %-8s %s", "THREAD", "CPU",
 	     "CPU%", "CONNS", "VMS", "MSGS_IN/S", "MSGS_OUT/S", "LINK", "UNCONF", "NODE");
 	json_array_foreach(threads, i, th) {
 		json_t *u = json_object_get(th, "upstream"), *p = prev_thread(t, num(th, "thread"));
 		bool known = p && dt > 0;
 
-		line(out, cols, "%-6lld %-4lld %-6s %-6lld %-5lld %-10s %-10s %-5s %-8lld %s",
+		line(&o, "%-6lld %-4lld %-6s %-6lld %-5lld %-10s %-10s %-5s %-8lld %s",
 		     num(th, "thread"), num(th, "cpu"),
 		     rate(a, sizeof(a), known,
 			  known ? 100.0 * (real(th, "cpu_seconds") - real(p, "cpu_seconds")) / dt
@@ -149,13 +158,13 @@ void ctl_top_render(struct ctl_top *t, json_t *status, json_t *vms, double now, 
 	used = 6 + (int)json_array_size(threads);
 	room = rows > 0 ? (rows > used ? (size_t)(rows - used) : 0) : TOP_DEFAULT_VMS;
 	shown = nvm < room ? nvm : room;
-	line(out, cols, "%s", "");
-	line(out, cols, "BUSIEST VMS (%zu of %zu)", shown, nvm);
-	line(out, cols, "%-20s %-6s %-6s %-10s %-10s %-8s %s", "NAME", "THREAD", "CONNS",
+	line(&o, "%s", "");
+	line(&o, "BUSIEST VMS (%zu of %zu)", shown, nvm);
+	line(&o, "%-20s %-6s %-6s %-10s %-10s %-8s %s", "NAME", "THREAD", "CONNS",
 	     "MSGS_IN/S", "HELD_BYTES", "STATE", "UUID");
 	for (i = 0; vr && i < shown; i++) {
 		v = vr[i].vm;
-		line(out, cols, "%-20.40s %-6lld %-6lld %-10s %-10lld %-8s %s", str(v, "name"),
+		line(&o, "%-20.40s %-6lld %-6lld %-10s %-10lld %-8s %s", str(v, "name"),
 		     num(v, "thread"), num(v, "connections"),
 		     rate(a, sizeof(a), vr[i].known, vr[i].rate), num(v, "held_bytes"),
 		     json_is_true(json_object_get(v, "blocked"))     ? "blocked"

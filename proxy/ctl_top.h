@@ -20,8 +20,9 @@ struct ctl_top {
 /* Renders one frame from a status reply STATUS and a vms reply VMS taken at
  * monotonic time NOW (seconds) into OUT: a header line, one line per poll
  * thread, then the busiest VMs by messages per second, as many as fit in
- * ROWS lines, each line cut at COLS columns. Lines end with "\n"; the caller
- * adds terminal controls. Remembers the counters for the next frame. */
+ * ROWS lines, each line cut at COLS columns (0: no limit). Lines end with
+ * "\n"; the caller adds terminal controls. Remembers the counters for the
+ * next frame. */
 void ctl_top_render(struct ctl_top *t, json_t *status, json_t *vms, double now, int cols,
 		    int rows, FILE *out);
 
