@@ -106,6 +106,11 @@ def test_quickstart_table_in_a_terminal():
         for f in ("rc", "stty"):
             if (d / f).exists():
                 os.unlink(d / f)
+        # A reset pane without history: the table waited for is this run's,
+        # and whatever scrolls away from now on is the run's doing.
+        tmux("send-keys", "-R", "-t", "qs")
+        tmux("clear-history", "-t", "qs")
+        wait_for(lambda: "VMs reporting" not in screen(), 10, "a clear screen")
         tmux("send-keys", "-t", "qs", "bash %s --vms 3 --dir %s; echo rc=$? >%s/rc; "
              "stty -a >%s/stty" % (src / "deploy" / "quickstart.sh", run, d, d), "Enter")
         # The first table, then a later one: same place, newer figures.
