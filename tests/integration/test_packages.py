@@ -12,8 +12,9 @@ would, then removed and purged.
 - The installed binaries work end to end: one agent publishes through the
   installed vmproxyd to the harness broker and the installed consumer
   stores its samples.
-- Installing again (the upgrade path: prerm upgrade, postinst configure
-  with the old version) succeeds; `dpkg -r` keeps the operator's
+- Configuring again (dpkg-reconfigure) and installing again (the upgrade
+  path: prerm upgrade, postinst configure with the old version) succeed and
+  keep the account; `dpkg -r` keeps the operator's
   configuration and the agent's and consumer's state, `dpkg --purge`
   removes them and leaves only what docs/deploy.md says stays (the vmproxy
   account and group).
@@ -305,14 +306,21 @@ def test_installed_binaries_end_to_end(installed, build_dir, broker, certs, tmp_
 
 
 def test_reinstall_remove_purge(installed, debs):
-    """Installing the same packages again runs the upgrade path of the
-    scripts (prerm upgrade, postinst configure OLD-VERSION) and must succeed;
+    """Configuring again and installing the same packages again (the
+    upgrade path of the scripts: prerm upgrade, postinst configure
+    OLD-VERSION) must succeed;
     remove keeps the operator's configuration and the services' state,
     purge takes them away and leaves only the accounts."""
+    uid = account("vmproxy", pwd).pw_uid
+    # The maintainer scripts run again on an installed system: configure
+    # once more, then the whole upgrade path.
+    r = subprocess.run(["dpkg-reconfigure", "-fnoninteractive", *PACKAGES],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
     dpkg("-i", *[str(debs[p]) for p in PACKAGES])
     for pkg in PACKAGES:
         assert _installed(pkg)
-    assert account("vmproxy", pwd) is not None
+    assert account("vmproxy", pwd).pw_uid == uid
 
     # What an operator and the services leave: configurations, TLS
     # material, the DynamicUser state directories systemd creates.
