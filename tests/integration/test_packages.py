@@ -281,7 +281,9 @@ def test_installed_binaries_end_to_end(installed, build_dir, broker, certs, tmp_
     stores its samples under the VM identity the proxy observed; the
     installed vmproxyctl reads the daemon's state."""
     vms = make_vms(1, base="127.10.40.1")
-    proxy = InstalledVmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1).start()
+    # Generous bounds: the machine may be busy.
+    proxy = InstalledVmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
+    proxy.start(timeout=120)
     consumer = Consumer(build_dir, broker, certs, tmp_path, "vm.metrics.packages")
     consumer.bin = "/usr/bin/vmproxy-consumer"
     consumer.start()
@@ -293,7 +295,7 @@ def test_installed_binaries_end_to_end(installed, build_dir, broker, certs, tmp_
             seqs = {l["doc"]["seq"] for l in consumer.lines()
                     if l["vm"]["uuid"] == vms[0]["uuid"]}
             return len(seqs) >= 2 and seqs
-        seqs = wait_for(stored, 60, "two samples from the agent at the installed consumer")
+        seqs = wait_for(stored, 120, "two samples from the agent at the installed consumer")
         assert seqs == set(range(1, max(seqs) + 1)), sorted(seqs)
         assert all(l["vm"]["name"] == vms[0]["name"] for l in consumer.lines())
         r = subprocess.run([proxy.ctl, "--socket", proxy.admin_path, "vms"],

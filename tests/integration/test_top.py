@@ -90,7 +90,7 @@ def rows(screen, first):
 
 def test_top_redraws_in_place_and_quits_clean(build_dir, broker, certs, tmp_path, tmux):
     vms = make_vms(2, base="127.10.60.1")
-    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=2).start()
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=2).start(timeout=120)
     pub = Publisher(proxy, vms[0])
     pub.start()
     try:
@@ -156,7 +156,7 @@ def test_top_redraws_in_place_and_quits_clean(build_dir, broker, certs, tmp_path
 
 def test_top_through_a_pipe(build_dir, broker, certs, tmp_path):
     vms = make_vms(1, base="127.10.61.1")
-    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=2).start()
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=2).start(timeout=120)
     pub = Publisher(proxy, vms[0])
     pub.start()
     try:
