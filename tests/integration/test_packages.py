@@ -195,6 +195,10 @@ def test_installed_files(installed):
         assert files == FILES[pkg], (pkg, sorted(files ^ FILES[pkg]))
         for f in files:
             assert os.path.exists(f), f
+    # Libraries come from shlibs; the daemon does not pull in a broker.
+    depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", "vmproxyd"],
+                             capture_output=True, text=True).stdout
+    assert "librabbitmq4" in depends and "rabbitmq-server" not in depends, depends
     # No configuration is installed active.
     for path in CONFIGS.values():
         assert not os.path.exists(path), path
