@@ -147,17 +147,20 @@ void ctl_top_render(struct ctl_top *t, json_t *status, json_t *vms, double now, 
 	json_array_foreach(list, i, v) {
 		json_t *p = json_object_get(t->prev_vms, str(v, "uuid"));
 
-		vr[i].vm = v;
-		vr[i].known = p && dt > 0;
-		if (vr[i].known)
-			vr[i].rate = (double)(num(v, "messages_in") - json_integer_value(p)) / dt;
+		if (vr) {
+			vr[i].vm = v;
+			vr[i].known = p && dt > 0;
+			if (vr[i].known)
+				vr[i].rate = (double)(num(v, "messages_in") - json_integer_value(p)) /
+					     dt;
+		}
 		json_object_set_new(seen, str(v, "uuid"), json_integer(num(v, "messages_in")));
 	}
 	if (vr)
 		qsort(vr, nvm, sizeof(*vr), vm_row_cmp);
 	used = 6 + (int)json_array_size(threads);
 	room = rows > 0 ? (rows > used ? (size_t)(rows - used) : 0) : TOP_DEFAULT_VMS;
-	shown = nvm < room ? nvm : room;
+	shown = !vr ? 0 : nvm < room ? nvm : room;
 	line(&o, "%s", "");
 	line(&o, "BUSIEST VMS (%zu of %zu)", shown, nvm);
 	line(&o, "%-20s %-6s %-6s %-10s %-10s %-8s %s", "NAME", "THREAD", "CONNS",
@@ -320,6 +323,10 @@ int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
 			vms = ask(path, "{\"command\":\"vms\"}", rt);
 		if (!vms) {
 			json_decref(status);
+			/* A signal that interrupted the request is a stop, not a
+			 * lost daemon. */
+			if (top_stop)
+				break;
 			lost = n > 0;
 			rc = 1;
 			break;
