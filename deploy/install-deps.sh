@@ -20,6 +20,9 @@ packages=(
 	procps iproute2 systemd groff-base python3-cryptography
 	# benchmarks and soak (tests/bench)
 	strace python3-matplotlib
+	# Debian packages (deploy/build-debs.sh, test_packages) and the
+	# terminal tests of vmproxyctl top and the quickstart table
+	dpkg-dev debhelper fakeroot lintian git tmux
 )
 
 missing=()

@@ -2,9 +2,10 @@
 # quickstart.sh -- the whole system on one machine: a private RabbitMQ with
 # TLS and client-certificate auth, vmproxyd, N simulated guest VMs running
 # vmproxy-agent (each from its own loopback address), and vmproxy-consumer.
-# Prints a live table until Ctrl-C, or runs --duration SECONDS and exits 0
-# only if every VM's metrics reached the consumer. Stops only what it
-# started. Run as root on Debian 12 from a checkout.
+# Prints a live table until Ctrl-C (or q), or runs --duration SECONDS and
+# exits 0 only if every VM's metrics reached the consumer. On a terminal the
+# table is redrawn in place; piped, it prints one table after another.
+# Stops only what it started. Run as root on Debian 12 from a checkout.
 set -uo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +45,49 @@ trap 'cleanup; exit 130' INT TERM
 trap cleanup EXIT
 
 say() { printf '%s\n' "quickstart: $*"; }
+
+# On a terminal the table is redrawn over the previous one (cursor up, clear
+# to the end of the screen); each line is cut to the terminal's width, since
+# a wrapped line would make the next redraw miscount.
+live=0
+[ -t 1 ] && live=1
+shown=0
+show() { # show TEXT
+	if [ "$live" -eq 0 ]; then
+		printf '%s\n' "$1"
+		return
+	fi
+	local cols
+	cols=$(stty size </dev/tty 2>/dev/null | cut -d' ' -f2)
+	[ -n "$cols" ] && [ "$cols" -gt 0 ] || cols=80
+	[ "$shown" -gt 0 ] && printf '\033[%dA' "$shown"
+	printf '\033[J'
+	printf '%s\n' "$1" | cut -c "1-$cols"
+	shown=$(printf '%s\n' "$1" | wc -l)
+}
+
+# Five seconds between tables; on a terminal, q ends the run. While read
+# waits, INT and TERM only set a flag: bash 5.2 aborts ("longjmp causes
+# uninitialized stack frame") when a trap exits from inside read -t.
+pause() {
+	local end=$((SECONDS + 5)) key stop=0
+	if [ "$live" -eq 0 ] || [ ! -t 0 ]; then
+		sleep 5
+		return 0
+	fi
+	trap 'stop=130' INT TERM
+	while [ "$stop" -eq 0 ] && [ "$SECONDS" -lt "$end" ]; do
+		if read -rsn1 -t "$((end - SECONDS))" key && [ "$key" = q ]; then
+			stop=1
+		fi
+	done
+	trap 'cleanup; exit 130' INT TERM
+	case $stop in
+	130) cleanup; exit 130 ;;
+	1) return 1 ;;
+	esac
+	return 0
+}
 
 bash "$top/deploy/install-deps.sh" >/dev/null || { say "dependency install failed"; exit 1; }
 say "building into $top/build-quickstart"
@@ -136,8 +180,15 @@ cat <<INFO
   logs:               $dir/log/
 
 INFO
+[ "$live" -eq 1 ] && say "live table every 5 s; q or Ctrl-C stops everything"
 
 report() {
+	local text
+	text=$(report_text)
+	show "$text"
+}
+
+report_text() {
 	/usr/bin/python3 - "$dir" "$vms" "$proxy_metrics" "$nodename" <<'PY'
 import glob, json, subprocess, sys, time, urllib.request
 d, n, pmet, node = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -177,7 +228,10 @@ PY
 
 start=$(date +%s)
 while :; do
-	sleep 5
+	if ! pause; then
+		say "stopped"
+		exit 0
+	fi
 	report
 	for p in "${pids[@]:0:3}"; do
 		kill -0 "$p" 2>/dev/null || { say "a service died; see $dir/log"; exit 1; }

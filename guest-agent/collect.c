@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -373,6 +374,34 @@ static double uptime(struct collect_state *st)
 	return u;
 }
 
+/* Rounds every real under V to COLLECT_DECIMALS decimals, in place. */
+static void round_reals(json_t *v)
+{
+	const char *key;
+	json_t *item;
+	size_t i;
+
+	if (json_is_real(v)) {
+		double scale = pow(10, COLLECT_DECIMALS);
+
+		json_real_set(v, round(json_real_value(v) * scale) / scale);
+	} else if (json_is_object(v)) {
+		json_object_foreach(v, key, item)
+			round_reals(item);
+	} else if (json_is_array(v)) {
+		json_array_foreach(v, i, item)
+			round_reals(item);
+	}
+}
+
+char *collect_format(const json_t *doc, size_t flags)
+{
+	/* 15 significant digits: every double rounded to two decimals below
+	 * 10^13 prints as the decimal it was rounded to (17 would show the
+	 * binary approximation's tail). */
+	return json_dumps(doc, flags | JSON_REAL_PRECISION(15));
+}
+
 json_t *collect_sample(struct collect_state *st, uint64_t now_mono_ms, uint64_t wall_ms,
 		       unsigned interval_s)
 {
@@ -398,6 +427,7 @@ json_t *collect_sample(struct collect_state *st, uint64_t now_mono_ms, uint64_t 
 	json_object_set_new(doc, "disks", collect_disks(st, dt));
 	json_object_set_new(doc, "network", collect_net(st, dt));
 	json_object_set_new(doc, "filesystems", collect_fs(st));
+	round_reals(doc);
 	st->prev_ms = now_mono_ms;
 	return doc;
 }

@@ -35,8 +35,19 @@ void collect_init(struct collect_state *st, const char *root);
 /* The boot id (36 characters) into BUF; 0 or -errno. */
 int collect_boot_id(struct collect_state *st, char *buf, size_t len);
 
+/* Every real in a sample is rounded to COLLECT_DECIMALS decimals of its
+ * unit (seconds, percent, bytes per second), the resolution of its sources:
+ * /proc/stat ticks and /proc/uptime are 1/100 s, /proc/loadavg has two
+ * decimals. */
+#define COLLECT_DECIMALS 2
+
 /* One sample document without "seq" (the caller adds it), taken at
  * NOW_MONO_MS and stamped with WALL_MS. A new reference; NULL on
  * allocation failure. */
 json_t *collect_sample(struct collect_state *st, uint64_t now_mono_ms, uint64_t wall_ms,
 		       unsigned interval_s);
+
+/* DOC as JSON text (json_dumps FLAGS) with each real printed as its
+ * shortest decimal form: 3.68, not 3.6800000000000002. A string the caller
+ * frees; NULL on allocation failure. */
+char *collect_format(const json_t *doc, size_t flags);

@@ -271,9 +271,13 @@ static int run_loop(const struct agent_cfg *c, bool once)
 	if (once) {
 		json_t *doc = collect_sample(&st, clock_mono_ms(), clock_wall_ms(),
 					     (unsigned)c->interval_s);
+		char *text;
+
 		json_object_set_new(doc, "seq", json_integer(1));
-		json_dumpf(doc, stdout, JSON_INDENT(2) | JSON_SORT_KEYS);
-		fputc('\n', stdout);
+		text = collect_format(doc, JSON_INDENT(2) | JSON_SORT_KEYS);
+		if (text)
+			printf("%s\n", text);
+		free(text);
 		json_decref(doc);
 		return 0;
 	}
@@ -302,7 +306,7 @@ static int run_loop(const struct agent_cfg *c, bool once)
 
 			seq++;
 			json_object_set_new(doc, "seq", json_integer((json_int_t)seq));
-			text = json_dumps(doc, JSON_COMPACT);
+			text = collect_format(doc, JSON_COMPACT);
 			/* The sample first, then its seq: a crash in between is
 			 * seen by spool_load_seq in the spool, so no seq is reused
 			 * or skipped. */

@@ -381,7 +381,10 @@ static void handle(struct ctx *x, const amqp_envelope_t *env)
 		       header_json(header(p, "x-vmproxy-received-ms")));
 	line = json_pack("{s:o, s:s%, s:O}", "vm", vm, "routing_key", env->routing_key.bytes,
 			 env->routing_key.len, "doc", doc);
-	text = json_dumps(line, JSON_COMPACT);
+	/* 15 significant digits: a real the publisher wrote with up to 15
+	 * (the agent's two decimals) is stored as written, not as its binary
+	 * approximation's 17-digit tail. */
+	text = json_dumps(line, JSON_COMPACT | JSON_REAL_PRECISION(15));
 	if (text && sink_append(x->jsonl, text, strlen(text)) == 0) {
 		dedup_add(x->dedup, key);
 		vmstate_count(x->st, "stored");

@@ -14,6 +14,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "ctl_top.h"
+
 #define DEFAULT_SOCKET "/run/vmproxyd/admin.sock"
 #define MAX_REPLY      (16u << 20)
 #define TIMEOUT_MS     10000
@@ -31,6 +33,7 @@ static void usage(FILE *f)
 		   "                  the VMs known here (static, running domains) without\n"
 		   "                  any\n"
 		   "  vm NAME|UUID    one VM\n"
+		   "  top [INTERVAL [COUNT]]  live view, redrawn every INTERVAL s (default 1); q quits\n"
 		   "  migrate VM THREAD  move a VM with all its connections to a poll thread\n"
 		   "  balancer on|off    switch automatic balancing\n"
 		   "  drain           stop accepting, wait for confirms, close guests, exit\n"
@@ -273,6 +276,8 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	cmd = argv[optind];
+	if (strcmp(cmd, "top") == 0)
+		return ctl_top_run(path, argc - optind - 1, argv + optind + 1, roundtrip);
 	/* Arguments are checked before anything is allocated. */
 	if (!known_command(cmd)) {
 		fprintf(stderr, "vmproxyctl: unknown command \"%.64s\"\n", cmd);

@@ -403,8 +403,11 @@ def start_proxy(ctx, name, vms, guest=None, wrapper=None, metrics=False):
         mport = free_port()
         extra["metrics"] = {"listen": "127.0.0.1:%d" % mport}
         metrics_url = "http://127.0.0.1:%d/metrics" % mport
+    upstream = {}
+    if ctx.get("max_in_flight"):
+        upstream["max_in_flight"] = ctx["max_in_flight"]
     px = Proxy(build, workdir, ctx["broker"], ctx["certs"], vms, threads=os.cpu_count(),
-               guest=guest, extra=extra)
+               guest=guest, extra=extra, upstream=upstream)
     px.metrics_url = metrics_url
     _proxies.append(px)
     px.start(timeout=120)
@@ -1013,6 +1016,8 @@ def main():
     ap.add_argument("--conns", default=None,
                     help="comma-separated guest connection counts of the matrix (default: "
                          "10,100,1000; --quick: 10,100)")
+    ap.add_argument("--max-in-flight", type=int, default=None,
+                    help="vmproxyd's upstream.max_in_flight (default: its own default)")
     ap.add_argument("--docs", action="store_true",
                     help="copy the plots to docs/img/ (embedded by docs/performance.md)")
     ap.add_argument("--replot", metavar="DIR", default=None,
@@ -1051,6 +1056,7 @@ def main():
                    idle_vms=1000, idle_per_vm=10, idle_s=30, cg_n=5000, fair_s=15, sc_n=20000)
     if args.conns:
         ctx["conn_counts"] = [int(c) for c in args.conns.split(",")]
+    ctx["max_in_flight"] = args.max_in_flight
     ctx.update(build=build, out=out, work=work, vm_base="127.10.0.1", topologies=topologies)
     # SIGINT too: a shell starts background jobs with it ignored.
     signal.signal(signal.SIGINT, on_signal)

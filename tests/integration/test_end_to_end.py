@@ -1,7 +1,11 @@
 """The whole system: three simulated VMs run vmproxy-agent through
 vmproxyd (TLS, EXTERNAL) to the broker, and vmproxy-consumer stores their
-samples, each under the VM identity the proxy observed."""
+samples, each under the VM identity the proxy observed, their numbers as
+readable as the agent wrote them (two decimals, no binary tails)."""
+import glob
+import json
 import os
+import re
 
 from harness import wait_for
 from harness.vmproxyd import VmProxyd, make_vms
@@ -32,6 +36,14 @@ def test_agents_through_proxy_to_consumer(build_dir, broker, certs, tmp_path):
             assert l["routing_key"] == v["uuid"] + ".metrics.t"
         for uuid, seqs in seen.items():
             assert seqs == set(range(1, max(seqs) + 1)), (uuid, sorted(seqs))
+        # Reals keep the agent's two decimals through the consumer's store.
+        reals = []
+        for f in glob.glob(str(consumer.dir / "metrics-*.jsonl")):
+            with open(f) as fh:
+                for line in fh:
+                    json.loads(line, parse_float=lambda t: reals.append(t) or float(t))
+        long = [t for t in reals if not re.fullmatch(r"-?\d+(\.\d{1,2})?", t)]
+        assert reals and not long, long[:5]
         text = consumer.metrics()
         assert all('vm_name="%s"' % v["name"] in text for v in vms)
     finally:

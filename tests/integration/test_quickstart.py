@@ -1,7 +1,13 @@
 """The README's first command, unattended, from a clean checkout:
 deploy/quickstart.sh --duration 60 builds its own tree, starts the broker,
 vmproxyd, 20 simulated VMs and the consumer, and exits 0 only when every
-VM's metrics reached the consumer; it stops everything it started.
+VM's metrics reached the consumer; it stops everything it started. Piped,
+its live table is printed one after another, without terminal controls.
+
+The same in a real terminal (tmux): the table is redrawn in place, so the
+screen holds one table with the current figures and nothing scrolls into
+the history; q, and likewise Ctrl-C, stop everything and leave the terminal
+as it was.
 
 The script builds its own release tree whatever build is under test, so
 the scenario runs once per test run: in the sanitizer variant of
@@ -10,11 +16,14 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tempfile
 
 import pytest
+
+from harness import wait_for
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VMS = 20
@@ -51,6 +60,7 @@ def test_quickstart_unattended():
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "OK: all %d VMs' metrics reached the consumer" % VMS in r.stdout, r.stdout[-3000:]
+        assert "\033" not in r.stdout and r.stdout.count("VMs reporting") >= 2, r.stdout[-3000:]
         per_vm = {}
         for f in glob.glob(str(run / "jsonl" / "metrics-*.jsonl")):
             for line in open(f):
@@ -64,4 +74,82 @@ def test_quickstart_unattended():
         left = subprocess.run(["pgrep", "-f", str(d)], capture_output=True, text=True).stdout
         assert left.strip() == "", left
     finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _stored(run):
+    n = 0
+    for f in glob.glob(str(run / "jsonl" / "metrics-*.jsonl")):
+        with open(f) as fh:
+            n += sum(1 for line in fh if line.endswith("\n"))
+    return n
+
+
+@pytest.mark.skipif(os.environ.get("VMPROXY_VARIANT") == "sanitize",
+                    reason="quickstart builds its own release tree: run once, in the normal "
+                           "variant")
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_quickstart_table_in_a_terminal():
+    d = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-quickstart-tty-"))
+    os.chmod(d, 0o755)
+    src, run = d / "checkout", d / "run"
+    sock = "vmproxy-qs-%d" % os.getpid()
+
+    def tmux(*args):
+        return subprocess.run(["tmux", "-L", sock, *args], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
+
+    def screen():
+        return tmux("capture-pane", "-p", "-t", "qs")
+
+    def start():
+        for f in ("rc", "stty"):
+            if (d / f).exists():
+                os.unlink(d / f)
+        # A reset pane without history: the table waited for is this run's,
+        # and whatever scrolls away from now on is the run's doing.
+        tmux("send-keys", "-R", "-t", "qs")
+        tmux("clear-history", "-t", "qs")
+        wait_for(lambda: "VMs reporting" not in screen(), 10, "a clear screen")
+        tmux("send-keys", "-t", "qs", "bash %s --vms 3 --dir %s; echo rc=$? >%s/rc; "
+             "stty -a >%s/stty" % (src / "deploy" / "quickstart.sh", run, d, d), "Enter")
+        # The first table, then a later one: same place, newer figures.
+        wait_for(lambda: "VMs reporting 3/3" in screen(), 900, "the quickstart's table")
+
+    def stored_on_screen():
+        m = re.findall(r"stored samples (\d+)", screen())
+        assert len(m) == 1, screen()  # one table on the screen, never two
+        return int(m[0])
+
+    def ended(rc):
+        wait_for(lambda: (d / "stty").exists() and (d / "stty").stat().st_size, 60,
+                 "the quickstart to stop")
+        assert (d / "rc").read_text().strip() == "rc=%d" % rc
+        stty = (d / "stty").read_text()
+        assert re.search(r"(?<!-)icanon", stty) and re.search(r"(?<!-)\becho\b", stty), stty
+        left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True,
+                              text=True).stdout
+        assert left.strip() == "", left
+
+    try:
+        clean_checkout(src)
+        tmux("new-session", "-d", "-x", "120", "-y", "45", "-s", "qs",
+             "env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=screen HOME=%s "
+             "bash --norc --noprofile" % d)
+        start()
+        first = stored_on_screen()
+        later = wait_for(lambda: stored_on_screen() > first and stored_on_screen(), 60,
+                         "a newer table in the same place")
+        # The figures are the current ones: what the consumer has stored.
+        assert first < later <= _stored(run)
+        assert tmux("display-message", "-p", "-t", "qs", "#{history_size}").strip() == "0"
+        tmux("send-keys", "-t", "qs", "q")
+        ended(0)
+        assert "quickstart: stopped" in screen()
+
+        start()
+        tmux("send-keys", "-t", "qs", "C-c")
+        ended(130)
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)

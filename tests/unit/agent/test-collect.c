@@ -1,13 +1,17 @@
 /* test-collect.c -- the collectors against fixture copies of /proc and
  * /sys: totals and per-core CPU, no swap, 96 CPUs, odd and malformed
  * interface lines, whole disks only, pseudo filesystems skipped, rates and
- * percentages from two samples. */
+ * percentages from two samples, reals rounded to two decimals and printed
+ * as such. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <ctype.h>
+#include <stdbool.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +51,12 @@ static json_t *path(json_t *o, const char *a, const char *b)
 
 static struct collect_state st;
 
+/* X rounded to the two decimals the agent keeps. */
+static double two(double x)
+{
+	return round(x * 100) / 100;
+}
+
 static void test_two_cpu(void **state)
 {
 	json_t *d = sample("two-cpu", &st, 1000);
@@ -57,7 +67,8 @@ static void test_two_cpu(void **state)
 	assert_int_equal(json_integer_value(path(d, "cpu", "count")), 2);
 	/* total: user 200 nice 10 system 100 idle 1600 iowait 5 softirq 3 steal 1 */
 	assert_float_equal(json_number_value(path(d, "cpu", "busy_pct")),
-			   100.0 * (200 + 10 + 100 + 3 + 1) / (200 + 10 + 100 + 1600 + 5 + 3 + 1),
+			   two(100.0 * (200 + 10 + 100 + 3 + 1) /
+			       (200 + 10 + 100 + 1600 + 5 + 3 + 1)),
 			   1e-9);
 	assert_int_equal(json_array_size(path(d, "cpu", "per_core")), 2);
 	assert_float_equal(json_number_value(path(d, "memory", "used_pct")), 25.0, 1e-9);
@@ -78,7 +89,7 @@ static void test_two_cpu(void **state)
 	assert_int_equal(json_array_size(path(d, "filesystems", NULL)), 1);
 	assert_float_equal(json_number_value(json_object_get(
 				   json_array_get(path(d, "filesystems", NULL), 0), "used_pct")),
-			   100.0 * 600 / (600 + 300), 1e-9);
+			   two(100.0 * 600 / (600 + 300)), 1e-9);
 	json_decref(d);
 	memset(&st, 0, sizeof(st));
 }
@@ -144,6 +155,56 @@ static void test_odd_lines(void **state)
 	memset(&st, 0, sizeof(st));
 }
 
+/* Every number in TEXT (JSON) has at most two decimals and no exponent;
+ * returns the first that does not, or NULL. */
+static const char *long_number(const char *text)
+{
+	bool in_string = false;
+
+	for (const char *p = text; *p; p++) {
+		if (in_string) {
+			if (*p == '\\' && p[1])
+				p++;
+			else if (*p == '"')
+				in_string = false;
+		} else if (*p == '"') {
+			in_string = true;
+		} else if (isdigit((unsigned char)*p) || *p == '-') {
+			const char *start = p, *dot = NULL;
+
+			while (isdigit((unsigned char)*p) || strchr("-+.eE", *p)) {
+				if (*p == '.')
+					dot = p;
+				if (*p == 'e' || *p == 'E' || (dot && p - dot > 2))
+					return start;
+				p++;
+			}
+			p--;
+		}
+	}
+	return NULL;
+}
+
+static void test_number_text(void **state)
+{
+	json_t *d = sample("two-cpu", &st, 1000);
+	char *text = collect_format(d, JSON_COMPACT | JSON_SORT_KEYS);
+	const char *bad;
+
+	assert_non_null(text);
+	bad = long_number(text);
+	if (bad)
+		fail_msg("more than two decimals: %.40s", bad);
+	/* busy 314 of 1919 ticks; cpu0 151 of 951; 5 iowait ticks at 100 Hz. */
+	assert_non_null(strstr(text, "\"busy_pct\":16.36,"));
+	assert_non_null(strstr(text, "\"busy_pct\":15.88,"));
+	assert_non_null(strstr(text, "\"iowait_s\":0.05,"));
+	assert_non_null(strstr(text, "\"uptime_s\":12345.67"));
+	free(text);
+	json_decref(d);
+	memset(&st, 0, sizeof(st));
+}
+
 static void test_missing_tree(void **state)
 {
 	json_t *d = sample("does-not-exist", &st, 1000);
@@ -163,6 +224,7 @@ int main(void)
 		cmocka_unit_test(test_two_cpu),	   cmocka_unit_test(test_rates_from_two_samples),
 		cmocka_unit_test(test_no_swap),	   cmocka_unit_test(test_many_cpus),
 		cmocka_unit_test(test_odd_lines),  cmocka_unit_test(test_missing_tree),
+		cmocka_unit_test(test_number_text),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
