@@ -138,6 +138,18 @@ void log_msg(enum log_level level, const char *fmt, ...)
 		return;
 }
 
+const char *log_escape(char *buf, unsigned len, const char *str)
+{
+	unsigned o = 0;
+
+	if (len == 0)
+		return buf;
+	for (const unsigned char *p = (const unsigned char *)str; *p && o + 1 < len; p++)
+		buf[o++] = (*p >= 0x20 && *p < 0x7f) ? (char)*p : '?';
+	buf[o] = '\0';
+	return buf;
+}
+
 const char *log_sanitize(char *buf, unsigned len, const void *data, unsigned data_len)
 {
 	const unsigned char *p = data;

@@ -41,3 +41,8 @@ void log_msg(enum log_level level, const char *fmt, ...) __attribute__((format(p
  * non-printable bytes as '?', truncated with "..." past 64 characters.
  * Returns BUF. Callers still put the result in quotes. */
 const char *log_sanitize(char *buf, unsigned len, const void *data, unsigned data_len);
+
+/* Copy STR into BUF (LEN bytes) with every byte outside printable ASCII
+ * replaced by '?', truncated only by LEN: for texts that are ours but may
+ * carry a peer's bytes (a close reason, a refused name). Returns BUF. */
+const char *log_escape(char *buf, unsigned len, const char *str);

@@ -476,14 +476,18 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 		break;
 	case GUEST_EVENT_CHANNEL_CLOSED:
 		break;
-	case GUEST_EVENT_CLOSED:
+	case GUEST_EVENT_CLOSED: {
+		/* The text may quote the guest: its close reason, a refused
+		 * vhost, exchange or user name. */
+		char text[300];
+		log_escape(text, sizeof(text), ev->text ? ev->text : "");
 		if (ev->reply_code == 200 || ev->reply_code == 0)
-			log_info("vm=%s conn=%u: closed: %s", c->vm->info.name, c->id,
-				 ev->text ? ev->text : "");
+			log_info("vm=%s conn=%u: closed: %s", c->vm->info.name, c->id, text);
 		else
 			log_warn("vm=%s conn=%u: closed with %u: %s", c->vm->info.name, c->id,
-				 ev->reply_code, ev->text ? ev->text : "");
+				 ev->reply_code, text);
 		break;
+	}
 	}
 	mark_dirty(pt, c);
 }
