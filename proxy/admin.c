@@ -174,6 +174,11 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 		return reply;
 	}
 	threads = vmproxy_query_threads(p, QUERY_TIMEOUT_MS);
+	if (!threads) {
+		reply = error_reply("a poll thread did not answer within %d ms", QUERY_TIMEOUT_MS);
+		json_decref(r);
+		return reply;
+	}
 	if (strcmp(cmd, "status") == 0) {
 		reply = json_pack("{s:b, s:o, s:o}", "ok", 1, "daemon", vmproxy_counters(p),
 				  "threads", strip_vms(threads));

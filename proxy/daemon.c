@@ -675,6 +675,10 @@ int vmproxy_migrate(struct vmproxy *p, const char *vm, unsigned to, char *msg, s
 	size_t i, j;
 	int r;
 
+	if (!threads) {
+		snprintf(msg, msglen, "a poll thread did not answer within 2000 ms");
+		return -ETIMEDOUT;
+	}
 	json_array_foreach(threads, i, t) {
 		json_array_foreach(json_object_get(t, "vms"), j, v) {
 			const char *u = json_string_value(json_object_get(v, "uuid"));
@@ -941,25 +945,30 @@ void vmproxy_stop(struct vmproxy *p)
 
 json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms)
 {
-	struct query q;
+	struct query *q = calloc(1, sizeof(*q));
 	struct timespec ts;
-	json_t *res;
-	bool complete;
+	json_t *res = NULL;
+	unsigned late;
 
-	pthread_mutex_init(&q.lock, NULL);
-	pthread_cond_init(&q.cond, NULL);
-	q.result = json_array();
+	if (!q)
+		return NULL;
+	pthread_mutex_init(&q->lock, NULL);
+	pthread_cond_init(&q->cond, NULL);
+	q->result = json_array();
 	for (unsigned i = 0; i < p->nthreads; i++)
-		json_array_append_new(q.result, json_null());
-	q.pending = 0;
-	pthread_mutex_lock(&q.lock);
+		json_array_append_new(q->result, json_null());
+	q->refs = 1; /* the asker's */
+	pthread_mutex_lock(&q->lock);
 	for (unsigned i = 0; i < p->nthreads; i++) {
 		struct query_mail *m = calloc(1, sizeof(*m));
-		if (!m)
+		if (!m) {
+			log_warn("query: out of memory: thread %u not asked", i);
 			continue;
+		}
 		m->mail.type = MAIL_QUERY;
-		m->q = &q;
-		q.pending++;
+		m->q = q;
+		q->pending++;
+		q->refs++;
 		poll_thread_post(p->threads[i], &m->mail);
 	}
 	clock_gettime(CLOCK_REALTIME, &ts);
@@ -969,20 +978,21 @@ json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms)
 		ts.tv_sec++;
 		ts.tv_nsec -= 1000000000L;
 	}
-	while (q.pending > 0)
-		if (pthread_cond_timedwait(&q.cond, &q.lock, &ts) == ETIMEDOUT)
+	while (q->pending > 0)
+		if (pthread_cond_timedwait(&q->cond, &q->lock, &ts) == ETIMEDOUT)
 			break;
-	/* A late thread must still find Q alive: wait for it without bound,
-	 * since it will answer (or discard the mail) before it exits. */
-	complete = q.pending == 0;
-	while (q.pending > 0)
-		pthread_cond_wait(&q.cond, &q.lock);
-	pthread_mutex_unlock(&q.lock);
-	res = q.result;
-	pthread_mutex_destroy(&q.lock);
-	pthread_cond_destroy(&q.cond);
-	if (!complete)
-		log_warn("a poll thread answered a query late");
+	late = q->pending;
+	if (late == 0) {
+		res = q->result;
+		q->result = NULL;
+	} else {
+		/* The answers still due find the query alive; the last one frees it. */
+		q->abandoned = true;
+	}
+	query_unref_locked(q);
+	if (late)
+		log_warn("query: %u poll thread%s did not answer within %d ms", late,
+			 late == 1 ? "" : "s", timeout_ms);
 	return res;
 }
 

@@ -966,6 +966,31 @@ static json_t *report(struct poll_thread *pt)
 	return o;
 }
 
+void query_unref_locked(struct query *q)
+{
+	if (--q->refs > 0) {
+		pthread_mutex_unlock(&q->lock);
+		return;
+	}
+	pthread_mutex_unlock(&q->lock);
+	json_decref(q->result);
+	pthread_mutex_destroy(&q->lock);
+	pthread_cond_destroy(&q->cond);
+	free(q);
+}
+
+void query_answer(struct query *q, unsigned id, json_t *r)
+{
+	pthread_mutex_lock(&q->lock);
+	if (r && !q->abandoned)
+		json_array_set_new(q->result, id, r);
+	else
+		json_decref(r);
+	if (--q->pending == 0)
+		pthread_cond_broadcast(&q->cond);
+	query_unref_locked(q);
+}
+
 /* ---- the loop ------------------------------------------------------------ */
 
 static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
@@ -992,17 +1017,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		free(m);
 		break;
 	}
-	case MAIL_QUERY: {
-		struct query *q = ((struct query_mail *)m)->q;
-		json_t *r = report(pt);
-		pthread_mutex_lock(&q->lock);
-		json_array_set_new(q->result, pt->id, r);
-		if (--q->pending == 0)
-			pthread_cond_broadcast(&q->cond);
-		pthread_mutex_unlock(&q->lock);
+	case MAIL_QUERY:
+		query_answer(((struct query_mail *)m)->q, pt->id, report(pt));
 		free(m);
 		break;
-	}
 	case MAIL_PAUSE:
 		pt->paused = true;
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
@@ -1207,15 +1225,10 @@ static void discard_mail(struct mail *m)
 	case MAIL_UPSTREAM_RESOLVED:
 		upstream_mail_discard(m);
 		break;
-	case MAIL_QUERY: {
-		struct query *q = ((struct query_mail *)m)->q;
-		pthread_mutex_lock(&q->lock);
-		if (--q->pending == 0)
-			pthread_cond_broadcast(&q->cond);
-		pthread_mutex_unlock(&q->lock);
+	case MAIL_QUERY:
+		query_answer(((struct query_mail *)m)->q, 0, NULL);
 		free(m);
 		break;
-	}
 	case MAIL_MIGRATE_OUT:
 		migrate_result_set(((struct migrate_out_mail *)m)->res, -ECANCELED,
 				   "the daemon is stopping");

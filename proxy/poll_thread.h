@@ -60,13 +60,23 @@ struct reconfig_mail {
 };
 
 /* MAIL_QUERY: each thread adds its report to RESULT[thread] and counts
- * PENDING down; the asker waits on COND. Owned by the asker. */
+ * PENDING down; the asker waits on COND at most its timeout. Shared by
+ * reference (REFS: the asker and every mail not yet answered), so an asker
+ * that gave up (ABANDONED) leaves it to the last late answer to free. */
 struct query {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	unsigned pending;
+	unsigned pending, refs;
+	bool abandoned;
 	json_t *result; /* array, one object per thread */
 };
+
+/* Any thread: answer Q for thread ID with R (stolen; NULL when the mail is
+ * discarded) and drop the mail's reference. */
+void query_answer(struct query *q, unsigned id, json_t *r);
+
+/* Drop one reference to Q with its lock held; the last one frees it. */
+void query_unref_locked(struct query *q);
 
 struct query_mail {
 	struct mail mail;
