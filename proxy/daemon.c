@@ -122,8 +122,11 @@ static void on_vm_gone(void *ud, const struct vm_info *vm)
 	if (partition_lookup(p->partition, vm->uuid, &t) < 0)
 		return; /* no connections from it */
 	m = calloc(1, sizeof(*m));
-	if (!m)
+	if (!m) {
+		log_error("vm=%s: stopped, but out of memory: its connections stay open until they "
+			  "close or the VM's next lifecycle event", vm->name);
 		return;
+	}
 	m->mail.type = MAIL_VM_GONE;
 	snprintf(m->uuid, sizeof(m->uuid), "%s", vm->uuid);
 	poll_thread_post(p->threads[t], &m->mail);
@@ -223,6 +226,7 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	p->threads = calloc(p->nthreads, sizeof(*p->threads));
 	if (!p->threads) {
 		free(cpus);
+		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
 	p->shared.threads = p->threads;
@@ -254,8 +258,10 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		add_fd(p, p->sigfd, &p->sigfd);
 
 	p->listeners = calloc(cfg->n_listeners, sizeof(*p->listeners));
-	if (!p->listeners)
+	if (!p->listeners) {
+		snprintf(err, errlen, "out of memory");
 		return -ENOMEM;
+	}
 	for (size_t i = 0; i < cfg->n_listeners; i++) {
 		r = listener_open(&cfg->listeners[i], &p->listeners[i], err, errlen);
 		if (r < 0)
@@ -397,6 +403,8 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 	}
 	m = calloc(1, sizeof(*m));
 	if (!m) {
+		atomic_fetch_add(&p->refused_limit, 1);
+		log_error("vm=%s: refused connection from %s: out of memory", vm->name, peer);
 		partition_release_conn(p->partition, vm->uuid);
 		close(fd);
 		return -ENOMEM;
@@ -510,8 +518,10 @@ static void post_all(struct vmproxy *p, enum mail_type type)
 {
 	for (unsigned i = 0; i < p->nthreads; i++) {
 		struct mail *m = calloc(1, sizeof(*m));
-		if (!m)
+		if (!m) {
+			log_error("thread=%u: out of memory: mail %d not sent", i, (int)type);
 			continue;
+		}
 		m->type = type;
 		poll_thread_post(p->threads[i], m);
 	}

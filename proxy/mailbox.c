@@ -8,7 +8,10 @@
 #include <errno.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
+#include <string.h>
 #include <unistd.h>
+
+#include "log.h"
 
 int mailbox_init(struct mailbox *mb)
 {
@@ -49,7 +52,8 @@ void mailbox_post(struct mailbox *mb, struct mail *m)
 	if (!atomic_exchange_explicit(&mb->signalled, true, memory_order_acq_rel)) {
 		/* EAGAIN means the counter is already non-zero: awake anyway. */
 		if (write(mb->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-			return;
+			log_error("mailbox: cannot wake its owner (eventfd: %s); the mail waits for "
+				  "its next wake-up", strerror(errno));
 	}
 }
 
