@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+
 #define UUID_MAX 37
 
 struct part_entry {
@@ -27,11 +29,7 @@ struct partition {
 
 static uint64_t hash_str(const char *s)
 {
-	uint64_t h = 1469598103934665603ull;
-
-	while (*s)
-		h = (h ^ (unsigned char)*s++) * 1099511628211ull;
-	return h;
+	return hash_fnv1a64(s);
 }
 
 int partition_new(unsigned nthreads, uint32_t max_vms, struct partition **out)

@@ -24,6 +24,7 @@
 #include "clock.h"
 #include "guest_conn.h"
 #include "guest_session.h"
+#include "hash.h"
 #include "log.h"
 #include "stamp.h"
 #include "upstream.h"
@@ -99,11 +100,7 @@ struct poll_thread {
 
 static uint64_t hash_uuid(const char *s)
 {
-	uint64_t h = 1469598103934665603ull;
-
-	while (*s)
-		h = (h ^ (unsigned char)*s++) * 1099511628211ull;
-	return h;
+	return hash_fnv1a64(s);
 }
 
 static struct vm_state *vm_find(struct poll_thread *pt, const char *uuid)

@@ -34,6 +34,7 @@
 
 #include "backoff.h"
 #include "clock.h"
+#include "hash.h"
 #include "log.h"
 #include "upstream_proto.h"
 
@@ -125,11 +126,7 @@ struct upstream {
 
 uint32_t upstream_link_spread(const char *hostname, unsigned thread_id)
 {
-	uint32_t h = 2166136261u;
-
-	for (const char *p = hostname ? hostname : ""; *p; p++)
-		h = (h ^ (unsigned char)*p) * 16777619u;
-	return (h >> 8) + thread_id;
+	return (hash_fnv1a32(hostname ? hostname : "") >> 8) + thread_id;
 }
 
 size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_t n)
