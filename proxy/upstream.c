@@ -101,6 +101,7 @@ struct upstream {
 	uint64_t deadline; /* of the current connect, handshake or close */
 	uint64_t up_since;
 	bool read_more;	   /* the read budget ran out with data possibly left */
+	bool io_failed;	   /* a fatal read or write error: no more I/O on it */
 	bool session_ok;   /* this connection got a confirm: the backoff resets */
 
 	/* Published and not yet handed back, by delivery tag: the message with
@@ -322,6 +323,7 @@ static int flush_output(struct upstream *up, uint64_t now, char *err, size_t err
 				e = SSL_get_error(up->ssl, r);
 				if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
 					return 0;
+				up->io_failed = true;
 				snprintf(err, errlen, "TLS write: %s", tls_error((char[200]){ 0 }, 200, e));
 				return -1;
 			}
@@ -333,6 +335,7 @@ static int flush_output(struct upstream *up, uint64_t now, char *err, size_t err
 					return 0;
 				if (errno == EINTR)
 					continue;
+				up->io_failed = true;
 				snprintf(err, errlen, "write: %s", strerror(errno));
 				return -1;
 			}
@@ -347,8 +350,8 @@ static void link_close(struct upstream *up, uint64_t now)
 {
 	char err[8];
 
-	if (up->proto_live && up->fd >= 0 && (up->state == LINK_AMQP || up->state == LINK_UP ||
-					      up->state == LINK_CLOSING))
+	if (up->proto_live && up->fd >= 0 && !up->io_failed &&
+	    (up->state == LINK_AMQP || up->state == LINK_UP || up->state == LINK_CLOSING))
 		flush_output(up, now, err, sizeof(err));
 	if (up->ssl) {
 		SSL_free(up->ssl);
@@ -370,6 +373,7 @@ static void link_close(struct upstream *up, uint64_t now)
 	SSL_CTX_free(up->ctx);
 	up->ctx = NULL;
 	up->read_more = false;
+	up->io_failed = false;
 }
 
 /* After a failure on the current node: another node at once while some
@@ -403,7 +407,7 @@ static void count_refusal(struct upstream *up, uint16_t code)
 		if (up->st.refusals[i].code == code)
 			break;
 	if (i == UPSTREAM_REFUSAL_CODES)
-		i--; /* the last slot takes whatever does not fit */
+		return; /* more distinct codes than AMQP defines: not counted */
 	up->st.refusals[i].code = code;
 	up->st.refusals[i].count++;
 }
@@ -770,6 +774,7 @@ static int read_input(struct upstream *up, uint64_t now)
 				e = SSL_get_error(up->ssl, r);
 				if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
 					return 0;
+				up->io_failed = true; /* OpenSSL: no further I/O on it */
 				link_fail(up, now, "TLS read: %s", tls_error(err, sizeof(err), e));
 				return -1;
 			}
@@ -781,10 +786,12 @@ static int read_input(struct upstream *up, uint64_t now)
 					return 0;
 				if (errno == EINTR)
 					continue;
+				up->io_failed = true;
 				link_fail(up, now, "read: %s", strerror(errno));
 				return -1;
 			}
 			if (n == 0) {
+				up->io_failed = true;
 				link_fail(up, now, "the broker closed the connection");
 				return -1;
 			}

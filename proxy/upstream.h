@@ -61,7 +61,7 @@ struct upstream_ops {
 	void (*returned)(void *userdata, struct upstream_msg *m, uint16_t code, const char *text);
 };
 
-#define UPSTREAM_REFUSAL_CODES 8
+#define UPSTREAM_REFUSAL_CODES 16 /* AMQP has 13 codes of 400 and above */
 
 struct upstream_stats {
 	uint64_t published, acked, nacked, reconnects, republished, returned;
