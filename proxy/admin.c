@@ -22,6 +22,7 @@
 #include "clock.h"
 #include "daemon.h"
 #include "log.h"
+#include "report_json.h"
 
 #define ADMIN_IO_TIMEOUT_MS 2000
 #define QUERY_TIMEOUT_MS    2000
@@ -173,7 +174,13 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 		json_decref(r);
 		return reply;
 	}
-	threads = vmproxy_query_threads(p, QUERY_TIMEOUT_MS);
+	{
+		unsigned n = 0;
+		struct poll_report *rep = vmproxy_query_threads(p, QUERY_TIMEOUT_MS, &n);
+
+		threads = rep ? report_json_threads(rep, n, true) : NULL;
+		poll_reports_free(rep, n);
+	}
 	if (!threads) {
 		reply = error_reply("a poll thread did not answer within %d ms", QUERY_TIMEOUT_MS);
 		json_decref(r);

@@ -71,7 +71,8 @@ struct vmproxy {
 	struct balancer balancer;
 	uint64_t next_balance_ms, last_sample_ms;
 	json_t *prev_vm_msgs; /* uuid -> messages_in at the last sample */
-	json_t *prev_threads;	/* the previous sample's thread reports */
+	struct poll_report *prev_threads; /* the previous sample's reports (no VM lists) */
+	unsigned nprev_threads;
 	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
 	json_t *load;		/* per thread rates at the last sample */
 	_Atomic bool balancer_enabled;
@@ -579,38 +580,44 @@ static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsi
 	return 0;
 }
 
-static double rate(json_t *now, json_t *prev, const char *key, double dt)
+static double rate(double now, double prev, double dt)
 {
-	double a = json_number_value(json_object_get(now, key));
-	double b = json_number_value(json_object_get(prev, key));
-
-	return dt > 0 && a >= b ? (a - b) / dt : 0;
+	return dt > 0 && now >= prev ? (now - prev) / dt : 0;
 }
 
-/* Per-thread rates between this sample (THREADS) and the previous one:
- * messages and bytes in and out per second, CPU use, loop latency. */
-static void thread_load(struct vmproxy *p, json_t *threads, double dt)
+/* Per-thread rates between this sample (R, N reports) and the previous
+ * one: messages and bytes in and out per second, CPU use, loop latency;
+ * kept as JSON for the admin socket's "load". */
+static void thread_load(struct vmproxy *p, struct poll_report *r, unsigned n, double dt)
 {
-	json_t *load = json_array(), *t;
-	size_t i;
+	json_t *load = json_array();
+	struct poll_report *keep = calloc(n, sizeof(*keep));
 
-	json_array_foreach(threads, i, t) {
-		json_t *prev = json_array_get(p->prev_threads, i);
+	for (unsigned i = 0; i < n; i++) {
+		const struct poll_report *t = &r[i], *pr = NULL;
 
+		if (p->prev_threads && i < p->nprev_threads)
+			pr = &p->prev_threads[i];
 		json_array_append_new(load, json_pack(
 			"{s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}", "thread", (int)i,
-			"messages_in_per_s", rate(t, prev, "messages_in", dt), "bytes_in_per_s",
-			rate(t, prev, "bytes_in", dt), "messages_out_per_s",
-			rate(t, prev, "messages_out", dt), "bytes_out_per_s",
-			rate(t, prev, "bytes_out", dt), "cpu_percent",
-			100 * rate(t, prev, "cpu_seconds", dt), "connections",
-			json_integer_value(json_object_get(t, "connections")), "held_messages",
-			json_integer_value(json_object_get(t, "held_messages")), "held_bytes",
-			json_integer_value(json_object_get(t, "held_bytes")), "loop_max_us",
-			json_integer_value(json_object_get(t, "loop_max_us"))));
+			"messages_in_per_s", rate((double)t->messages_in, pr ? (double)pr->messages_in : 0, dt),
+			"bytes_in_per_s", rate((double)t->bytes_in, pr ? (double)pr->bytes_in : 0, dt),
+			"messages_out_per_s",
+			rate((double)t->messages_out, pr ? (double)pr->messages_out : 0, dt),
+			"bytes_out_per_s", rate((double)t->bytes_out, pr ? (double)pr->bytes_out : 0, dt),
+			"cpu_percent", 100 * rate(t->cpu_seconds, pr ? pr->cpu_seconds : 0, dt),
+			"connections", (json_int_t)t->connections, "held_messages",
+			(json_int_t)t->held_messages, "held_bytes", (json_int_t)t->held_bytes,
+			"loop_max_us", (json_int_t)t->loop_max_us));
+		if (keep) {
+			keep[i] = *t;
+			keep[i].vms = NULL;
+			keep[i].nvms = 0;
+		}
 	}
-	json_decref(p->prev_threads);
-	p->prev_threads = json_incref(threads);
+	free(p->prev_threads);
+	p->prev_threads = keep;
+	p->nprev_threads = keep ? n : 0;
 	pthread_mutex_lock(&p->load_lock);
 	json_decref(p->load);
 	p->load = load;
@@ -621,7 +628,9 @@ static void thread_load(struct vmproxy *p, json_t *threads, double dt)
  * the balancer decide; carry out at most one move per sample. */
 static void balance(struct vmproxy *p, uint64_t now)
 {
-	json_t *threads = vmproxy_query_threads(p, 1000), *t, *v, *next_prev = json_object();
+	unsigned n = 0;
+	struct poll_report *threads = vmproxy_query_threads(p, 1000, &n);
+	json_t *next_prev = json_object();
 	double dt = p->last_sample_ms ? (double)(now - p->last_sample_ms) / 1000.0 : 0;
 	struct bal_thread *bt = calloc(p->nthreads, sizeof(*bt));
 	struct bal_vm **vms = calloc(p->nthreads, sizeof(*vms));
@@ -630,22 +639,18 @@ static void balance(struct vmproxy *p, uint64_t now)
 
 	if (!threads || !bt || !vms)
 		goto out;
-	thread_load(p, threads, dt);
-	json_array_foreach(threads, i, t) {
-		json_t *list = json_object_get(t, "vms");
-
+	thread_load(p, threads, n, dt);
+	for (i = 0; i < n; i++) {
 		bt[i].id = (unsigned)i;
-		vms[i] = calloc(json_array_size(list) + 1, sizeof(struct bal_vm));
+		vms[i] = calloc(threads[i].nvms + 1, sizeof(struct bal_vm));
 		if (!vms[i])
 			goto out;
-		json_array_foreach(list, j, v) {
-			const char *uuid = json_string_value(json_object_get(v, "uuid"));
-			json_int_t now_msgs = json_integer_value(json_object_get(v, "messages_in"));
-			json_t *prev = json_object_get(p->prev_vm_msgs, uuid ? uuid : "");
+		for (j = 0; j < threads[i].nvms; j++) {
+			const char *uuid = threads[i].vms[j].info.uuid;
+			json_int_t now_msgs = (json_int_t)threads[i].vms[j].messages_in;
+			json_t *prev = json_object_get(p->prev_vm_msgs, uuid);
 			double rate = 0;
 
-			if (!uuid)
-				continue;
 			if (prev && dt > 0 && now_msgs >= json_integer_value(prev))
 				rate = (double)(now_msgs - json_integer_value(prev)) / dt;
 			json_object_set_new(next_prev, uuid, json_integer(now_msgs));
@@ -673,47 +678,44 @@ out:
 	free(vms);
 	free(bt);
 	json_decref(next_prev);
-	json_decref(threads);
+	poll_reports_free(threads, n);
 }
 
 int vmproxy_migrate(struct vmproxy *p, const char *vm, unsigned to, char *msg, size_t msglen)
 {
-	json_t *threads = vmproxy_query_threads(p, 2000), *t, *v;
+	unsigned n = 0;
+	struct poll_report *threads = vmproxy_query_threads(p, 2000, &n);
 	struct migrate_result res;
-	const char *uuid = NULL;
+	char uuid[VM_UUID_LEN + 1] = "";
 	unsigned from = 0;
-	size_t i, j;
 	int r;
 
 	if (!threads) {
 		snprintf(msg, msglen, "a poll thread did not answer within 2000 ms");
 		return -ETIMEDOUT;
 	}
-	json_array_foreach(threads, i, t) {
-		json_array_foreach(json_object_get(t, "vms"), j, v) {
-			const char *u = json_string_value(json_object_get(v, "uuid"));
-			const char *n = json_string_value(json_object_get(v, "name"));
-			if ((u && strcmp(u, vm) == 0) || (n && strcmp(n, vm) == 0)) {
-				uuid = u;
-				from = (unsigned)i;
+	for (unsigned i = 0; i < n; i++) {
+		for (size_t j = 0; j < threads[i].nvms; j++) {
+			const struct vm_info *info = &threads[i].vms[j].info;
+			if (strcmp(info->uuid, vm) == 0 || strcmp(info->name, vm) == 0) {
+				snprintf(uuid, sizeof(uuid), "%s", info->uuid);
+				from = i;
 			}
 		}
 	}
-	if (!uuid) {
+	poll_reports_free(threads, n);
+	if (!uuid[0]) {
 		snprintf(msg, msglen, "no VM \"%.64s\" has connections here", vm);
-		json_decref(threads);
 		return -ENOENT;
 	}
 	if (to >= p->nthreads) {
 		snprintf(msg, msglen, "there is no thread %u (0..%u)", to, p->nthreads - 1);
-		json_decref(threads);
 		return -EINVAL;
 	}
 	memset(&res, 0, sizeof(res));
 	pthread_mutex_init(&res.lock, NULL);
 	pthread_cond_init(&res.cond, NULL);
 	r = post_migrate(p, uuid, from, to, &res);
-	json_decref(threads);
 	if (r < 0) {
 		snprintf(msg, msglen, "out of memory");
 		return r;
@@ -953,20 +955,23 @@ void vmproxy_stop(struct vmproxy *p)
 		log_error("cannot signal stop: %s", strerror(errno));
 }
 
-json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms)
+struct poll_report *vmproxy_query_threads(struct vmproxy *p, int timeout_ms, unsigned *n)
 {
 	struct query *q = calloc(1, sizeof(*q));
+	struct poll_report *res = NULL;
 	struct timespec ts;
-	json_t *res = NULL;
 	unsigned late;
 
 	if (!q)
 		return NULL;
+	q->reports = calloc(p->nthreads, sizeof(*q->reports));
+	if (!q->reports) {
+		free(q);
+		return NULL;
+	}
+	q->n = p->nthreads;
 	pthread_mutex_init(&q->lock, NULL);
 	pthread_cond_init(&q->cond, NULL);
-	q->result = json_array();
-	for (unsigned i = 0; i < p->nthreads; i++)
-		json_array_append_new(q->result, json_null());
 	q->refs = 1; /* the asker's */
 	pthread_mutex_lock(&q->lock);
 	for (unsigned i = 0; i < p->nthreads; i++) {
@@ -993,8 +998,9 @@ json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms)
 			break;
 	late = q->pending;
 	if (late == 0) {
-		res = q->result;
-		q->result = NULL;
+		res = q->reports;
+		q->reports = NULL;
+		*n = q->n;
 	} else {
 		/* The answers still due find the query alive; the last one frees it. */
 		q->abandoned = true;
@@ -1067,7 +1073,7 @@ void vmproxy_free(struct vmproxy *p)
 	if (p->timerfd >= 0)
 		close(p->timerfd);
 	json_decref(p->prev_vm_msgs);
-	json_decref(p->prev_threads);
+	free(p->prev_threads);
 	if (p->load) {
 		json_decref(p->load);
 		pthread_mutex_destroy(&p->load_lock);

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 
 #include "config.h"
+#include "poll_thread.h"
 #include "vm_identity.h"
 
 struct vmproxy;
@@ -42,9 +43,9 @@ const struct proxy_config *vmproxy_config(struct vmproxy *p);
 void vmproxy_pin_log_level(struct vmproxy *p);
 
 /* Ask every poll thread for its report (claim 5: by message, never by
- * reading its memory). A new array of thread objects, or NULL if a thread
- * did not answer within TIMEOUT_MS. */
-json_t *vmproxy_query_threads(struct vmproxy *p, int timeout_ms);
+ * reading its memory). A new array of *N reports in thread order (free with
+ * poll_reports_free), or NULL if a thread did not answer within TIMEOUT_MS. */
+struct poll_report *vmproxy_query_threads(struct vmproxy *p, int timeout_ms, unsigned *n);
 
 /* Move VM (name or uuid) with all its connections to poll thread TO and
  * wait for the outcome (bounded by the balancer's migrate_timeout_ms).

@@ -19,6 +19,7 @@
 #include "log.h"
 #include "metrics_http.h"
 #include "prom.h"
+#include "report_json.h"
 
 #define SCRAPE_QUERY_TIMEOUT_MS 2000
 
@@ -247,12 +248,15 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 static char *render(void *ud)
 {
 	struct metrics_server *m = ud;
-	json_t *threads = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS);
+	unsigned n = 0;
+	struct poll_report *r = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS, &n);
+	json_t *threads = r ? report_json_threads(r, n, true) : NULL;
 	json_t *counters = vmproxy_counters(m->p);
 	char *body = metrics_render(threads, counters, atomic_load(&m->per_vm));
 	struct prom_buf certs;
 
 	json_decref(threads);
+	poll_reports_free(r, n);
 	json_decref(counters);
 	if (!body)
 		return NULL;

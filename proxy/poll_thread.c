@@ -894,73 +894,60 @@ static double thread_cpu_seconds(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static json_t *report(struct poll_thread *pt)
+/* Fill R (its VM list malloc'd; none when out of memory). */
+static void report(struct poll_thread *pt, struct poll_report *r)
 {
-	json_t *o = json_object(), *vms = json_array(), *link = json_object();
-	struct upstream_stats st;
+	size_t k = 0;
 
-	for (size_t b = 0; b < VM_BUCKETS; b++) {
-		for (struct vm_state *v = pt->vms[b]; v; v = v->hash_next) {
-			json_t *vo = json_pack("{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:b}",
-					       "uuid", v->info.uuid, "name", v->info.name, "cid",
-					       (json_int_t)v->info.cid, "connections",
-					       (json_int_t)v->nconns, "held_bytes",
-					       (json_int_t)v->held_bytes, "held_messages",
-					       (json_int_t)v->held_msgs, "messages_in",
-					       (json_int_t)v->msgs_in, "acked", (json_int_t)v->acked,
-					       "nacked", (json_int_t)v->nacked, "blocked", v->blocked);
-			json_object_set_new(vo, "bytes_in", json_integer((json_int_t)v->bytes_in));
-			json_object_set_new(vo, "migrating", json_boolean(v->migrating));
-			json_array_append_new(vms, vo);
+	memset(r, 0, sizeof(*r));
+	r->vms = pt->nvms ? calloc(pt->nvms, sizeof(*r->vms)) : NULL;
+	for (size_t b = 0; r->vms && b < VM_BUCKETS; b++) {
+		for (struct vm_state *v = pt->vms[b]; v && k < pt->nvms; v = v->hash_next) {
+			struct poll_vm_report *vr = &r->vms[k++];
+
+			vr->info = v->info;
+			vr->connections = v->nconns;
+			vr->held_bytes = v->held_bytes;
+			vr->held_messages = v->held_msgs;
+			vr->messages_in = v->msgs_in;
+			vr->bytes_in = v->bytes_in;
+			vr->acked = v->acked;
+			vr->nacked = v->nacked;
+			vr->blocked = v->blocked;
+			vr->migrating = v->migrating;
 		}
 	}
-	upstream_get_stats(pt->up, &st);
-	json_object_set_new(link, "up", json_boolean(st.up));
-	json_object_set_new(link, "node", json_string(st.node));
-	json_object_set_new(link, "published", json_integer((json_int_t)st.published));
-	json_object_set_new(link, "acked", json_integer((json_int_t)st.acked));
-	json_object_set_new(link, "nacked", json_integer((json_int_t)st.nacked));
-	json_object_set_new(link, "republished", json_integer((json_int_t)st.republished));
-	json_object_set_new(link, "returned", json_integer((json_int_t)st.returned));
-	json_object_set_new(link, "connects", json_integer((json_int_t)st.reconnects));
-	json_object_set_new(link, "unconfirmed", json_integer(st.unconfirmed));
-	json_object_set_new(link, "broker_blocked", json_boolean(st.broker_blocked));
-	json_object_set_new(link, "last_error", json_string(st.last_error));
-	json_object_set_new(link, "writes", json_integer((json_int_t)st.writes));
-	json_object_set_new(link, "reads", json_integer((json_int_t)st.reads));
-	{
-		json_t *ref = json_object();
-		for (size_t i = 0; i < UPSTREAM_REFUSAL_CODES && st.refusals[i].code; i++) {
-			char code[8];
-			snprintf(code, sizeof(code), "%u", st.refusals[i].code);
-			json_object_set_new(ref, code,
-					    json_integer((json_int_t)st.refusals[i].count));
-		}
-		json_object_set_new(link, "refusals", ref);
-	}
-	json_object_set_new(o, "thread", json_integer(pt->id));
-	json_object_set_new(o, "cpu", json_integer(pt->cpu));
-	json_object_set_new(o, "connections", json_integer(pt->nconns));
-	json_object_set_new(o, "vm_count", json_integer(pt->nvms));
-	json_object_set_new(o, "held_bytes", json_integer((json_int_t)pt->held_bytes));
-	json_object_set_new(o, "held_messages", json_integer((json_int_t)pt->held_msgs));
-	json_object_set_new(o, "blocked", json_boolean(pt->blocked));
-	json_object_set_new(o, "messages_in", json_integer((json_int_t)pt->msgs_in));
-	json_object_set_new(o, "bytes_in", json_integer((json_int_t)pt->bytes_in));
-	json_object_set_new(o, "messages_out", json_integer((json_int_t)pt->msgs_out));
-	json_object_set_new(o, "bytes_out", json_integer((json_int_t)pt->bytes_out));
-	json_object_set_new(o, "guest_reads", json_integer((json_int_t)pt->guest_reads));
-	json_object_set_new(o, "guest_writes", json_integer((json_int_t)pt->guest_writes));
-	json_object_set_new(o, "migrations_in", json_integer((json_int_t)pt->migrations_in));
-	json_object_set_new(o, "migrations_out", json_integer((json_int_t)pt->migrations_out));
-	json_object_set_new(o, "cpu_seconds", json_real(thread_cpu_seconds()));
-	json_object_set_new(o, "loop_busy_seconds", json_real((double)pt->busy_ns / 1e9));
-	/* The longest single loop iteration since the previous report. */
-	json_object_set_new(o, "loop_max_us", json_integer((json_int_t)(pt->busy_max_ns / 1000)));
+	r->nvms = k;
+	upstream_get_stats(pt->up, &r->link);
+	r->thread = pt->id;
+	r->cpu = pt->cpu;
+	r->connections = pt->nconns;
+	r->vm_count = pt->nvms;
+	r->held_bytes = pt->held_bytes;
+	r->held_messages = pt->held_msgs;
+	r->blocked = pt->blocked;
+	r->messages_in = pt->msgs_in;
+	r->bytes_in = pt->bytes_in;
+	r->messages_out = pt->msgs_out;
+	r->bytes_out = pt->bytes_out;
+	r->guest_reads = pt->guest_reads;
+	r->guest_writes = pt->guest_writes;
+	r->migrations_in = pt->migrations_in;
+	r->migrations_out = pt->migrations_out;
+	r->cpu_seconds = thread_cpu_seconds();
+	r->loop_busy_seconds = (double)pt->busy_ns / 1e9;
+	r->loop_max_us = pt->busy_max_ns / 1000;
 	pt->busy_max_ns = 0;
-	json_object_set_new(o, "upstream", link);
-	json_object_set_new(o, "vms", vms);
-	return o;
+	r->answered = true;
+}
+
+void poll_reports_free(struct poll_report *r, unsigned n)
+{
+	if (!r)
+		return;
+	for (unsigned i = 0; i < n; i++)
+		free(r[i].vms);
+	free(r);
 }
 
 void query_unref_locked(struct query *q)
@@ -970,19 +957,23 @@ void query_unref_locked(struct query *q)
 		return;
 	}
 	pthread_mutex_unlock(&q->lock);
-	json_decref(q->result);
+	poll_reports_free(q->reports, q->n);
 	pthread_mutex_destroy(&q->lock);
 	pthread_cond_destroy(&q->cond);
 	free(q);
 }
 
-void query_answer(struct query *q, unsigned id, json_t *r)
+void query_answer(struct query *q, unsigned id, struct poll_report *r)
 {
 	pthread_mutex_lock(&q->lock);
-	if (r && !q->abandoned)
-		json_array_set_new(q->result, id, r);
-	else
-		json_decref(r);
+	if (r && !q->abandoned && id < q->n && q->reports) {
+		q->reports[id] = *r;
+		r->vms = NULL;
+	}
+	if (r) {
+		free(r->vms);
+		r->vms = NULL;
+	}
 	if (--q->pending == 0)
 		pthread_cond_broadcast(&q->cond);
 	query_unref_locked(q);
@@ -1014,10 +1005,13 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		free(m);
 		break;
 	}
-	case MAIL_QUERY:
-		query_answer(((struct query_mail *)m)->q, pt->id, report(pt));
+	case MAIL_QUERY: {
+		struct poll_report r;
+		report(pt, &r);
+		query_answer(((struct query_mail *)m)->q, pt->id, &r);
 		free(m);
 		break;
+	}
 	case MAIL_PAUSE:
 		pt->paused = true;
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next)

@@ -4,7 +4,6 @@
  * mailbox. */
 #pragma once
 
-#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -15,6 +14,7 @@
 #include "helper.h"
 #include "mailbox.h"
 #include "partition.h"
+#include "upstream.h"
 #include "vm_identity.h"
 
 /* What every poll thread reads and nobody changes while they run. */
@@ -59,21 +59,50 @@ struct reconfig_mail {
 	uint32_t handshake_timeout_ms;
 };
 
-/* MAIL_QUERY: each thread adds its report to RESULT[thread] and counts
- * PENDING down; the asker waits on COND at most its timeout. Shared by
- * reference (REFS: the asker and every mail not yet answered), so an asker
- * that gave up (ABANDONED) leaves it to the last late answer to free. */
+/* What a poll thread reports about one of its VMs. */
+struct poll_vm_report {
+	struct vm_info info;
+	uint32_t connections;
+	uint64_t held_bytes, held_messages, messages_in, bytes_in, acked, nacked;
+	bool blocked, migrating;
+};
+
+/* What a poll thread reports about itself (MAIL_QUERY): counters since it
+ * started, gauges now, its link's statistics and its VMs. */
+struct poll_report {
+	unsigned thread;
+	int cpu;
+	uint32_t connections, vm_count;
+	uint64_t held_bytes, held_messages;
+	uint64_t messages_in, bytes_in, messages_out, bytes_out;
+	uint64_t guest_reads, guest_writes, migrations_in, migrations_out;
+	bool blocked;
+	bool answered; /* false: the thread did not fill it in */
+	double cpu_seconds, loop_busy_seconds;
+	uint64_t loop_max_us; /* the longest loop iteration since the previous report */
+	struct upstream_stats link;
+	struct poll_vm_report *vms; /* malloc'd */
+	size_t nvms;
+};
+
+/* Free the VM lists of N reports and the array itself. Accepts NULL. */
+void poll_reports_free(struct poll_report *r, unsigned n);
+
+/* MAIL_QUERY: each thread fills REPORTS[thread] and counts PENDING down;
+ * the asker waits on COND at most its timeout. Shared by reference (REFS:
+ * the asker and every mail not yet answered), so an asker that gave up
+ * (ABANDONED) leaves it to the last late answer to free. */
 struct query {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	unsigned pending, refs;
+	unsigned pending, refs, n;
 	bool abandoned;
-	json_t *result; /* array, one object per thread */
+	struct poll_report *reports; /* N of them, one per thread */
 };
 
-/* Any thread: answer Q for thread ID with R (stolen; NULL when the mail is
- * discarded) and drop the mail's reference. */
-void query_answer(struct query *q, unsigned id, json_t *r);
+/* Any thread: answer Q for thread ID with R (its VM list stolen; NULL when
+ * the mail is discarded) and drop the mail's reference. */
+void query_answer(struct query *q, unsigned id, struct poll_report *r);
 
 /* Drop one reference to Q with its lock held; the last one frees it. */
 void query_unref_locked(struct query *q);

@@ -1,0 +1,12 @@
+/* report_json.h -- poll thread reports as the JSON the admin socket and
+ * /metrics serve: the one place the daemon's typed reports become text
+ * keys (docs/admin.md names them). */
+#pragma once
+
+#include <jansson.h>
+
+#include "poll_thread.h"
+
+/* One object per report (thread order), each with its "upstream" object
+ * and, when WITH_VMS, its "vms" array. A new reference. */
+json_t *report_json_threads(const struct poll_report *r, unsigned n, bool with_vms);
