@@ -174,6 +174,7 @@ static int handle(struct ctx *x, const amqp_envelope_t *env)
 	json_t *doc, *vm, *rcv;
 	const char *why;
 	char reason[200], uuidbuf[64], rkey[256];
+	char *text;
 	int r;
 
 	if (env->message.body.len > x->c->max_message_bytes) {
@@ -237,10 +238,20 @@ static int handle(struct ctx *x, const amqp_envelope_t *env)
 	store_sample_gauges(&smp, doc);
 	smp.doc = doc;
 	smp.vm = vm;
-	smp.doc_text = (const char *)env->message.body.bytes;
+	/* NUL-terminated for libpq's text parameters (it has no NUL inside). */
+	text = malloc(env->message.body.len + 1);
+	if (!text) {
+		json_decref(vm);
+		json_decref(doc);
+		return store_failure(x);
+	}
+	memcpy(text, env->message.body.bytes, env->message.body.len);
+	text[env->message.body.len] = '\0';
+	smp.doc_text = text;
 	smp.doc_len = env->message.body.len;
 	if (!x->in_batch) {
 		if (store_begin(x->store) < 0) {
+			free(text);
 			json_decref(vm);
 			json_decref(doc);
 			return store_failure(x);
@@ -248,6 +259,7 @@ static int handle(struct ctx *x, const amqp_envelope_t *env)
 		x->in_batch = true;
 	}
 	r = store_put(x->store, &smp);
+	free(text);
 	if (r < 0) {
 		json_decref(vm);
 		json_decref(doc);

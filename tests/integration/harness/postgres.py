@@ -128,10 +128,17 @@ class PostgreSQL:
                        "-d", dbname or self.dbname, "-c", sql])
         return [l.split("\t") for l in r.stdout.splitlines() if l]
 
-    def connect(self):
+    def new_database(self, name):
+        """A fresh, empty database NAME (dropped first if it exists); returns
+        its conninfo."""
+        self.psql("DROP DATABASE IF EXISTS %s" % name, dbname="postgres")
+        self.psql("CREATE DATABASE %s OWNER %s" % (name, self.user), dbname="postgres")
+        return self.conninfo.replace("dbname=%s" % self.dbname, "dbname=%s" % name)
+
+    def connect(self, dbname=None):
         import psycopg2
         return psycopg2.connect(host=str(self.run), port=self.port, user=self.user,
-                                dbname=self.dbname)
+                                dbname=dbname or self.dbname)
 
 
 @atexit.register
