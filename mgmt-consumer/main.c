@@ -513,6 +513,12 @@ static int one_batch(struct ctx *x, amqp_connection_state_t conn)
 			}
 		}
 		vmstate_observe_fsync(x->st, (double)(clock_mono_ns() - t0) / 1e9);
+		{
+			uint64_t d = store_batch_duplicates(x->store);
+			d = d < x->stored ? d : x->stored;
+			x->stored -= d;
+			x->duplicates += d;
+		}
 		forget_done(x, true);
 		/* Only now: everything up to last_tag is committed. */
 		if (amqp_basic_ack(conn, 1, last_tag, 1) != AMQP_STATUS_OK)

@@ -84,6 +84,8 @@ const char *store_schema(enum store_kind kind)
 	return kind == STORE_POSTGRESQL ? pg_schema : kind == STORE_SQLITE ? sqlite_schema : "";
 }
 
+#define PG_SYNC_EVERY 128
+
 struct store {
 	struct store_opts o;
 	char err[512];
@@ -91,8 +93,12 @@ struct store {
 	/* sqlite */
 	sqlite3 *db;
 	sqlite3_stmt *ins, *vm, *expire;
-	/* postgresql */
+	/* postgresql: a batch is pipelined (libpq pipeline mode): the rows are
+	 * sent without waiting, their results read at each sync point */
 	PGconn *pg;
+	char kinds[2 * PG_SYNC_EVERY + 8]; /* what each queued command is */
+	size_t nkinds, since_sync;
+	uint64_t duplicates; /* of the current batch, known at sync points */
 	/* jsonl */
 	struct sink *jsonl;
 	struct dedup *dedup;
@@ -352,13 +358,88 @@ static int pg_open(struct store *s)
 	return 0;
 }
 
+/* Read the results of the commands queued since the last sync point, up to
+ * and including the sync. */
+static int pg_drain(struct store *s)
+{
+	size_t k = 0;
+	int err = 0;
+
+	for (;;) {
+		PGresult *r = PQgetResult(s->pg);
+		ExecStatusType st;
+
+		if (!r) {
+			if (PQstatus(s->pg) != CONNECTION_OK) {
+				s->broken = true;
+				if (!err)
+					fail(s, "postgresql: %s", PQerrorMessage(s->pg));
+				return -EIO;
+			}
+			continue; /* between two commands' results */
+		}
+		st = PQresultStatus(r);
+		if (st == PGRES_PIPELINE_SYNC) {
+			PQclear(r);
+			break;
+		}
+		if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+			if (k < s->nkinds && s->kinds[k] == 'i' && atoi(PQcmdTuples(r)) == 0)
+				s->duplicates++;
+		} else if (!err) {
+			/* The first error; the rest of the pipeline is aborted. */
+			err = 1;
+			fail(s, "postgresql: %s: %s",
+			     k < s->nkinds && s->kinds[k] == 'i' ? "insert" : "batch",
+			     st == PGRES_PIPELINE_ABORTED ? "aborted"
+							  : PQresultErrorMessage(r));
+			if (PQstatus(s->pg) != CONNECTION_OK)
+				s->broken = true;
+		}
+		k++;
+		PQclear(r);
+	}
+	s->nkinds = 0;
+	s->since_sync = 0;
+	return err ? -EIO : 0;
+}
+
+static int pg_send_sync(struct store *s)
+{
+	if (!PQpipelineSync(s->pg)) {
+		s->broken = PQstatus(s->pg) != CONNECTION_OK;
+		return fail(s, "postgresql: sync: %s", PQerrorMessage(s->pg));
+	}
+	return pg_drain(s);
+}
+
+static int pg_queue(struct store *s, char kind, const char *stmt, const char *sql, int n,
+		    const char *const *p)
+{
+	int ok = stmt ? PQsendQueryPrepared(s->pg, stmt, n, p, NULL, NULL, 0)
+		      : PQsendQueryParams(s->pg, sql, 0, NULL, NULL, NULL, NULL, 0);
+
+	if (!ok) {
+		s->broken = PQstatus(s->pg) != CONNECTION_OK;
+		return fail(s, "postgresql: send: %s", PQerrorMessage(s->pg));
+	}
+	s->kinds[s->nkinds++] = kind;
+	return 0;
+}
+
+static int pg_begin(struct store *s)
+{
+	if (PQpipelineStatus(s->pg) == PQ_PIPELINE_OFF && !PQenterPipelineMode(s->pg))
+		return fail(s, "postgresql: pipeline mode: %s", PQerrorMessage(s->pg));
+	s->nkinds = s->since_sync = 0;
+	s->duplicates = 0;
+	return pg_queue(s, 'b', NULL, "BEGIN", 0, NULL);
+}
+
 static int pg_put(struct store *s, const struct store_sample *m)
 {
 	char seq[24], t[24], rcv[24], stored[24], iv[24], g[STORE_NGAUGES][32];
 	const char *p[NCOLS];
-	int lens[NCOLS] = { 0 };
-	PGresult *r;
-	int n;
 
 	snprintf(seq, sizeof(seq), "%" PRId64, m->seq);
 	snprintf(t, sizeof(t), "%" PRId64, m->time_ms);
@@ -378,22 +459,44 @@ static int pg_put(struct store *s, const struct store_sample *m)
 	}
 	p[15] = m->routing_key;
 	p[16] = m->doc_text;
-	lens[16] = (int)m->doc_len;
-	(void)lens;
-	r = PQexecPrepared(s->pg, "ins", NCOLS, p, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK)
-		return pg_fail(s, "insert", r);
-	n = atoi(PQcmdTuples(r));
-	PQclear(r);
+	if (pg_queue(s, 'i', "ins", NULL, NCOLS, p) < 0)
+		return -EIO;
 	p[0] = m->vm_uuid;
 	p[1] = m->vm_name;
 	p[2] = stored;
 	p[3] = m->proxy_host;
-	r = PQexecPrepared(s->pg, "vm", 4, p, NULL, NULL, 0);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK)
-		return pg_fail(s, "insert into vms", r);
-	PQclear(r);
-	return n > 0;
+	if (pg_queue(s, 'v', "vm", NULL, 4, p) < 0)
+		return -EIO;
+	/* A sync point now and then inside the transaction (it does not
+	 * commit it): the results never pile up past the socket buffers. */
+	if (++s->since_sync >= PG_SYNC_EVERY && pg_send_sync(s) < 0)
+		return -EIO;
+	return 1; /* whether it was a duplicate is known at the sync point */
+}
+
+static int pg_commit(struct store *s)
+{
+	if (pg_queue(s, 'c', NULL, "COMMIT", 0, NULL) < 0 || pg_send_sync(s) < 0)
+		return -EIO;
+	/* Out of pipeline mode between batches: retention and the start-up
+	 * queries are plain synchronous calls. */
+	if (!PQexitPipelineMode(s->pg))
+		return fail(s, "postgresql: leaving pipeline mode: %s", PQerrorMessage(s->pg));
+	return 0;
+}
+
+static void pg_abandon(struct store *s)
+{
+	/* Whatever was queued: send a ROLLBACK behind it and read it all, so
+	 * the connection is usable again (or found broken). */
+	if (s->broken || !s->pg)
+		return;
+	if (PQpipelineStatus(s->pg) != PQ_PIPELINE_OFF) {
+		if (pg_queue(s, 'r', NULL, "ROLLBACK", 0, NULL) == 0)
+			pg_send_sync(s);
+		if (!s->broken)
+			PQexitPipelineMode(s->pg);
+	}
 }
 
 static int pg_select(struct store *s, const char *sql, int nparams, const char *const *params,
@@ -447,6 +550,11 @@ static int jl_open(struct store *s)
 	if (r < 0)
 		return fail(s, "\"%s\": %s", s->o.dir, strerror(-r));
 	return 0;
+}
+
+uint64_t store_batch_duplicates(const struct store *s)
+{
+	return s->o.kind == STORE_POSTGRESQL ? s->duplicates : 0;
 }
 
 size_t store_remembered(const struct store *s)
@@ -513,7 +621,7 @@ int store_begin(struct store *s)
 	case STORE_SQLITE:
 		return sq_exec(s, "BEGIN IMMEDIATE");
 	case STORE_POSTGRESQL:
-		return pg_cmd(s, "BEGIN");
+		return pg_begin(s);
 	case STORE_JSONL:
 		s->npending = 0;
 		return 0;
@@ -569,7 +677,7 @@ int store_commit(struct store *s)
 		}
 		return 0;
 	case STORE_POSTGRESQL:
-		if (pg_cmd(s, "COMMIT") < 0) {
+		if (pg_commit(s) < 0) {
 			store_rollback(s);
 			return -EIO;
 		}
@@ -594,8 +702,7 @@ void store_rollback(struct store *s)
 			sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
 		break;
 	case STORE_POSTGRESQL:
-		if (!s->broken)
-			PQclear(PQexec(s->pg, "ROLLBACK"));
+		pg_abandon(s);
 		break;
 	case STORE_JSONL:
 		s->npending = 0;

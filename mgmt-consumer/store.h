@@ -71,8 +71,12 @@ int store_reconnect(struct store *s);
 
 int store_begin(struct store *s);
 /* 1 when stored, 0 when the sample was already there (a duplicate), <0 on
- * error (the batch must then be abandoned with store_rollback). */
+ * error (the batch must then be abandoned with store_rollback). PostgreSQL
+ * sends the rows of a batch without waiting for each (pipeline mode): its
+ * store_put returns 1, and the batch's duplicates are counted by
+ * store_batch_duplicates once store_commit returned. */
 int store_put(struct store *s, const struct store_sample *smp);
+uint64_t store_batch_duplicates(const struct store *s);
 /* Durable when it returns 0; on failure nothing of the batch is kept. */
 int store_commit(struct store *s);
 void store_rollback(struct store *s);
