@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--samples", type=int, default=50000)
     ap.add_argument("--vms", type=int, default=1000)
     ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--cases", default="sqlite,postgresql,postgresql-2",
+                    help="comma-separated: sqlite, postgresql (one instance), postgresql-2")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-consumer-bench-"))
@@ -162,9 +164,13 @@ def main():
                     con.close()
             except sqlite3.Error:
                 return 0
-        results.append(run_case(args, broker, "sqlite", {"type": "sqlite", "path": str(db)}, 1,
-                                sqlite_rows, work))
+        cases = args.cases.split(",")
+        if "sqlite" in cases:
+            results.append(run_case(args, broker, "sqlite", {"type": "sqlite", "path": str(db)},
+                                    1, sqlite_rows, work))
         for name, n in (("postgresql", 1), ("postgresql-2", 2)):
+            if name not in cases:
+                continue
             dbname = name.replace("-", "_")
             conninfo = pg.new_database(dbname)
 

@@ -165,11 +165,15 @@ def test_exactly_once_restart_memory_and_query(kind, build_dir, broker, certs, t
             c.kill()
 
 
-def test_retention(build_dir, broker, certs, tmp_path):
+def test_retention(kind, build_dir, broker, certs, tmp_path, request):
     """Samples older than sink.retention_days go; recent ones stay."""
-    db = tmp_path / "metrics.db"
-    c = Consumer(build_dir, broker, certs, tmp_path, "vm.metrics.store-retention",
-                 sink={"type": "sqlite", "path": str(db), "retention_days": 30})
+    postgres = request.getfixturevalue("postgres") if kind == "postgresql" else None
+    c = make_consumer(kind, build_dir, broker, certs, tmp_path, postgres,
+                      "vm.metrics.retention-" + kind)
+    c.sink["retention_days"] = 30
+    cfg = json.loads(c.cfg.read_text())
+    cfg["sink"] = c.sink
+    c.cfg.write_text(json.dumps(cfg))
     now_ms = int(time.time() * 1000)
     old, new = [], []
     for s in range(1, 2501):
@@ -181,7 +185,7 @@ def test_retention(build_dir, broker, certs, tmp_path):
         c.start()
         publish(broker, old + new)
         # Deleted in batches of 1000 between message batches.
-        wait_for(lambda: sorted(r[2] for r in rows_sqlite(db)) == list(range(2001, 2501)), 120,
+        wait_for(lambda: sorted(r[2] for r in c.rows()) == list(range(2001, 2501)), 120,
                  "the 2000 old samples expired")
         wait_for(lambda: "vmproxy_consumer_expired_samples_total 2000\n" in c.metrics(), 30,
                  "expired counted")
