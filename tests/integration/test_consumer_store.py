@@ -277,3 +277,38 @@ def test_postgres_down_20s_under_load(build_dir, broker, certs, tmp_path, postgr
             c.kill()
         if not postgres.running():
             postgres.start()
+
+
+def test_bad_text_never_blocks_the_store(kind, build_dir, broker, certs, tmp_path, request):
+    """Header strings a database cannot take (invalid UTF-8, NUL, past 256
+    bytes) are stored as NULL; a sample with a NUL in its boot id is
+    quarantined (not JSON: jansson refuses \\u0000); none of them stops the
+    batches behind them."""
+    postgres = request.getfixturevalue("postgres") if kind == "postgresql" else None
+    c = make_consumer(kind, build_dir, broker, certs, tmp_path, postgres,
+                      "vm.metrics.badtext-" + kind)
+    nul = doc("vm-4", 1)
+    nul["host"]["boot_id"] = "a\u0000b"
+    items = [
+        ({"x-vm-uuid": vm_uuid(1), "x-vm-name": b"\xff\xfe bad"}, json.dumps(doc("vm-1", 1))),
+        ({"x-vm-uuid": vm_uuid(2), "x-vm-name": "x" * 257}, json.dumps(doc("vm-2", 1))),
+        ({"x-vm-uuid": vm_uuid(3), "x-vm-name": "a\u0000b"}, json.dumps(doc("vm-3", 1))),
+        ({"x-vm-uuid": vm_uuid(4), "x-vm-name": "vm-4"}, json.dumps(nul)),
+        ({"x-vm-uuid": b"\xff" * 36}, json.dumps(doc("vm-6", 1))),
+    ] + [stamped(5, s) for s in range(1, 4)]
+    try:
+        c.start()
+        publish(broker, [(h, b if isinstance(b, bytes) else b.encode()) for h, b in items])
+        wait_for(lambda: len(c.rows()) == 6 and len(c.lines("quarantine")) == 2, 60,
+                 "6 stored, 2 quarantined")
+        reasons = sorted(q["reason"] for q in c.lines("quarantine"))
+        assert reasons[0] == "no x-vm-uuid header: not stamped by vmproxyd", reasons
+        assert reasons[1].startswith("not JSON: \\u0000 is not allowed"), reasons
+        latest = json.loads(c.query("--json").stdout)
+        names = {v["vm_uuid"]: v["vm_name"] for v in latest}
+        assert names[vm_uuid(1)] is None and names[vm_uuid(2)] is None
+        assert names[vm_uuid(3)] is None and names[vm_uuid(5)] == "vm-5"
+        c.stop()
+    finally:
+        if c.proc and c.proc.poll() is None:
+            c.kill()
