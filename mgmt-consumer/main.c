@@ -174,6 +174,7 @@ static int store_failure(struct ctx *x)
 {
 	log_error("store: %s; the batch is not acked and comes back", store_error(x->store));
 	store_rollback(x->store);
+	sink_discard(x->quarantine); /* the batch's quarantined messages come back too */
 	x->in_batch = false;
 	x->store_failed = true;
 	vmstate_count_store_error(x->st);
@@ -483,6 +484,7 @@ static int one_batch(struct ctx *x, amqp_connection_state_t conn)
 			if (x->in_batch)
 				store_rollback(x->store);
 			x->in_batch = false;
+			sink_discard(x->quarantine); /* those come back too */
 			forget_done(x, false);
 			return -1; /* unacked messages come back to us or another consumer */
 		}

@@ -705,6 +705,8 @@ void store_rollback(struct store *s)
 		pg_abandon(s);
 		break;
 	case STORE_JSONL:
+		/* Neither the lines nor their keys: the messages come back. */
+		sink_discard(s->jsonl);
 		s->npending = 0;
 		break;
 	}
