@@ -15,6 +15,7 @@ in the test's directory) and PostgreSQL (a private server, harness.postgres).
 """
 import json
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -312,3 +313,32 @@ def test_bad_text_never_blocks_the_store(kind, build_dir, broker, certs, tmp_pat
     finally:
         if c.proc and c.proc.poll() is None:
             c.kill()
+
+
+@pytest.mark.parametrize("sink,queue,key", [
+    ({"type": "mysql"}, {}, "sink.type"),
+    ({"type": "postgresql"}, {}, "sink.conninfo"),
+    ({"type": "jsonl", "retention_days": 3}, {}, "sink.retention_days"),
+    ({"retention_days": 100001}, {}, "sink.retention_days"),
+    ({}, {"shards": 1025}, "queue.shards"),
+    ({}, {"shards": 8, "declare": True}, "queue.declare"),
+    ({}, {"shards": 8, "instances": 2, "instance": 3}, "queue.instance"),
+])
+def test_config_errors_name_the_key(build_dir, tmp_path, sink, queue, key):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"broker": {"host": "localhost"}, "sink": sink, "queue": queue}))
+    binary = str(build_dir / "mgmt-consumer" / "vmproxy-consumer")
+    for argv in ([binary, "--config", str(cfg)], [binary, "query", "--config", str(cfg)]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, (argv, r.stdout, r.stderr)
+        assert "%s: %s:" % (cfg, key) in r.stderr, r.stderr
+
+
+def test_query_of_a_missing_database(build_dir, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"broker": {"host": "localhost"},
+                               "sink": {"path": str(tmp_path / "none.db")}}))
+    r = subprocess.run([str(build_dir / "mgmt-consumer" / "vmproxy-consumer"), "query",
+                        "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "none.db" in r.stderr, r.stderr
+    assert not (tmp_path / "none.db").exists()
