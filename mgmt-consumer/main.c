@@ -293,7 +293,9 @@ static void forget_done(struct ctx *x, bool apply)
 	double now = (double)clock_wall_ms() / 1000.0;
 
 	for (size_t i = 0; i < x->ndone; i++) {
-		if (apply)
+		/* A duplicate says nothing about the VM now (PostgreSQL tells
+		 * which were at commit; the others never list them here). */
+		if (apply && !store_batch_was_duplicate(x->store, i))
 			vmstate_update(x->st, x->done[i].uuid, x->done[i].name, x->done[i].doc, now);
 		free(x->done[i].name);
 		json_decref(x->done[i].doc);

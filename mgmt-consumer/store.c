@@ -69,6 +69,16 @@ static const char pg_schema[] = SCHEMA("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISIO
 static const char insert_sql[] =
 	"INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
 	"$12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING";
+/* PostgreSQL: the VM row is touched only when the sample was new (a
+ * duplicate says nothing about the VM now); one statement per sample. */
+static const char pg_insert_sql[] =
+	"WITH ins AS (INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+	"$10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING "
+	"RETURNING vm_uuid) "
+	"INSERT INTO vms (uuid, name, last_seen_ms, last_host) "
+	"SELECT vm_uuid, CAST($18 AS TEXT), CAST($6 AS BIGINT), CAST($19 AS TEXT) FROM ins "
+	"ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
+	"last_seen_ms = excluded.last_seen_ms, last_host = excluded.last_host";
 static const char vm_sql[] =
 	"INSERT INTO vms (uuid, name, last_seen_ms, last_host) VALUES ($1, $2, $3, $4) "
 	"ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
@@ -96,14 +106,20 @@ struct store {
 	/* postgresql: a batch is pipelined (libpq pipeline mode): the rows are
 	 * sent without waiting, their results read at each sync point */
 	PGconn *pg;
-	char kinds[2 * PG_SYNC_EVERY + 8]; /* what each queued command is */
-	size_t nkinds, since_sync;
+	struct {
+		char kind;    /* b(egin), i(nsert), c(ommit), r(ollback) */
+		uint32_t put; /* which store_put of the batch, for inserts */
+	} queued[PG_SYNC_EVERY + 8];
+	size_t nqueued, since_sync;
+	uint32_t nput;
 	uint64_t duplicates; /* of the current batch, known at sync points */
+	uint8_t *dup;	     /* by store_put index: 1 when it was a duplicate */
+	size_t dup_cap;
 	/* jsonl */
 	struct sink *jsonl;
 	struct dedup *dedup;
-	uint64_t pending[4096]; /* keys of the batch, added to the window at commit */
-	size_t npending;
+	uint64_t *pending; /* keys of the batch, added to the window at commit */
+	size_t npending, pending_cap;
 };
 
 static int fail(struct store *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -254,6 +270,8 @@ static int sq_put(struct store *s, const struct store_sample *m)
 	if (rc != SQLITE_DONE)
 		return sq_fail(s, "insert");
 	stored = sqlite3_changes(s->db) > 0;
+	if (!stored)
+		return 0; /* a duplicate says nothing about the VM now */
 	st = s->vm;
 	sqlite3_reset(st);
 	sqlite3_clear_bindings(st);
@@ -346,11 +364,7 @@ static int pg_open(struct store *s)
 	PQclear(r);
 	if (pg_cmd(s, "SELECT pg_advisory_unlock(74201117)") < 0)
 		return -EIO;
-	r = PQprepare(s->pg, "ins", insert_sql, 0, NULL);
-	if (PQresultStatus(r) != PGRES_COMMAND_OK)
-		return pg_fail(s, "prepare", r);
-	PQclear(r);
-	r = PQprepare(s->pg, "vm", vm_sql, 0, NULL);
+	r = PQprepare(s->pg, "ins", pg_insert_sql, 0, NULL);
 	if (PQresultStatus(r) != PGRES_COMMAND_OK)
 		return pg_fail(s, "prepare", r);
 	PQclear(r);
@@ -384,13 +398,17 @@ static int pg_drain(struct store *s)
 			break;
 		}
 		if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-			if (k < s->nkinds && s->kinds[k] == 'i' && atoi(PQcmdTuples(r)) == 0)
+			if (k < s->nqueued && s->queued[k].kind == 'i' &&
+			    atoi(PQcmdTuples(r)) == 0) {
 				s->duplicates++;
+				if (s->queued[k].put < s->dup_cap)
+					s->dup[s->queued[k].put] = 1;
+			}
 		} else if (!err) {
 			/* The first error; the rest of the pipeline is aborted. */
 			err = 1;
 			fail(s, "postgresql: %s: %s",
-			     k < s->nkinds && s->kinds[k] == 'i' ? "insert" : "batch",
+			     k < s->nqueued && s->queued[k].kind == 'i' ? "insert" : "batch",
 			     st == PGRES_PIPELINE_ABORTED ? "aborted"
 							  : PQresultErrorMessage(r));
 			if (PQstatus(s->pg) != CONNECTION_OK)
@@ -399,7 +417,7 @@ static int pg_drain(struct store *s)
 		k++;
 		PQclear(r);
 	}
-	s->nkinds = 0;
+	s->nqueued = 0;
 	s->since_sync = 0;
 	return err ? -EIO : 0;
 }
@@ -423,7 +441,8 @@ static int pg_queue(struct store *s, char kind, const char *stmt, const char *sq
 		s->broken = PQstatus(s->pg) != CONNECTION_OK;
 		return fail(s, "postgresql: send: %s", PQerrorMessage(s->pg));
 	}
-	s->kinds[s->nkinds++] = kind;
+	s->queued[s->nqueued].kind = kind;
+	s->queued[s->nqueued++].put = s->nput;
 	return 0;
 }
 
@@ -431,15 +450,18 @@ static int pg_begin(struct store *s)
 {
 	if (PQpipelineStatus(s->pg) == PQ_PIPELINE_OFF && !PQenterPipelineMode(s->pg))
 		return fail(s, "postgresql: pipeline mode: %s", PQerrorMessage(s->pg));
-	s->nkinds = s->since_sync = 0;
+	s->nqueued = s->since_sync = 0;
+	s->nput = 0;
 	s->duplicates = 0;
+	if (s->dup)
+		memset(s->dup, 0, s->dup_cap);
 	return pg_queue(s, 'b', NULL, "BEGIN", 0, NULL);
 }
 
 static int pg_put(struct store *s, const struct store_sample *m)
 {
 	char seq[24], t[24], rcv[24], stored[24], iv[24], g[STORE_NGAUGES][32];
-	const char *p[NCOLS];
+	const char *p[NCOLS + 2];
 
 	snprintf(seq, sizeof(seq), "%" PRId64, m->seq);
 	snprintf(t, sizeof(t), "%" PRId64, m->time_ms);
@@ -459,14 +481,20 @@ static int pg_put(struct store *s, const struct store_sample *m)
 	}
 	p[15] = m->routing_key;
 	p[16] = m->doc_text;
-	if (pg_queue(s, 'i', "ins", NULL, NCOLS, p) < 0)
+	p[17] = m->vm_name;
+	p[18] = m->proxy_host;
+	if (s->nput >= s->dup_cap) {
+		size_t cap = s->dup_cap ? s->dup_cap * 2 : 1024;
+		uint8_t *d = realloc(s->dup, cap);
+		if (!d)
+			return fail(s, "out of memory");
+		memset(d + s->dup_cap, 0, cap - s->dup_cap);
+		s->dup = d;
+		s->dup_cap = cap;
+	}
+	if (pg_queue(s, 'i', "ins", NULL, NCOLS + 2, p) < 0)
 		return -EIO;
-	p[0] = m->vm_uuid;
-	p[1] = m->vm_name;
-	p[2] = stored;
-	p[3] = m->proxy_host;
-	if (pg_queue(s, 'v', "vm", NULL, 4, p) < 0)
-		return -EIO;
+	s->nput++;
 	/* A sync point now and then inside the transaction (it does not
 	 * commit it): the results never pile up past the socket buffers. */
 	if (++s->since_sync >= PG_SYNC_EVERY && pg_send_sync(s) < 0)
@@ -552,6 +580,11 @@ static int jl_open(struct store *s)
 	return 0;
 }
 
+bool store_batch_was_duplicate(const struct store *s, size_t i)
+{
+	return s->o.kind == STORE_POSTGRESQL && i < s->dup_cap && s->dup[i];
+}
+
 uint64_t store_batch_duplicates(const struct store *s)
 {
 	return s->o.kind == STORE_POSTGRESQL ? s->duplicates : 0;
@@ -600,6 +633,8 @@ void store_close(struct store *s)
 		return;
 	sq_close(s);
 	PQfinish(s->pg);
+	free(s->dup);
+	free(s->pending);
 	sink_close(s->jsonl);
 	dedup_free(s->dedup);
 	free(s);
@@ -655,10 +690,15 @@ int store_put(struct store *s, const struct store_sample *m)
 		json_decref(line);
 		if (r < 0)
 			return fail(s, "jsonl: %s", strerror(-r));
-		if (s->npending < sizeof(s->pending) / sizeof(s->pending[0]))
-			s->pending[s->npending++] = key;
-		else
-			dedup_add(s->dedup, key);
+		if (s->npending == s->pending_cap) {
+			size_t cap = s->pending_cap ? s->pending_cap * 2 : 1024;
+			uint64_t *p = realloc(s->pending, cap * sizeof(*p));
+			if (!p)
+				return fail(s, "out of memory");
+			s->pending = p;
+			s->pending_cap = cap;
+		}
+		s->pending[s->npending++] = key;
 		return 1;
 	}
 	}

@@ -77,6 +77,8 @@ int store_begin(struct store *s);
  * store_batch_duplicates once store_commit returned. */
 int store_put(struct store *s, const struct store_sample *smp);
 uint64_t store_batch_duplicates(const struct store *s);
+/* Whether the Ith store_put of the committed batch was a duplicate. */
+bool store_batch_was_duplicate(const struct store *s, size_t i);
 /* Durable when it returns 0; on failure nothing of the batch is kept. */
 int store_commit(struct store *s);
 void store_rollback(struct store *s);
