@@ -23,7 +23,8 @@ MAN = ["man8/vmproxyd.8", "man8/vmproxyctl.8", "man8/vmproxy-agent.8",
        "man8/vmproxy-consumer.8", "man5/vmproxyd.conf.5"]
 EXAMPLES = ["vmproxyd.example.json", "vmproxy-agent.example.json",
             "vmproxy-consumer.example.json", "rabbitmq/rabbitmq.conf.in",
-            "rabbitmq/definitions.json", "libvirt/vsock-device.xml"]
+            "rabbitmq/definitions.json", "rabbitmq/gen-definitions.py",
+            "libvirt/vsock-device.xml"]
 
 
 def _options(build_dir):
