@@ -90,10 +90,14 @@ def run_case(args, broker, name, sink, instances, count_rows, work):
     run = "%s-%d" % (name, int(time.time()))
     prefill(broker, args.vms, args.samples, run)
     t_fill = time.monotonic()
-    while depth(broker, args.shards) < args.samples:
-        if time.monotonic() - t_fill > 120:
-            raise RuntimeError("prefill did not arrive")
-        time.sleep(0.2)
+    while True:
+        have = depth(broker, args.shards)
+        if have >= args.samples:
+            break
+        if time.monotonic() - t_fill > 300:
+            raise RuntimeError("%s: only %d of %d pre-filled samples in the queues after 300 s"
+                               % (name, have, args.samples))
+        time.sleep(0.5)
     procs = []
     for k in range(1, instances + 1):
         cfg = work / ("%s-%d.json" % (name, k))
