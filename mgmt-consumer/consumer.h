@@ -9,7 +9,7 @@
 #include "broker.h"
 #include "store.h"
 
-#define MAX_HOSTS 16
+#define MAX_HOSTS  16
 #define MAX_SHARDS 1024
 
 struct ccfg {

@@ -14,80 +14,80 @@
 #include "sink.h"
 
 const char *const store_gauge_columns[STORE_NGAUGES] = {
-	"cpu_busy_percent",
-	"memory_used_percent",
-	"memory_available_bytes",
-	"load1",
-	"disk_read_bytes_per_second",
-	"disk_write_bytes_per_second",
-	"network_receive_bytes_per_second",
-	"network_transmit_bytes_per_second",
+        "cpu_busy_percent",
+        "memory_used_percent",
+        "memory_available_bytes",
+        "load1",
+        "disk_read_bytes_per_second",
+        "disk_write_bytes_per_second",
+        "network_receive_bytes_per_second",
+        "network_transmit_bytes_per_second",
 };
 
 /* The same tables in both databases; only the types of the surrogate key
  * and of floating point columns are spelled differently. */
-#define SCHEMA(ID, REAL)                                                                      \
-	"CREATE TABLE IF NOT EXISTS samples (\n"                                              \
-	"  id " ID ",\n"                                                                      \
-	"  vm_uuid TEXT NOT NULL,\n"                                                          \
-	"  boot_id TEXT NOT NULL,\n"                                                          \
-	"  seq BIGINT NOT NULL,\n"                                                            \
-	"  time_ms BIGINT NOT NULL,\n"                                                        \
-	"  received_ms BIGINT,\n"                                                             \
-	"  stored_ms BIGINT NOT NULL,\n"                                                      \
-	"  interval_s BIGINT,\n"                                                              \
-	"  cpu_busy_percent " REAL ",\n"                                                      \
-	"  memory_used_percent " REAL ",\n"                                                   \
-	"  memory_available_bytes " REAL ",\n"                                                \
-	"  load1 " REAL ",\n"                                                                 \
-	"  disk_read_bytes_per_second " REAL ",\n"                                            \
-	"  disk_write_bytes_per_second " REAL ",\n"                                           \
-	"  network_receive_bytes_per_second " REAL ",\n"                                      \
-	"  network_transmit_bytes_per_second " REAL ",\n"                                     \
-	"  routing_key TEXT,\n"                                                               \
-	"  doc TEXT NOT NULL,\n"                                                              \
-	"  UNIQUE (vm_uuid, boot_id, seq)\n"                                                  \
-	");\n"                                                                                \
-	"CREATE INDEX IF NOT EXISTS samples_vm_time ON samples (vm_uuid, time_ms);\n"        \
-	"CREATE INDEX IF NOT EXISTS samples_time ON samples (time_ms);\n"                    \
-	"CREATE TABLE IF NOT EXISTS vms (\n"                                                  \
-	"  uuid TEXT PRIMARY KEY,\n"                                                          \
-	"  name TEXT,\n"                                                                      \
-	"  last_seen_ms BIGINT NOT NULL,\n"                                                   \
-	"  last_host TEXT\n"                                                                  \
+#define SCHEMA(ID, REAL)                                                                           \
+	"CREATE TABLE IF NOT EXISTS samples (\n"                                                   \
+	"  id " ID ",\n"                                                                           \
+	"  vm_uuid TEXT NOT NULL,\n"                                                               \
+	"  boot_id TEXT NOT NULL,\n"                                                               \
+	"  seq BIGINT NOT NULL,\n"                                                                 \
+	"  time_ms BIGINT NOT NULL,\n"                                                             \
+	"  received_ms BIGINT,\n"                                                                  \
+	"  stored_ms BIGINT NOT NULL,\n"                                                           \
+	"  interval_s BIGINT,\n"                                                                   \
+	"  cpu_busy_percent " REAL ",\n"                                                           \
+	"  memory_used_percent " REAL ",\n"                                                        \
+	"  memory_available_bytes " REAL ",\n"                                                     \
+	"  load1 " REAL ",\n"                                                                      \
+	"  disk_read_bytes_per_second " REAL ",\n"                                                 \
+	"  disk_write_bytes_per_second " REAL ",\n"                                                \
+	"  network_receive_bytes_per_second " REAL ",\n"                                           \
+	"  network_transmit_bytes_per_second " REAL ",\n"                                          \
+	"  routing_key TEXT,\n"                                                                    \
+	"  doc TEXT NOT NULL,\n"                                                                   \
+	"  UNIQUE (vm_uuid, boot_id, seq)\n"                                                       \
+	");\n"                                                                                     \
+	"CREATE INDEX IF NOT EXISTS samples_vm_time ON samples (vm_uuid, time_ms);\n"              \
+	"CREATE INDEX IF NOT EXISTS samples_time ON samples (time_ms);\n"                          \
+	"CREATE TABLE IF NOT EXISTS vms (\n"                                                       \
+	"  uuid TEXT PRIMARY KEY,\n"                                                               \
+	"  name TEXT,\n"                                                                           \
+	"  last_seen_ms BIGINT NOT NULL,\n"                                                        \
+	"  last_host TEXT\n"                                                                       \
 	");\n"
 
 static const char sqlite_schema[] = SCHEMA("INTEGER PRIMARY KEY", "REAL");
 static const char pg_schema[] = SCHEMA("BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION");
 
-#define COLS                                                                                  \
-	"vm_uuid, boot_id, seq, time_ms, received_ms, stored_ms, interval_s, "              \
-	"cpu_busy_percent, memory_used_percent, memory_available_bytes, load1, "            \
-	"disk_read_bytes_per_second, disk_write_bytes_per_second, "                          \
+#define COLS                                                                                       \
+	"vm_uuid, boot_id, seq, time_ms, received_ms, stored_ms, interval_s, "                     \
+	"cpu_busy_percent, memory_used_percent, memory_available_bytes, load1, "                   \
+	"disk_read_bytes_per_second, disk_write_bytes_per_second, "                                \
 	"network_receive_bytes_per_second, network_transmit_bytes_per_second, routing_key, doc"
 #define NCOLS 17
 static const char insert_sql[] =
-	"INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
-	"$12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING";
+        "INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+        "$12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING";
 /* PostgreSQL: the VM row is touched only when the sample was new (a
  * duplicate says nothing about the VM now); one statement per sample. */
 static const char pg_insert_sql[] =
-	"WITH ins AS (INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
-	"$10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING "
-	"RETURNING vm_uuid) "
-	"INSERT INTO vms (uuid, name, last_seen_ms, last_host) "
-	"SELECT vm_uuid, CAST($18 AS TEXT), CAST($6 AS BIGINT), CAST($19 AS TEXT) FROM ins "
-	"ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
-	"last_seen_ms = excluded.last_seen_ms, last_host = excluded.last_host";
+        "WITH ins AS (INSERT INTO samples (" COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+        "$10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (vm_uuid, boot_id, seq) DO NOTHING "
+        "RETURNING vm_uuid) "
+        "INSERT INTO vms (uuid, name, last_seen_ms, last_host) "
+        "SELECT vm_uuid, CAST($18 AS TEXT), CAST($6 AS BIGINT), CAST($19 AS TEXT) FROM ins "
+        "ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
+        "last_seen_ms = excluded.last_seen_ms, last_host = excluded.last_host";
 static const char vm_sql[] =
-	"INSERT INTO vms (uuid, name, last_seen_ms, last_host) VALUES ($1, $2, $3, $4) "
-	"ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
-	"last_seen_ms = excluded.last_seen_ms, last_host = excluded.last_host";
+        "INSERT INTO vms (uuid, name, last_seen_ms, last_host) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, "
+        "last_seen_ms = excluded.last_seen_ms, last_host = excluded.last_host";
 static const char load_sql[] =
-	"SELECT v.uuid, v.name, v.last_seen_ms, (SELECT s.doc FROM samples s "
-	"WHERE s.vm_uuid = v.uuid ORDER BY s.time_ms DESC, s.seq DESC LIMIT 1) FROM vms v";
+        "SELECT v.uuid, v.name, v.last_seen_ms, (SELECT s.doc FROM samples s "
+        "WHERE s.vm_uuid = v.uuid ORDER BY s.time_ms DESC, s.seq DESC LIMIT 1) FROM vms v";
 static const char expire_sql[] =
-	"DELETE FROM samples WHERE id IN (SELECT id FROM samples WHERE time_ms < $1 LIMIT $2)";
+        "DELETE FROM samples WHERE id IN (SELECT id FROM samples WHERE time_ms < $1 LIMIT $2)";
 
 const char *store_schema(enum store_kind kind)
 {
@@ -113,7 +113,7 @@ struct store {
 	size_t nqueued, since_sync;
 	uint32_t nput;
 	uint64_t duplicates; /* of the current batch, known at sync points */
-	uint8_t *dup;	     /* by store_put index: 1 when it was a duplicate */
+	uint8_t *dup;        /* by store_put index: 1 when it was a duplicate */
 	size_t dup_cap;
 	/* jsonl */
 	struct sink *jsonl;
@@ -165,8 +165,7 @@ static double sum(json_t *arr, const char *key)
 	size_t i;
 	json_t *v;
 
-	json_array_foreach(arr, i, v)
-		t += json_number_value(json_object_get(v, key));
+	json_array_foreach(arr, i, v) t += json_number_value(json_object_get(v, key));
 	return t;
 }
 
@@ -194,16 +193,16 @@ static int sq_open(struct store *s)
 	char *msg = NULL;
 
 	if (sqlite3_open_v2(s->o.path, &s->db,
-			    SQLITE_OPEN_READWRITE | (s->o.existing ? 0 : SQLITE_OPEN_CREATE) |
-				    SQLITE_OPEN_NOMUTEX,
-			    NULL) != SQLITE_OK)
-		return s->db ? sq_fail(s, "open") : fail(s, "sqlite \"%s\": out of memory",
-							   s->o.path);
+	                    SQLITE_OPEN_READWRITE | (s->o.existing ? 0 : SQLITE_OPEN_CREATE) |
+	                            SQLITE_OPEN_NOMUTEX,
+	                    NULL) != SQLITE_OK)
+		return s->db ? sq_fail(s, "open")
+		             : fail(s, "sqlite \"%s\": out of memory", s->o.path);
 	sqlite3_busy_timeout(s->db, 10000);
 	/* WAL with a full sync at each commit: a committed batch survives a
 	 * power loss, which is what acking it promises. */
 	if (sqlite3_exec(s->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", NULL, NULL,
-			 &msg) != SQLITE_OK ||
+	                 &msg) != SQLITE_OK ||
 	    sqlite3_exec(s->db, sqlite_schema, NULL, NULL, &msg) != SQLITE_OK) {
 		fail(s, "sqlite \"%s\": schema: %s", s->o.path, msg ? msg : "?");
 		sqlite3_free(msg);
@@ -285,7 +284,7 @@ static int sq_put(struct store *s, const struct store_sample *m)
 }
 
 static int sq_select(struct store *s, const char *sql, int nparams, const char *const *params,
-		     store_row_fn fn, void *ud)
+                     store_row_fn fn, void *ud)
 {
 	sqlite3_stmt *st;
 	const char *cols[32];
@@ -350,7 +349,7 @@ static int pg_open(struct store *s)
 	if (!s->pg || PQstatus(s->pg) != CONNECTION_OK) {
 		s->broken = true;
 		return fail(s, "postgresql: connect: %s",
-			    s->pg ? PQerrorMessage(s->pg) : "out of memory");
+		            s->pg ? PQerrorMessage(s->pg) : "out of memory");
 	}
 	/* Several instances may start at once: one creates the schema. */
 	if (pg_cmd(s, "SET client_min_messages = warning") < 0 ||
@@ -409,8 +408,7 @@ static int pg_drain(struct store *s)
 			err = 1;
 			fail(s, "postgresql: %s: %s",
 			     k < s->nqueued && s->queued[k].kind == 'i' ? "insert" : "batch",
-			     st == PGRES_PIPELINE_ABORTED ? "aborted"
-							  : PQresultErrorMessage(r));
+			     st == PGRES_PIPELINE_ABORTED ? "aborted" : PQresultErrorMessage(r));
 			if (PQstatus(s->pg) != CONNECTION_OK)
 				s->broken = true;
 		}
@@ -432,10 +430,10 @@ static int pg_send_sync(struct store *s)
 }
 
 static int pg_queue(struct store *s, char kind, const char *stmt, const char *sql, int n,
-		    const char *const *p)
+                    const char *const *p)
 {
 	int ok = stmt ? PQsendQueryPrepared(s->pg, stmt, n, p, NULL, NULL, 0)
-		      : PQsendQueryParams(s->pg, sql, 0, NULL, NULL, NULL, NULL, 0);
+	              : PQsendQueryParams(s->pg, sql, 0, NULL, NULL, NULL, NULL, 0);
 
 	if (!ok) {
 		s->broken = PQstatus(s->pg) != CONNECTION_OK;
@@ -528,7 +526,7 @@ static void pg_abandon(struct store *s)
 }
 
 static int pg_select(struct store *s, const char *sql, int nparams, const char *const *params,
-		     store_row_fn fn, void *ud)
+                     store_row_fn fn, void *ud)
 {
 	PGresult *r = PQexecParams(s->pg, sql, nparams, NULL, params, NULL, NULL, 0);
 	const char *cols[32];
@@ -558,12 +556,12 @@ static void seed_line(void *ud, const char *line, size_t len)
 	json_t *o = json_loadb(line, len, 0, NULL);
 	json_t *doc = json_object_get(o, "doc");
 	const char *uuid = json_string_value(json_object_get(json_object_get(o, "vm"), "uuid"));
-	const char *boot = json_string_value(json_object_get(json_object_get(doc, "host"),
-							     "boot_id"));
+	const char *boot =
+	        json_string_value(json_object_get(json_object_get(doc, "host"), "boot_id"));
 
 	if (uuid && boot)
-		dedup_add(s->dedup, dedup_key(uuid, boot,
-					      json_integer_value(json_object_get(doc, "seq"))));
+		dedup_add(s->dedup,
+		          dedup_key(uuid, boot, json_integer_value(json_object_get(doc, "seq"))));
 	json_decref(o);
 }
 
@@ -683,7 +681,7 @@ int store_put(struct store *s, const struct store_sample *m)
 			if (s->pending[i] == key)
 				return 0;
 		line = json_pack("{s:O, s:s, s:O}", "vm", m->vm, "routing_key",
-				 m->routing_key ? m->routing_key : "", "doc", m->doc);
+		                 m->routing_key ? m->routing_key : "", "doc", m->doc);
 		text = line ? json_dumps(line, JSON_COMPACT) : NULL;
 		r = text ? sink_append(s->jsonl, text, strlen(text)) : -ENOMEM;
 		free(text);
@@ -755,7 +753,7 @@ void store_rollback(struct store *s)
 int store_expire(struct store *s, int64_t cutoff_ms, int max_rows)
 {
 	char c[24], m[16];
-	const char *p[2] = { c, m };
+	const char *p[2] = {c, m};
 	PGresult *r;
 	int n;
 
@@ -802,7 +800,7 @@ static int load_row(void *ud, int ncols, const char *const *cols)
 
 int store_load_vms(struct store *s, store_vm_fn fn, void *ud)
 {
-	struct load_ctx l = { fn, ud };
+	struct load_ctx l = {fn, ud};
 
 	if (s->o.kind == STORE_JSONL)
 		return 0;
@@ -810,7 +808,7 @@ int store_load_vms(struct store *s, store_vm_fn fn, void *ud)
 }
 
 int store_select(struct store *s, const char *sql, int nparams, const char *const *params,
-		 store_row_fn fn, void *ud)
+                 store_row_fn fn, void *ud)
 {
 	switch (s->o.kind) {
 	case STORE_SQLITE:

@@ -20,12 +20,12 @@ enum store_kind { STORE_SQLITE, STORE_POSTGRESQL, STORE_JSONL };
 
 struct store_opts {
 	enum store_kind kind;
-	const char *path;	  /* sqlite: the database file */
-	const char *conninfo;	  /* postgresql: a libpq connection string */
-	const char *dir;	  /* jsonl: the directory of the files */
-	uint64_t max_file_bytes;  /* jsonl: rotation size */
-	uint64_t dedup_window;	  /* jsonl: keys remembered */
-	bool existing;		  /* sqlite: the file must exist (the query command) */
+	const char *path;        /* sqlite: the database file */
+	const char *conninfo;    /* postgresql: a libpq connection string */
+	const char *dir;         /* jsonl: the directory of the files */
+	uint64_t max_file_bytes; /* jsonl: rotation size */
+	uint64_t dedup_window;   /* jsonl: keys remembered */
+	bool existing;           /* sqlite: the file must exist (the query command) */
 };
 
 /* The typed columns: the per-VM Prometheus gauges, by column name. */
@@ -90,7 +90,7 @@ int store_expire(struct store *s, int64_t cutoff_ms, int max_rows);
 /* The VMs the store knows: FN(uuid, name, last_seen_ms, latest document or
  * NULL) for each (jsonl: none). */
 typedef void (*store_vm_fn)(void *ud, const char *uuid, const char *name, int64_t last_seen_ms,
-			    json_t *doc);
+                            json_t *doc);
 int store_load_vms(struct store *s, store_vm_fn fn, void *ud);
 
 /* For the query command: rows of SQL with text parameters (NPARAMS of
@@ -98,7 +98,7 @@ int store_load_vms(struct store *s, store_vm_fn fn, void *ud);
  * uses $1, $2... placeholders in both databases. <0 on error. */
 typedef int (*store_row_fn)(void *ud, int ncols, const char *const *cols);
 int store_select(struct store *s, const char *sql, int nparams, const char *const *params,
-		 store_row_fn fn, void *ud);
+                 store_row_fn fn, void *ud);
 
 /* jsonl: the stored samples remembered for deduplication (seeded at open
  * from the tail of the newest files). */
