@@ -342,3 +342,27 @@ def test_query_of_a_missing_database(build_dir, tmp_path):
                         "--config", str(cfg)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "none.db" in r.stderr, r.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_waits_for_postgresql_at_start(build_dir, broker, certs, tmp_path, postgres):
+    """A database server that is not up yet is waited for (with backoff),
+    not a reason to exit; once it is up the consumer consumes."""
+    c = make_consumer("postgresql", build_dir, broker, certs, tmp_path, postgres,
+                      "vm.metrics.store-pgstart")
+    postgres.stop()
+    try:
+        c.proc = subprocess.Popen([c.bin, "--config", str(c.cfg)], stdout=c.log, stderr=c.log)
+        wait_for(lambda: open(c.log.name, "rb").read().count(b"error: store: postgresql") >= 2,
+                 30, "connection attempts while the server is down")
+        assert c.proc.poll() is None, "the consumer exited"
+        postgres.start()
+        wait_for(lambda: c.consuming() >= 1, 60, "consuming once the server is up")
+        c.started = 1
+        publish(broker, [stamped(i, 1) for i in range(5)])
+        wait_for(lambda: len(c.rows()) == 5, 60, "samples stored")
+        c.stop()
+    finally:
+        if c.proc and c.proc.poll() is None:
+            c.kill()
+        if not postgres.running():
+            postgres.start()
