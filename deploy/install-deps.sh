@@ -13,11 +13,12 @@ packages=(
 	build-essential pkg-config meson ninja-build clang libclang-rt-14-dev
 	# libraries
 	librabbitmq-dev libssl-dev libjansson-dev libvirt-dev libxml2-dev
-	libsystemd-dev libmicrohttpd-dev libcmocka-dev
+	libsystemd-dev libmicrohttpd-dev libcmocka-dev libsqlite3-dev libpq-dev
 	# run and test
 	rabbitmq-server openssl python3 python3-pika python3-pytest
 	python3-jsonschema amqp-tools prometheus libvirt-clients valgrind
 	procps iproute2 systemd groff-base python3-cryptography
+	postgresql sqlite3 python3-psycopg2
 	# benchmarks and soak (tests/bench)
 	strace python3-matplotlib
 	# Debian packages (deploy/build-debs.sh, test_packages) and the

@@ -98,7 +98,7 @@ ninja -C "$top/build-quickstart" >/dev/null || { say "build failed"; exit 1; }
 bin=$top/build-quickstart
 
 rm -rf "$dir"
-mkdir -p "$dir"/{spool,jsonl,log}
+mkdir -p "$dir"/{spool,consumer,log}
 chmod 755 "$dir" # the broker runs as user rabbitmq and must reach its files
 bash "$top/deploy/gen-certs.sh" "$dir/certs" >/dev/null || exit 1
 
@@ -150,7 +150,7 @@ json.dump({
                "auth": {"mechanism": "EXTERNAL"}},
     "queue": {"name": "vm.metrics.quickstart", "type": "quorum", "exchange": "vm.metrics",
               "binding_key": "#"},
-    "sink": {"dir": d + "/jsonl"},
+    "sink": {"type": "sqlite", "dir": d + "/consumer", "path": d + "/consumer/metrics.db"},
     "metrics": {"listen": "127.0.0.1:%d" % cmet, "stale_after_intervals": 3}},
     open(d + "/consumer.json", "w"), indent=2)
 PY
@@ -176,7 +176,8 @@ cat <<INFO
   vmproxyctl:         $ctl status        (also: threads, vms, vm guest-01)
   proxy metrics:      http://127.0.0.1:$proxy_metrics/metrics
   consumer metrics:   http://127.0.0.1:$consumer_metrics/metrics
-  stored samples:     $dir/jsonl/metrics-*.jsonl
+  stored samples:     $dir/consumer/metrics.db (SQLite)
+  query the store:    $bin/mgmt-consumer/vmproxy-consumer query --config $dir/consumer.json
   logs:               $dir/log/
 
 INFO
@@ -190,15 +191,19 @@ report() {
 
 report_text() {
 	/usr/bin/python3 - "$dir" "$vms" "$proxy_metrics" "$nodename" <<'PY'
-import glob, json, subprocess, sys, time, urllib.request
+import json, sqlite3, subprocess, sys, time, urllib.request
 d, n, pmet, node = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 latest, stored = {}, 0
-for f in sorted(glob.glob(d + "/jsonl/metrics-*.jsonl")):
-    for line in open(f):
-        if line.endswith("\n"):
-            l = json.loads(line)
-            latest[l["vm"]["name"]] = l["doc"]
-            stored += 1
+try:
+    db = sqlite3.connect(d + "/consumer/metrics.db", timeout=30)
+    stored = db.execute("SELECT count(*) FROM samples").fetchone()[0]
+    for name, doc in db.execute(
+            "SELECT v.name, (SELECT s.doc FROM samples s WHERE s.vm_uuid = v.uuid "
+            "ORDER BY s.time_ms DESC LIMIT 1) FROM vms v"):
+        if doc:
+            latest[name] = json.loads(doc)
+except sqlite3.Error:
+    pass
 try:
     text = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % pmet, timeout=3).read().decode()
     msgs = sum(float(x.split()[-1]) for x in text.splitlines()
@@ -238,13 +243,11 @@ while :; do
 	done
 	if [ "$duration" -gt 0 ] && [ $(( $(date +%s) - start )) -ge "$duration" ]; then
 		missing=$(/usr/bin/python3 - "$dir" "$vms" <<'PY'
-import glob, json, sys
+import sqlite3, sys
 d, n = sys.argv[1], int(sys.argv[2])
-seen = set()
-for f in glob.glob(d + "/jsonl/metrics-*.jsonl"):
-    for line in open(f):
-        if line.endswith("\n"):
-            seen.add(json.loads(line)["vm"]["name"])
+db = sqlite3.connect(d + "/consumer/metrics.db", timeout=30)
+seen = {r[0] for r in db.execute(
+    "SELECT DISTINCT v.name FROM samples s JOIN vms v ON v.uuid = s.vm_uuid")}
 print(" ".join(sorted({"guest-%02d" % (i + 1) for i in range(n)} - seen)))
 PY
 )
@@ -252,7 +255,8 @@ PY
 			say "FAILED: no metrics reached the consumer from: $missing"
 			exit 1
 		fi
-		say "OK: all $vms VMs' metrics reached the consumer ($dir/jsonl)"
+		say "OK: all $vms VMs' metrics reached the consumer ($dir/consumer/metrics.db)"
+		"$bin/mgmt-consumer/vmproxy-consumer" query --config "$dir/consumer.json" | head -5
 		exit 0
 	fi
 done

@@ -116,6 +116,11 @@ int sink_append(struct sink *s, const char *line, size_t len)
 	return 0;
 }
 
+void sink_discard(struct sink *s)
+{
+	s->len = 0;
+}
+
 int sink_sync(struct sink *s)
 {
 	char day[16];

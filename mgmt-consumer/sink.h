@@ -19,6 +19,10 @@ void sink_close(struct sink *s);
 /* Append one line (LINE without the newline). Buffered until sink_sync. */
 int sink_append(struct sink *s, const char *line, size_t len);
 
+/* Forget what was appended since the last sink_sync (an abandoned batch:
+ * its messages were not acked and come back). */
+void sink_discard(struct sink *s);
+
 /* Write and fsync everything appended. 0 or -errno. */
 int sink_sync(struct sink *s);
 

@@ -21,7 +21,10 @@ struct vmstate {
 	struct vm_latest *vms;
 	size_t n, max;
 	unsigned stale_after;
-	uint64_t stored, duplicate, quarantined, reconnects, untracked;
+	uint64_t stored, duplicate, quarantined, reconnects, untracked, expired, store_errors;
+	char **shards;
+	bool *active;
+	size_t nshards;
 	double fsync_sum;
 	uint64_t fsync_count;
 };
@@ -44,6 +47,10 @@ void vmstate_free(struct vmstate *st)
 	if (!st)
 		return;
 	pthread_mutex_destroy(&st->lock);
+	for (size_t i = 0; i < st->nshards; i++)
+		free(st->shards[i]);
+	free(st->shards);
+	free(st->active);
 	free(st->vms);
 	free(st);
 }
@@ -107,15 +114,60 @@ void vmstate_update(struct vmstate *st, const char *uuid, const char *name, json
 	pthread_mutex_unlock(&st->lock);
 }
 
-void vmstate_count(struct vmstate *st, const char *result)
+void vmstate_add(struct vmstate *st, const char *result, uint64_t n)
 {
 	pthread_mutex_lock(&st->lock);
 	if (!strcmp(result, "stored"))
-		st->stored++;
+		st->stored += n;
 	else if (!strcmp(result, "duplicate"))
-		st->duplicate++;
+		st->duplicate += n;
+	else if (!strcmp(result, "expired"))
+		st->expired += n;
 	else
-		st->quarantined++;
+		st->quarantined += n;
+	pthread_mutex_unlock(&st->lock);
+}
+
+void vmstate_count(struct vmstate *st, const char *result)
+{
+	vmstate_add(st, result, 1);
+}
+
+void vmstate_count_store_error(struct vmstate *st)
+{
+	pthread_mutex_lock(&st->lock);
+	st->store_errors++;
+	pthread_mutex_unlock(&st->lock);
+}
+
+size_t vmstate_count_vms(struct vmstate *st)
+{
+	size_t n;
+
+	pthread_mutex_lock(&st->lock);
+	n = st->n;
+	pthread_mutex_unlock(&st->lock);
+	return n;
+}
+
+int vmstate_set_shards(struct vmstate *st, const char *const *queues, size_t n)
+{
+	st->shards = calloc(n, sizeof(char *));
+	st->active = calloc(n, sizeof(bool));
+	if (!st->shards || !st->active)
+		return -ENOMEM;
+	for (size_t i = 0; i < n; i++)
+		if (!(st->shards[i] = strdup(queues[i])))
+			return -ENOMEM;
+	st->nshards = n;
+	return 0;
+}
+
+void vmstate_shard_active(struct vmstate *st, size_t i, bool active)
+{
+	pthread_mutex_lock(&st->lock);
+	if (i < st->nshards)
+		st->active[i] = active;
 	pthread_mutex_unlock(&st->lock);
 }
 
@@ -191,8 +243,20 @@ char *vmstate_render(struct vmstate *st, double now)
 	prom_family(&b, "vmproxy_consumer_untracked_vms_total", "counter",
 		    "Samples of VMs past the tracking bound (stored, not exposed).");
 	prom_sample(&b, "vmproxy_consumer_untracked_vms_total", (double)st->untracked, NULL);
+	prom_family(&b, "vmproxy_consumer_expired_samples_total", "counter",
+		    "Samples deleted by sink.retention_days.");
+	prom_sample(&b, "vmproxy_consumer_expired_samples_total", (double)st->expired, NULL);
+	prom_family(&b, "vmproxy_consumer_store_errors_total", "counter",
+		    "Batches the store failed to take (not acked, consumed again).");
+	prom_sample(&b, "vmproxy_consumer_store_errors_total", (double)st->store_errors, NULL);
+	prom_family(&b, "vmproxy_consumer_queue_active", "gauge",
+		    "1 when this instance is the active consumer of the queue (it delivered to "
+		    "us on the current connection).");
+	for (size_t i = 0; i < st->nshards; i++)
+		prom_sample(&b, "vmproxy_consumer_queue_active", st->active[i] ? 1 : 0, "queue",
+			    st->shards[i], NULL);
 	prom_family(&b, "vmproxy_consumer_batch_fsync_seconds", "summary",
-		    "Time to write and fsync a batch.");
+		    "Time to commit a batch (write and fsync, or the database commit).");
 	prom_sample(&b, "vmproxy_consumer_batch_fsync_seconds_sum", st->fsync_sum, NULL);
 	prom_sample(&b, "vmproxy_consumer_batch_fsync_seconds_count", (double)st->fsync_count, NULL);
 	pthread_mutex_unlock(&st->lock);

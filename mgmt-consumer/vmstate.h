@@ -4,6 +4,7 @@
 #pragma once
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -18,8 +19,17 @@ void vmstate_free(struct vmstate *st);
 void vmstate_update(struct vmstate *st, const char *uuid, const char *name, json_t *doc,
 		    double now);
 
-/* Count one message by result: "stored", "duplicate" or "quarantined". */
+/* Count one message by result: "stored", "duplicate" or "quarantined";
+ * vmstate_add counts N ("expired" counts samples removed by retention). */
 void vmstate_count(struct vmstate *st, const char *result);
+void vmstate_add(struct vmstate *st, const char *result, uint64_t n);
+void vmstate_count_store_error(struct vmstate *st);
+size_t vmstate_count_vms(struct vmstate *st);
+
+/* The queues consumed (copied), and whether this instance is the active
+ * consumer of queue I. */
+int vmstate_set_shards(struct vmstate *st, const char *const *queues, size_t n);
+void vmstate_shard_active(struct vmstate *st, size_t i, bool active);
 void vmstate_count_reconnect(struct vmstate *st);
 void vmstate_observe_fsync(struct vmstate *st, double seconds);
 

@@ -7,6 +7,8 @@ broker (session)     a private RabbitMQ node (harness.rabbitmq.RabbitMQ),
                      brought back before each test that uses it
 cluster (module)     a three-node RabbitMQ cluster (harness.cluster), likewise
                      brought back (thawed, restarted) before each test
+postgres (session)   a private PostgreSQL server (harness.postgres) on a Unix
+                     socket, started again before each test that uses it
 procs                start programs with captured output: procs(argv, name=...)
                      returns a harness.Proc, stopped at teardown, its output
                      tail printed if the test failed
@@ -31,6 +33,7 @@ if str(HERE) not in sys.path:
 from harness import free_port, run_proc, wait_for  # noqa: E402,F401
 from harness.rabbitmq import RabbitMQ  # noqa: E402
 from harness.cluster import RabbitMQCluster  # noqa: E402
+from harness.postgres import PostgreSQL  # noqa: E402
 
 
 def _terminate(signum, frame):
@@ -109,6 +112,20 @@ def cluster(certs):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server: .conninfo for the consumer, .psql(sql),
+    .connect() (psycopg2), .stop()/.start() to take it away."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="vmproxy-pg-"))
+    pg = PostgreSQL(workdir)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _broker_alive(request):
     """A test may kill, stop or freeze the broker: the next test that uses
@@ -117,6 +134,10 @@ def _broker_alive(request):
         request.getfixturevalue("broker").ensure_running()
     if "cluster" in request.fixturenames:
         request.getfixturevalue("cluster").ensure_running()
+    if "postgres" in request.fixturenames:
+        pg = request.getfixturevalue("postgres")
+        if not pg.running():
+            pg.start()
     yield
 
 

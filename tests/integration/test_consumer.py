@@ -32,26 +32,33 @@ def vm_uuid(i):
 
 
 class Consumer:
-    def __init__(self, build_dir, broker, certs, tmp, queue, hosts=None, metrics=None):
+    def __init__(self, build_dir, broker, certs, tmp, queue, hosts=None, metrics=None,
+                 sink=None, shards=None, name="consumer"):
         """HOSTS: broker.hosts ([{host, port}]) instead of BROKER's own node.
-        METRICS: more keys of the "metrics" object."""
-        self.dir = tmp / "jsonl"
+        METRICS: more keys of the "metrics" object. SINK: the "sink" object
+        (default: JSON Lines in TMP/NAME-jsonl); its "dir" defaults to that
+        directory too (quarantine files). SHARDS: more keys of the "queue"
+        object for sharded consuming (shards, instance, instances, ...)."""
+        self.dir = tmp / (name + "-jsonl" if name != "consumer" else "jsonl")
         self.port = free_port()
-        self.cfg = tmp / "consumer.json"
+        self.cfg = tmp / (name + ".json")
+        self.sink = dict({"dir": str(self.dir)}, **(sink or {"type": "jsonl"}))
         where = {"hosts": hosts} if hosts else {"host": "localhost", "port": broker.tls_port}
+        q = {"name": queue, "type": "quorum", "exchange": broker.exchange,
+             "binding_key": "#", "prefetch": 50, "batch_ms": 100}
+        q.update(shards or {})
         self.cfg.write_text(json.dumps({
             "broker": dict(where, vhost=broker.vhost,
                            tls={"ca": str(certs / "ca.pem"), "cert": str(certs / "consumer.pem"),
                                 "key": str(certs / "consumer-key.pem")},
                            auth={"mechanism": "EXTERNAL"}, heartbeat=5),
-            "queue": {"name": queue, "type": "quorum", "exchange": broker.exchange,
-                      "binding_key": "#", "prefetch": 50, "batch_ms": 100},
-            "sink": {"dir": str(self.dir)},
+            "queue": q,
+            "sink": self.sink,
             "metrics": dict({"listen": "127.0.0.1:%d" % self.port, "stale_after_intervals": 2},
                             **(metrics or {})),
         }))
         self.bin = os.path.join(str(build_dir), "mgmt-consumer", "vmproxy-consumer")
-        self.log = open(tmp / "consumer.log", "ab")
+        self.log = open(tmp / (name + ".log"), "ab")
         self.proc = None
         self.started = 0
 
@@ -65,7 +72,7 @@ class Consumer:
 
     def consuming(self):
         with open(self.log.name, "rb") as f:
-            return f.read().count(b"info: consuming ")
+            return f.read().count(b"info: connected to ")
 
     def kill(self):
         self.proc.kill()
@@ -82,6 +89,11 @@ class Consumer:
             with open(f) as fh:
                 out += [json.loads(l) for l in fh if l.endswith("\n")]
         return out
+
+    def query(self, *args):
+        """vmproxy-consumer query --config CFG ARGS...: the CompletedProcess."""
+        return subprocess.run([self.bin, "query", "--config", str(self.cfg)] + list(args),
+                              capture_output=True, text=True, timeout=60)
 
     def metrics(self):
         return urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port,

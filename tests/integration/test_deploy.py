@@ -27,8 +27,9 @@ MAN = ["man8/vmproxyd.8", "man8/vmproxyctl.8", "man8/vmproxy-agent.8",
        "man8/vmproxy-consumer.8", "man5/vmproxyd.conf.5"]
 EXAMPLES = ["vmproxyd.example.json", "vmproxy-agent.example.json",
             "vmproxy-consumer.example.json", "rabbitmq/rabbitmq.conf.in",
-            "rabbitmq/definitions.json", "rabbitmq/hash-password.py",
-            "libvirt/vsock-device.xml", "systemd/vmproxyd-firecracker.conf"]
+            "rabbitmq/definitions.json", "rabbitmq/gen-definitions.py",
+            "rabbitmq/hash-password.py", "libvirt/vsock-device.xml",
+            "systemd/vmproxyd-firecracker.conf"]
 
 
 def _options(build_dir):

@@ -12,12 +12,12 @@ as it was.
 The script builds its own release tree whatever build is under test, so
 the scenario runs once per test run: in the sanitizer variant of
 deploy/run-tests.sh ($VMPROXY_VARIANT=sanitize) it is skipped."""
-import glob
 import json
 import os
 import pathlib
 import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 
@@ -62,10 +62,14 @@ def test_quickstart_unattended():
         assert "OK: all %d VMs' metrics reached the consumer" % VMS in r.stdout, r.stdout[-3000:]
         assert "\033" not in r.stdout and r.stdout.count("VMs reporting") >= 2, r.stdout[-3000:]
         per_vm = {}
-        for f in glob.glob(str(run / "jsonl" / "metrics-*.jsonl")):
-            for line in open(f):
-                rec = json.loads(line)
-                per_vm.setdefault(rec["vm"]["name"], []).append(rec["doc"]["seq"])
+        db = sqlite3.connect(str(run / "consumer" / "metrics.db"))
+        for name, seq, text in db.execute("SELECT v.name, s.seq, s.doc FROM samples s "
+                                          "JOIN vms v ON v.uuid = s.vm_uuid"):
+            assert json.loads(text)["seq"] == seq
+            per_vm.setdefault(name, []).append(seq)
+        db.close()
+        # It shows the store's latest samples with the query command.
+        assert "guest-0" in r.stdout.split("OK: all")[1], r.stdout[-3000:]
         assert set(per_vm) == {"guest-%02d" % i for i in range(1, VMS + 1)}, sorted(per_vm)
         for name, seqs in per_vm.items():
             # Every stored sample once, stamped by the proxy with its VM.

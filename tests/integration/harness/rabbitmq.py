@@ -255,7 +255,8 @@ class RabbitMQ:
         if "@" in "".join(l.split("#")[0] for l in conf.splitlines()):
             raise BrokerError("rabbitmq: unfilled placeholder in %s" % self.conf_template)
         (n.etc / "rabbitmq.conf").write_text(conf)
-        (n.etc / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+        (n.etc / "enabled_plugins").write_text(
+            "[rabbitmq_auth_mechanism_ssl,rabbitmq_consistent_hash_exchange].\n")
         (n.etc / "rabbitmq-env.conf").write_text("# empty: the harness sets the environment\n")
         for f in n.etc.iterdir():
             os.chmod(f, 0o644)
