@@ -60,6 +60,7 @@ FILES = {
         "/usr/share/man/man5/vmproxyd.conf.5.gz",
         "/usr/share/doc/vmproxyd/examples/vmproxyd.example.json",
         "/usr/share/doc/vmproxyd/examples/libvirt/vsock-device.xml",
+        "/usr/share/doc/vmproxyd/examples/systemd/vmproxyd-firecracker.conf",
         "/usr/share/doc/vmproxyd/copyright", "/usr/share/doc/vmproxyd/changelog.gz",
     },
     "vmproxy-agent": {
@@ -74,6 +75,8 @@ FILES = {
         "/usr/share/doc/vmproxy-consumer/examples/vmproxy-consumer.example.json",
         "/usr/share/doc/vmproxy-consumer/examples/rabbitmq/rabbitmq.conf.in",
         "/usr/share/doc/vmproxy-consumer/examples/rabbitmq/definitions.json",
+        "/usr/share/doc/vmproxy-consumer/examples/rabbitmq/gen-definitions.py",
+        "/usr/share/doc/vmproxy-consumer/examples/rabbitmq/hash-password.py",
         "/usr/share/doc/vmproxy-consumer/copyright",
         "/usr/share/doc/vmproxy-consumer/changelog.gz",
     },
