@@ -88,8 +88,13 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 	if (len > ADMIN_MAX_REQUEST)
 		return error_reply("request larger than %d bytes", ADMIN_MAX_REQUEST);
 	r = json_loadb(req, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!r)
-		return error_reply("bad JSON at column %d: %s", jerr.column, jerr.text);
+	if (!r) {
+		/* jansson quotes the offending bytes: keep the reply one line */
+		char t[80];
+
+		return error_reply("bad JSON at column %d: %s", jerr.column,
+				   log_sanitize(t, sizeof(t), jerr.text, (unsigned)strlen(jerr.text)));
+	}
 	cmd = json_string_value(json_object_get(r, "command"));
 	if (!json_is_object(r) || !cmd) {
 		json_decref(r);
