@@ -142,6 +142,28 @@ static void test_defaults(void **state)
 	assert_string_equal(c->listeners[0].address, "0.0.0.0");
 	assert_int_equal(c->upstream.n_hosts, 1);
 	assert_null(c->admin.socket);
+	/* docs/configuration.md's other defaults */
+	assert_int_equal(c->threads.count, 0);
+	assert_int_equal(c->drain_timeout_ms, 10000);
+	assert_int_equal(c->limits.max_connections, 65536);
+	assert_int_equal(c->limits.unconfirmed_bytes_per_vm, 8u << 20);
+	assert_int_equal(c->guest.heartbeat, 60);
+	assert_int_equal(c->guest.handshake_timeout_ms, 10000);
+	assert_false(c->upstream.tls);
+	proxy_config_free(c);
+}
+
+/* upstream.port: 5671 with "tls", 5672 without (test_defaults). */
+static void test_default_port_with_tls(void **state)
+{
+	struct proxy_config *c;
+
+	load("{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"tls\": "
+	     "{\"ca\": \"@CA@\"}, \"auth\": {\"mechanism\": \"PLAIN\", \"user\": \"u\", "
+	     "\"password\": \"p\"}}}",
+	     NULL, &c);
+	assert_true(c->upstream.tls);
+	assert_int_equal(c->upstream.port, 5671);
 	proxy_config_free(c);
 }
 
@@ -218,6 +240,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_example_loads),
 		cmocka_unit_test(test_defaults),
+		cmocka_unit_test(test_default_port_with_tls),
 		cmocka_unit_test(test_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
