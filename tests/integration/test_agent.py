@@ -160,6 +160,47 @@ def test_send_exit_codes(build_dir, broker, agent_proxy):
     assert r.returncode == 1 and b"expected vsock://CID:PORT or tcp://HOST:PORT" in r.stderr
 
 
+def test_send_payload_bound(build_dir, broker, agent_proxy):
+    """send takes at most 1 MiB on stdin (docs/agent.md): exactly 1 MiB is
+    published whole through the proxy; one byte more is a usage error
+    (exit 1) and nothing is published."""
+    proxy, vm = agent_proxy
+    ep = "tcp://127.0.0.1:%d" % proxy.port
+    broker.purge(broker.queue)
+    body = bytes(range(256)) * 4096
+    assert len(body) == 1 << 20
+    r = run_send(build_dir, ep, vm["address"], body)
+    assert r.returncode == 0, r.stderr
+    msgs = broker.get_all(broker.queue, timeout=10)
+    assert [b for _, _, b in msgs] == [body]
+    r = run_send(build_dir, ep, vm["address"], body + b"x")
+    assert r.returncode == 1, r.stderr
+    assert b"the payload is larger than 1048576 bytes" in r.stderr
+    assert broker.queue_depth(broker.queue) == 0
+
+
+def test_send_nacked_exits_2(build_dir, broker, agent_proxy):
+    """A message the broker nacks (a policy makes the queue reject every
+    publish) reaches the guest through the proxy as a nack: send exits 2
+    and says so."""
+    proxy, vm = agent_proxy
+    ep = "tcp://127.0.0.1:%d" % proxy.port
+    broker.purge(broker.queue)
+    broker.ctl("set_policy", "-p", broker.vhost, "--apply-to", "queues", "test-reject",
+               "^%s$" % broker.queue.replace(".", "\\."),
+               '{"max-length": 0, "overflow": "reject-publish"}')
+    try:
+        r = wait_for(lambda: (lambda r: r.returncode != 0 and r)(
+            run_send(build_dir, ep, vm["address"], b'{"event": "rejected"}')), 30,
+            "the policy to apply")
+    finally:
+        broker.ctl("clear_policy", "-p", broker.vhost, "test-reject")
+    assert r.returncode == 2, r.stderr
+    assert b"the broker nacked the message" in r.stderr
+    threads = proxy.admin("threads")["threads"]
+    assert sum(t["upstream"]["nacked"] for t in threads) >= 1, threads
+
+
 def test_send_over_tls(build_dir, broker, certs):
     """tcp:// with --tls-ca (and a client certificate, which this broker
     requires): the server is verified against the CA and the name in the

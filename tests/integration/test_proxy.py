@@ -654,3 +654,42 @@ def test_sighup_reopens_log_file(build_dir, broker, certs, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_unix_listener_replaces_a_stale_socket(build_dir, broker, certs, tmp_path):
+    """A per-VM Unix listener whose path holds a stale socket (a previous
+    run's, nobody listening) replaces it and serves the VM there; a path
+    holding any other file is an error: exit 1, naming the listener."""
+    import socket as socketmod
+    vms = make_vms(1, base="127.10.13.1")
+    path = str(tmp_path / "guest.sock")
+    stale = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    with pytest.raises(ConnectionRefusedError):  # stale indeed
+        socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM).connect(path)
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
+    proxy.extra = {"listeners": [{"type": "tcp", "address": "127.0.0.1", "port": proxy.port},
+                                 {"type": "unix", "path": path, "vm": vms[0]["name"]}]}
+    try:
+        proxy.start()
+        s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        # connection.start: a method frame on channel 0, class 10 method 10.
+        head = s.recv(11)
+        assert head[:3] == b"\x01\x00\x00" and head[7:11] == b"\x00\x0a\x00\x0a", head
+        s.close()
+    finally:
+        proxy.stop()
+
+    if os.path.exists(path):
+        os.unlink(path)
+    with open(path, "w") as f:
+        f.write("not a socket\n")
+    r = subprocess.run([proxy.binary, "--config", proxy.config_path], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "unix %s: exists and is not a socket" % path in r.stdout + r.stderr
+    assert open(path).read() == "not a socket\n"

@@ -167,6 +167,31 @@ static void test_default_port_with_tls(void **state)
 	proxy_config_free(c);
 }
 
+/* A Unix listener's path: 107 bytes load, 108 are refused naming the key
+ * (a sockaddr_un holds 107 and the terminating zero). */
+static void test_unix_path_bound(void **state)
+{
+	char text[1024], p107[108], p108[109];
+	struct proxy_config *c;
+
+	memset(p107, 'p', sizeof(p107) - 1);
+	p107[0] = '/';
+	p107[107] = '\0';
+	memset(p108, 'p', sizeof(p108) - 1);
+	p108[0] = '/';
+	p108[108] = '\0';
+	snprintf(text, sizeof(text),
+		 "{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"a\"}], "
+		 MINIMAL_UP "}", p107);
+	load(text, NULL, &c);
+	assert_int_equal(strlen(c->listeners[0].path), 107);
+	proxy_config_free(c);
+	snprintf(text, sizeof(text),
+		 "{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"a\"}], "
+		 MINIMAL_UP "}", p108);
+	load(text, "listeners[0].path: expected a path of at most 107 bytes", NULL);
+}
+
 static void test_errors(void **state)
 {
 	static const struct {
@@ -241,6 +266,7 @@ int main(void)
 		cmocka_unit_test(test_example_loads),
 		cmocka_unit_test(test_defaults),
 		cmocka_unit_test(test_default_port_with_tls),
+		cmocka_unit_test(test_unix_path_bound),
 		cmocka_unit_test(test_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
