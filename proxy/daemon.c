@@ -285,20 +285,29 @@ void vmproxy_handle_signals(struct vmproxy *p, const char *log_file)
 	p->log_file = log_file;
 }
 
+int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
+			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm)
+{
+	switch (lc->type) {
+	case LISTENER_TCP:
+		return vm_identity_by_address(id, (const struct sockaddr *)ss, len, vm);
+	case LISTENER_VSOCK: {
+		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
+
+		if (ss->ss_family != AF_VSOCK || len < sizeof(*svm))
+			return -ENOENT;
+		return vm_identity_by_cid(id, svm->svm_cid, vm);
+	}
+	case LISTENER_UNIX:
+		return vm_identity_by_name(id, lc->vm, vm);
+	}
+	return -ENOENT;
+}
+
 static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr_storage *ss,
 		    socklen_t len, struct vm_info *vm)
 {
-	switch (l->cfg->type) {
-	case LISTENER_TCP:
-		return vm_identity_by_address(p->id, (const struct sockaddr *)ss, len, vm);
-	case LISTENER_VSOCK: {
-		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
-		return vm_identity_by_cid(p->id, svm->svm_cid, vm);
-	}
-	case LISTENER_UNIX:
-		return vm_identity_by_name(p->id, l->cfg->vm, vm);
-	}
-	return -ENOENT;
+	return vmproxy_identify_peer(p->id, l->cfg, ss, len, vm);
 }
 
 static void accept_some(struct vmproxy *p, struct listener *l)
