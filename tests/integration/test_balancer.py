@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -209,3 +210,62 @@ def test_metrics_series_are_the_documented_ones(build_dir, broker, proxy_factory
         assert types[name] == typ, (name, types[name], typ)
         assert labels[name] == labs, (name, sorted(labels[name]), sorted(labs))
     c.close()
+
+
+ADMIN_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b'{"command": "status"}\n')
+data = b""
+while not data.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode().strip())
+"""
+
+
+def test_admin_socket_checks_peer_credentials(build_dir, broker, proxy_factory, tmp_path):
+    """docs/admin.md: peers are checked with SO_PEERCRED, whatever the
+    socket file's mode lets through. With the socket opened to everyone,
+    user nobody is refused; once admin.group is nobody's group, it is
+    answered."""
+    import grp
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    sockdir = tempfile.mkdtemp(prefix="vmproxy-admin-")
+    os.chmod(sockdir, 0o755)
+
+    def ask_as_nobody(path):
+        os.chmod(path, 0o666)  # only the credentials check stands in the way
+        r = subprocess.run(["setpriv", "--reuid=%d" % nobody.pw_uid,
+                            "--regid=%d" % nobody.pw_gid, "--clear-groups",
+                            "/usr/bin/python3", "-c", ADMIN_CLIENT, path],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    vms = make_vms(1, base="127.10.10.20")
+    try:
+        proxy = proxy_factory(vms, threads=1)
+        proxy.admin_path = os.path.join(sockdir, "refuse.sock")
+        proxy.start()
+        reply = ask_as_nobody(proxy.admin_path)
+        assert reply == {"ok": False, "error": "permission denied: root, the daemon's user "
+                         "or the admin group only"}, reply
+        assert proxy.admin("status")["ok"]  # root still is
+        proxy.stop()
+
+        proxy = proxy_factory(vms, threads=1)
+        proxy.admin_path = os.path.join(sockdir, "group.sock")
+        proxy.extra = {"admin": {"socket": proxy.admin_path, "group": group}}
+        proxy.start()
+        reply = ask_as_nobody(proxy.admin_path)
+        assert reply["ok"] is True and reply["daemon"]["threads"] == 1, reply
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
