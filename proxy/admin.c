@@ -262,11 +262,14 @@ static void serve_one(struct admin *a, int fd)
 
 	if (!buf)
 		return;
+	/* The request is read (bounded) even from a peer that is refused, so
+	 * that closing with it unread does not reset the connection and lose
+	 * the reply. */
+	n = read_request(fd, buf, ADMIN_MAX_REQUEST + 1);
 	if (!peer_allowed(a, fd)) {
 		reply = error_reply("permission denied: root, the daemon's user or the admin "
 				    "group only");
 	} else {
-		n = read_request(fd, buf, ADMIN_MAX_REQUEST + 1);
 		if (n == -ETIMEDOUT)
 			reply = error_reply("timed out reading the request");
 		else if (n > ADMIN_MAX_REQUEST)
