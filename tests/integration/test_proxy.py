@@ -427,6 +427,31 @@ def test_sigterm_drains_messages_in_flight(build_dir, broker, proxy_factory, tmp
     assert seqs == list(range(1, n + 1)), seqs
 
 
+def test_drain_timeout_closes_guests_without_acking(build_dir, broker, proxy_factory, tmp_path):
+    """SIGTERM with the broker frozen for longer than drain_timeout_ms: once
+    it runs out the guests are closed with 320 anyway, none of the held
+    messages having been acked to them (docs/ARCHITECTURE.md, Shutdown),
+    the log says how many, and the daemon exits 0."""
+    n = 20
+    vms = make_vms(1, base="127.10.4.9")
+    proxy = proxy_factory(vms, threads=1, extra={"drain_timeout_ms": 2000})
+    proxy.start()
+    lg = None
+    broker.freeze()
+    try:
+        lg = loadgen(build_dir, proxy, vms, conns=1, count=n, window=n,
+                     report=tmp_path / "timeout.json", extra=("--drain-timeout", "15"))
+        wait_for(lambda: proxy.admin("status")["daemon"]["held_messages"] == n, 30,
+                 "%d messages held, unconfirmed" % n)
+        assert proxy.stop() == 0
+        finish(lg, 60)
+    finally:
+        broker.thaw()
+    rep = json.load(open(tmp_path / "timeout.json"))
+    assert rep["confirmed"] == 0, rep
+    assert ("drain: %d messages still unconfirmed after 2000 ms" % n) in proxy.log_text()
+
+
 def test_connections_per_vm_bound(broker, proxy_factory):
     """guest.max_connections_per_vm: the next connection of that VM is
     refused and counted; other VMs still connect."""
