@@ -120,8 +120,13 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 	if (len > ADMIN_MAX_REQUEST)
 		return error_reply("request larger than %d bytes", ADMIN_MAX_REQUEST);
 	r = json_loadb(req, len, JSON_REJECT_DUPLICATES, &jerr);
-	if (!r)
-		return error_reply("bad JSON at column %d: %s", jerr.column, jerr.text);
+	if (!r) {
+		/* jansson quotes the offending bytes: keep the reply one line */
+		char t[80];
+
+		return error_reply("bad JSON at column %d: %s", jerr.column,
+				   log_sanitize(t, sizeof(t), jerr.text, (unsigned)strlen(jerr.text)));
+	}
 	cmd = json_string_value(json_object_get(r, "command"));
 	if (!json_is_object(r) || !cmd) {
 		json_decref(r);
@@ -304,11 +309,14 @@ static void serve_one(struct admin *a, int fd)
 
 	if (!buf)
 		return;
+	/* The request is read (bounded) even from a peer that is refused, so
+	 * that closing with it unread does not reset the connection and lose
+	 * the reply. */
+	n = read_request(fd, buf, ADMIN_MAX_REQUEST + 1);
 	if (!peer_allowed(a, fd)) {
 		reply = error_reply("permission denied: root, the daemon's user or the admin "
 				    "group only");
 	} else {
-		n = read_request(fd, buf, ADMIN_MAX_REQUEST + 1);
 		if (n == -ETIMEDOUT)
 			reply = error_reply("timed out reading the request");
 		else if (n > ADMIN_MAX_REQUEST)

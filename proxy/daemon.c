@@ -314,12 +314,12 @@ void vmproxy_handle_signals(struct vmproxy *p, const char *log_file)
 	p->log_file = log_file;
 }
 
-static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr_storage *ss,
-		    socklen_t len, struct vm_info *vm)
+int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
+			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm)
 {
-	switch (l->cfg->type) {
+	switch (lc->type) {
 	case LISTENER_TCP:
-		return vm_identity_by_address(p->id, (const struct sockaddr *)ss, len, vm);
+		return vm_identity_by_address(id, (const struct sockaddr *)ss, len, vm);
 	case LISTENER_VSOCK: {
 		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
 
@@ -328,20 +328,26 @@ static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr
 		/* CIDs 0, 1, 2 and ANY are never a guest: no lookup at all. */
 		if (vm_identity_cid_reserved(svm->svm_cid))
 			return -EPERM;
-		return vm_identity_by_cid(p->id, svm->svm_cid, vm);
+		return vm_identity_by_cid(id, svm->svm_cid, vm);
 	}
 	case LISTENER_UNIX:
 	case LISTENER_FIRECRACKER:
 		/* Whoever can connect is the listener's VM. */
-		if (l->cfg->uuid) {
+		if (lc->uuid) {
 			memset(vm, 0, sizeof(*vm));
-			snprintf(vm->uuid, sizeof(vm->uuid), "%s", l->cfg->uuid);
-			snprintf(vm->name, sizeof(vm->name), "%s", l->cfg->vm);
+			snprintf(vm->uuid, sizeof(vm->uuid), "%s", lc->uuid);
+			snprintf(vm->name, sizeof(vm->name), "%s", lc->vm);
 			return 0;
 		}
-		return vm_identity_by_name(p->id, l->cfg->vm, vm);
+		return vm_identity_by_name(id, lc->vm, vm);
 	}
 	return -ENOENT;
+}
+
+static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr_storage *ss,
+		    socklen_t len, struct vm_info *vm)
+{
+	return vmproxy_identify_peer(p->id, l->cfg, ss, len, vm);
 }
 
 /* Identify FD's peer and hand FD to its VM's poll thread, or close it.

@@ -14,6 +14,14 @@
 
 struct vmproxy;
 
+/* Who is behind a connection accepted on a listener configured as LC, from
+ * the peer address accept() gave (a vsock peer by its CID, a TCP peer by
+ * its address, a per-VM Unix socket by the listener's VM). 0 and *VM, or a
+ * negative errno: refused. What the acceptor calls; tests call it with made-up
+ * peer addresses (vsock loopback is not everywhere). */
+int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
+			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm);
+
 /* Takes ownership of CFG. */
 int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out);
 

@@ -36,6 +36,15 @@ from harness.cluster import RabbitMQCluster  # noqa: E402
 from harness.postgres import PostgreSQL  # noqa: E402
 
 
+# The sanitizer build's programs read these; deploy/run-tests.sh exports
+# the same, and a run by hand gets them too (the suppressions file names
+# only libraries' process-lifetime globals).
+os.environ.setdefault("LSAN_OPTIONS", "suppressions=%s:print_suppressions=0"
+                      % (TOP / "tests" / "lsan.supp"))
+os.environ.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+os.environ.setdefault("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 

@@ -13,7 +13,7 @@ import time
 import jsonschema
 import pytest
 
-from harness import wait_for
+from harness import stop_clean, wait_for
 from harness.vmproxyd import VmProxyd, make_vms
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +29,8 @@ class Agent:
         self.args = [agent_bin(build_dir), "--endpoint", "tcp://127.0.0.1:%d" % proxy.port,
                      "--source-address", vm["address"], "--interval", str(interval),
                      "--spool-dir", str(spool), "--timeout", "3", "--routing-key", "metrics.t"]
-        self.log = open(os.path.join(str(spool) + ".log"), "ab")
+        self.log_path = str(spool) + ".log"
+        self.log = open(self.log_path, "ab")
         self.proc = None
 
     def start(self):
@@ -37,17 +38,19 @@ class Agent:
         return self
 
     def kill(self):
+        """SIGKILL, for scenarios that crash the agent on purpose."""
         self.proc.kill()
         self.proc.wait()
 
+    def output(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                assert self.proc.wait(15) == 0
-            finally:
-                if self.proc.poll() is None:
-                    self.proc.kill()
+        """SIGTERM: exit 0 within 30 s, no sanitizer report (else the test
+        fails; an agent still running is killed)."""
+        if self.proc:
+            return stop_clean(self.proc, "vmproxy-agent", self.output, 30)
 
 
 def seqs_in(msgs, uuid):
@@ -69,7 +72,7 @@ def agent_proxy(build_dir, broker, certs, tmp_path):
                      upstream={"heartbeat": 5, "stuck_timeout_ms": 5000})
     proxy.start()
     yield proxy, vms[0]
-    proxy.kill()
+    proxy.stop()
 
 
 def test_every_seq_arrives_across_restarts(build_dir, broker, agent_proxy, tmp_path):
@@ -271,6 +274,46 @@ def test_send_to_a_peer_that_stops_reading(build_dir, agent_proxy):
     finally:
         relay.close()
 
+def test_send_payload_bound(build_dir, broker, agent_proxy):
+    """send takes at most 1 MiB on stdin (docs/agent.md): exactly 1 MiB is
+    published whole through the proxy; one byte more is a usage error
+    (exit 1) and nothing is published."""
+    proxy, vm = agent_proxy
+    ep = "tcp://127.0.0.1:%d" % proxy.port
+    broker.purge(broker.queue)
+    body = bytes(range(256)) * 4096
+    assert len(body) == 1 << 20
+    r = run_send(build_dir, ep, vm["address"], body)
+    assert r.returncode == 0, r.stderr
+    msgs = broker.get_all(broker.queue, timeout=10)
+    assert [b for _, _, b in msgs] == [body]
+    r = run_send(build_dir, ep, vm["address"], body + b"x")
+    assert r.returncode == 1, r.stderr
+    assert b"the payload is larger than 1048576 bytes" in r.stderr
+    assert broker.queue_depth(broker.queue) == 0
+
+
+def test_send_nacked_exits_2(build_dir, broker, agent_proxy):
+    """A message the broker nacks (a policy makes the queue reject every
+    publish) reaches the guest through the proxy as a nack: send exits 2
+    and says so."""
+    proxy, vm = agent_proxy
+    ep = "tcp://127.0.0.1:%d" % proxy.port
+    broker.purge(broker.queue)
+    broker.ctl("set_policy", "-p", broker.vhost, "--apply-to", "queues", "test-reject",
+               "^%s$" % broker.queue.replace(".", "\\."),
+               '{"max-length": 0, "overflow": "reject-publish"}')
+    try:
+        r = wait_for(lambda: (lambda r: r.returncode != 0 and r)(
+            run_send(build_dir, ep, vm["address"], b'{"event": "rejected"}')), 30,
+            "the policy to apply")
+    finally:
+        broker.ctl("clear_policy", "-p", broker.vhost, "test-reject")
+    assert r.returncode == 2, r.stderr
+    assert b"the broker nacked the message" in r.stderr
+    threads = proxy.admin("threads")["threads"]
+    assert sum(t["upstream"]["nacked"] for t in threads) >= 1, threads
+
 
 def test_send_over_tls(build_dir, broker, certs):
     """tcp:// with --tls-ca (and a client certificate, which this broker
@@ -303,23 +346,29 @@ def test_once_matches_schema(build_dir):
     assert doc["seq"] == 1 and doc["cpu"]["count"] == os.cpu_count()
 
 
-def test_vsock_endpoint(build_dir):
-    """vsock loopback is not available everywhere: the agent must report
-    the connect failure as exit 5, never hang."""
+def test_vsock_endpoint_nothing_listening(build_dir):
+    """A vsock endpoint where nothing answers (CID 1, a port nobody listens
+    on): exit 5, "cannot connect" as docs/agent.md says, naming the
+    endpoint, within the --timeout (never a hang)."""
     r = run_send(build_dir, "vsock://1:5672", None, b"x")
-    if r.returncode == 0:
-        pytest.skip("something answered on vsock loopback here")
-    assert r.returncode in (4, 5), r.stderr
-    assert b"vsock cid 1 port 5672" in r.stderr or b"timeout" in r.stderr.lower()
+    assert r.returncode == 5, r.stderr
+    assert b"vsock cid 1 port 5672" in r.stderr, r.stderr
+
+
+# The ceiling docs/agent.md promises for the agent at a 1 s interval, in a
+# normal build (the sanitizers' shadow memory and checks are not the agent's).
+FOOTPRINT_CPU_PCT = 2.0
+FOOTPRINT_RSS_KB = 16 * 1024
 
 
 def test_agent_footprint(build_dir, agent_proxy, tmp_path):
-    """Not a limit: the agent's own CPU and memory at a 1 s interval, for
-    the record (printed)."""
+    """The agent's own CPU time and resident memory over 20 s at a 1 s
+    interval stay under the ceiling docs/agent.md gives (checked in the
+    normal build; the figures are printed in both)."""
     proxy, vm = agent_proxy
     agent = Agent(build_dir, proxy, vm, tmp_path / "spool").start()
     try:
-        time.sleep(20)
+        time.sleep(20)  # the measurement window itself, not a wait for an event
         pid = agent.proc.pid
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -330,5 +379,10 @@ def test_agent_footprint(build_dir, agent_proxy, tmp_path):
         print("agent footprint: %.2f s CPU over 20 s (%.2f%%), RSS %s kB" %
               (cpu_s, 100 * cpu_s / 20, rss))
         assert agent.proc.poll() is None
+        with open(agent_bin(build_dir), "rb") as f:
+            sanitized = b"__asan_init" in f.read()
+        if not sanitized:
+            assert 100 * cpu_s / 20 < FOOTPRINT_CPU_PCT, cpu_s
+            assert int(rss) < FOOTPRINT_RSS_KB, rss
     finally:
         agent.stop()

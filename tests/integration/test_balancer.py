@@ -8,6 +8,8 @@ ack."""
 import collections
 import json
 import os
+import re
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,6 +18,8 @@ import pika
 
 from harness import free_port, wait_for
 from harness.vmproxyd import from_source, make_vms
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from test_proxy import check_arrivals, finish, loadgen, proxy_factory  # noqa: F401
 
 
@@ -148,3 +152,120 @@ def test_metrics_endpoint_passes_promtool(build_dir, broker, proxy_factory, tmp_
         raise AssertionError("expected 404")
     except urllib.error.HTTPError as e:
         assert e.code == 404
+
+
+def documented_series(path):
+    """{series: (type, {label names})} from the table of docs/admin.md:
+    every `name` of the first column (a `_suffix` continues the previous
+    name's prefix), its type, and the label names of the third column."""
+    series = {}
+    in_table = False
+    for line in open(path):
+        if line.startswith("| series | type | labels |"):
+            in_table = True
+            continue
+        if not in_table:
+            continue
+        if not line.startswith("|"):
+            break
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if set(cols[0]) <= set("-"):
+            continue
+        names = re.findall(r"`([a-z_]+)`", cols[0])
+        # "`reason` = `unknown_peer`, `limit`": values follow the "=".
+        labels = set(re.findall(r"`([a-z_]+)`", cols[2].split("=")[0]))
+        full = None
+        for n in names:
+            if n.startswith("_"):
+                n = full.rsplit("_", 2)[0] + n if full.endswith("_total") else full + n
+            full = n
+            series[n] = (cols[1], labels)
+    return series
+
+
+def test_metrics_series_are_the_documented_ones(build_dir, broker, proxy_factory):
+    """Every series docs/admin.md lists is exposed with the type and the
+    label names it gives (per-VM ones with metrics.per_vm and a VM
+    connected), and nothing undocumented is."""
+    docs = documented_series(os.path.join(TOP, "docs", "admin.md"))
+    assert len(docs) >= 30, docs
+    vms = make_vms(1, base="127.10.10.9")
+    port = free_port()
+    proxy = proxy_factory(vms, threads=2, extra={
+        "metrics": {"listen": "127.0.0.1:%d" % port, "per_vm": True}}).start()
+    with from_source(vms[0]["address"]):
+        c = pika.BlockingConnection(pika.ConnectionParameters(
+            host="127.0.0.1", port=proxy.port, connection_attempts=1))
+    c.channel().basic_publish("metrics", "m", b"{}")
+    text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read().decode()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    labels = collections.defaultdict(set)
+    for name, lab in re.findall(r"^([a-z_]+)(?:\{([^}]*)\})? \S+$", text, re.M):
+        labels[name] |= set(re.findall(r"([a-z_]+)=", lab))
+    missing = sorted(set(docs) - set(types))
+    assert not missing, "documented, not exposed: %s" % missing
+    undocumented = sorted(set(types) - set(docs))
+    assert not undocumented, "exposed, not documented: %s" % undocumented
+    for name, (typ, labs) in docs.items():
+        assert types[name] == typ, (name, types[name], typ)
+        assert labels[name] == labs, (name, sorted(labels[name]), sorted(labs))
+    c.close()
+
+
+ADMIN_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b'{"command": "status"}\n')
+data = b""
+while not data.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode().strip())
+"""
+
+
+def test_admin_socket_checks_peer_credentials(build_dir, broker, proxy_factory, tmp_path):
+    """docs/admin.md: peers are checked with SO_PEERCRED, whatever the
+    socket file's mode lets through. With the socket opened to everyone,
+    user nobody is refused; once admin.group is nobody's group, it is
+    answered."""
+    import grp
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    sockdir = tempfile.mkdtemp(prefix="vmproxy-admin-")
+    os.chmod(sockdir, 0o755)
+
+    def ask_as_nobody(path):
+        os.chmod(path, 0o666)  # only the credentials check stands in the way
+        r = subprocess.run(["setpriv", "--reuid=%d" % nobody.pw_uid,
+                            "--regid=%d" % nobody.pw_gid, "--clear-groups",
+                            "/usr/bin/python3", "-c", ADMIN_CLIENT, path],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    vms = make_vms(1, base="127.10.10.20")
+    try:
+        proxy = proxy_factory(vms, threads=1)
+        proxy.admin_path = os.path.join(sockdir, "refuse.sock")
+        proxy.start()
+        reply = ask_as_nobody(proxy.admin_path)
+        assert reply == {"ok": False, "error": "permission denied: root, the daemon's user "
+                         "or the admin group only"}, reply
+        assert proxy.admin("status")["ok"]  # root still is
+        proxy.stop()
+
+        proxy = proxy_factory(vms, threads=1)
+        proxy.admin_path = os.path.join(sockdir, "group.sock")
+        proxy.extra = {"admin": {"socket": proxy.admin_path, "group": group}}
+        proxy.start()
+        reply = ask_as_nobody(proxy.admin_path)
+        assert reply["ok"] is True and reply["daemon"]["threads"] == 1, reply
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)

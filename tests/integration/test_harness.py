@@ -158,13 +158,25 @@ def test_freeze_and_thaw(broker):
         assert conn.is_open
 
 
+_killed = {}
+
+
 def test_killed_broker_does_not_poison_the_next_test_part1(broker):
+    """Leaves the node dead (SIGKILL): nothing answers on its port."""
+    _killed["pid"] = broker.node.proc.pid
     broker.kill()
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        pika.BlockingConnection(broker.pika_params(connection_attempts=1))
 
 
 def test_killed_broker_does_not_poison_the_next_test_part2(broker):
-    """Runs after part 1 killed the node: the autouse fixture restarted it."""
-    assert broker.queue_depth(broker.queue) >= 0
+    """Runs after part 1 killed the node: the autouse fixture started a new
+    node process, which accepts connections and has the queue of the
+    definitions."""
+    assert "pid" in _killed, "part 1 did not run first"
+    assert broker.node.alive() and broker.node.proc.pid != _killed["pid"]
+    with broker.connection() as conn:
+        conn.channel().queue_declare(broker.queue, passive=True)
 
 
 def test_ctl_talks_to_the_node(broker):
@@ -188,3 +200,28 @@ def test_run_proc_stops_and_reports(tmp_path, capsys):
 def test_wait_for_reports_what_timed_out():
     with pytest.raises(AssertionError, match="the impossible"):
         wait_for(lambda: False, 0.2, "the impossible")
+
+
+def test_wait_for_retries_not_yet_but_lets_a_failed_check_through():
+    """Another exception is "not yet" and retried; an AssertionError inside
+    the predicate fails the wait at once, even though the condition would
+    hold on the next call."""
+    calls = []
+
+    def not_observable_yet():
+        calls.append(1)
+        if len(calls) < 3:
+            raise FileNotFoundError("not there yet")
+        return "there"
+    assert wait_for(not_observable_yet, 10, "a file", interval=0.01) == "there"
+    assert len(calls) == 3
+
+    checks = []
+
+    def check_fails_once():
+        checks.append(1)
+        assert len(checks) > 1, "a VM split over threads"
+        return True
+    with pytest.raises(AssertionError, match="a VM split over threads"):
+        wait_for(check_fails_once, 10, "a check", interval=0.01)
+    assert len(checks) == 1

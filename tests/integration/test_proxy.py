@@ -18,7 +18,7 @@ import time
 import pika
 import pytest
 
-from harness import wait_for
+from harness import stop_clean, wait_for
 from harness.vmproxyd import VmProxyd, from_source, make_vms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,8 +81,10 @@ def proxy_factory(build_dir, broker, certs, tmp_path):
         return p
 
     yield make
+    # Every daemon a test left running is stopped as its service manager
+    # would: SIGTERM, exit 0, nothing from the sanitizers (leaks included).
     for p in started:
-        p.kill()
+        p.stop()
 
 
 def test_fifty_vms_four_connections_each(build_dir, broker, proxy_factory):
@@ -376,22 +378,78 @@ def test_thread_bound_pauses_every_guest_of_the_thread(build_dir, broker, proxy_
     assert {(0, s) for s in range(1, 31)} | {(1, s) for s in range(1, sent + 1)} <= got
 
 
-def test_sigterm_drains_and_exits_zero(build_dir, broker, proxy_factory):
-    vms = make_vms(1, base="127.10.4.1")
-    proxy = proxy_factory(vms, threads=1).start()
-    with from_source(vms[0]["address"]):
-        conn = pika.BlockingConnection(guest_params(proxy))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    ch.basic_publish("metrics", "drain", b'{"vm":0,"conn":0,"seq":1}')
+def test_sigterm_drains_messages_in_flight(build_dir, broker, proxy_factory, tmp_path):
+    """SIGTERM while the broker (frozen) has confirmed none of 50 messages a
+    guest published: the daemon keeps every guest open while they are held,
+    acks all 50 once the broker (thawed) confirms them, then closes the
+    guests with 320 and exits 0; the queue holds the 50, once each."""
+    n = 50
+    vms = make_vms(2, base="127.10.4.1")
+    proxy = proxy_factory(vms, threads=1, extra={"drain_timeout_ms": 60000}).start()
+    broker.purge(broker.queue)
+    with from_source(vms[1]["address"]):
+        idle = pika.BlockingConnection(guest_params(proxy))
+    lg = None
+    broker.freeze()
+    try:
+        lg = loadgen(build_dir, proxy, vms[:1], conns=1, count=n, window=n,
+                     report=tmp_path / "drain.json")
+        wait_for(lambda: proxy.admin("status")["daemon"]["held_messages"] == n, 30,
+                 "%d messages held, unconfirmed" % n)
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining: no new connections" in proxy.log_text(), 10,
+                 "the drain to begin")
+        # Nothing is confirmed yet: every guest stays open meanwhile.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            idle.process_data_events(time_limit=0.2)
+        assert idle.is_open
+        assert lg.poll() is None
+    finally:
+        broker.thaw()
+
+    def closed_by_proxy():
+        try:
+            idle.process_data_events(time_limit=0.2)
+        except pika.exceptions.ConnectionClosedByBroker as e:
+            return e
+        return None
+    e = wait_for(closed_by_proxy, 60, "the idle guest closed by the drain")
+    assert e.reply_code == 320, e
     assert proxy.stop() == 0
-    with pytest.raises((pika.exceptions.ConnectionClosedByBroker, pika.exceptions.StreamLostError,
-                        pika.exceptions.ConnectionWrongStateError)) as e:
-        conn.process_data_events(time_limit=5)
-        ch.basic_publish("metrics", "after", b"x")
-    if isinstance(e.value, pika.exceptions.ConnectionClosedByBroker):
-        assert e.value.reply_code == 320
     assert "drained" in proxy.log_text()
+    assert "still unconfirmed" not in proxy.log_text()
+    finish(lg, 120)
+    rep = json.load(open(tmp_path / "drain.json"))
+    assert rep["confirmed"] == n and rep["nacked"] == 0, rep
+    msgs = broker.get_all(broker.queue, timeout=30)
+    seqs = sorted(json.loads(b)["seq"] for _, _, b in msgs)
+    assert seqs == list(range(1, n + 1)), seqs
+
+
+def test_drain_timeout_closes_guests_without_acking(build_dir, broker, proxy_factory, tmp_path):
+    """SIGTERM with the broker frozen for longer than drain_timeout_ms: once
+    it runs out the guests are closed with 320 anyway, none of the held
+    messages having been acked to them (docs/ARCHITECTURE.md, Shutdown),
+    the log says how many, and the daemon exits 0."""
+    n = 20
+    vms = make_vms(1, base="127.10.4.9")
+    proxy = proxy_factory(vms, threads=1, extra={"drain_timeout_ms": 2000})
+    proxy.start()
+    lg = None
+    broker.freeze()
+    try:
+        lg = loadgen(build_dir, proxy, vms, conns=1, count=n, window=n,
+                     report=tmp_path / "timeout.json", extra=("--drain-timeout", "15"))
+        wait_for(lambda: proxy.admin("status")["daemon"]["held_messages"] == n, 30,
+                 "%d messages held, unconfirmed" % n)
+        assert proxy.stop() == 0
+        finish(lg, 60)
+    finally:
+        broker.thaw()
+    rep = json.load(open(tmp_path / "timeout.json"))
+    assert rep["confirmed"] == 0, rep
+    assert ("drain: %d messages still unconfirmed after 2000 ms" % n) in proxy.log_text()
 
 
 def test_connections_per_vm_bound(broker, proxy_factory):
@@ -441,8 +499,13 @@ def test_daemon_connection_bound(broker, proxy_factory):
 def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_factory, tmp_path):
     """One VM publishes as fast as its window allows while another on the
     same poll thread publishes 20 msgs/s: the quiet VM's messages all get
-    confirmed and its latency is reported beside a run without the noise.
-    (Figures, not limits: wall-clock bounds do not belong in tests.)"""
+    confirmed, and it is not starved: VMs take turns in front of the link
+    (docs/ARCHITECTURE.md), so a quiet message waits at most for the
+    upstream.max_in_flight (256) messages already on the link, not behind
+    the noisy VM's own window (4 x 256). Its p99 stays under a bound made
+    of that: twice its p99 alone plus three times the time the link takes
+    to confirm 256 messages at the noisy VM's measured rate (a queue
+    served in arrival order would make it wait for about 1280)."""
     vms = make_vms(2, base="127.10.6.1")
     noisy, quiet = vms
     proxy = proxy_factory(vms, threads=1).start()
@@ -452,8 +515,9 @@ def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_fac
     rc, out, err = finish(base, 120)
     assert rc == 0, err
     alone = json.load(open(tmp_path / "quiet-alone.json"))
-    loud = loadgen(build_dir, proxy, [noisy], conns=4, count=20000, rate=0, window=256,
-                   report=tmp_path / "noisy.json", rk="noisy")
+    # Flat out until told to stop (SIGTERM), so it outlasts the quiet run.
+    loud = loadgen(build_dir, proxy, [noisy], conns=4, count=0, rate=0, window=256,
+                   report=tmp_path / "noisy.json", rk="noisy", extra=("--duration", "300"))
     wait_for(lambda: sum(t["upstream"]["acked"] for t in proxy.admin("threads")["threads"]) > 500,
              30, "the noisy VM under way")
     # The link never has more than upstream.max_in_flight (256) unconfirmed.
@@ -465,16 +529,21 @@ def test_noisy_neighbour_does_not_starve_a_quiet_vm(build_dir, broker, proxy_fac
     rc, out, err = finish(q, 120)
     assert rc == 0, err
     noisy_running = loud.poll() is None
-    rc2, _, err2 = finish(loud, 300)
+    loud.send_signal(signal.SIGTERM)
+    rc2, _, err2 = finish(loud, 120)
     assert rc2 == 0, err2
     with_noise = json.load(open(tmp_path / "quiet-noisy.json"))
     assert with_noise["confirmed"] == 100
+    noisy_rate = json.load(open(tmp_path / "noisy.json"))["msgs_per_s"]
+    bound_us = 2 * alone["latency_us"]["p99"] + 3 * 256 / noisy_rate * 1e6
     print("quiet VM confirm latency us alone p50=%d p99=%d max=%d; beside a flat-out VM "
           "(still running at the end: %s) p50=%d p99=%d max=%d; noisy VM %.0f msgs/s" % (
               alone["latency_us"]["p50"], alone["latency_us"]["p99"], alone["latency_us"]["max"],
               noisy_running, with_noise["latency_us"]["p50"], with_noise["latency_us"]["p99"],
               with_noise["latency_us"]["max"],
-              json.load(open(tmp_path / "noisy.json"))["msgs_per_s"]))
+              noisy_rate))
+    assert noisy_running, "the noisy VM finished before the quiet one: no contention measured"
+    assert with_noise["latency_us"]["p99"] < bound_us, (with_noise["latency_us"], bound_us)
     broker.purge(broker.queue)
 
 
@@ -537,52 +606,127 @@ def test_sighup_relinks_with_rotated_certificate(build_dir, broker, certs, proxy
     assert len(keys) == len(set(keys)) == 4 * 300
 
 
-def test_vsock_listener_and_sighup_reopens_log(build_dir, broker, certs, tmp_path):
-    """A vsock listener binds (guests cannot reach it over loopback here:
-    vsock CID 1 is not available on these machines, so no guest connects
-    through it in this test), and SIGHUP reopens --log-file after rotation."""
+def with_vsock_listener(proxy, vport):
+    """PROXY also listens on vsock port VPORT; a vsock listener names its
+    peers through libvirt: the test driver's node."""
+    config = proxy.config
+
+    def cfg():
+        c = config()
+        c["listeners"].append({"type": "vsock", "port": vport})
+        c["identity"]["libvirt_uri"] = "test://" + os.path.join(
+            HERE, "..", "unit", "proxycore", "data", "node.xml")
+        return c
+    proxy.config = cfg
+
+
+def test_vsock_listener_binds(build_dir, broker, certs, tmp_path):
+    """A vsock listener binds and says so, beside the TCP one; the daemon
+    stops cleanly with it. (A guest connecting through it needs a guest
+    kernel: test_vsock_loopback_peer_is_refused.)"""
+    vms = make_vms(1, base="127.10.12.1")
+    vport = 20000 + os.getpid() % 20000
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
+    with_vsock_listener(proxy, vport)
+    try:
+        proxy.start()
+        assert "listening on vsock port %d" % vport in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
+def test_vsock_loopback_peer_is_refused(build_dir, broker, certs, tmp_path):
+    """A vsock peer that is no VM (the host itself, CID 1, over vsock
+    loopback) is refused and counted. Skipped where the kernel has no vsock
+    loopback transport: the reason shows in the skip count."""
     import socket as socketmod
+    if not hasattr(socketmod, "AF_VSOCK"):
+        pytest.skip("this Python has no AF_VSOCK")
+    vms = make_vms(1, base="127.10.12.1")
+    vport = 20000 + (os.getpid() + 1) % 20000
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
+    with_vsock_listener(proxy, vport)
+    try:
+        proxy.start()
+        s = socketmod.socket(socketmod.AF_VSOCK, socketmod.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect((socketmod.VMADDR_CID_LOCAL if hasattr(socketmod, "VMADDR_CID_LOCAL")
+                       else 1, vport))
+        except OSError as e:
+            pytest.skip("vsock loopback (CID 1) does not connect on this kernel (%s): no "
+                        "vsock peer tested" % e)
+        finally:
+            s.close()
+        wait_for(lambda: proxy.admin("status")["daemon"]["refused_unknown_peer"] == 1, 10,
+                 "the vsock peer refused")
+    finally:
+        proxy.stop()
+
+
+def test_sighup_reopens_log_file(build_dir, broker, certs, tmp_path):
+    """--log-file: after the file is renamed (rotation), SIGHUP makes the
+    daemon write to a new file of that name; the old one keeps what was
+    written before."""
     vms = make_vms(1, base="127.10.12.1")
     proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
-    vport = 20000 + os.getpid() % 20000
-    cfg = proxy.config()
-    cfg["listeners"].append({"type": "vsock", "port": vport})
-    # A vsock listener names its peers through libvirt: the test driver.
-    cfg["identity"]["libvirt_uri"] = "test://" + os.path.join(
-        HERE, "..", "unit", "proxycore", "data", "node.xml")
-    proxy.write_config = lambda: open(proxy.config_path, "w").write(json.dumps(cfg))
     logfile = tmp_path / "vmproxyd-file.log"
     proxy.write_config()
+    log = open(proxy.log_path, "ab")
     proc = subprocess.Popen([proxy.binary, "--config", proxy.config_path, "--log-file",
-                             str(logfile)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             str(logfile)], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
     try:
-        try:
-            wait_for(lambda: "listening on vsock port %d" % vport in logfile.read_text(), 15,
-                     "the vsock listener")
-        except AssertionError:
-            if proc.poll() is not None and b"vsock" in proc.stderr.read():
-                pytest.skip("AF_VSOCK cannot bind on this kernel")
-            raise
-        if hasattr(socketmod, "AF_VSOCK"):
-            s = socketmod.socket(socketmod.AF_VSOCK, socketmod.SOCK_STREAM)
-            s.settimeout(2)
-            try:
-                s.connect((1, vport))
-                connected = True
-            except OSError:
-                connected = False
-            finally:
-                s.close()
-            if not connected:
-                print("vsock loopback (CID 1) unavailable here: no guest connection tested")
+        wait_for(lambda: "listening on" in logfile.read_text(), 15, "the daemon's first lines")
         os.rename(logfile, str(logfile) + ".1")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: logfile.exists() and "log reopened" in logfile.read_text(), 10,
                  "a new log file after SIGHUP")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert "log reopened" not in open(str(logfile) + ".1").read()
+        assert "listening on" in open(str(logfile) + ".1").read()
+        stop_clean(proc, "vmproxyd", lambda: logfile.read_text() + proxy.log_text(), 30)
         assert "drained" in logfile.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
+
+
+def test_unix_listener_replaces_a_stale_socket(build_dir, broker, certs, tmp_path):
+    """A per-VM Unix listener whose path holds a stale socket (a previous
+    run's, nobody listening) replaces it and serves the VM there; a path
+    holding any other file is an error: exit 1, naming the listener."""
+    import socket as socketmod
+    vms = make_vms(1, base="127.10.13.1")
+    path = str(tmp_path / "guest.sock")
+    stale = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    with pytest.raises(ConnectionRefusedError):  # stale indeed
+        socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM).connect(path)
+    proxy = VmProxyd(build_dir, tmp_path, broker, certs, vms, threads=1)
+    proxy.extra = {"listeners": [{"type": "tcp", "address": "127.0.0.1", "port": proxy.port},
+                                 {"type": "unix", "path": path, "vm": vms[0]["name"]}]}
+    try:
+        proxy.start()
+        s = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        # connection.start: a method frame on channel 0, class 10 method 10.
+        head = s.recv(11)
+        assert head[:3] == b"\x01\x00\x00" and head[7:11] == b"\x00\x0a\x00\x0a", head
+        s.close()
+    finally:
+        proxy.stop()
+
+    if os.path.exists(path):
+        os.unlink(path)
+    with open(path, "w") as f:
+        f.write("not a socket\n")
+    r = subprocess.run([proxy.binary, "--config", proxy.config_path], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "unix %s: exists and is not a socket" % path in r.stdout + r.stderr
+    assert open(path).read() == "not a socket\n"

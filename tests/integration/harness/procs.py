@@ -3,6 +3,7 @@ programs run under test with their output captured to a file."""
 import contextlib
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -22,8 +23,12 @@ def free_port(host="127.0.0.1"):
 def wait_for(predicate, timeout, what, interval=0.05):
     """Call PREDICATE until it returns something true, at most TIMEOUT
     seconds; returns that value. On timeout raises AssertionError naming
-    WHAT, with the last value or exception PREDICATE produced. Exceptions
-    from PREDICATE count as "not yet"."""
+    WHAT, with the last value or exception PREDICATE produced.
+
+    An exception from PREDICATE counts as "not yet" (the condition may not
+    be observable yet: a socket not there, a file half written), except an
+    AssertionError: that is a check that failed, and it propagates at once,
+    even if the condition would have held a moment later."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -32,12 +37,67 @@ def wait_for(predicate, timeout, what, interval=0.05):
             if value:
                 return value
             last = "returned %r" % (value,)
+        except AssertionError:
+            raise
         except Exception as e:  # the condition may not be observable yet
             last = "raised %s: %s" % (type(e).__name__, e)
         if time.monotonic() >= deadline:
             raise AssertionError("timed out after %.1fs waiting for %s (last: %s)"
                                  % (timeout, what, last))
         time.sleep(interval)
+
+
+# What AddressSanitizer, LeakSanitizer and UndefinedBehaviorSanitizer print
+# when they find something (LeakSanitizer at exit).
+_SANITIZER_RE = re.compile(r"ERROR: (?:Address|Leak|Memory|Thread)Sanitizer|"
+                           r"SUMMARY: \w+Sanitizer|: runtime error: ")
+
+
+def sanitizer_report(text):
+    """The lines of TEXT that belong to a sanitizer report ([] if none)."""
+    return [l for l in text.splitlines() if _SANITIZER_RE.search(l)]
+
+
+def stop_clean(popen, name, output, timeout=30):
+    """End a daemon the way its service manager does and check it went
+    well: SIGTERM, at most TIMEOUT seconds for it to exit, exit status 0 and
+    no sanitizer report in OUTPUT() (its captured output, read after the
+    exit, when LeakSanitizer has run). A program still running after TIMEOUT
+    is killed (SIGKILL) and the test fails; so does any other status.
+    Returns the exit status (0)."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=30)
+            raise AssertionError("%s (pid %d) still running %d s after SIGTERM; killed:\n%s"
+                                 % (name, popen.pid, timeout, _tail_text(output())))
+    text = output()
+    report = sanitizer_report(text)
+    assert not report, "%s: sanitizer report:\n%s\n%s" % (name, "\n".join(report),
+                                                           _tail_text(text, 80))
+    assert popen.returncode == 0, "%s exited with status %s:\n%s" % (
+        name, popen.returncode, _tail_text(text))
+    return popen.returncode
+
+
+def stop_all(*stops):
+    """Call every STOPS function (e.g. the .stop of each program a test
+    started), even when one fails; then raise the first failure."""
+    errors = []
+    for stop in stops:
+        try:
+            stop()
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def _tail_text(text, lines=40):
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def tail(path, lines=40):

@@ -56,6 +56,20 @@ static void test_unknown_command_is_sanitized(void **state)
 	json_decref(r);
 }
 
+/* jansson's error text quotes the bytes it stopped at: a raw newline of
+ * the request must not reach the reply's one-line error. */
+static void test_bad_json_error_is_sanitized(void **state)
+{
+	const char *req = "{\"command\": \"a\\u80a\nb\"}";
+	json_t *r = admin_handle_request(NULL, req, strlen(req));
+	const char *err = json_string_value(json_object_get(r, "error"));
+
+	assert_non_null(err);
+	assert_non_null(strstr(err, "bad JSON"));
+	assert_null(strchr(err, '\n'));
+	json_decref(r);
+}
+
 static void test_missing_arguments(void **state)
 {
 	const char *a = "{\"command\": \"migrate\", \"vm\": \"x\"}";
@@ -86,6 +100,7 @@ int main(void)
 		cmocka_unit_test(test_not_an_object),
 		cmocka_unit_test(test_unknown_command),
 		cmocka_unit_test(test_unknown_command_is_sanitized),
+		cmocka_unit_test(test_bad_json_error_is_sanitized),
 		cmocka_unit_test(test_missing_arguments),
 		cmocka_unit_test(test_oversized),
 	};

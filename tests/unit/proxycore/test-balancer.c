@@ -143,9 +143,33 @@ static void test_config_errors(void **state)
 	json_decref(o);
 }
 
+/* The defaults docs/configuration.md gives for the "balancer" object. */
+static void test_documented_defaults(void **state)
+{
+	struct balancer_config c;
+	struct conf_ctx ctx;
+	json_t *empty = json_object();
+
+	conf_ctx_init(&ctx, "t.json");
+	assert_int_equal(balancer_config_parse(&ctx, NULL, &c), 0);
+	assert_true(c.enabled);
+	assert_int_equal(c.interval_ms, 5000);
+	assert_true(c.ratio == 1.5);
+	assert_int_equal(c.hold_ms, 10000);
+	assert_true(c.min_load == 50);
+	assert_int_equal(c.migrate_timeout_ms, 5000);
+	/* an empty object is the same as none */
+	memset(&c, 0, sizeof(c));
+	assert_int_equal(balancer_config_parse(&ctx, empty, &c), 0);
+	assert_true(c.enabled);
+	assert_int_equal(c.interval_ms, 5000);
+	json_decref(empty);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_documented_defaults),
 		cmocka_unit_test(test_balanced_no_move),
 		cmocka_unit_test(test_skew_moves_the_vm_that_halves_the_gap),
 		cmocka_unit_test(test_idle_thread_gets_load),

@@ -142,6 +142,14 @@ static void test_defaults(void **state)
 	assert_string_equal(c->listeners[0].address, "0.0.0.0");
 	assert_int_equal(c->upstream.n_hosts, 1);
 	assert_null(c->admin.socket);
+	/* docs/configuration.md's other defaults */
+	assert_int_equal(c->threads.count, 0);
+	assert_int_equal(c->drain_timeout_ms, 10000);
+	assert_int_equal(c->limits.max_connections, 65536);
+	assert_int_equal(c->limits.unconfirmed_bytes_per_vm, 8u << 20);
+	assert_int_equal(c->guest.heartbeat, 60);
+	assert_int_equal(c->guest.handshake_timeout_ms, 10000);
+	assert_false(c->upstream.tls);
 	proxy_config_free(c);
 }
 
@@ -167,6 +175,47 @@ static void test_firecracker_form(void **state)
 	assert_int_equal(c->listeners[1].mode, 0600);
 	assert_int_equal(c->listeners[2].type, LISTENER_VSOCK);
 	proxy_config_free(c);
+}
+
+/* upstream.port: 5671 with "tls", 5672 without (test_defaults). */
+static void test_default_port_with_tls(void **state)
+{
+	struct proxy_config *c;
+
+	load("{" LISTEN ", \"upstream\": {\"host\": \"b\", \"exchange\": \"x\", \"tls\": "
+	     "{\"ca\": \"@CA@\"}, \"auth\": {\"mechanism\": \"PLAIN\", \"user\": \"u\", "
+	     "\"password\": \"p\"}}}",
+	     NULL, &c);
+	assert_true(c->upstream.tls);
+	assert_int_equal(c->upstream.port, 5671);
+	proxy_config_free(c);
+}
+
+/* A Unix listener's path: 107 bytes load, 108 are refused naming the key
+ * (a sockaddr_un holds 107 and the terminating zero). */
+static void test_unix_path_bound(void **state)
+{
+	char text[1024], p107[108], p108[109];
+	struct proxy_config *c;
+
+	memset(p107, 'p', sizeof(p107) - 1);
+	p107[0] = '/';
+	p107[107] = '\0';
+	memset(p108, 'p', sizeof(p108) - 1);
+	p108[0] = '/';
+	p108[108] = '\0';
+	snprintf(text, sizeof(text),
+		 "{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"a\", "
+		 "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], "
+		 MINIMAL_UP "}", p107);
+	load(text, NULL, &c);
+	assert_int_equal(strlen(c->listeners[0].path), 107);
+	proxy_config_free(c);
+	snprintf(text, sizeof(text),
+		 "{\"listeners\": [{\"type\": \"unix\", \"path\": \"%s\", \"vm\": \"a\", "
+		 "\"uuid\": \"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60\"}], "
+		 MINIMAL_UP "}", p108);
+	load(text, "listeners[0].path: expected a path of at most 107 bytes", NULL);
 }
 
 static void test_errors(void **state)
@@ -338,6 +387,8 @@ int main(void)
 		cmocka_unit_test(test_example_loads),
 		cmocka_unit_test(test_defaults),
 		cmocka_unit_test(test_firecracker_form),
+		cmocka_unit_test(test_default_port_with_tls),
+		cmocka_unit_test(test_unix_path_bound),
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_restart_keys),
 	};

@@ -22,7 +22,11 @@
 #include <linux/vm_sockets.h>
 #include <time.h>
 
+#include <linux/vm_sockets.h>
+#include <sys/socket.h>
+
 #include "config.h"
+#include "daemon.h"
 #include "vm_identity.h"
 
 static struct proxy_config cfg;
@@ -355,10 +359,48 @@ static void test_bad_uri(void **state)
 	assert_null(id);
 }
 
+/* The accept boundary of a vsock listener: the peer address accept() gives
+ * (made up here: vsock loopback does not work everywhere) is looked up by
+ * its CID; the host itself and unknown CIDs are refused, and so is an
+ * address that is not a vsock one. */
+static void test_vsock_accept_boundary(void **state)
+{
+	struct listener_config lc = { .type = LISTENER_VSOCK, .port = 5672 };
+	struct sockaddr_storage ss;
+	struct sockaddr_vm *svm = (struct sockaddr_vm *)&ss;
+	struct sockaddr_in in = v4("127.10.0.5");
+	struct vm_identity *id;
+	struct vm_info vm;
+	char err[300];
+
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	memset(&ss, 0, sizeof(ss));
+	svm->svm_family = AF_VSOCK;
+	svm->svm_port = 1234;
+	svm->svm_cid = 21;
+	assert_int_equal(vmproxy_identify_peer(id, &lc, &ss, sizeof(*svm), &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_int_equal(vm.cid, 21);
+	svm->svm_cid = VMADDR_CID_HOST;
+	assert_true(vmproxy_identify_peer(id, &lc, &ss, sizeof(*svm), &vm) < 0);
+	svm->svm_cid = 1; /* the local CID: vsock loopback */
+	assert_true(vmproxy_identify_peer(id, &lc, &ss, sizeof(*svm), &vm) < 0);
+	svm->svm_cid = 99;
+	assert_true(vmproxy_identify_peer(id, &lc, &ss, sizeof(*svm), &vm) < 0);
+	/* A TCP peer's address handed to a vsock listener is nobody. */
+	memset(&ss, 0, sizeof(ss));
+	memcpy(&ss, &in, sizeof(in));
+	assert_true(vmproxy_identify_peer(id, &lc, &ss, sizeof(in), &vm) < 0);
+	vm_identity_free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_cid_resolution),
+		cmocka_unit_test(test_vsock_accept_boundary),
 		cmocka_unit_test(test_read_only_by_default),
 		cmocka_unit_test(test_static_table),
 		cmocka_unit_test(test_dhcp_lease),
