@@ -348,11 +348,18 @@ def test_once_matches_schema(build_dir):
 
 def test_vsock_endpoint_nothing_listening(build_dir):
     """A vsock endpoint where nothing answers (CID 1, a port nobody listens
-    on): exit 5, "cannot connect" as docs/agent.md says, naming the
-    endpoint, within the --timeout (never a hang)."""
+    on), within the --timeout (never a hang), naming the endpoint, with the
+    exit code docs/agent.md gives for what the kernel did: 5 when it
+    refuses the connection (vsock loopback loaded), 4 when the connect times
+    out (no loopback transport, as on these machines)."""
+    t0 = time.monotonic()
     r = run_send(build_dir, "vsock://1:5672", None, b"x")
-    assert r.returncode == 5, r.stderr
+    assert time.monotonic() - t0 < 30
     assert b"vsock cid 1 port 5672" in r.stderr, r.stderr
+    if b"no connection within 2000 ms" in r.stderr:
+        assert r.returncode == 4, r.stderr
+    else:
+        assert r.returncode == 5, r.stderr
 
 
 # The ceiling docs/agent.md promises for the agent at a 1 s interval, in a

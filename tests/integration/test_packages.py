@@ -260,11 +260,23 @@ def test_units_wait_for_their_configuration(installed, tmp_path):
 
 def test_installed_example_checks(installed, certs, tmp_path):
     """The example under /usr/share/doc, with the test certificates in
-    place of /etc/vmproxy/tls, passes the installed vmproxyd --check-config;
-    the same file with a mistake is refused naming the key."""
+    place of /etc/vmproxy/tls and what --check-config checks on the host
+    pointed at this machine (libvirt's test driver, a listener address it
+    has, the admin socket in a directory that exists), passes the installed
+    vmproxyd --check-config; the same file with a mistake is refused naming
+    the key."""
     text = pathlib.Path("/usr/share/doc/vmproxyd/examples/vmproxyd.example.json").read_text()
     for name in ("ca.pem", "proxy.pem", "proxy-key.pem"):
         text = text.replace("/etc/vmproxy/tls/" + name, str(certs / name))
+    doc = json.loads(text)
+    doc["identity"]["libvirt_uri"] = "test://" + os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "unit", "proxycore", "data",
+        "node.xml")
+    for listener in doc["listeners"]:
+        if listener["type"] == "tcp":
+            listener["address"] = "127.0.0.1"
+    doc["admin"]["socket"] = str(tmp_path / "admin.sock")
+    text = json.dumps(doc)
     conf = tmp_path / "vmproxyd.json"
     conf.write_text(text)
     r = subprocess.run(["/usr/sbin/vmproxyd", "--config", str(conf), "--check-config"],

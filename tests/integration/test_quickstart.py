@@ -82,11 +82,15 @@ def test_quickstart_unattended():
 
 
 def _stored(run):
-    n = 0
-    for f in glob.glob(str(run / "jsonl" / "metrics-*.jsonl")):
-        with open(f) as fh:
-            n += sum(1 for line in fh if line.endswith("\n"))
-    return n
+    """Samples in the quickstart consumer's SQLite store (0 before it exists)."""
+    path = run / "consumer" / "metrics.db"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM samples").fetchone()[0]
+    finally:
+        db.close()
 
 
 @pytest.mark.skipif(os.environ.get("VMPROXY_VARIANT") == "sanitize",
