@@ -6,12 +6,14 @@ the login but refuses every publish sees reconnects back off instead of a
 reconnect storm, with the refusals counted by reply code.
 """
 import json
+import re
 import time
+import urllib.request
 
 import pika
 import pytest
 
-from harness import wait_for
+from harness import free_port, wait_for
 from harness.vmproxyd import VmProxyd, from_source, make_vms
 from test_proxy import finish, loadgen
 
@@ -127,7 +129,9 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
     25 s stay few; the refusals are counted by code and the reason shown.
     Once permissions return, everything the guests published arrives."""
     vms = make_vms(2, base="127.10.42.1")
-    proxy = proxy_factory(vms, threads=1).start()
+    mport = free_port()
+    proxy = proxy_factory(vms, threads=1,
+                          extra={"metrics": {"listen": "127.0.0.1:%d" % mport}}).start()
     broker.purge(broker.queue)
     grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^vm\\.metrics$", "^$")
     broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^$", "^$")
@@ -153,6 +157,11 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
         last = threads[0]["upstream"]["last_error"]
         assert "403" in last and "ACCESS_REFUSED" in last, last
         assert threads[0]["upstream"]["refusals"]["403"] >= reconnects
+        scrape = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport,
+                                        timeout=10).read().decode()
+        m = re.search(r'^vmproxy_upstream_refusals_total\{thread="0",code="403"\} (\d+)$',
+                      scrape, re.M)
+        assert m and int(m.group(1)) >= reconnects, scrape
     finally:
         broker.ctl(*grant)
     rc, out, err = finish(lg, 120)
