@@ -32,6 +32,7 @@ if str(HERE) not in sys.path:
 
 from harness import free_port, run_proc, wait_for  # noqa: E402,F401
 from harness.rabbitmq import RabbitMQ  # noqa: E402
+from harness.vmproxyd import VmProxyd  # noqa: E402
 from harness.cluster import RabbitMQCluster  # noqa: E402
 from harness.postgres import PostgreSQL  # noqa: E402
 
@@ -148,6 +149,22 @@ def _broker_alive(request):
         if not pg.running():
             pg.start()
     yield
+
+
+@pytest.fixture
+def proxy_factory(build_dir, broker, certs, tmp_path):
+    """make(vms, **kw): a VmProxyd in front of the session broker. Every
+    daemon a test left running is stopped as its service manager would:
+    SIGTERM, exit 0, nothing from the sanitizers (leaks included)."""
+    started = []
+
+    def make(vms, **kw):
+        p = VmProxyd(build_dir, tmp_path, broker, certs, vms, **kw)
+        started.append(p)
+        return p
+    yield make
+    for p in started:
+        p.stop()
 
 
 @pytest.fixture

@@ -10,24 +10,11 @@ import subprocess
 import time
 
 import pika
-import pytest
 
 from harness import wait_for
-from harness.vmproxyd import VmProxyd, from_source, make_vms
+from harness.vmproxyd import from_source, make_vms
 
 
-@pytest.fixture
-def proxy_factory(build_dir, broker, certs, tmp_path):
-    started = []
-
-    def make(vms, **kw):
-        p = VmProxyd(build_dir, tmp_path, broker, certs, vms, **kw)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.kill()
 
 
 def cpu_seconds(pid):

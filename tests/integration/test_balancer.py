@@ -20,7 +20,7 @@ from harness import free_port, wait_for
 from harness.vmproxyd import from_source, make_vms
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from test_proxy import check_arrivals, finish, loadgen, proxy_factory  # noqa: F401
+from test_proxy import check_arrivals, finish, loadgen
 
 
 def ctl(proxy, *args):

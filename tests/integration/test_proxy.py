@@ -71,20 +71,6 @@ def check_arrivals(msgs, vms_by_index, expected):
     assert len(seen) == len(want)
 
 
-@pytest.fixture
-def proxy_factory(build_dir, broker, certs, tmp_path):
-    started = []
-
-    def make(vms, **kw):
-        p = VmProxyd(build_dir, tmp_path, broker, certs, vms, **kw)
-        started.append(p)
-        return p
-
-    yield make
-    # Every daemon a test left running is stopped as its service manager
-    # would: SIGTERM, exit 0, nothing from the sanitizers (leaks included).
-    for p in started:
-        p.stop()
 
 
 def test_fifty_vms_four_connections_each(build_dir, broker, proxy_factory):
