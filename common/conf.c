@@ -6,6 +6,8 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 void conf_ctx_init(struct conf_ctx *c, const char *file)
 {
@@ -227,4 +229,31 @@ int conf_get_enum(struct conf_ctx *c, json_t *obj, const char *path, const char 
 				      choices[i]);
 	return conf_error(c, conf_path(p, sizeof(p), path, key), "expected one of %s, got \"%.64s\"",
 			  list, s);
+}
+
+int conf_check_dir(const char *file, const char *key, const char *dir)
+{
+	char parent[4096], *slash;
+	struct stat st;
+
+	if (stat(dir, &st) == 0) {
+		if (S_ISDIR(st.st_mode) && access(dir, W_OK | X_OK) == 0)
+			return 0;
+		fprintf(stderr, "%s: %s \"%s\": %s\n", file, key, dir,
+			S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+		return 1;
+	}
+	snprintf(parent, sizeof(parent), "%s", dir);
+	slash = strrchr(parent, '/');
+	if (slash == parent)
+		slash[1] = '\0';
+	else if (slash)
+		*slash = '\0';
+	else
+		snprintf(parent, sizeof(parent), ".");
+	if (access(parent, W_OK | X_OK) == 0)
+		return 0;
+	fprintf(stderr, "%s: %s \"%s\": cannot be created in \"%s\": %s\n", file, key, dir,
+		parent, strerror(errno));
+	return 1;
 }

@@ -49,3 +49,8 @@ int conf_get_enum(struct conf_ctx *c, json_t *obj, const char *path, const char 
 /* Join PATH and KEY (or "[index]") into BUF for nested messages. */
 const char *conf_path(char *buf, size_t len, const char *path, const char *key);
 const char *conf_path_index(char *buf, size_t len, const char *path, size_t index);
+
+/* For --check-config: directory DIR (configuration key KEY of FILE) is
+ * writable, or can be created in its parent. Prints "FILE: KEY "DIR": why"
+ * on stderr when not; returns the number of problems (0 or 1). */
+int conf_check_dir(const char *file, const char *key, const char *dir);

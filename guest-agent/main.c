@@ -11,7 +11,6 @@
 #include <string.h>
 #include <time.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backoff.h"
@@ -164,33 +163,7 @@ static int run_check(const struct agent_cfg *c, const char *config)
 		fprintf(stderr, "%s: %s\n", name, err);
 		problems++;
 	}
-	{
-		struct stat st;
-
-		if (stat(c->spool_dir, &st) == 0) {
-			if (!S_ISDIR(st.st_mode) || access(c->spool_dir, W_OK | X_OK) < 0) {
-				fprintf(stderr, "%s: spool.dir \"%s\": %s\n", name, c->spool_dir,
-					S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
-				problems++;
-			}
-		} else {
-			char parent[4096], *slash;
-
-			snprintf(parent, sizeof(parent), "%s", c->spool_dir);
-			slash = strrchr(parent, '/');
-			if (slash == parent)
-				slash[1] = '\0';
-			else if (slash)
-				*slash = '\0';
-			else
-				snprintf(parent, sizeof(parent), ".");
-			if (access(parent, W_OK | X_OK) < 0) {
-				fprintf(stderr, "%s: spool.dir \"%s\": cannot be created in \"%s\": %s\n",
-					name, c->spool_dir, parent, strerror(errno));
-				problems++;
-			}
-		}
-	}
+	problems += conf_check_dir(name, "spool.dir", c->spool_dir);
 	if (c->source_address) {
 		struct sockaddr_in sa = { .sin_family = AF_INET };
 		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -14,13 +14,13 @@
 #include <string.h>
 #include <time.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "backoff.h"
 #include "broker.h"
 #include "certfile.h"
 #include "clock.h"
+#include "conf.h"
 #include "consumer.h"
 #include "log.h"
 #include "metrics_http.h"
@@ -86,7 +86,6 @@ static char *render(void *ud)
  * Each problem on a line; 0 or 1. */
 static int check_config(const char *file, const struct ccfg *c)
 {
-	struct stat st;
 	char err[600];
 	int problems = 0;
 
@@ -95,29 +94,7 @@ static int check_config(const char *file, const struct ccfg *c)
 		fprintf(stderr, "%s: %s\n", file, err);
 		problems++;
 	}
-	if (stat(c->dir, &st) == 0) {
-		if (!S_ISDIR(st.st_mode) || access(c->dir, W_OK | X_OK) < 0) {
-			fprintf(stderr, "%s: sink.dir \"%s\": %s\n", file, c->dir,
-				S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
-			problems++;
-		}
-	} else {
-		char parent[4096], *slash;
-
-		snprintf(parent, sizeof(parent), "%s", c->dir);
-		slash = strrchr(parent, '/');
-		if (slash == parent)
-			slash[1] = '\0';
-		else if (slash)
-			*slash = '\0';
-		else
-			snprintf(parent, sizeof(parent), ".");
-		if (access(parent, W_OK | X_OK) < 0) {
-			fprintf(stderr, "%s: sink.dir \"%s\": cannot be created in \"%s\": %s\n",
-				file, c->dir, parent, strerror(errno));
-			problems++;
-		}
-	}
+	problems += conf_check_dir(file, "sink.dir", c->dir);
 	if (c->listen) {
 		struct sockaddr_in sa;
 		int one = 1, fd;
