@@ -16,6 +16,19 @@
 
 #define BACKLOG 1024
 
+/* The failure path of every open_*(): ERR names the endpoint and the
+ * error of the call that failed (errno, saved before anything else runs),
+ * FD is closed if it was opened. */
+static int open_failed(const struct listener *l, int fd, char *err, size_t errlen)
+{
+	int e = errno;
+
+	snprintf(err, errlen, "%s: %s", l->name, strerror(e));
+	if (fd >= 0)
+		close(fd);
+	return -e;
+}
+
 static int open_tcp(const struct listener_config *lc, struct listener *l, char *err, size_t errlen)
 {
 	const char *addr = lc->address ? lc->address : "0.0.0.0";
@@ -48,17 +61,14 @@ static int open_tcp(const struct listener_config *lc, struct listener *l, char *
 	l->fd = fd;
 	return 0;
 fail:
-	snprintf(err, errlen, "%s: %s", l->name, strerror(errno));
-	if (fd >= 0)
-		close(fd);
-	return -errno;
+	return open_failed(l, fd, err, errlen);
 }
 
 static int open_vsock(const struct listener_config *lc, struct listener *l, char *err,
 		      size_t errlen)
 {
 	struct sockaddr_vm svm;
-	int fd, e;
+	int fd;
 
 	snprintf(l->name, sizeof(l->name), "vsock port %u", lc->port);
 	fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -73,11 +83,7 @@ static int open_vsock(const struct listener_config *lc, struct listener *l, char
 	l->fd = fd;
 	return 0;
 fail:
-	e = errno;
-	snprintf(err, errlen, "%s: %s", l->name, strerror(e));
-	if (fd >= 0)
-		close(fd);
-	return -e;
+	return open_failed(l, fd, err, errlen);
 }
 
 /* Is something listening on the Unix socket PATH? A non-blocking connect
@@ -208,11 +214,7 @@ static int open_unix(const struct listener_config *lc, struct listener *l, char 
 	l->fd = fd;
 	return 0;
 fail:
-	e = errno;
-	snprintf(err, errlen, "%s: %s", l->name, strerror(e));
-	if (fd >= 0)
-		close(fd);
-	return -e;
+	return open_failed(l, fd, err, errlen);
 }
 
 int listener_open(const struct listener_config *lc, struct listener *out, char *err,
