@@ -161,8 +161,10 @@ int conf_get_uint(struct conf_ctx *c, json_t *obj, const char *path, const char 
 	return 0;
 }
 
-int conf_get_bool(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
-		  bool required, bool *out)
+/* The value at KEY when it has json type TYPE (JSON_TRUE: either boolean),
+ * described as WANT in the error otherwise. */
+static int get_typed(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		     bool required, json_type type, const char *want, json_t **out)
 {
 	char p[256];
 	int r;
@@ -170,40 +172,33 @@ int conf_get_bool(struct conf_ctx *c, json_t *obj, const char *path, const char 
 
 	if (!v)
 		return r;
-	if (!json_is_boolean(v))
-		return conf_error(c, p, "expected true or false, got %s", type_name(v));
-	*out = json_is_true(v);
+	if (type == JSON_TRUE ? !json_is_boolean(v) : json_typeof(v) != type)
+		return conf_error(c, p, "expected %s, got %s", want, type_name(v));
+	*out = v;
 	return 0;
+}
+
+int conf_get_bool(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		  bool required, bool *out)
+{
+	json_t *v = NULL;
+	int r = get_typed(c, obj, path, key, required, JSON_TRUE, "true or false", &v);
+
+	if (r == 0 && v)
+		*out = json_is_true(v);
+	return r;
 }
 
 int conf_get_object(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
 		    bool required, json_t **out)
 {
-	char p[256];
-	int r;
-	json_t *v = lookup(c, obj, path, key, required, p, sizeof(p), &r);
-
-	if (!v)
-		return r;
-	if (!json_is_object(v))
-		return conf_error(c, p, "expected an object, got %s", type_name(v));
-	*out = v;
-	return 0;
+	return get_typed(c, obj, path, key, required, JSON_OBJECT, "an object", out);
 }
 
 int conf_get_array(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
 		   bool required, json_t **out)
 {
-	char p[256];
-	int r;
-	json_t *v = lookup(c, obj, path, key, required, p, sizeof(p), &r);
-
-	if (!v)
-		return r;
-	if (!json_is_array(v))
-		return conf_error(c, p, "expected an array, got %s", type_name(v));
-	*out = v;
-	return 0;
+	return get_typed(c, obj, path, key, required, JSON_ARRAY, "an array", out);
 }
 
 int conf_get_enum(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
