@@ -28,6 +28,7 @@
 #include "log.h"
 #include "stamp.h"
 #include "upstream.h"
+#include "vm_queue.h"
 
 #define READ_CHUNK     65536
 #define MAX_EVENTS     256
@@ -43,9 +44,7 @@ struct vm_state {
 	uint32_t refs; /* connections + held messages */
 	uint64_t held_bytes, held_msgs;
 	struct upstream_msg *pend_head, *pend_tail; /* waiting for the link */
-	struct vm_state *ring_next;		    /* in the active ring */
-	uint32_t inflight; /* published on the link, not yet confirmed */
-	bool in_ring;
+	struct vmq_entry q;			    /* in the thread's fair queue */
 	bool blocked; /* over its unconfirmed-bytes bound */
 	bool migrating; /* quiescing: not read, waiting for confirms */
 	unsigned migrate_to;
@@ -76,9 +75,7 @@ struct poll_thread {
 	struct guest_conn *conns; /* all, doubly linked */
 	uint32_t nconns;
 	struct guest_conn *dirty;
-	struct vm_state *ring_head, *ring_tail; /* VMs with messages waiting */
-	uint32_t ring_len;
-	struct vm_state *pick, *pick_prev; /* what op_peek chose, for op_pop */
+	struct vm_queue ring; /* VMs with messages waiting */
 	struct vm_state *migrating;
 	uint64_t msgs_in, bytes_in, msgs_out, bytes_out, migrations_in, migrations_out;
 	uint64_t guest_reads, guest_writes; /* recv() and send() calls on guest sockets */
@@ -230,77 +227,33 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 
 /* ---- the link's view of the queues ------------------------------------- */
 
-/* The first VM of the ring still under its share of the link's window.
- * While several VMs have messages waiting, none may hold more than
- * max_in_flight / min(waiting VMs, 4) unconfirmed on the link: a VM
- * publishing flat out cannot fill the window (and the broker's queue in
- * front of everyone else's messages) while others wait. At most four VMs
- * can be at their share at once, so the scan is short. */
+static struct vm_state *vm_of(struct vmq_entry *e)
+{
+	return (struct vm_state *)((char *)e - offsetof(struct vm_state, q));
+}
+
+/* The next VM's oldest message, by the fair queue (vm_queue.h). */
 static struct upstream_msg *op_peek(void *ud)
 {
 	struct poll_thread *pt = ud;
-	uint32_t window = pt->sh->cfg->upstream.max_in_flight;
-	uint32_t share = UINT32_MAX;
-	struct vm_state *prev = NULL;
+	struct vmq_entry *e = vm_queue_pick(&pt->ring, pt->sh->cfg->upstream.max_in_flight);
 
-	if (pt->ring_len > 1) {
-		share = window / (pt->ring_len < 4 ? pt->ring_len : 4);
-		if (share == 0)
-			share = 1;
-	}
-	for (struct vm_state *v = pt->ring_head; v; prev = v, v = v->ring_next) {
-		if (v->inflight < share) {
-			pt->pick = v;
-			pt->pick_prev = prev;
-			return v->pend_head;
-		}
-	}
-	return NULL;
-}
-
-static void ring_append(struct poll_thread *pt, struct vm_state *v)
-{
-	v->in_ring = true;
-	v->ring_next = NULL;
-	if (pt->ring_tail)
-		pt->ring_tail->ring_next = v;
-	else
-		pt->ring_head = v;
-	pt->ring_tail = v;
-	pt->ring_len++;
+	return e ? vm_of(e)->pend_head : NULL;
 }
 
 static void op_pop(void *ud, struct upstream_msg *m)
 {
 	struct poll_thread *pt = ud;
-	struct vm_state *v = pt->pick, *prev = pt->pick_prev;
+	struct vm_state *v = vm_of(pt->ring.pick);
 
 	pt->msgs_out++;
 	pt->bytes_out += m->body_len;
-	v->inflight++;
 	v->pend_head = m->next;
 	if (!v->pend_head)
 		v->pend_tail = NULL;
 	m->next = NULL;
 	/* Rotate: the next message comes from the next VM. */
-	if (prev)
-		prev->ring_next = v->ring_next;
-	else
-		pt->ring_head = v->ring_next;
-	if (pt->ring_tail == v)
-		pt->ring_tail = prev;
-	v->ring_next = NULL;
-	v->in_ring = false;
-	pt->ring_len--;
-	pt->pick = pt->pick_prev = NULL;
-	if (v->pend_head)
-		ring_append(pt, v);
-}
-
-static void ring_add(struct poll_thread *pt, struct vm_state *v)
-{
-	if (!v->in_ring)
-		ring_append(pt, v);
+	vm_queue_sent(&pt->ring, v->pend_head != NULL);
 }
 
 static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
@@ -309,7 +262,7 @@ static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
 	struct guest_conn *c = m->conn;
 	struct vm_state *v = m->vm;
 
-	v->inflight--;
+	vm_queue_settled(&v->q);
 	if (ack)
 		v->acked++;
 	else
@@ -329,12 +282,12 @@ static void op_requeue(void *ud, struct upstream_msg *m)
 	struct poll_thread *pt = ud;
 	struct vm_state *v = m->vm;
 
-	v->inflight--;
+	vm_queue_settled(&v->q);
 	m->next = v->pend_head;
 	v->pend_head = m;
 	if (!v->pend_tail)
 		v->pend_tail = m;
-	ring_add(pt, v);
+	vm_queue_add(&pt->ring, &v->q);
 }
 
 static void op_returned(void *ud, struct upstream_msg *m, uint16_t code, const char *text)
@@ -446,7 +399,7 @@ static void on_publish(struct poll_thread *pt, struct guest_conn *c, const struc
 	else
 		v->pend_head = m;
 	v->pend_tail = m;
-	ring_add(pt, v);
+	vm_queue_add(&pt->ring, &v->q);
 	check_bounds(pt, v);
 }
 
