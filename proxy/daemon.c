@@ -116,21 +116,14 @@ void vmproxy_pin_log_level(struct vmproxy *p)
 static void on_vm_gone(void *ud, const struct vm_info *vm)
 {
 	struct vmproxy *p = ud;
-	struct vm_gone_mail *m;
 	unsigned t;
 
 	atomic_fetch_add(&p->vms_gone, 1);
 	if (partition_lookup(p->partition, vm->uuid, &t) < 0)
 		return; /* no connections from it */
-	m = calloc(1, sizeof(*m));
-	if (!m) {
+	if (poll_thread_vm_gone(p->threads[t], vm->uuid) < 0)
 		log_error("vm=%s: stopped, but out of memory: its connections stay open until they "
 			  "close or the VM's next lifecycle event", vm->name);
-		return;
-	}
-	m->mail.type = MAIL_VM_GONE;
-	snprintf(m->uuid, sizeof(m->uuid), "%s", vm->uuid);
-	poll_thread_post(p->threads[t], &m->mail);
 }
 
 /* CPUs for the poll threads: the configured list, else the process's
@@ -355,8 +348,8 @@ static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr
 static int admit(struct vmproxy *p, struct listener *l, int fd, const struct sockaddr_storage *ss,
 		 socklen_t len, struct vm_info *vm)
 {
-	struct new_conn_mail *m;
 	char peer[80];
+	uint32_t conn_id;
 	unsigned t;
 	int r;
 
@@ -408,24 +401,18 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 		close(fd);
 		return r;
 	}
-	m = calloc(1, sizeof(*m));
-	if (!m) {
+	conn_id = atomic_fetch_add(&p->next_conn_id, 1) + 1;
+	if (poll_thread_delegate(p->threads[t], fd, conn_id, vm, peer) < 0) {
 		atomic_fetch_add(&p->refused_limit, 1);
 		log_error("vm=%s: refused connection from %s: out of memory", vm->name, peer);
 		partition_release_conn(p->partition, vm->uuid);
 		close(fd);
 		return -ENOMEM;
 	}
-	m->mail.type = MAIL_NEW_CONN;
-	m->fd = fd;
-	m->conn_id = atomic_fetch_add(&p->next_conn_id, 1) + 1;
-	m->vm = *vm;
-	snprintf(m->peer, sizeof(m->peer), "%s", peer);
 	l->accepted++;
 	atomic_fetch_add(&p->accepted, 1);
-	log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm->name, m->conn_id, peer,
+	log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm->name, conn_id, peer,
 		  l->name, t);
-	poll_thread_post(p->threads[t], &m->mail);
 	return 0;
 }
 
@@ -521,17 +508,17 @@ static int resume_listeners(struct vmproxy *p)
 	return next ? (int)(next - now) : -1;
 }
 
-static void post_all(struct vmproxy *p, enum mail_type type)
+static void post_all(struct vmproxy *p, enum poll_control what)
 {
-	for (unsigned i = 0; i < p->nthreads; i++) {
-		struct mail *m = calloc(1, sizeof(*m));
-		if (!m) {
-			log_error("thread=%u: out of memory: mail %d not sent", i, (int)type);
-			continue;
-		}
-		m->type = type;
-		poll_thread_post(p->threads[i], m);
-	}
+	static const char *const names[] = {
+		[POLL_PAUSE] = "pause",
+		[POLL_DRAIN] = "drain",
+		[POLL_RELINK] = "relink",
+	};
+
+	for (unsigned i = 0; i < p->nthreads; i++)
+		if (poll_thread_control(p->threads[i], what) < 0)
+			log_error("thread=%u: out of memory: %s request not sent", i, names[what]);
 }
 
 static void begin_drain(struct vmproxy *p)
@@ -546,7 +533,7 @@ static void begin_drain(struct vmproxy *p)
 		listener_close(&p->listeners[i]);
 	}
 	/* Guests are no longer read, so what is held can only shrink. */
-	post_all(p, MAIL_PAUSE);
+	post_all(p, POLL_PAUSE);
 	p->phase = WAIT_CONFIRMS;
 	p->phase_deadline = clock_mono_ms() + p->cfg->drain_timeout_ms;
 }
@@ -573,17 +560,8 @@ static uint32_t total_conns(struct vmproxy *p)
 static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsigned to,
 			struct migrate_result *res)
 {
-	struct migrate_out_mail *m = calloc(1, sizeof(*m));
-
-	if (!m)
-		return -ENOMEM;
-	m->mail.type = MAIL_MIGRATE_OUT;
-	snprintf(m->uuid, sizeof(m->uuid), "%s", uuid);
-	m->to = to;
-	m->timeout_ms = p->balancer.cfg.migrate_timeout_ms;
-	m->res = res;
-	poll_thread_post(p->threads[from], &m->mail);
-	return 0;
+	return poll_thread_migrate(p->threads[from], uuid, to, p->balancer.cfg.migrate_timeout_ms,
+				   res);
 }
 
 static double rate(double now, double prev, double dt)
@@ -771,7 +749,7 @@ static void on_timer(struct vmproxy *p)
 				log_warn("drain: %llu messages still unconfirmed after %u ms; closing "
 					 "guests anyway (they were not acked to them)",
 					 (unsigned long long)held, p->cfg->drain_timeout_ms);
-			post_all(p, MAIL_DRAIN);
+			post_all(p, POLL_DRAIN);
 			p->phase = WAIT_CLOSED;
 			p->phase_deadline = now + CLOSE_GRACE_MS;
 		}
@@ -862,21 +840,12 @@ static void reload_config(struct vmproxy *p)
 	p->shared.scfg.channel_max = ncfg->guest.channel_max;
 	p->shared.scfg.heartbeat = ncfg->guest.heartbeat;
 	p->shared.scfg.handshake_timeout_ms = ncfg->guest.handshake_timeout_ms;
-	for (unsigned i = 0; i < p->nthreads; i++) {
-		struct reconfig_mail *rm = calloc(1, sizeof(*rm));
-
-		if (!rm) {
+	for (unsigned i = 0; i < p->nthreads; i++)
+		if (poll_thread_reconfig(p->threads[i], p->shared.allowed_exchanges,
+					 p->shared.scfg.channel_max, p->shared.scfg.heartbeat,
+					 p->shared.scfg.handshake_timeout_ms) < 0)
 			log_error("SIGHUP: out of memory: thread %u keeps its guest session settings "
 				  "until the next reload", i);
-			continue;
-		}
-		rm->mail.type = MAIL_RECONFIG;
-		rm->allowed_exchanges = p->shared.allowed_exchanges;
-		rm->channel_max = p->shared.scfg.channel_max;
-		rm->heartbeat = p->shared.scfg.heartbeat;
-		rm->handshake_timeout_ms = p->shared.scfg.handshake_timeout_ms;
-		poll_thread_post(p->threads[i], &rm->mail);
-	}
 	/* The file as applied is what the next reload compares against. */
 	SWAP(cfg->raw, ncfg->raw);
 	SWAP(cfg->balancer_raw, ncfg->balancer_raw);
@@ -914,7 +883,7 @@ static void on_signal(struct vmproxy *p)
 			if (p->phase == RUNNING) {
 				log_info("SIGHUP: upstream links reconnect when idle to re-read "
 					 "the TLS files");
-				post_all(p, MAIL_RELINK);
+				post_all(p, POLL_RELINK);
 			}
 		} else {
 			log_info("signal %u: shutting down", si.ssi_signo);
@@ -963,59 +932,15 @@ void vmproxy_stop(struct vmproxy *p)
 
 struct poll_report *vmproxy_query_threads(struct vmproxy *p, int timeout_ms, unsigned *n)
 {
-	struct query *q = calloc(1, sizeof(*q));
-	struct poll_report *res = NULL;
-	struct timespec ts;
 	unsigned late;
+	struct poll_report *r = poll_threads_query(p->threads, p->nthreads, timeout_ms, &late);
 
-	if (!q)
-		return NULL;
-	q->reports = calloc(p->nthreads, sizeof(*q->reports));
-	if (!q->reports) {
-		free(q);
-		return NULL;
-	}
-	q->n = p->nthreads;
-	pthread_mutex_init(&q->lock, NULL);
-	pthread_cond_init(&q->cond, NULL);
-	q->refs = 1; /* the asker's */
-	pthread_mutex_lock(&q->lock);
-	for (unsigned i = 0; i < p->nthreads; i++) {
-		struct query_mail *m = calloc(1, sizeof(*m));
-		if (!m) {
-			log_warn("query: out of memory: thread %u not asked", i);
-			continue;
-		}
-		m->mail.type = MAIL_QUERY;
-		m->q = q;
-		q->pending++;
-		q->refs++;
-		poll_thread_post(p->threads[i], &m->mail);
-	}
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += timeout_ms / 1000;
-	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (ts.tv_nsec >= 1000000000L) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000L;
-	}
-	while (q->pending > 0)
-		if (pthread_cond_timedwait(&q->cond, &q->lock, &ts) == ETIMEDOUT)
-			break;
-	late = q->pending;
-	if (late == 0) {
-		res = q->reports;
-		q->reports = NULL;
-		*n = q->n;
-	} else {
-		/* The answers still due find the query alive; the last one frees it. */
-		q->abandoned = true;
-	}
-	query_unref_locked(q);
-	if (late)
+	if (r)
+		*n = p->nthreads;
+	else if (late)
 		log_warn("query: %u poll thread%s did not answer within %d ms", late,
 			 late == 1 ? "" : "s", timeout_ms);
-	return res;
+	return r;
 }
 
 json_t *vmproxy_counters(struct vmproxy *p)

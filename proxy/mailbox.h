@@ -6,24 +6,9 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
-/* What a poll thread's mailbox carries (struct mail.type). */
-enum mail_type {
-	MAIL_NEW_CONN,		 /* acceptor: a delegated guest connection */
-	MAIL_UPSTREAM_RESOLVED,	 /* helper: broker address and TLS context for a link */
-	MAIL_VM_GONE,		 /* libvirt: close a VM's connections with 320 */
-	MAIL_QUERY,		 /* admin: report what the thread owns */
-	MAIL_PAUSE,		 /* shutdown: stop reading guests, keep settling */
-	MAIL_DRAIN,		 /* shutdown: close every guest with 320 */
-	MAIL_STOP,		 /* shutdown: leave the loop */
-	MAIL_MIGRATE_OUT,	 /* balancer: hand a VM to another thread */
-	MAIL_MIGRATE_IN,	 /* balancer: adopt a VM's connections */
-	MAIL_RELINK,		 /* SIGHUP: reconnect the link when idle, re-reading TLS files */
-	MAIL_RECONFIG,		 /* SIGHUP: new guest session settings */
-};
-
 struct mail {
 	_Atomic(struct mail *) next;
-	int type; /* enum mail_type */
+	int type; /* the owner's own numbering */
 };
 
 struct mailbox {

@@ -26,6 +26,7 @@
 #include "guest_session.h"
 #include "hash.h"
 #include "log.h"
+#include "mailbox.h"
 #include "stamp.h"
 #include "upstream.h"
 #include "vm_queue.h"
@@ -52,6 +53,68 @@ struct vm_state {
 	struct migrate_result *migrate_res;
 	struct vm_state *mig_next; /* the thread's migrating list (holds a reference) */
 	uint64_t msgs_in, bytes_in, acked, nacked;
+};
+
+/* What a poll thread's mailbox carries (struct mail.type); the link's
+ * resolve results (UPSTREAM_MAIL_RESOLVED) arrive there too. */
+enum mail_type {
+	MAIL_NEW_CONN = 1, /* acceptor: a delegated guest connection */
+	MAIL_VM_GONE,	   /* libvirt: close a VM's connections with 320 */
+	MAIL_QUERY,	   /* admin, balancer, metrics: report what the thread owns */
+	MAIL_PAUSE,	   /* shutdown: stop reading guests, keep settling */
+	MAIL_DRAIN,	   /* shutdown: close every guest with 320 */
+	MAIL_STOP,	   /* shutdown: leave the loop */
+	MAIL_MIGRATE_OUT,  /* balancer, admin: hand a VM to another thread */
+	MAIL_MIGRATE_IN,   /* another poll thread: adopt a VM's connections */
+	MAIL_RELINK,	   /* SIGHUP: reconnect the link when idle, re-reading TLS files */
+	MAIL_RECONFIG,	   /* SIGHUP: new guest session settings */
+};
+_Static_assert(UPSTREAM_MAIL_RESOLVED > MAIL_RECONFIG, "mail types overlap");
+
+struct new_conn_mail {
+	struct mail mail;
+	int fd;
+	uint32_t conn_id;
+	struct vm_info vm;
+	char peer[80];
+};
+
+struct vm_gone_mail {
+	struct mail mail;
+	char uuid[VM_UUID_LEN + 1];
+};
+
+struct reconfig_mail {
+	struct mail mail;
+	const char *const *allowed_exchanges;
+	uint16_t channel_max;
+	uint16_t heartbeat;
+	uint32_t handshake_timeout_ms;
+};
+
+/* MAIL_QUERY: each thread fills REPORTS[thread] and counts PENDING down;
+ * the asker waits on COND at most its timeout. Shared by reference (REFS:
+ * the asker and every mail not yet answered), so an asker that gave up
+ * (ABANDONED) leaves it to the last late answer to free. */
+struct query {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned pending, refs, n;
+	bool abandoned;
+	struct poll_report *reports; /* N of them, one per thread */
+};
+
+struct query_mail {
+	struct mail mail;
+	struct query *q;
+};
+
+struct migrate_out_mail {
+	struct mail mail;
+	char uuid[VM_UUID_LEN + 1];
+	unsigned to;
+	uint32_t timeout_ms;
+	struct migrate_result *res;
 };
 
 /* MAIL_MIGRATE_IN: a quiesced VM and its connections, from thread FROM. */
@@ -593,7 +656,7 @@ static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 
 	if (partition_lookup(pt->sh->partition, nm->vm.uuid, &owner) == 0 && owner != pt->id &&
 	    owner < pt->sh->nthreads) {
-		poll_thread_post(pt->sh->threads[owner], &nm->mail);
+		mailbox_post(&pt->sh->threads[owner]->mb, &nm->mail);
 		return false;
 	}
 	c = calloc(1, sizeof(*c));
@@ -646,7 +709,11 @@ static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t 
 
 /* ---- migration between threads ------------------------------------------ */
 
-void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
+/* Record the outcome in RES (if any) and wake its waiter. */
+static void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -760,7 +827,7 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 	im->mail.type = MAIL_MIGRATE_IN;
 	im->vm = v;
 	im->from = pt->id;
-	poll_thread_post(pt->sh->threads[v->migrate_to], &im->mail);
+	mailbox_post(&pt->sh->threads[v->migrate_to]->mb, &im->mail);
 }
 
 static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t now)
@@ -903,7 +970,9 @@ void poll_reports_free(struct poll_report *r, unsigned n)
 	free(r);
 }
 
-void query_unref_locked(struct query *q)
+/* Drop one reference to Q with its lock held (released); the last one
+ * frees it. */
+static void query_unref_locked(struct query *q)
 {
 	if (--q->refs > 0) {
 		pthread_mutex_unlock(&q->lock);
@@ -916,7 +985,9 @@ void query_unref_locked(struct query *q)
 	free(q);
 }
 
-void query_answer(struct query *q, unsigned id, struct poll_report *r)
+/* Answer Q for thread ID with R (its VM list stolen; NULL when the mail
+ * is discarded) and drop the mail's reference. */
+static void query_answer(struct query *q, unsigned id, struct poll_report *r)
 {
 	pthread_mutex_lock(&q->lock);
 	if (r && !q->abandoned && id < q->n && q->reports) {
@@ -936,12 +1007,12 @@ void query_answer(struct query *q, unsigned id, struct poll_report *r)
 
 static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 {
-	switch ((enum mail_type)m->type) {
+	switch (m->type) {
 	case MAIL_NEW_CONN:
 		if (adopt_conn(pt, (struct new_conn_mail *)m, now))
 			free(m);
 		break;
-	case MAIL_UPSTREAM_RESOLVED:
+	case UPSTREAM_MAIL_RESOLVED:
 		if (pt->stopping)
 			upstream_mail_discard(m);
 		else
@@ -1001,6 +1072,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		break;
 	case MAIL_MIGRATE_IN:
 		migrate_in(pt, (struct migrate_in_mail *)m, now);
+		free(m);
+		break;
+	default: /* only this file and the link post here */
+		log_error("thread=%u: mail of unknown type %d dropped", pt->id, m->type);
 		free(m);
 		break;
 	}
@@ -1136,9 +1211,137 @@ int poll_thread_start(struct poll_thread *pt)
 	return -r;
 }
 
-void poll_thread_post(struct poll_thread *pt, struct mail *m)
+/* ---- requests from other threads ----------------------------------------- */
+
+int poll_thread_delegate(struct poll_thread *pt, int fd, uint32_t conn_id,
+			 const struct vm_info *vm, const char *peer)
 {
+	struct new_conn_mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->mail.type = MAIL_NEW_CONN;
+	m->fd = fd;
+	m->conn_id = conn_id;
+	m->vm = *vm;
+	snprintf(m->peer, sizeof(m->peer), "%s", peer);
+	mailbox_post(&pt->mb, &m->mail);
+	return 0;
+}
+
+int poll_thread_vm_gone(struct poll_thread *pt, const char *uuid)
+{
+	struct vm_gone_mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->mail.type = MAIL_VM_GONE;
+	snprintf(m->uuid, sizeof(m->uuid), "%s", uuid);
+	mailbox_post(&pt->mb, &m->mail);
+	return 0;
+}
+
+int poll_thread_migrate(struct poll_thread *pt, const char *uuid, unsigned to,
+			uint32_t timeout_ms, struct migrate_result *res)
+{
+	struct migrate_out_mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->mail.type = MAIL_MIGRATE_OUT;
+	snprintf(m->uuid, sizeof(m->uuid), "%s", uuid);
+	m->to = to;
+	m->timeout_ms = timeout_ms;
+	m->res = res;
+	mailbox_post(&pt->mb, &m->mail);
+	return 0;
+}
+
+int poll_thread_reconfig(struct poll_thread *pt, const char *const *allowed,
+			 uint16_t channel_max, uint16_t heartbeat, uint32_t handshake_timeout_ms)
+{
+	struct reconfig_mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->mail.type = MAIL_RECONFIG;
+	m->allowed_exchanges = allowed;
+	m->channel_max = channel_max;
+	m->heartbeat = heartbeat;
+	m->handshake_timeout_ms = handshake_timeout_ms;
+	mailbox_post(&pt->mb, &m->mail);
+	return 0;
+}
+
+int poll_thread_control(struct poll_thread *pt, enum poll_control what)
+{
+	static const int types[] = {
+		[POLL_PAUSE] = MAIL_PAUSE,
+		[POLL_DRAIN] = MAIL_DRAIN,
+		[POLL_RELINK] = MAIL_RELINK,
+	};
+	struct mail *m = calloc(1, sizeof(*m));
+
+	if (!m)
+		return -ENOMEM;
+	m->type = types[what];
 	mailbox_post(&pt->mb, m);
+	return 0;
+}
+
+struct poll_report *poll_threads_query(struct poll_thread *const *threads, unsigned n,
+				       int timeout_ms, unsigned *late)
+{
+	struct query *q = calloc(1, sizeof(*q));
+	struct poll_report *res = NULL;
+	struct timespec ts;
+
+	*late = 0;
+	if (!q)
+		return NULL;
+	q->reports = calloc(n, sizeof(*q->reports));
+	if (!q->reports) {
+		free(q);
+		return NULL;
+	}
+	q->n = n;
+	pthread_mutex_init(&q->lock, NULL);
+	pthread_cond_init(&q->cond, NULL);
+	q->refs = 1; /* the asker's */
+	pthread_mutex_lock(&q->lock);
+	for (unsigned i = 0; i < n; i++) {
+		struct query_mail *m = calloc(1, sizeof(*m));
+
+		if (!m) {
+			log_warn("query: out of memory: thread %u not asked", i);
+			continue;
+		}
+		m->mail.type = MAIL_QUERY;
+		m->q = q;
+		q->pending++;
+		q->refs++;
+		mailbox_post(&threads[i]->mb, &m->mail);
+	}
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += timeout_ms / 1000;
+	ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	while (q->pending > 0)
+		if (pthread_cond_timedwait(&q->cond, &q->lock, &ts) == ETIMEDOUT)
+			break;
+	*late = q->pending;
+	if (*late == 0) {
+		res = q->reports;
+		q->reports = NULL;
+	} else {
+		/* The answers still due find the query alive; the last one frees it. */
+		q->abandoned = true;
+	}
+	query_unref_locked(q);
+	return res;
 }
 
 void poll_thread_session_config(const struct proxy_config *cfg, const char *const *allowed,
@@ -1161,12 +1364,12 @@ const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)
 
 static void discard_mail(struct mail *m)
 {
-	switch ((enum mail_type)m->type) {
+	switch (m->type) {
 	case MAIL_NEW_CONN:
 		close(((struct new_conn_mail *)m)->fd);
 		free(m);
 		break;
-	case MAIL_UPSTREAM_RESOLVED:
+	case UPSTREAM_MAIL_RESOLVED:
 		upstream_mail_discard(m);
 		break;
 	case MAIL_QUERY:

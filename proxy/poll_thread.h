@@ -12,7 +12,6 @@
 #include "config.h"
 #include "guest_session.h"
 #include "helper.h"
-#include "mailbox.h"
 #include "partition.h"
 #include "upstream.h"
 #include "vm_identity.h"
@@ -33,32 +32,6 @@ struct poll_shared {
 void poll_thread_session_config(const struct proxy_config *cfg, const char *const *allowed,
 				struct guest_session_config *out);
 
-/* MAIL_NEW_CONN: the acceptor delegates FD (stolen) of VM. */
-struct new_conn_mail {
-	struct mail mail;
-	int fd;
-	uint32_t conn_id;
-	struct vm_info vm;
-	char peer[80];
-};
-
-/* MAIL_VM_GONE: close every connection of UUID with 320. */
-struct vm_gone_mail {
-	struct mail mail;
-	char uuid[VM_UUID_LEN + 1];
-};
-
-/* MAIL_RECONFIG: guest session settings a reload changed; the thread copies
- * them into its own session configuration, which its sessions read. The
- * exchange list outlives every session (the daemon keeps replaced ones). */
-struct reconfig_mail {
-	struct mail mail;
-	const char *const *allowed_exchanges;
-	uint16_t channel_max;
-	uint16_t heartbeat;
-	uint32_t handshake_timeout_ms;
-};
-
 /* What a poll thread reports about one of its VMs. */
 struct poll_vm_report {
 	struct vm_info info;
@@ -67,7 +40,7 @@ struct poll_vm_report {
 	bool blocked, migrating;
 };
 
-/* What a poll thread reports about itself (MAIL_QUERY): counters since it
+/* What a poll thread reports about itself (poll_threads_query): counters since it
  * started, gauges now, its link's statistics and its VMs. */
 struct poll_report {
 	unsigned thread;
@@ -88,30 +61,6 @@ struct poll_report {
 /* Free the VM lists of N reports and the array itself. Accepts NULL. */
 void poll_reports_free(struct poll_report *r, unsigned n);
 
-/* MAIL_QUERY: each thread fills REPORTS[thread] and counts PENDING down;
- * the asker waits on COND at most its timeout. Shared by reference (REFS:
- * the asker and every mail not yet answered), so an asker that gave up
- * (ABANDONED) leaves it to the last late answer to free. */
-struct query {
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	unsigned pending, refs, n;
-	bool abandoned;
-	struct poll_report *reports; /* N of them, one per thread */
-};
-
-/* Any thread: answer Q for thread ID with R (its VM list stolen; NULL when
- * the mail is discarded) and drop the mail's reference. */
-void query_answer(struct query *q, unsigned id, struct poll_report *r);
-
-/* Drop one reference to Q with its lock held; the last one frees it. */
-void query_unref_locked(struct query *q);
-
-struct query_mail {
-	struct mail mail;
-	struct query *q;
-};
-
 /* How a requested migration ended, for a caller that waits (admin). */
 struct migrate_result {
 	pthread_mutex_t lock;
@@ -121,23 +70,8 @@ struct migrate_result {
 	char msg[200];
 };
 
-/* MAIL_MIGRATE_OUT: move VM UUID with all its connections to thread TO,
- * once its messages are all confirmed (bounded by TIMEOUT_MS, then the
- * move is abandoned and the VM resumes where it is). RES may be NULL. */
-struct migrate_out_mail {
-	struct mail mail;
-	char uuid[VM_UUID_LEN + 1];
-	unsigned to;
-	uint32_t timeout_ms;
-	struct migrate_result *res;
-};
-
-/* Record the outcome in RES (if any) and wake its waiter. */
-void migrate_result_set(struct migrate_result *res, int status, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
 /* Counters readable from any thread (relaxed atomics, for the watchdog,
- * drain and sd_notify; reports go through MAIL_QUERY). */
+ * drain and sd_notify; reports go through poll_threads_query). */
 struct poll_gauges {
 	_Atomic uint64_t loop_ms;	/* last loop iteration */
 	_Atomic uint64_t held_messages; /* not yet confirmed by the broker */
@@ -151,10 +85,46 @@ struct poll_thread;
 int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct poll_thread **out);
 int poll_thread_start(struct poll_thread *pt);
 
-/* Any thread: deliver M (ownership passes to the poll thread). */
-void poll_thread_post(struct poll_thread *pt, struct mail *m);
+/* Any thread: the requests a poll thread takes, each by a mail whose type
+ * and layout are the thread's own. Each returns 0 once posted, or -ENOMEM
+ * when its mail could not be allocated: then nothing was sent. */
 
-/* Post MAIL_STOP and join. Accepts NULL and a thread never started. */
+/* Delegate guest connection FD (stolen on success, still the caller's on
+ * failure), number CONN_ID, of VM, from PEER (for logs). */
+int poll_thread_delegate(struct poll_thread *pt, int fd, uint32_t conn_id,
+			 const struct vm_info *vm, const char *peer);
+
+/* VM UUID stopped or went away: close its connections with 320. */
+int poll_thread_vm_gone(struct poll_thread *pt, const char *uuid);
+
+/* Move VM UUID with all its connections to thread TO once its messages
+ * are all confirmed (bounded by TIMEOUT_MS, then the move is abandoned and
+ * the VM resumes where it is). RES (may be NULL) gets the outcome. */
+int poll_thread_migrate(struct poll_thread *pt, const char *uuid, unsigned to,
+			uint32_t timeout_ms, struct migrate_result *res);
+
+/* Guest session settings a reload changed: the thread copies them into
+ * its own session configuration, which its sessions read. ALLOWED must
+ * outlive every session (the daemon keeps replaced lists). */
+int poll_thread_reconfig(struct poll_thread *pt, const char *const *allowed,
+			 uint16_t channel_max, uint16_t heartbeat, uint32_t handshake_timeout_ms);
+
+enum poll_control {
+	POLL_PAUSE,  /* shutdown: stop reading guests, keep settling */
+	POLL_DRAIN,  /* shutdown: close every guest with 320 */
+	POLL_RELINK, /* SIGHUP: reconnect the link when idle, re-reading TLS files */
+};
+int poll_thread_control(struct poll_thread *pt, enum poll_control what);
+
+/* Ask the N THREADS for their reports and wait at most TIMEOUT_MS: the N
+ * reports in thread order (free with poll_reports_free), or NULL when
+ * memory ran out or *LATE threads did not answer in time. An answer that
+ * comes after the asker gave up is dropped safely. A thread whose mail
+ * could not be allocated is not asked: its report has answered false. */
+struct poll_report *poll_threads_query(struct poll_thread *const *threads, unsigned n,
+				       int timeout_ms, unsigned *late);
+
+/* Stop the loop and join. Accepts NULL and a thread never started. */
 void poll_thread_stop(struct poll_thread *pt);
 
 /* Free a stopped thread: close its connections, drop held messages and

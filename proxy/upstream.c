@@ -220,7 +220,7 @@ static void resolve_run(struct helper_job *job)
 		rj->r = rj->ctx ? 0 : -EINVAL;
 	}
 	ERR_clear_error(); /* this thread's queue: nothing left for another user */
-	rj->mail.type = MAIL_UPSTREAM_RESOLVED;
+	rj->mail.type = UPSTREAM_MAIL_RESOLVED;
 	mailbox_post(rj->mb, &rj->mail);
 }
 

@@ -79,7 +79,7 @@ struct upstream_stats {
 struct upstream;
 
 /* A link for poll thread THREAD_ID that registers its socket in EPFD and
- * gets resolve results through MB (MAIL_UPSTREAM_RESOLVED). CFG outlives
+ * gets resolve results through MB (UPSTREAM_MAIL_RESOLVED). CFG outlives
  * it. The first connect starts with upstream_tick. */
 int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 		 struct helper_pool *helpers, struct mailbox *mb, const struct upstream_ops *ops,
@@ -94,9 +94,13 @@ void upstream_free(struct upstream *up);
  * the connect or handshake, or read the broker's frames. */
 void upstream_handle_events(struct upstream *up, uint32_t events, uint64_t now_ms);
 
-/* A MAIL_UPSTREAM_RESOLVED arrived (steals M). */
+/* The type of the mail a link's helper posts to its owner's mailbox with
+ * the resolve result; owners number their own mails below it. */
+#define UPSTREAM_MAIL_RESOLVED 0x1000
+
+/* An UPSTREAM_MAIL_RESOLVED arrived (steals M). */
 void upstream_handle_mail(struct upstream *up, struct mail *m, uint64_t now_ms);
-/* Free a MAIL_UPSTREAM_RESOLVED without a link to give it to. */
+/* Free an UPSTREAM_MAIL_RESOLVED without a link to give it to. */
 void upstream_mail_discard(struct mail *m);
 
 /* Once per loop iteration: append what the window allows to the output
