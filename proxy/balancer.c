@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int balancer_config_parse(struct conf_ctx *c, json_t *obj, struct balancer_config *out)
@@ -95,13 +97,89 @@ int balancer_plan(const struct balancer_config *cfg, const struct bal_thread *th
 	memcpy(move->uuid, best->uuid, sizeof(move->uuid));
 	move->from = hi->id;
 	move->to = lo->id;
+	move->from_load = hi->load;
+	move->to_load = lo->load;
 	return 1;
 }
 
 void balancer_init(struct balancer *b, const struct balancer_config *cfg)
 {
+	memset(b, 0, sizeof(*b));
 	b->cfg = *cfg;
-	b->imbalanced_since = 0;
+}
+
+void balancer_free(struct balancer *b)
+{
+	free(b->prev);
+	b->prev = NULL;
+	b->nprev = 0;
+}
+
+static int prev_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct bal_prev *)a)->uuid, ((const struct bal_prev *)b)->uuid);
+}
+
+/* Messages per second of VM UUID, now at NOW_MSGS, over DT seconds. */
+static double vm_rate(const struct balancer *b, const char *uuid, uint64_t now_msgs, double dt)
+{
+	struct bal_prev key;
+	const struct bal_prev *p;
+
+	if (dt <= 0 || !b->prev)
+		return 0;
+	snprintf(key.uuid, sizeof(key.uuid), "%s", uuid);
+	p = bsearch(&key, b->prev, b->nprev, sizeof(*p), prev_cmp);
+	if (!p || now_msgs < p->messages_in)
+		return 0;
+	return (double)(now_msgs - p->messages_in) / dt;
+}
+
+int balancer_observe(struct balancer *b, const struct poll_report *reports, unsigned n,
+		     uint64_t now_ms, struct bal_move *move)
+{
+	double dt = b->last_sample_ms ? (double)(now_ms - b->last_sample_ms) / 1000.0 : 0;
+	struct bal_thread *bt = calloc(n ? n : 1, sizeof(*bt));
+	struct bal_vm *vms;
+	struct bal_prev *next;
+	size_t total = 0, k = 0;
+	int r = 0;
+
+	for (unsigned i = 0; i < n; i++)
+		total += reports[i].nvms;
+	vms = calloc(total ? total : 1, sizeof(*vms));
+	next = calloc(total ? total : 1, sizeof(*next));
+	if (!bt || !vms || !next) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		bt[i].id = i;
+		bt[i].vms = &vms[k];
+		for (size_t j = 0; j < reports[i].nvms; j++, k++) {
+			const struct poll_vm_report *v = &reports[i].vms[j];
+
+			snprintf(vms[k].uuid, sizeof(vms[k].uuid), "%s", v->info.uuid);
+			vms[k].load = vm_rate(b, v->info.uuid, v->messages_in, dt);
+			bt[i].load += vms[k].load;
+			bt[i].nvms++;
+			memcpy(next[k].uuid, vms[k].uuid, sizeof(next[k].uuid));
+			next[k].messages_in = v->messages_in;
+		}
+	}
+	qsort(next, total, sizeof(*next), prev_cmp);
+	free(b->prev);
+	b->prev = next;
+	b->nprev = total;
+	next = NULL;
+	b->last_sample_ms = now_ms ? now_ms : 1;
+	if (dt > 0)
+		r = balancer_step(b, bt, n, now_ms, move);
+out:
+	free(next);
+	free(vms);
+	free(bt);
+	return r;
 }
 
 int balancer_step(struct balancer *b, const struct bal_thread *threads, size_t n, uint64_t now_ms,

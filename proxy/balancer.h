@@ -1,7 +1,8 @@
 /* balancer.h -- deciding which whole VMs to move between poll threads when
  * one thread's load exceeds another's by a configured ratio for a configured
- * time. Pure decisions from sampled loads; the daemon samples (by query
- * mail) and carries out the moves (by migration mail). */
+ * time: rates from successive samples of the threads' reports, then pure
+ * decisions from those loads. The daemon samples (poll_threads_query) and
+ * carries out the moves (poll_thread_migrate). */
 #pragma once
 
 #include <jansson.h>
@@ -10,6 +11,7 @@
 #include <stdint.h>
 
 #include "conf.h"
+#include "poll_thread.h"
 #include "vm_identity.h"
 
 struct balancer_config {
@@ -39,6 +41,7 @@ struct bal_thread {
 struct bal_move {
 	char uuid[VM_UUID_LEN + 1];
 	unsigned from, to;
+	double from_load, to_load; /* the two threads' loads, for the log */
 };
 
 /* One decision over the current loads, ignoring time: at most one move
@@ -47,14 +50,35 @@ struct bal_move {
 int balancer_plan(const struct balancer_config *cfg, const struct bal_thread *threads, size_t n,
 		  struct bal_move *move);
 
+/* A VM's messages_in at the previous sample. */
+struct bal_prev {
+	char uuid[VM_UUID_LEN + 1];
+	uint64_t messages_in;
+};
+
 struct balancer {
 	struct balancer_config cfg;
 	uint64_t imbalanced_since; /* 0: balanced at the last step */
+	uint64_t last_sample_ms;   /* 0: no sample yet */
+	struct bal_prev *prev;	   /* sorted by uuid */
+	size_t nprev;
 };
 
 void balancer_init(struct balancer *b, const struct balancer_config *cfg);
+
+/* Free what the samples keep. Accepts a balancer never sampled. */
+void balancer_free(struct balancer *b);
 
 /* balancer_plan with the hold time applied: a move is returned only when
  * the imbalance has lasted hold_ms at NOW_MS. */
 int balancer_step(struct balancer *b, const struct bal_thread *threads, size_t n, uint64_t now_ms,
 		  struct bal_move *move);
+
+/* A sample of the N poll threads' REPORTS (thread order, with their VM
+ * lists) at NOW_MS: a VM's load is its messages_in per second since the
+ * previous sample (0 when it was not in it or its counter went back, as
+ * after a move), a thread's the sum of its VMs'; then balancer_step. The
+ * first sample only records. Returns 1 with *MOVE filled, 0, or -ENOMEM
+ * (the sample is not recorded). */
+int balancer_observe(struct balancer *b, const struct poll_report *reports, unsigned n,
+		     uint64_t now_ms, struct bal_move *move);

@@ -30,6 +30,7 @@
 #include "listener.h"
 #include "log.h"
 #include "partition.h"
+#include "report_json.h"
 #include "poll_thread.h"
 
 #define ACCEPTS_PER_WAKE 64
@@ -70,7 +71,6 @@ struct vmproxy {
 	uint64_t watchdog_usec;
 	struct balancer balancer;
 	uint64_t next_balance_ms, last_sample_ms;
-	json_t *prev_vm_msgs; /* uuid -> messages_in at the last sample */
 	struct poll_report *prev_threads; /* the previous sample's reports (no VM lists) */
 	unsigned nprev_threads;
 	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
@@ -189,7 +189,6 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		}
 		balancer_init(&p->balancer, &bc);
 		atomic_store(&p->balancer_enabled, bc.enabled);
-		p->prev_vm_msgs = json_object();
 		p->load = json_array();
 		pthread_mutex_init(&p->load_lock, NULL);
 	}
@@ -564,40 +563,17 @@ static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsi
 				   res);
 }
 
-static double rate(double now, double prev, double dt)
-{
-	return dt > 0 && now >= prev ? (now - prev) / dt : 0;
-}
-
-/* Per-thread rates between this sample (R, N reports) and the previous
- * one: messages and bytes in and out per second, CPU use, loop latency;
- * kept as JSON for the admin socket's "load". */
+/* Keep the per-thread rates since the previous sample (R, N reports) as
+ * the admin socket's and /metrics' "load". */
 static void thread_load(struct vmproxy *p, struct poll_report *r, unsigned n, double dt)
 {
-	json_t *load = json_array();
+	json_t *load = report_json_load(r, p->prev_threads, p->nprev_threads, n, dt);
 	struct poll_report *keep = calloc(n, sizeof(*keep));
 
-	for (unsigned i = 0; i < n; i++) {
-		const struct poll_report *t = &r[i], *pr = NULL;
-
-		if (p->prev_threads && i < p->nprev_threads)
-			pr = &p->prev_threads[i];
-		json_array_append_new(load, json_pack(
-			"{s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}", "thread", (int)i,
-			"messages_in_per_s", rate((double)t->messages_in, pr ? (double)pr->messages_in : 0, dt),
-			"bytes_in_per_s", rate((double)t->bytes_in, pr ? (double)pr->bytes_in : 0, dt),
-			"messages_out_per_s",
-			rate((double)t->messages_out, pr ? (double)pr->messages_out : 0, dt),
-			"bytes_out_per_s", rate((double)t->bytes_out, pr ? (double)pr->bytes_out : 0, dt),
-			"cpu_percent", 100 * rate(t->cpu_seconds, pr ? pr->cpu_seconds : 0, dt),
-			"connections", (json_int_t)t->connections, "held_messages",
-			(json_int_t)t->held_messages, "held_bytes", (json_int_t)t->held_bytes,
-			"loop_max_us", (json_int_t)t->loop_max_us));
-		if (keep) {
-			keep[i] = *t;
-			keep[i].vms = NULL;
-			keep[i].nvms = 0;
-		}
+	for (unsigned i = 0; keep && i < n; i++) {
+		keep[i] = r[i];
+		keep[i].vms = NULL;
+		keep[i].nvms = 0;
 	}
 	free(p->prev_threads);
 	p->prev_threads = keep;
@@ -608,60 +584,25 @@ static void thread_load(struct vmproxy *p, struct poll_report *r, unsigned n, do
 	pthread_mutex_unlock(&p->load_lock);
 }
 
-/* Sample every thread (by query mail), turn counters into rates and let
- * the balancer decide; carry out at most one move per sample. */
+/* Sample every thread, keep the load and let the balancer decide; carry
+ * out at most one move per sample. */
 static void balance(struct vmproxy *p, uint64_t now)
 {
 	unsigned n = 0;
 	struct poll_report *threads = vmproxy_query_threads(p, 1000, &n);
-	json_t *next_prev = json_object();
 	double dt = p->last_sample_ms ? (double)(now - p->last_sample_ms) / 1000.0 : 0;
-	struct bal_thread *bt = calloc(p->nthreads, sizeof(*bt));
-	struct bal_vm **vms = calloc(p->nthreads, sizeof(*vms));
 	struct bal_move move;
-	size_t i, j;
 
-	if (!threads || !bt || !vms)
-		goto out;
+	if (!threads)
+		return;
 	thread_load(p, threads, n, dt);
-	for (i = 0; i < n; i++) {
-		bt[i].id = (unsigned)i;
-		vms[i] = calloc(threads[i].nvms + 1, sizeof(struct bal_vm));
-		if (!vms[i])
-			goto out;
-		for (j = 0; j < threads[i].nvms; j++) {
-			const char *uuid = threads[i].vms[j].info.uuid;
-			json_int_t now_msgs = (json_int_t)threads[i].vms[j].messages_in;
-			json_t *prev = json_object_get(p->prev_vm_msgs, uuid);
-			double rate = 0;
-
-			if (prev && dt > 0 && now_msgs >= json_integer_value(prev))
-				rate = (double)(now_msgs - json_integer_value(prev)) / dt;
-			json_object_set_new(next_prev, uuid, json_integer(now_msgs));
-			snprintf(vms[i][bt[i].nvms].uuid, sizeof(vms[i][0].uuid), "%s", uuid);
-			vms[i][bt[i].nvms].load = rate;
-			bt[i].load += rate;
-			bt[i].nvms++;
-		}
-		bt[i].vms = vms[i];
-	}
-	json_decref(p->prev_vm_msgs);
-	p->prev_vm_msgs = next_prev;
-	next_prev = NULL;
 	p->last_sample_ms = now;
 	p->balancer.cfg.enabled = atomic_load(&p->balancer_enabled);
-	if (dt > 0 && p->balancer.cfg.enabled &&
-	    balancer_step(&p->balancer, bt, p->nthreads, now, &move)) {
+	if (balancer_observe(&p->balancer, threads, n, now, &move) == 1) {
 		log_info("balancer: thread %u at %.0f msgs/s, thread %u at %.0f: moving vm %s",
-			 move.from, bt[move.from].load, move.to, bt[move.to].load, move.uuid);
+			 move.from, move.from_load, move.to, move.to_load, move.uuid);
 		post_migrate(p, move.uuid, move.from, move.to, NULL);
 	}
-out:
-	for (i = 0; vms && i < p->nthreads; i++)
-		free(vms[i]);
-	free(vms);
-	free(bt);
-	json_decref(next_prev);
 	poll_reports_free(threads, n);
 }
 
@@ -1003,7 +944,7 @@ void vmproxy_free(struct vmproxy *p)
 		close(p->sigfd);
 	if (p->timerfd >= 0)
 		close(p->timerfd);
-	json_decref(p->prev_vm_msgs);
+	balancer_free(&p->balancer);
 	free(p->prev_threads);
 	if (p->load) {
 		json_decref(p->load);

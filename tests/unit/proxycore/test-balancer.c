@@ -166,6 +166,61 @@ static void test_documented_defaults(void **state)
 	json_decref(empty);
 }
 
+/* Reports of two threads: thread 0 with VMs a and b, thread 1 with c,
+ * at the given messages_in counters. */
+static void reports(struct poll_report r[2], struct poll_vm_report v[3], uint64_t a, uint64_t b,
+		    uint64_t c)
+{
+	memset(r, 0, 2 * sizeof(*r));
+	memset(v, 0, 3 * sizeof(*v));
+	snprintf(v[0].info.uuid, sizeof(v[0].info.uuid), "a");
+	snprintf(v[1].info.uuid, sizeof(v[1].info.uuid), "b");
+	snprintf(v[2].info.uuid, sizeof(v[2].info.uuid), "c");
+	v[0].messages_in = a;
+	v[1].messages_in = b;
+	v[2].messages_in = c;
+	r[0].vms = &v[0];
+	r[0].nvms = 2;
+	r[1].thread = 1;
+	r[1].vms = &v[2];
+	r[1].nvms = 1;
+}
+
+/* Loads are rates between samples: the first sample only records; then
+ * a at 1000/s and b at 400/s on thread 0 against c at 100/s on thread 1
+ * move b (the gap 1300 becomes 500); a counter that went back (a VM that
+ * moved away and back) counts 0, as does a VM new since the sample. */
+static void test_observe_rates(void **state)
+{
+	struct balancer_config c = cfg();
+	struct balancer b;
+	struct poll_report r[2];
+	struct poll_vm_report v[3];
+	struct bal_move m;
+
+	(void)state;
+	balancer_init(&b, &c);
+	reports(r, v, 5000, 2000, 700);
+	assert_int_equal(balancer_observe(&b, r, 2, 10000, &m), 0);
+	reports(r, v, 7000, 2800, 900); /* 2 s later */
+	assert_int_equal(balancer_observe(&b, r, 2, 12000, &m), 1);
+	assert_string_equal(m.uuid, "b");
+	assert_int_equal(m.from, 0);
+	assert_int_equal(m.to, 1);
+	assert_true(m.from_load == 1400);
+	assert_true(m.to_load == 100);
+
+	/* a's counter went back: 0, so thread 0 carries b's 400 only, against
+	 * c's 100: b (the only VM with load) would overshoot, nothing moves. */
+	reports(r, v, 10, 3600, 1100);
+	assert_int_equal(balancer_observe(&b, r, 2, 14000, &m), 0);
+	/* From there a counts again: 2000/s against 0 and 0. */
+	reports(r, v, 4010, 3600, 1100);
+	assert_int_equal(balancer_observe(&b, r, 2, 16000, &m), 0); /* a alone: no better split */
+	balancer_free(&b);
+	balancer_free(&b); /* twice is harmless */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -177,6 +232,7 @@ int main(void)
 		cmocka_unit_test(test_floor),
 		cmocka_unit_test(test_hold_time),
 		cmocka_unit_test(test_config_errors),
+		cmocka_unit_test(test_observe_rates),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
