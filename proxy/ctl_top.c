@@ -270,26 +270,18 @@ static bool draw(const char *text, size_t len)
 	return ok;
 }
 
-int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
+/* "top [INTERVAL [COUNT]]": 0, or 2 with the error printed. */
+static int top_args(int argc, char **argv, double *interval, long *count)
 {
-	static const char enter[] = "\033[?1049h\033[?25l\033[H\033[2J";
-	static const char leave[] = "\033[?25h\033[?1049l";
-	struct sigaction sa = { .sa_handler = on_stop }, old_int, old_term, old_hup;
-	struct ctl_top t = { 0 };
-	struct termios saved, raw;
-	bool tty = isatty(STDOUT_FILENO), keys = false, lost = false, entered = false;
-	double interval = 1.0;
-	long count = -1;
 	char *end;
-	int rc = 0;
 
 	if (argc > 2) {
 		fprintf(stderr, "vmproxyctl: top takes at most an interval and a count\n");
 		return 2;
 	}
 	if (argc >= 1) {
-		interval = strtod(argv[0], &end);
-		if (*end || end == argv[0] || !(interval >= 0.1 && interval <= 3600)) {
+		*interval = strtod(argv[0], &end);
+		if (*end || end == argv[0] || !(*interval >= 0.1 && *interval <= 3600)) {
 			fprintf(stderr, "vmproxyctl: top: interval must be 0.1 to 3600 seconds, got "
 					"\"%s\"\n",
 				argv[0]);
@@ -297,14 +289,89 @@ int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
 		}
 	}
 	if (argc == 2) {
-		count = strtol(argv[1], &end, 10);
-		if (*end || end == argv[1] || count < 1) {
+		*count = strtol(argv[1], &end, 10);
+		if (*end || end == argv[1] || *count < 1) {
 			fprintf(stderr, "vmproxyctl: top: count must be a number >= 1, got \"%s\"\n",
 				argv[1]);
 			return 2;
 		}
 	}
+	return 0;
+}
 
+/* Keys without Enter or echo, when stdin is a terminal: true if set (SAVED
+ * then holds what to restore). */
+static bool keys_raw(struct termios *saved)
+{
+	struct termios raw;
+
+	if (!isatty(STDIN_FILENO) || tcgetattr(STDIN_FILENO, saved) != 0)
+		return false;
+	raw = *saved;
+	raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
+	raw.c_cc[VMIN] = 0;
+	raw.c_cc[VTIME] = 0;
+	return tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
+}
+
+/* Until UNTIL (mono_now): keys on a terminal (q stops), signals anywhere. */
+static void wait_frame(double until, bool *keys)
+{
+	while (!top_stop && mono_now() < until) {
+		struct pollfd pfd = { STDIN_FILENO, POLLIN, 0 };
+		int ms = (int)((until - mono_now()) * 1000) + 1;
+		char key;
+
+		if (!*keys) {
+			poll(NULL, 0, ms);
+			continue;
+		}
+		if (poll(&pfd, 1, ms) > 0) {
+			if (read(STDIN_FILENO, &key, 1) == 1 && (key == 'q' || key == 'Q'))
+				top_stop = 1;
+			else if (pfd.revents & (POLLHUP | POLLERR))
+				*keys = false;
+		}
+	}
+}
+
+/* Render one frame from STATUS and VMS and show it: in place on a
+ * terminal, as a block of lines otherwise. False when it could not be
+ * written. */
+static bool show_frame(struct ctl_top *t, json_t *status, json_t *vms, double now, bool tty)
+{
+	struct winsize ws = { 0 };
+	char *text = NULL;
+	size_t len = 0;
+	FILE *out;
+	bool ok;
+
+	if (tty)
+		ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws);
+	out = open_memstream(&text, &len);
+	if (out) {
+		ctl_top_render(t, status, vms, now, tty ? ws.ws_col : 0, tty ? ws.ws_row : 0, out);
+		fclose(out);
+	}
+	ok = text && (tty ? draw(text, len) : write_all(text, len) && write_all("\n", 1));
+	free(text);
+	return ok;
+}
+
+int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
+{
+	static const char enter[] = "\033[?1049h\033[?25l\033[H\033[2J";
+	static const char leave[] = "\033[?25h\033[?1049l";
+	struct sigaction sa = { .sa_handler = on_stop }, old_int, old_term, old_hup;
+	struct ctl_top t = { 0 };
+	struct termios saved;
+	bool tty = isatty(STDOUT_FILENO), keys = false, lost = false, entered = false;
+	double interval = 1.0;
+	long count = -1;
+	int rc = top_args(argc, argv, &interval, &count);
+
+	if (rc)
+		return rc;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGINT, &sa, &old_int);
 	sigaction(SIGTERM, &sa, &old_term);
@@ -313,11 +380,8 @@ int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
 
 	for (long n = 0; !top_stop && (count < 0 || n < count); n++) {
 		json_t *status = ask(path, "{\"command\":\"status\"}", rt), *vms = NULL;
-		struct winsize ws = { 0 };
-		double now = mono_now(), until;
-		char *text = NULL;
-		size_t len = 0;
-		FILE *out;
+		double now = mono_now();
+		bool shown;
 
 		if (status)
 			vms = ask(path, "{\"command\":\"vms\"}", rt);
@@ -334,51 +398,19 @@ int ctl_top_run(const char *path, int argc, char **argv, ctl_roundtrip_fn rt)
 		if (n == 0 && tty) {
 			/* Only once the daemon answered: a wrong socket path is
 			 * reported on the ordinary screen. */
-			if (isatty(STDIN_FILENO) && tcgetattr(STDIN_FILENO, &saved) == 0) {
-				raw = saved;
-				raw.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
-				raw.c_cc[VMIN] = 0;
-				raw.c_cc[VTIME] = 0;
-				keys = tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
-			}
+			keys = keys_raw(&saved);
 			entered = write_all(enter, sizeof(enter) - 1);
 		}
-		if (tty)
-			ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws);
-		out = open_memstream(&text, &len);
-		if (out) {
-			ctl_top_render(&t, status, vms, now, tty ? ws.ws_col : 0, tty ? ws.ws_row : 0,
-				       out);
-			fclose(out);
-		}
+		shown = show_frame(&t, status, vms, now, tty);
 		json_decref(status);
 		json_decref(vms);
-		if (!text || !(tty ? draw(text, len) : write_all(text, len) && write_all("\n", 1))) {
-			free(text);
+		if (!shown) {
 			rc = 1;
 			break;
 		}
-		free(text);
 		if (count > 0 && n + 1 >= count)
 			break;
-		/* Until the next frame: keys on a terminal, signals anywhere. */
-		until = now + interval;
-		while (!top_stop && mono_now() < until) {
-			struct pollfd pfd = { STDIN_FILENO, POLLIN, 0 };
-			int ms = (int)((until - mono_now()) * 1000) + 1;
-			char key;
-
-			if (!keys) {
-				poll(NULL, 0, ms);
-				continue;
-			}
-			if (poll(&pfd, 1, ms) > 0) {
-				if (read(STDIN_FILENO, &key, 1) == 1 && (key == 'q' || key == 'Q'))
-					top_stop = 1;
-				else if (pfd.revents & (POLLHUP | POLLERR))
-					keys = false;
-			}
-		}
+		wait_frame(now + interval, &keys);
 	}
 
 	if (entered)
