@@ -41,7 +41,15 @@ static void usage(FILE *f)
 		"files.\n");
 }
 
-int main(int argc, char **argv)
+struct options {
+	const char *config, *log_file, *level_arg;
+	bool check;
+	enum log_level level;
+};
+
+/* The command line into O: -1 to go on, else the exit code (usage or
+ * version printed, or 2 with the error). */
+static int parse_options(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
 		{ "config", required_argument, NULL, 'c' },
@@ -52,28 +60,21 @@ int main(int argc, char **argv)
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *config = NULL, *log_file = NULL, *level_arg = NULL;
-	bool check = false;
-	struct proxy_config *cfg = NULL;
-	struct vmproxy *p = NULL;
-	enum log_level level = LOG_LEVEL_INFO;
-	char err[600];
-	sigset_t set;
-	int c, r;
+	int c;
 
 	while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
 		switch (c) {
 		case 'c':
-			config = optarg;
+			o->config = optarg;
 			break;
 		case 'C':
-			check = true;
+			o->check = true;
 			break;
 		case 'L':
-			log_file = optarg;
+			o->log_file = optarg;
 			break;
 		case 'l':
-			level_arg = optarg;
+			o->level_arg = optarg;
 			break;
 		case 'h':
 			usage(stdout);
@@ -86,39 +87,38 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (!config || optind != argc) {
-		fprintf(stderr, "vmproxyd: %s\n", config ? "unexpected argument" : "--config FILE is required");
+	if (!o->config || optind != argc) {
+		fprintf(stderr, "vmproxyd: %s\n", o->config ? "unexpected argument" : "--config FILE is required");
 		usage(stderr);
 		return 2;
 	}
-	if (level_arg && log_level_parse(level_arg, &level) < 0) {
+	if (o->level_arg && log_level_parse(o->level_arg, &o->level) < 0) {
 		fprintf(stderr, "vmproxyd: --log-level: expected error, warn, info or debug\n");
 		return 2;
 	}
-	r = proxy_config_load(config, &cfg, err, sizeof(err));
-	if (r < 0) {
-		fprintf(stderr, "vmproxyd: %s\n", err);
-		return 1;
-	}
-	if (check) {
-		/* Everything the start would check that leaves the host as it is. */
-		int problems = preflight_run(cfg, log_file, stderr);
+	return -1;
+}
 
-		if (problems == 0)
-			printf("%s: configuration OK\n", config);
-		proxy_config_free(cfg);
-		return problems ? 1 : 0;
-	}
+/* Start the daemon on CFG (stolen) and run it until it stops: the exit
+ * code. */
+static int run_daemon(struct proxy_config *cfg, const struct options *o)
+{
+	struct vmproxy *p = NULL;
+	enum log_level level = o->level;
+	char err[600];
+	sigset_t set;
+	int r;
+
 	if (preflight_tls(cfg, err, sizeof(err)) < 0) {
 		fprintf(stderr, "vmproxyd: %s\n", err);
 		proxy_config_free(cfg);
 		return 1;
 	}
-	if (!level_arg && cfg->log_level)
+	if (!o->level_arg && cfg->log_level)
 		log_level_parse(cfg->log_level, &level);
 	log_init("vmproxyd", level);
-	if (log_file && (r = log_reopen(log_file)) < 0) {
-		fprintf(stderr, "vmproxyd: --log-file \"%s\": %s\n", log_file, strerror(-r));
+	if (o->log_file && (r = log_reopen(o->log_file)) < 0) {
+		fprintf(stderr, "vmproxyd: --log-file \"%s\": %s\n", o->log_file, strerror(-r));
 		proxy_config_free(cfg);
 		return 1;
 	}
@@ -135,8 +135,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "vmproxyd: out of memory\n");
 		return 1;
 	}
-	vmproxy_handle_signals(p, log_file);
-	if (level_arg)
+	vmproxy_handle_signals(p, o->log_file);
+	if (o->level_arg)
 		vmproxy_pin_log_level(p);
 	r = vmproxy_start(p, err, sizeof(err));
 	if (r < 0) {
@@ -147,4 +147,30 @@ int main(int argc, char **argv)
 	r = vmproxy_run(p);
 	vmproxy_free(p);
 	return r < 0 ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct options o = { .level = LOG_LEVEL_INFO };
+	struct proxy_config *cfg = NULL;
+	char err[600];
+	int r = parse_options(argc, argv, &o);
+
+	if (r >= 0)
+		return r;
+	r = proxy_config_load(o.config, &cfg, err, sizeof(err));
+	if (r < 0) {
+		fprintf(stderr, "vmproxyd: %s\n", err);
+		return 1;
+	}
+	if (o.check) {
+		/* Everything the start would check that leaves the host as it is. */
+		int problems = preflight_run(cfg, o.log_file, stderr);
+
+		if (problems == 0)
+			printf("%s: configuration OK\n", o.config);
+		proxy_config_free(cfg);
+		return problems ? 1 : 0;
+	}
+	return run_daemon(cfg, &o);
 }
