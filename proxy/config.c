@@ -53,15 +53,116 @@ static bool valid_uuid(const char *s, char out[37])
 	return true;
 }
 
-static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
+/* A "tcp" listener V at key path P. */
+static int parse_tcp_listener(struct conf_ctx *c, json_t *v, const char *p,
+			      struct listener_config *l)
 {
-	static const char *const types[] = { "tcp", "vsock", "unix", "firecracker", NULL };
-	static const char *const tcp_keys[] = { "type", "address", "port", NULL };
-	static const char *const vsock_keys[] = { "type", "port", NULL };
+	static const char *const keys[] = { "type", "address", "port", NULL };
+	const char *s = "0.0.0.0";
+	uint64_t port = 5672;
+	struct in6_addr a6;
+	struct in_addr a4;
+	char kp[80];
+	int r = 0;
+
+	r |= conf_check_keys(c, v, p, keys);
+	r |= conf_get_uint(c, v, p, "port", false, 1, 65535, &port);
+	r |= conf_get_string(c, v, p, "address", false, &s);
+	if (inet_pton(AF_INET, s, &a4) != 1 && inet_pton(AF_INET6, s, &a6) != 1)
+		r |= conf_error(c, conf_path(kp, sizeof(kp), p, "address"),
+				"expected a numeric IPv4 or IPv6 address, got \"%.64s\"", s);
+	l->address = strdup(s);
+	l->port = (uint32_t)port;
+	return r;
+}
+
+/* The socket file's "mode" and "group" of a unix or firecracker listener. */
+static int parse_socket_file(struct conf_ctx *c, json_t *v, const char *p,
+			     struct listener_config *l)
+{
+	const char *s = NULL;
+	char kp[80];
+	int r = 0;
+
+	l->mode = 0660;
+	r |= conf_get_string(c, v, p, "mode", false, &s);
+	if (s) {
+		char *end;
+		unsigned long m;
+
+		errno = 0;
+		m = strtoul(s, &end, 8);
+		if (!*s || *end || errno || m > 0777)
+			r |= conf_error(c, conf_path(kp, sizeof(kp), p, "mode"),
+					"expected an octal mode such as \"0660\"");
+		else
+			l->mode = (unsigned)m;
+	}
+	s = NULL;
+	r |= conf_get_string(c, v, p, "group", false, &s);
+	if (s && !getgrnam(s))
+		r |= conf_error(c, conf_path(kp, sizeof(kp), p, "group"), "no group \"%s\"", s);
+	l->group = dup_or_null(s);
+	return r;
+}
+
+/* A "unix" or "firecracker" listener V at key path P: a socket path that
+ * names its VM. */
+static int parse_vm_socket_listener(struct conf_ctx *c, json_t *v, const char *p,
+				    struct listener_config *l)
+{
 	static const char *const unix_keys[] = { "type", "path", "vm", "uuid", "mode", "group",
 						 NULL };
 	static const char *const fc_keys[] = { "type", "uds_path", "port", "vm", "uuid", "mode",
 					       "group", NULL };
+	bool fc = l->type == LISTENER_FIRECRACKER;
+	const char *s = NULL;
+	uint64_t port = 5672;
+	char kp[80];
+	int r = 0;
+
+	if (!fc) {
+		r |= conf_check_keys(c, v, p, unix_keys);
+		r |= conf_get_string(c, v, p, "path", true, &s);
+		l->path = dup_or_null(s);
+	} else {
+		/* Firecracker hands a guest's connection to host port P to
+		 * "<uds_path>_P". */
+		r |= conf_check_keys(c, v, p, fc_keys);
+		r |= conf_get_uint(c, v, p, "port", false, 1, 0xfffffffe, &port);
+		l->port = (uint32_t)port;
+		r |= conf_get_string(c, v, p, "uds_path", true, &s);
+		l->uds_path = dup_or_null(s);
+		if (s && (l->path = malloc(strlen(s) + 16)) != NULL)
+			sprintf(l->path, "%s_%u", s, l->port);
+	}
+	s = NULL;
+	r |= conf_get_string(c, v, p, "vm", true, &s);
+	l->vm = dup_or_null(s);
+	s = NULL;
+	r |= conf_get_string(c, v, p, "uuid", false, &s);
+	if (s) {
+		char canon[37];
+
+		if (!valid_uuid(s, canon))
+			r |= conf_error(c, conf_path(kp, sizeof(kp), p, "uuid"),
+					"expected a UUID like 6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60, "
+					"got \"%.64s\"",
+					s);
+		else
+			l->uuid = strdup(canon);
+	}
+	if (l->path && strlen(l->path) > 107)
+		r |= conf_error(c, conf_path(kp, sizeof(kp), p, fc ? "uds_path" : "path"),
+				"expected a path of at most 107 bytes%s",
+				fc ? " with \"_<port>\" appended" : "");
+	return r | parse_socket_file(c, v, p, l);
+}
+
+static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
+{
+	static const char *const types[] = { "tcp", "vsock", "unix", "firecracker", NULL };
+	static const char *const vsock_keys[] = { "type", "port", NULL };
 	json_t *arr = NULL, *v;
 	size_t i;
 	int r = 0;
@@ -80,7 +181,6 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 		char p[64];
 		unsigned type = 0;
 		uint64_t port = 5672;
-		const char *s = NULL;
 
 		conf_path_index(p, sizeof(p), "listeners", i);
 		if (!json_is_object(v)) {
@@ -95,21 +195,7 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 		cfg->n_listeners = i + 1;
 		switch (l->type) {
 		case LISTENER_TCP:
-			r |= conf_check_keys(c, v, p, tcp_keys);
-			r |= conf_get_uint(c, v, p, "port", false, 1, 65535, &port);
-			s = "0.0.0.0";
-			r |= conf_get_string(c, v, p, "address", false, &s);
-			{
-				struct in6_addr a6;
-				struct in_addr a4;
-				char kp[80];
-				if (inet_pton(AF_INET, s, &a4) != 1 && inet_pton(AF_INET6, s, &a6) != 1)
-					r |= conf_error(c, conf_path(kp, sizeof(kp), p, "address"),
-							"expected a numeric IPv4 or IPv6 address, got "
-							"\"%.64s\"", s);
-			}
-			l->address = strdup(s);
-			l->port = (uint32_t)port;
+			r |= parse_tcp_listener(c, v, p, l);
 			break;
 		case LISTENER_VSOCK:
 			r |= conf_check_keys(c, v, p, vsock_keys);
@@ -118,70 +204,7 @@ static int parse_listeners(struct conf_ctx *c, json_t *root, struct proxy_config
 			break;
 		case LISTENER_UNIX:
 		case LISTENER_FIRECRACKER:
-			s = NULL;
-			if (l->type == LISTENER_UNIX) {
-				r |= conf_check_keys(c, v, p, unix_keys);
-				r |= conf_get_string(c, v, p, "path", true, &s);
-				l->path = dup_or_null(s);
-			} else {
-				/* Firecracker hands a guest's connection to host
-				 * port P to "<uds_path>_P". */
-				r |= conf_check_keys(c, v, p, fc_keys);
-				r |= conf_get_uint(c, v, p, "port", false, 1, 0xfffffffe, &port);
-				l->port = (uint32_t)port;
-				r |= conf_get_string(c, v, p, "uds_path", true, &s);
-				l->uds_path = dup_or_null(s);
-				if (s && (l->path = malloc(strlen(s) + 16)) != NULL)
-					sprintf(l->path, "%s_%u", s, l->port);
-			}
-			s = NULL;
-			r |= conf_get_string(c, v, p, "vm", true, &s);
-			l->vm = dup_or_null(s);
-			s = NULL;
-			r |= conf_get_string(c, v, p, "uuid", false, &s);
-			if (s) {
-				char kp[80], canon[37];
-
-				if (!valid_uuid(s, canon))
-					r |= conf_error(c, conf_path(kp, sizeof(kp), p, "uuid"),
-							"expected a UUID like "
-							"6f1c7d2e-8a51-4e0b-9c3f-2b7a1d9e4c60, got "
-							"\"%.64s\"", s);
-				else
-					l->uuid = strdup(canon);
-			}
-			if (l->path && strlen(l->path) > 107) {
-				char kp[80];
-				bool fc = l->type == LISTENER_FIRECRACKER;
-
-				r |= conf_error(c, conf_path(kp, sizeof(kp), p,
-							     fc ? "uds_path" : "path"),
-						"expected a path of at most 107 bytes%s",
-						fc ? " with \"_<port>\" appended" : "");
-			}
-			l->mode = 0660;
-			s = NULL;
-			r |= conf_get_string(c, v, p, "mode", false, &s);
-			if (s) {
-				char kp[80], *end;
-				unsigned long m;
-
-				errno = 0;
-				m = strtoul(s, &end, 8);
-				if (!*s || *end || errno || m > 0777)
-					r |= conf_error(c, conf_path(kp, sizeof(kp), p, "mode"),
-							"expected an octal mode such as \"0660\"");
-				else
-					l->mode = (unsigned)m;
-			}
-			s = NULL;
-			r |= conf_get_string(c, v, p, "group", false, &s);
-			if (s && !getgrnam(s)) {
-				char kp[80];
-				r |= conf_error(c, conf_path(kp, sizeof(kp), p, "group"),
-						"no group \"%s\"", s);
-			}
-			l->group = dup_or_null(s);
+			r |= parse_vm_socket_listener(c, v, p, l);
 			break;
 		}
 	}
