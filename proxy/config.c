@@ -356,33 +356,17 @@ static int parse_threads(struct conf_ctx *c, json_t *root, struct proxy_config *
 	return r ? -EINVAL : 0;
 }
 
-static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
+/* upstream.host or upstream.hosts (one of them required; host alone is
+ * a list of one). 0, -EINVAL (reported) or -ENOMEM. */
+static int parse_upstream_hosts(struct conf_ctx *c, json_t *u, struct proxy_config *cfg)
 {
-	static const char *const keys[] = { "host",	 "hosts",     "port",
-					    "vhost",	 "tls",	      "auth",
-					    "exchange",	 "heartbeat", "connect_timeout_ms",
-					    "stuck_timeout_ms", "max_in_flight", NULL };
-	static const char *const tls_keys[] = { "ca", "cert", "key", "verify_hostname", NULL };
-	static const char *const auth_keys[] = { "mechanism", "user", "password", NULL };
 	static const char *const host_keys[] = { "host", "port", "server_name", NULL };
-	static const char *const mechs[] = { "PLAIN", "EXTERNAL", NULL };
-	json_t *u = NULL, *tls = NULL, *auth = NULL, *hosts = NULL, *v;
-	const char *s;
-	uint64_t n;
-	unsigned mech = 0;
+	json_t *hosts = NULL, *v;
+	const char *s = NULL;
 	size_t i;
 	int r = 0;
 
-	if (conf_get_object(c, root, "", "upstream", true, &u) < 0)
-		return -EINVAL;
-	r |= conf_check_keys(c, u, "upstream", keys);
-	r |= conf_get_object(c, u, "upstream", "tls", false, &tls);
-	cfg->upstream.tls = tls != NULL;
-	n = cfg->upstream.tls ? 5671 : 5672;
-	r |= conf_get_uint(c, u, "upstream", "port", false, 1, 65535, &n);
-	cfg->upstream.port = (uint16_t)n;
 	r |= conf_get_array(c, u, "upstream", "hosts", false, &hosts);
-	s = NULL;
 	r |= conf_get_string(c, u, "upstream", "host", !hosts, &s);
 	if (hosts) {
 		if (json_array_size(hosts) == 0 || json_array_size(hosts) > 64)
@@ -425,6 +409,89 @@ static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 		cfg->upstream.hosts[0].port = cfg->upstream.port;
 		cfg->upstream.n_hosts = 1;
 	}
+	return r ? -EINVAL : 0;
+}
+
+/* upstream.tls: the CA, an optional client certificate and key, readable. */
+static int parse_upstream_tls(struct conf_ctx *c, json_t *tls, struct proxy_config *cfg)
+{
+	static const char *const tls_keys[] = { "ca", "cert", "key", "verify_hostname", NULL };
+	const char *s;
+	int r = 0;
+
+	r |= conf_check_keys(c, tls, "upstream.tls", tls_keys);
+	s = NULL;
+	r |= conf_get_string(c, tls, "upstream.tls", "ca", true, &s);
+	cfg->upstream.ca = dup_or_null(s);
+	r |= check_readable(c, "upstream.tls.ca", cfg->upstream.ca);
+	s = NULL;
+	r |= conf_get_string(c, tls, "upstream.tls", "cert", false, &s);
+	cfg->upstream.cert = dup_or_null(s);
+	r |= check_readable(c, "upstream.tls.cert", cfg->upstream.cert);
+	s = NULL;
+	r |= conf_get_string(c, tls, "upstream.tls", "key", cfg->upstream.cert != NULL, &s);
+	cfg->upstream.key = dup_or_null(s);
+	r |= check_readable(c, "upstream.tls.key", cfg->upstream.key);
+	r |= conf_get_bool(c, tls, "upstream.tls", "verify_hostname", false,
+			   &cfg->upstream.verify_hostname);
+	return r;
+}
+
+/* upstream.auth: PLAIN with user and password, or EXTERNAL with the
+ * client certificate. */
+static int parse_upstream_auth(struct conf_ctx *c, json_t *u, struct proxy_config *cfg)
+{
+	static const char *const auth_keys[] = { "mechanism", "user", "password", NULL };
+	static const char *const mechs[] = { "PLAIN", "EXTERNAL", NULL };
+	json_t *auth = NULL;
+	unsigned mech = 0;
+	const char *s;
+	int r = 0;
+
+	r |= conf_get_object(c, u, "upstream", "auth", false, &auth);
+	if (auth) {
+		r |= conf_check_keys(c, auth, "upstream.auth", auth_keys);
+		r |= conf_get_enum(c, auth, "upstream.auth", "mechanism", false, mechs, &mech);
+		s = NULL;
+		r |= conf_get_string(c, auth, "upstream.auth", "user", false, &s);
+		cfg->upstream.user = dup_or_null(s);
+		s = NULL;
+		r |= conf_get_string(c, auth, "upstream.auth", "password", false, &s);
+		cfg->upstream.password = dup_or_null(s);
+	}
+	cfg->upstream.mechanism = mech == 1 ? BROKER_AUTH_EXTERNAL : BROKER_AUTH_PLAIN;
+	if (cfg->upstream.mechanism == BROKER_AUTH_EXTERNAL && !cfg->upstream.cert)
+		r |= conf_error(c, "upstream.auth.mechanism",
+				"EXTERNAL needs upstream.tls with a client \"cert\" and \"key\"");
+	if (cfg->upstream.mechanism == BROKER_AUTH_PLAIN &&
+	    (!cfg->upstream.user || !cfg->upstream.password))
+		r |= conf_error(c, "upstream.auth", "PLAIN needs \"user\" and \"password\"");
+	return r;
+}
+
+static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
+{
+	static const char *const keys[] = { "host",	 "hosts",     "port",
+					    "vhost",	 "tls",	      "auth",
+					    "exchange",	 "heartbeat", "connect_timeout_ms",
+					    "stuck_timeout_ms", "max_in_flight", NULL };
+	json_t *u = NULL, *tls = NULL;
+	const char *s;
+	uint64_t n;
+	int r = 0, r2;
+
+	if (conf_get_object(c, root, "", "upstream", true, &u) < 0)
+		return -EINVAL;
+	r |= conf_check_keys(c, u, "upstream", keys);
+	r |= conf_get_object(c, u, "upstream", "tls", false, &tls);
+	cfg->upstream.tls = tls != NULL;
+	n = cfg->upstream.tls ? 5671 : 5672;
+	r |= conf_get_uint(c, u, "upstream", "port", false, 1, 65535, &n);
+	cfg->upstream.port = (uint16_t)n;
+	r2 = parse_upstream_hosts(c, u, cfg);
+	if (r2 < 0 && r2 != -EINVAL)
+		return r2;
+	r |= r2;
 	s = "/";
 	r |= conf_get_string(c, u, "upstream", "vhost", false, &s);
 	cfg->upstream.vhost = strdup(s);
@@ -444,41 +511,9 @@ static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 	r |= conf_get_uint(c, u, "upstream", "max_in_flight", false, 1, 1000000, &n);
 	cfg->upstream.max_in_flight = (uint32_t)n;
 	cfg->upstream.verify_hostname = true;
-	if (tls) {
-		r |= conf_check_keys(c, tls, "upstream.tls", tls_keys);
-		s = NULL;
-		r |= conf_get_string(c, tls, "upstream.tls", "ca", true, &s);
-		cfg->upstream.ca = dup_or_null(s);
-		r |= check_readable(c, "upstream.tls.ca", cfg->upstream.ca);
-		s = NULL;
-		r |= conf_get_string(c, tls, "upstream.tls", "cert", false, &s);
-		cfg->upstream.cert = dup_or_null(s);
-		r |= check_readable(c, "upstream.tls.cert", cfg->upstream.cert);
-		s = NULL;
-		r |= conf_get_string(c, tls, "upstream.tls", "key", cfg->upstream.cert != NULL, &s);
-		cfg->upstream.key = dup_or_null(s);
-		r |= check_readable(c, "upstream.tls.key", cfg->upstream.key);
-		r |= conf_get_bool(c, tls, "upstream.tls", "verify_hostname", false,
-				   &cfg->upstream.verify_hostname);
-	}
-	r |= conf_get_object(c, u, "upstream", "auth", false, &auth);
-	if (auth) {
-		r |= conf_check_keys(c, auth, "upstream.auth", auth_keys);
-		r |= conf_get_enum(c, auth, "upstream.auth", "mechanism", false, mechs, &mech);
-		s = NULL;
-		r |= conf_get_string(c, auth, "upstream.auth", "user", false, &s);
-		cfg->upstream.user = dup_or_null(s);
-		s = NULL;
-		r |= conf_get_string(c, auth, "upstream.auth", "password", false, &s);
-		cfg->upstream.password = dup_or_null(s);
-	}
-	cfg->upstream.mechanism = mech == 1 ? BROKER_AUTH_EXTERNAL : BROKER_AUTH_PLAIN;
-	if (cfg->upstream.mechanism == BROKER_AUTH_EXTERNAL && !cfg->upstream.cert)
-		r |= conf_error(c, "upstream.auth.mechanism",
-				"EXTERNAL needs upstream.tls with a client \"cert\" and \"key\"");
-	if (cfg->upstream.mechanism == BROKER_AUTH_PLAIN &&
-	    (!cfg->upstream.user || !cfg->upstream.password))
-		r |= conf_error(c, "upstream.auth", "PLAIN needs \"user\" and \"password\"");
+	if (tls)
+		r |= parse_upstream_tls(c, tls, cfg);
+	r |= parse_upstream_auth(c, u, cfg);
 	return r ? -EINVAL : 0;
 }
 
