@@ -111,19 +111,108 @@ static void add_idle_vms(struct vmproxy *p, json_t *vms)
 	free(known);
 }
 
+static json_t *cmd_migrate(struct vmproxy *p, json_t *r)
+{
+	const char *vm = json_string_value(json_object_get(r, "vm"));
+	json_t *th = json_object_get(r, "thread");
+	char msg[200];
+	int st;
+
+	if (!vm || !json_is_integer(th) || json_integer_value(th) < 0 ||
+	    json_integer_value(th) > 65535)
+		return error_reply("\"migrate\" needs a string \"vm\" and an integer \"thread\"");
+	st = vmproxy_migrate(p, vm, (unsigned)json_integer_value(th), msg, sizeof(msg));
+	return st < 0 ? error_reply("%s", msg) : json_pack("{s:b, s:s}", "ok", 1, "result", msg);
+}
+
+static json_t *cmd_drain(struct vmproxy *p, json_t *r)
+{
+	(void)r;
+	vmproxy_stop(p);
+	return json_pack("{s:b, s:s}", "ok", 1, "result",
+			 "draining: no new connections; guests are closed once their "
+			 "messages are confirmed");
+}
+
+static json_t *cmd_balancer(struct vmproxy *p, json_t *r)
+{
+	json_t *en = json_object_get(r, "enabled");
+
+	if (en && !json_is_boolean(en))
+		return error_reply("\"enabled\" must be true or false");
+	if (en)
+		vmproxy_set_balancer(p, json_is_true(en));
+	return json_pack("{s:b, s:o}", "ok", 1, "daemon", vmproxy_counters(p));
+}
+
+/* "vm": the one VM named by R's "vm" (name or uuid) among THREADS (stolen). */
+static json_t *one_vm(json_t *r, json_t *threads)
+{
+	const char *which = json_string_value(json_object_get(r, "vm"));
+	json_t *found, *reply;
+	char c[80];
+
+	if (!which) {
+		json_decref(threads);
+		return error_reply("\"vm\" needs a string \"vm\" (name or uuid)");
+	}
+	found = list_vms(threads, which);
+	json_decref(threads);
+	if (json_array_size(found) == 0)
+		reply = error_reply("no VM \"%s\" has connections here",
+				    log_sanitize(c, sizeof(c), which, (unsigned)strlen(which)));
+	else
+		reply = json_pack("{s:b, s:O}", "ok", 1, "vm", json_array_get(found, 0));
+	json_decref(found);
+	return reply;
+}
+
+/* status, threads, vms and vm: what the poll threads report. */
+static json_t *cmd_report(struct vmproxy *p, json_t *r, const char *cmd)
+{
+	unsigned n = 0;
+	struct poll_report *rep = vmproxy_query_threads(p, QUERY_TIMEOUT_MS, &n);
+	json_t *threads = rep ? report_json_threads(rep, n, true) : NULL, *vms;
+
+	poll_reports_free(rep, n);
+	if (!threads)
+		return error_reply("a poll thread did not answer within %d ms", QUERY_TIMEOUT_MS);
+	if (strcmp(cmd, "status") == 0)
+		return json_pack("{s:b, s:o, s:o}", "ok", 1, "daemon", vmproxy_counters(p),
+				 "threads", strip_vms(threads));
+	if (strcmp(cmd, "threads") == 0)
+		return json_pack("{s:b, s:o}", "ok", 1, "threads", strip_vms(threads));
+	if (strcmp(cmd, "vm") == 0)
+		return one_vm(r, threads);
+	vms = list_vms(threads, NULL);
+	json_decref(threads);
+	if (json_is_true(json_object_get(r, "all")))
+		add_idle_vms(p, vms);
+	return json_pack("{s:b, s:o}", "ok", 1, "vms", vms);
+}
+
 json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 {
+	static const struct {
+		const char *name;
+		json_t *(*fn)(struct vmproxy *p, json_t *r);
+	} commands[] = {
+		{ "migrate", cmd_migrate },
+		{ "drain", cmd_drain },
+		{ "balancer", cmd_balancer },
+	};
+	static const char *const reports[] = { "status", "threads", "vms", "vm" };
 	json_error_t jerr;
-	json_t *r, *threads, *reply;
+	json_t *r, *reply = NULL;
 	const char *cmd;
+	bool found = false;
+	char t[80];
 
 	if (len > ADMIN_MAX_REQUEST)
 		return error_reply("request larger than %d bytes", ADMIN_MAX_REQUEST);
 	r = json_loadb(req, len, JSON_REJECT_DUPLICATES, &jerr);
 	if (!r) {
 		/* jansson quotes the offending bytes: keep the reply one line */
-		char t[80];
-
 		return error_reply("bad JSON at column %d: %s", jerr.column,
 				   log_sanitize(t, sizeof(t), jerr.text, (unsigned)strlen(jerr.text)));
 	}
@@ -132,99 +221,15 @@ json_t *admin_handle_request(struct vmproxy *p, const char *req, size_t len)
 		json_decref(r);
 		return error_reply("a request is an object with a string \"command\"");
 	}
-	if (strcmp(cmd, "migrate") == 0) {
-		const char *vm = json_string_value(json_object_get(r, "vm"));
-		json_t *th = json_object_get(r, "thread");
-		char msg[200];
-		int st;
-
-		if (!vm || !json_is_integer(th) || json_integer_value(th) < 0 ||
-		    json_integer_value(th) > 65535) {
-			reply = error_reply("\"migrate\" needs a string \"vm\" and an integer "
-					    "\"thread\"");
-		} else {
-			st = vmproxy_migrate(p, vm, (unsigned)json_integer_value(th), msg,
-					     sizeof(msg));
-			reply = st < 0 ? error_reply("%s", msg)
-				       : json_pack("{s:b, s:s}", "ok", 1, "result", msg);
-		}
-		json_decref(r);
-		return reply;
-	}
-	if (strcmp(cmd, "drain") == 0) {
-		vmproxy_stop(p);
-		json_decref(r);
-		return json_pack("{s:b, s:s}", "ok", 1, "result",
-				 "draining: no new connections; guests are closed once their "
-				 "messages are confirmed");
-	}
-	if (strcmp(cmd, "balancer") == 0) {
-		json_t *en = json_object_get(r, "enabled");
-
-		if (en && !json_is_boolean(en)) {
-			reply = error_reply("\"enabled\" must be true or false");
-		} else {
-			if (en)
-				vmproxy_set_balancer(p, json_is_true(en));
-			reply = json_pack("{s:b, s:o}", "ok", 1, "daemon", vmproxy_counters(p));
-		}
-		json_decref(r);
-		return reply;
-	}
-	if (strcmp(cmd, "status") != 0 && strcmp(cmd, "threads") != 0 &&
-	    strcmp(cmd, "vms") != 0 && strcmp(cmd, "vm") != 0) {
-		char c[80];
+	for (size_t i = 0; !found && i < sizeof(commands) / sizeof(commands[0]); i++)
+		if ((found = strcmp(cmd, commands[i].name) == 0))
+			reply = commands[i].fn(p, r);
+	for (size_t i = 0; !found && i < sizeof(reports) / sizeof(reports[0]); i++)
+		if ((found = strcmp(cmd, reports[i]) == 0))
+			reply = cmd_report(p, r, cmd);
+	if (!found)
 		reply = error_reply("unknown command \"%s\"",
-				    log_sanitize(c, sizeof(c), cmd, (unsigned)strlen(cmd)));
-		json_decref(r);
-		return reply;
-	}
-	{
-		unsigned n = 0;
-		struct poll_report *rep = vmproxy_query_threads(p, QUERY_TIMEOUT_MS, &n);
-
-		threads = rep ? report_json_threads(rep, n, true) : NULL;
-		poll_reports_free(rep, n);
-	}
-	if (!threads) {
-		reply = error_reply("a poll thread did not answer within %d ms", QUERY_TIMEOUT_MS);
-		json_decref(r);
-		return reply;
-	}
-	if (strcmp(cmd, "status") == 0) {
-		reply = json_pack("{s:b, s:o, s:o}", "ok", 1, "daemon", vmproxy_counters(p),
-				  "threads", strip_vms(threads));
-	} else if (strcmp(cmd, "threads") == 0) {
-		reply = json_pack("{s:b, s:o}", "ok", 1, "threads", strip_vms(threads));
-	} else if (strcmp(cmd, "vms") == 0) {
-		json_t *vms = list_vms(threads, NULL);
-
-		if (json_is_true(json_object_get(r, "all")))
-			add_idle_vms(p, vms);
-		reply = json_pack("{s:b, s:o}", "ok", 1, "vms", vms);
-		json_decref(threads);
-	} else {
-		const char *which = json_string_value(json_object_get(r, "vm"));
-		json_t *found;
-
-		if (!which) {
-			reply = error_reply("\"vm\" needs a string \"vm\" (name or uuid)");
-		} else {
-			found = list_vms(threads, which);
-			if (json_array_size(found) == 0) {
-				char c[80];
-				reply = error_reply("no VM \"%s\" has connections here",
-						    log_sanitize(c, sizeof(c), which,
-								 (unsigned)strlen(which)));
-				json_decref(found);
-			} else {
-				reply = json_pack("{s:b, s:O}", "ok", 1, "vm",
-						  json_array_get(found, 0));
-				json_decref(found);
-			}
-		}
-		json_decref(threads);
-	}
+				    log_sanitize(t, sizeof(t), cmd, (unsigned)strlen(cmd)));
 	json_decref(r);
 	return reply;
 }
