@@ -37,6 +37,7 @@
 #include "hash.h"
 #include "log.h"
 #include "upstream_proto.h"
+#include "upstream_tls.h"
 
 #define OUTPUT_MAX	  (256u << 10) /* unsent bytes past which publishing pauses */
 #define READ_BUF	  (64u << 10)
@@ -137,72 +138,7 @@ size_t upstream_failover_node(uint32_t spread, size_t first, size_t tries, size_
 	return (first + (spread / n + tries % n - 1) % (n - 1) + 1) % n;
 }
 
-/* ---- OpenSSL errors, translated at this boundary ------------------------------- */
-
-/* The OpenSSL error queue (or errno for a syscall error) as text. */
-static const char *tls_error(char *buf, size_t len, int ssl_err)
-{
-	unsigned long e = ERR_get_error();
-
-	if (e) {
-		ERR_error_string_n(e, buf, len);
-		ERR_clear_error();
-	} else if (ssl_err == SSL_ERROR_SYSCALL) {
-		snprintf(buf, len, "%s", errno ? strerror(errno) : "connection closed by the peer");
-	} else if (ssl_err == SSL_ERROR_ZERO_RETURN) {
-		snprintf(buf, len, "the broker closed the TLS session");
-	} else {
-		snprintf(buf, len, "TLS error %d", ssl_err);
-	}
-	return buf;
-}
-
-/* ---- the helper's part: resolve and load the TLS files ------------------------- */
-
-static SSL_CTX *tls_context(const struct proxy_config *c, char *err, size_t errlen)
-{
-	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-	char e[200];
-
-	if (!ctx) {
-		snprintf(err, errlen, "SSL_CTX_new: %s", tls_error(e, sizeof(e), 0));
-		return NULL;
-	}
-	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-				      SSL_MODE_RELEASE_BUFFERS);
-	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-	if (!c->upstream.ca) {
-		snprintf(err, errlen, "TLS needs a CA file (upstream.tls.ca)");
-		goto fail;
-	}
-	if (SSL_CTX_load_verify_locations(ctx, c->upstream.ca, NULL) != 1) {
-		snprintf(err, errlen, "CA file \"%s\": %s", c->upstream.ca,
-			 tls_error(e, sizeof(e), 0));
-		goto fail;
-	}
-	if (c->upstream.cert) {
-		if (!c->upstream.key) {
-			snprintf(err, errlen, "client certificate given without a key");
-			goto fail;
-		}
-		if (SSL_CTX_use_certificate_chain_file(ctx, c->upstream.cert) != 1) {
-			snprintf(err, errlen, "client certificate \"%s\": %s", c->upstream.cert,
-				 tls_error(e, sizeof(e), 0));
-			goto fail;
-		}
-		if (SSL_CTX_use_PrivateKey_file(ctx, c->upstream.key, SSL_FILETYPE_PEM) != 1 ||
-		    SSL_CTX_check_private_key(ctx) != 1) {
-			snprintf(err, errlen, "client key \"%s\" (for \"%s\"): %s", c->upstream.key,
-				 c->upstream.cert, tls_error(e, sizeof(e), 0));
-			goto fail;
-		}
-	}
-	return ctx;
-fail:
-	SSL_CTX_free(ctx);
-	return NULL;
-}
+/* ---- the helper's part: resolve, and load the TLS files --------------------------- */
 
 static void resolve_run(struct helper_job *job)
 {
@@ -216,7 +152,7 @@ static void resolve_run(struct helper_job *job)
 		rj->ai = NULL;
 		rj->r = -EHOSTUNREACH;
 	} else if (rj->cfg->upstream.tls) {
-		rj->ctx = tls_context(rj->cfg, rj->err, sizeof(rj->err));
+		rj->ctx = upstream_tls_context(rj->cfg, rj->err, sizeof(rj->err));
 		rj->r = rj->ctx ? 0 : -EINVAL;
 	}
 	ERR_clear_error(); /* this thread's queue: nothing left for another user */
@@ -324,7 +260,7 @@ static int flush_output(struct upstream *up, uint64_t now, char *err, size_t err
 				if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
 					return 0;
 				up->io_failed = true;
-				snprintf(err, errlen, "TLS write: %s", tls_error((char[200]){ 0 }, 200, e));
+				snprintf(err, errlen, "TLS write: %s", upstream_tls_error((char[200]){ 0 }, 200, e));
 				return -1;
 			}
 			n = r;
@@ -653,7 +589,7 @@ static void tls_handshake(struct upstream *up, uint64_t now)
 			  up->st.node, X509_verify_cert_error_string(v));
 	else
 		link_fail(up, now, "TLS handshake with %s: %s", up->st.node,
-			  tls_error(buf, sizeof(buf), e));
+			  upstream_tls_error(buf, sizeof(buf), e));
 }
 
 /* ---- confirms -------------------------------------------------------------------- */
@@ -775,7 +711,7 @@ static int read_input(struct upstream *up, uint64_t now)
 				if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
 					return 0;
 				up->io_failed = true; /* OpenSSL: no further I/O on it */
-				link_fail(up, now, "TLS read: %s", tls_error(err, sizeof(err), e));
+				link_fail(up, now, "TLS read: %s", upstream_tls_error(err, sizeof(err), e));
 				return -1;
 			}
 			n = r;
