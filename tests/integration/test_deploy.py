@@ -269,3 +269,53 @@ def test_hash_password_writes_definitions_the_broker_accepts(broker):
                         "nobody"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "no user 'nobody'" in r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _meson_dependencies(top):
+    """The pkg-config names of every dependency() the build asks for."""
+    names = set()
+    for f in top.rglob("meson.build"):
+        if f.relative_to(top).parts[0].startswith(("build", ".")):
+            continue
+        names |= set(re.findall(r"\bdependency\(\s*'([^']+)'", f.read_text()))
+    names.discard("threads")  # the C library's, no package
+    return names
+
+
+def _owning_package(pc_name):
+    """The Debian package that ships NAME.pc on this machine."""
+    r = subprocess.run(["pkg-config", "--path", pc_name], capture_output=True, text=True)
+    assert r.returncode == 0, f"pkg-config finds no {pc_name}.pc: {r.stderr}"
+    r = subprocess.run(["dpkg-query", "-S", r.stdout.strip()], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split(":", 1)[0]
+
+
+def test_every_build_dependency_is_in_the_install_lists():
+    """Every library the build needs (each dependency() of the meson files,
+    through the package that ships its .pc file here) is in debian/control's
+    Build-Depends, in the apt-get line of docs/deploy.md section 1.2 and in
+    deploy/install-deps.sh: a clean package build, and a reader following the
+    guide on a machine with nothing else installed, get past `meson setup`."""
+    top = pathlib.Path(__file__).resolve().parents[2]
+    needed = {name: _owning_package(name) for name in sorted(_meson_dependencies(top))}
+    assert {"sqlite3", "libpq", "librabbitmq"} <= set(needed)
+
+    control = (top / "debian" / "control").read_text()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.S | re.M).group(1)
+    build_depends = {d.split()[0] for d in field.split(",") if d.strip()}
+
+    guide = (top / "docs" / "deploy.md").read_text()
+    section = guide[guide.index("### 1.2 "):]
+    line = re.search(r"apt-get install ((?:[^\n]*\\\n)*[^\n]*)", section).group(1)
+    guide_packages = set(line.replace("\\\n", " ").split())
+
+    deps_script = (top / "deploy" / "install-deps.sh").read_text()
+    array = re.search(r"^packages=\((.*?)^\)", deps_script, re.S | re.M).group(1)
+    script_packages = {w for ln in array.splitlines() for w in ln.split("#")[0].split()}
+
+    for where, have in (("debian/control Build-Depends", build_depends),
+                        ("docs/deploy.md 1.2 apt-get line", guide_packages),
+                        ("deploy/install-deps.sh", script_packages)):
+        missing = {f"{pkg} ({name}.pc)" for name, pkg in needed.items() if pkg not in have}
+        assert not missing, f"{where} lacks {sorted(missing)}"
