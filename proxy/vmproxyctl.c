@@ -227,8 +227,9 @@ static int print_health(json_t *reply, bool say)
 		return 1;
 	}
 	if (say)
-		printf("healthy: %zu upstream links up, %lld guest connections\n", n,
-		       num(d, "connections"));
+		printf("healthy: %zu upstream link%s up, %lld guest connection%s\n", n,
+		       n == 1 ? "" : "s", num(d, "connections"),
+		       num(d, "connections") == 1 ? "" : "s");
 	return 0;
 }
 
