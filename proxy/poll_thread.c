@@ -148,6 +148,8 @@ struct poll_thread {
 	bool paused; /* draining: guests are no longer read */
 	bool started;
 	bool blocked; /* the whole thread is over its bound */
+	bool link_unable; /* the link cannot publish: guests are told */
+	char link_reason[96]; /* what connection.blocked says then */
 	uint64_t held_bytes, held_msgs;
 	uint64_t next_scan;
 
@@ -237,6 +239,26 @@ static void msg_free(struct poll_thread *pt, struct upstream_msg *m)
 
 /* ---- backpressure ------------------------------------------------------ */
 
+#define BOUND_REASON "vmproxy: unconfirmed message limit"
+
+/* A guest is blocked while its VM or its thread is over a bound, or the
+ * thread's link cannot publish; unblocked once none of the three holds,
+ * so one ending does not unblock a guest another still applies to. The
+ * bounds stop reading the guest; the link alone does not (what the guest
+ * sends is held, up to the bounds, and published when the link works). */
+static void conn_update_blocked(struct poll_thread *pt, struct guest_conn *c)
+{
+	if (!c->sess)
+		return;
+	if (c->vm->blocked || pt->blocked)
+		guest_session_set_blocked(c->sess, true, BOUND_REASON);
+	else if (pt->link_unable)
+		guest_session_set_blocked(c->sess, true, pt->link_reason);
+	else
+		guest_session_set_blocked(c->sess, false, NULL);
+	mark_dirty(pt, c);
+}
+
 static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool blocked)
 {
 	struct guest_conn *c;
@@ -250,11 +272,8 @@ static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool bloc
 			 v->info.name, pt->id, (unsigned long long)v->held_bytes);
 	else
 		log_info("vm=%s thread=%u: below the bound again, resuming", v->info.name, pt->id);
-	for (c = v->conns; c; c = c->vm_next) {
-		guest_session_set_blocked(c->sess, blocked || pt->blocked,
-					  "vmproxy: unconfirmed message limit");
-		mark_dirty(pt, c);
-	}
+	for (c = v->conns; c; c = c->vm_next)
+		conn_update_blocked(pt, c);
 }
 
 static void check_bounds(struct poll_thread *pt, struct vm_state *v)
@@ -267,18 +286,13 @@ static void check_bounds(struct poll_thread *pt, struct vm_state *v)
 		pt->blocked = true;
 		log_warn("thread=%u: %llu unconfirmed bytes held, over the thread bound: "
 			 "pausing all its guests", pt->id, (unsigned long long)pt->held_bytes);
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
-			mark_dirty(pt, c);
-		}
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+			conn_update_blocked(pt, c);
 	} else if (pt->blocked && pt->held_bytes <= pt_max / 2) {
 		pt->blocked = false;
 		log_info("thread=%u: below the thread bound again", pt->id);
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			if (!c->vm->blocked)
-				guest_session_set_blocked(c->sess, false, NULL);
-			mark_dirty(pt, c);
-		}
+		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+			conn_update_blocked(pt, c);
 	}
 	if (v) {
 		if (!v->blocked && v->held_bytes > vm_max)
@@ -377,6 +391,31 @@ static void op_state_changed(void *ud, bool up)
 	atomic_store_explicit(&pt->g.link_up, up, memory_order_relaxed);
 }
 
+/* The reason tells the guest why without the broker's text or address
+ * (those are for the operator: the log and vmproxyctl threads). */
+static void op_publishing(void *ud, bool able, uint16_t code)
+{
+	struct poll_thread *pt = ud;
+
+	if (pt->link_unable == !able)
+		return;
+	pt->link_unable = !able;
+	if (!able) {
+		if (code >= 400)
+			snprintf(pt->link_reason, sizeof(pt->link_reason),
+				 "vmproxy: the management broker refuses publishing (%u)", code);
+		else
+			snprintf(pt->link_reason, sizeof(pt->link_reason),
+				 "vmproxy: the management broker is unreachable");
+		log_warn("thread=%u: the link cannot publish: guests that take "
+			 "connection.blocked are told \"%s\"", pt->id, pt->link_reason);
+	} else {
+		log_info("thread=%u: the link publishes again: guests are unblocked", pt->id);
+	}
+	for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+		conn_update_blocked(pt, c);
+}
+
 static const struct upstream_ops pt_upstream_ops = {
 	.peek = op_peek,
 	.pop = op_pop,
@@ -384,6 +423,7 @@ static const struct upstream_ops pt_upstream_ops = {
 	.requeue = op_requeue,
 	.state_changed = op_state_changed,
 	.returned = op_returned,
+	.publishing = op_publishing,
 };
 
 /* ---- guest publishes ---------------------------------------------------- */
@@ -480,8 +520,8 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 		log_info("vm=%s conn=%u: AMQP connection open from %s, user \"%s\"",
 			 c->vm->info.name, c->id, c->peer,
 			 log_sanitize(user, sizeof(user), u, (unsigned)strlen(u)));
-		if (c->vm->blocked || pt->blocked)
-			guest_session_set_blocked(c->sess, true, "vmproxy: unconfirmed message limit");
+		if (c->vm->blocked || pt->blocked || pt->link_unable)
+			conn_update_blocked(pt, c);
 		break;
 	}
 	case GUEST_EVENT_PUBLISH:
@@ -872,7 +912,7 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
 			c->closing = true;
 		c->deadline = 0;
-		mark_dirty(pt, c);
+		conn_update_blocked(pt, c); /* this thread's bound and link now */
 	}
 	pt->migrations_in++;
 	log_info("vm=%s: moved from thread %u to thread %u in %llu ms (%u connections)",

@@ -104,6 +104,7 @@ struct upstream {
 	bool read_more;	   /* the read budget ran out with data possibly left */
 	bool io_failed;	   /* a fatal read or write error: no more I/O on it */
 	bool session_ok;   /* this connection got a confirm: the backoff resets */
+	bool unable;	   /* told ops->publishing the link cannot publish */
 
 	/* Published and not yet handed back, by delivery tag: the message with
 	 * tag t is ring[t & ring_mask], for low_tag <= t <= proto.next_tag. */
@@ -348,6 +349,13 @@ static void count_refusal(struct upstream *up, uint16_t code)
 	up->st.refusals[i].count++;
 }
 
+static void set_publishing(struct upstream *up, bool able, uint16_t code)
+{
+	up->unable = !able;
+	if (up->ops->publishing)
+		up->ops->publishing(up->ud, able, code);
+}
+
 static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
@@ -358,10 +366,12 @@ static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 {
 	bool was_up = up->state == LINK_UP || up->state == LINK_CLOSING;
+	bool ok = up->session_ok || (was_up && now - up->up_since >= SESSION_OK_MS);
+	uint16_t code = up->proto_live ? up->proto.broker_code : 0;
 	uint32_t delay;
 	va_list ap;
 
-	if (up->session_ok || (was_up && now - up->up_since >= SESSION_OK_MS)) {
+	if (ok) {
 		backoff_reset(&up->backoff);
 		up->node_tries = 0;
 	}
@@ -370,8 +380,8 @@ static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(up->st.last_error, sizeof(up->st.last_error), fmt, ap);
 	va_end(ap);
-	if (up->proto_live && up->proto.broker_code)
-		count_refusal(up, up->proto.broker_code);
+	if (code)
+		count_refusal(up, code);
 	if (was_up)
 		log_warn("thread=%u upstream %s: %s; %u unconfirmed messages will be "
 			 "republished, reconnecting in %u ms",
@@ -386,6 +396,9 @@ static void link_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 	up->reconnect_at = now + delay;
 	if (was_up)
 		up->ops->state_changed(up->ud, false);
+	/* node_tries is 0 when this failure starts a backoff wait. */
+	if (!ok && up->node_tries == 0 && !up->unable)
+		set_publishing(up, false, code);
 }
 
 void upstream_free(struct upstream *up)
@@ -609,6 +622,11 @@ static void proto_ready(void *ud)
 		 up->thread_id, up->st.node, up->name, up->ssl ? SSL_get_version(up->ssl) : "plain",
 		 up->proto.heartbeat, up->proto.frame_max);
 	up->ops->state_changed(up->ud, true);
+	/* Nothing waits to prove the link: the guests may publish again (a
+	 * refusal of what they publish fails it again, a step further in the
+	 * backoff). Otherwise the first confirm tells. */
+	if (up->unable && !up->ops->peek(up->ud))
+		set_publishing(up, true, 0);
 }
 
 /* Settle one message, or all up to TAG when MULTIPLE; what is settled at
@@ -641,6 +659,8 @@ static void proto_confirm(void *ud, uint64_t tag, bool multiple, bool ack)
 		if (m->outcome > 0) {
 			up->st.acked++;
 			up->session_ok = true;
+			if (up->unable)
+				set_publishing(up, true, 0);
 		} else {
 			up->st.nacked++;
 		}

@@ -59,6 +59,15 @@ struct upstream_ops {
 	/* The broker returned M (mandatory, no queue took it) with CODE and
 	 * TEXT; M stays unconfirmed until its confirm. */
 	void (*returned)(void *userdata, struct upstream_msg *m, uint16_t code, const char *text);
+	/* The link became unable to publish (ABLE false) or able again. Unable:
+	 * a connection that never had a message confirmed failed (a refused
+	 * publish, a failed connect, handshake or login) and the link backs
+	 * off, every node of upstream.hosts having failed in this round; CODE
+	 * is the broker's close code (403 for a refused publish) or 0. Able
+	 * again: a confirm arrives, or the link comes up with nothing to
+	 * publish. One failure after a connection that worked is not enough:
+	 * the link reconnects with its backoff started again. May be NULL. */
+	void (*publishing)(void *userdata, bool able, uint16_t code);
 };
 
 #define UPSTREAM_REFUSAL_CODES 16 /* AMQP has 13 codes of 400 and above */

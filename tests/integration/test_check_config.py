@@ -137,6 +137,9 @@ CASES = [
     ("static-domain-missing", lambda c, t, k: _libvirt(c, t, k, vm="no-such-domain"), False),
     ("libvirt-node-file-missing",
      lambda c, t, k: _libvirt(c, t, k, uri="test://" + str(t / "missing-node.xml")), False),
+    # Unreadable even to root (the tests may run as root, where a mode of 0 reads).
+    ("libvirt-node-file-unreadable",
+     lambda c, t, k: _libvirt(c, t, k, uri="test://" + str(t)), False),
     ("listener-address-not-here", _set("listeners", [{"type": "tcp", "address": "192.0.2.1",
                                                        "port": 5672}]), False),
     ("unix-listener-path-is-a-file", _unix_on_file, False),

@@ -116,23 +116,49 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
     permission revoked: channel.close 403). The link does not reconnect in
     a storm: successful logins do not reset the backoff, so reconnects in
     25 s stay few; the refusals are counted by code and the reason shown.
-    Once permissions return, everything the guests published arrives."""
+    A pika guest (it takes connection.blocked) is blocked with a reason
+    naming the refusal and no broker text, stays blocked through the
+    reconnects, and is unblocked once the link's messages are confirmed
+    again. Once permissions return, everything the guests published
+    arrives, what pika sent while blocked included."""
     vms = make_vms(2, base="127.10.42.1")
     mport = free_port()
     proxy = proxy_factory(vms, threads=1,
                           extra={"metrics": {"listen": "127.0.0.1:%d" % mport}}).start()
     broker.purge(broker.queue)
+    with from_source(vms[0]["address"]):
+        guest = pika.BlockingConnection(guest_params(proxy))
+    events = []
+    guest.add_on_connection_blocked_callback(
+        lambda _c, frame: events.append(("blocked", frame.method.reason)))
+    guest.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
+    gch = guest.channel()
+
+    def guest_until(pred, timeout, what):
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, "pika guest: no %s in %d s: %r" % (what, timeout,
+                                                                              events)
+            guest.process_data_events(time_limit=0.2)
+
     grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^vm\\.metrics$", "^$")
     broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^$", "^$")
     try:
+        guest.process_data_events(time_limit=0.2)
+        assert events == []  # the link is up: nothing refused yet
         lg = loadgen(build_dir, proxy, vms, conns=1, count=50, rate=20, window=10)
         wait_for(lambda: link_totals(proxy)[1][0]["upstream"]["refusals"].get("403", 0) >= 1,
                  30, "a 403 refusal counted")
+        guest_until(lambda: events, 30, "connection.blocked")
+        assert events == [("blocked", "vmproxy: the management broker refuses publishing "
+                                      "(403)")], events
+        gch.basic_publish("metrics", "pika", json.dumps({"vm": "pika", "seq": 1}).encode())
         start, _ = link_totals(proxy)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 25:
             assert lg.poll() is None  # guests wait for confirms, none come
-            time.sleep(0.5)
+            guest.process_data_events(time_limit=0.5)
+        assert len(events) == 1, events  # blocked through every reconnect
         end, threads = link_totals(proxy)
         reconnects = end["connects"] - start["connects"]
         print("REFUSED %d reconnects in 25 s, refusals %s, last error %r"
@@ -142,6 +168,15 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
         # most (each waits between half and all of its ceiling); a login
         # resetting it would make well over a hundred.
         assert 1 <= reconnects <= 10, reconnects
+        # And falling: each refusal waits longer than the one before (a wait
+        # is drawn from [c/2, c] for a ceiling c that doubles, so this holds
+        # below the 30 s cap), the last one many times the first.
+        waits = [int(w) for w in re.findall(r'broker closed the channel: 403 [^\n]*'
+                                            r'reconnecting in (\d+) ms', proxy.log_text())]
+        print("REFUSED waits %s ms" % waits)
+        assert len(waits) >= 4, waits
+        assert all(b >= a for a, b in zip(waits, waits[1:]) if a < 12800), waits
+        assert max(waits) >= 16 * waits[0], waits
         assert end["acked"] == start["acked"]
         last = threads[0]["upstream"]["last_error"]
         assert "403" in last and "ACCESS_REFUSED" in last, last
@@ -153,13 +188,18 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
         assert m and int(m.group(1)) >= reconnects, scrape
     finally:
         broker.ctl(*grant)
+    # The next reconnect (the backoff is at most 30 s) publishes and is
+    # confirmed: the guest hears it.
+    guest_until(lambda: len(events) > 1, 90, "connection.unblocked")
+    assert events[1:] == [("unblocked",)], events
     rc, out, err = finish(lg, 120)
     assert rc == 0, out + err
     rep = json.loads(out)
     assert rep["confirmed"] == 2 * 50 and rep["errors"] == 0, rep
+    guest.close()
     seqs = {(json.loads(b)["vm"], json.loads(b)["seq"])
             for _, _, b in broker.get_all(broker.queue, timeout=30)}
-    assert seqs >= {(v, s) for v in range(2) for s in range(1, 51)}
+    assert seqs >= {(v, s) for v in range(2) for s in range(1, 51)} | {("pika", 1)}
 
 
 def test_mandatory_unroutable_comes_back_before_the_ack(build_dir, broker, proxy_factory):

@@ -42,6 +42,8 @@ struct fx {
 	uint64_t confirmed[MAX_MSGS];
 	bool acked[MAX_MSGS];
 	int nconfirmed, nrequeued, ups, downs;
+	int unables, ables; /* ops->publishing calls */
+	uint16_t unable_code;
 	/* the broker's side */
 	uint8_t rx[1 << 16], copy[1 << 16];
 	size_t rxlen;
@@ -92,7 +94,21 @@ static void op_state(void *ud, bool up)
 		f->downs++;
 }
 
-static const struct upstream_ops ops = { op_peek, op_pop, op_confirmed, op_requeue, op_state };
+static void op_publishing(void *ud, bool able, uint16_t code)
+{
+	struct fx *f = ud;
+
+	if (able) {
+		f->ables++;
+	} else {
+		f->unables++;
+		f->unable_code = code;
+	}
+}
+
+/* No returns here (NULL). */
+static const struct upstream_ops ops = { op_peek, op_pop, op_confirmed, op_requeue,
+					 op_state, NULL, op_publishing };
 
 /* A message whose guest_tag is ID, queued at the back. */
 static void enqueue(struct fx *f, uint64_t id)
@@ -450,12 +466,100 @@ static void test_silent_broker_times_out(void **state)
 	assert_int_equal(f->ups, 0);
 }
 
+static int want_downs;
+
+static bool seen_downs(struct fx *f)
+{
+	return f->downs >= want_downs;
+}
+
+/* The broker's end of a connection the link gave up: the next connect is
+ * accepted afresh. */
+static void broker_hang_up(struct fx *f)
+{
+	close(f->bfd);
+	f->bfd = -1;
+	f->rxlen = 0;
+	f->publishes = 0;
+}
+
+/* A broker that takes the login and refuses the publishes (channel.close
+ * 403): the link is unable to publish (guests are blocked) from that first
+ * refusal, stays so over a reconnect whose republished messages are not
+ * confirmed yet, and is able again at the first confirm. A link lost after
+ * that, with a confirm in its session, reconnects at once: not unable. */
+static void test_refusal_makes_the_link_unable_until_a_confirm(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+	amqp_channel_close_t cc = { .reply_code = 403,
+				    .reply_text = amqp_cstring_bytes("ACCESS_REFUSED - no write") };
+
+	handshake(f);
+	enqueue(f, 1);
+	enqueue(f, 2);
+	want_publishes = 2;
+	assert_true(run_until(f, seen_publishes, 3000));
+	wire_method(&b, 1, AMQP_CHANNEL_CLOSE_METHOD, &cc);
+	broker_send(f, &b);
+	want_downs = 1;
+	assert_true(run_until(f, seen_downs, 3000));
+	assert_int_equal(f->unables, 1);
+	assert_int_equal(f->unable_code, 403);
+	assert_int_equal(f->ables, 0);
+	broker_hang_up(f);
+
+	/* Up again, the two republished: not proven until confirmed. */
+	handshake(f);
+	assert_true(run_until(f, seen_publishes, 3000));
+	assert_int_equal(f->ables, 0);
+	ack(f, 2, true, true);
+	want_confirmed = 2;
+	assert_true(run_until(f, seen_confirmed, 3000));
+	assert_int_equal(f->ables, 1);
+
+	/* Lost after a session that worked: one failure is not enough. */
+	broker_hang_up(f);
+	want_downs = 2;
+	assert_true(run_until(f, seen_downs, 3000));
+	assert_int_equal(f->unables, 1);
+	handshake(f);
+	assert_int_equal(f->unables, 1);
+	assert_int_equal(f->ables, 1);
+}
+
+/* A broker that hangs up in the handshake: unable (code 0) at that first
+ * failed attempt, able again as soon as a link is up with nothing waiting
+ * to prove it. */
+static void test_failed_connect_makes_the_link_unable_until_up(void **state)
+{
+	struct fx *f = *state;
+	struct upstream_stats st;
+
+	assert_true(run_until(f, got_header, 3000));
+	broker_hang_up(f);
+	for (int i = 0; i < 600 && f->unables == 0; i++)
+		loop_once(f, 5);
+	assert_int_equal(f->unables, 1);
+	assert_int_equal(f->unable_code, 0);
+	upstream_get_stats(f->up, &st);
+	assert_false(st.up);
+	assert_int_equal(f->ables, 0);
+	handshake(f);
+	assert_int_equal(f->ables, 1);
+	assert_int_equal(f->unables, 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_window_and_out_of_order_confirms, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_link_loss_hands_back_oldest_first, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_silent_broker_times_out, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_refusal_makes_the_link_unable_until_a_confirm,
+						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_failed_connect_makes_the_link_unable_until_up,
+						setup, teardown),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
