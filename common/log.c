@@ -153,7 +153,7 @@ const char *log_escape(char *buf, unsigned len, const char *str)
 const char *log_sanitize(char *buf, unsigned len, const void *data, unsigned data_len)
 {
 	const unsigned char *p = data;
-	unsigned max = len > 68 ? 64 : (len > 4 ? len - 4 : 0);
+	unsigned max = len > 4 ? len - 4 : 0; /* room for "..." and the NUL */
 	unsigned i, o = 0;
 
 	if (len == 0)

@@ -37,9 +37,10 @@ void log_msg(enum log_level level, const char *fmt, ...) __attribute__((format(p
 			log_msg(LOG_LEVEL_DEBUG, __VA_ARGS__);                                     \
 	} while (0)
 
-/* Copy an untrusted string into BUF for logging: at most LEN-1 bytes,
- * non-printable bytes as '?', truncated with "..." past 64 characters.
- * Returns BUF. Callers still put the result in quotes. */
+/* Copy an untrusted string into BUF for logging: non-printable bytes and
+ * '"' as '?', truncated with "..." past LEN-4 characters (the buffer is
+ * the cap: callers size it for what is worth keeping). Returns BUF.
+ * Callers still put the result in quotes. */
 const char *log_sanitize(char *buf, unsigned len, const void *data, unsigned data_len);
 
 /* Copy STR into BUF (LEN bytes) with every byte outside printable ASCII

@@ -180,6 +180,9 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
         assert end["acked"] == start["acked"]
         last = threads[0]["upstream"]["last_error"]
         assert "403" in last and "ACCESS_REFUSED" in last, last
+        # The broker's whole reply text, up to the user it names: the
+        # part that says what to fix (docs/deploy.md quotes it).
+        assert "refused for user 'vmproxyd'" in last, last
         assert threads[0]["upstream"]["refusals"]["403"] >= reconnects
         scrape = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport,
                                         timeout=10).read().decode()
