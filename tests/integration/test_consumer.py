@@ -6,6 +6,7 @@ Prometheus endpoint is valid and flags stale VMs."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 
 from harness import free_port, stop_clean, wait_for
 
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT = "6b1f0c3e-0d1a-4c2b-9e8f-7a6b5c4d3e2f"
 
 
@@ -270,7 +272,8 @@ def test_reconnect_and_fsync_series(broker, consumer):
     """vmproxy_consumer_reconnects_total counts a broker connection lost
     under the consumer (closed by the broker here), after which it consumes
     again; vmproxy_consumer_batch_fsync_seconds is a summary whose count
-    grows with each committed batch and whose sum is the time spent."""
+    grows with each committed batch and whose sum is the time spent; the
+    series docs/consumer.md names are exactly the ones exposed."""
     consumer.start()
     text = consumer.metrics()
     assert "# TYPE vmproxy_consumer_batch_fsync_seconds summary" in text
@@ -282,6 +285,14 @@ def test_reconnect_and_fsync_series(broker, consumer):
     s1, n1 = wait_for(lambda: fsync_series(consumer.metrics())[1] >= 1 and
                       fsync_series(consumer.metrics()), 10, "the first batch's commit observed")
     assert s1 > 0
+    # Every series docs/consumer.md names is exposed (a VM tracked, TLS on),
+    # and nothing it does not name.
+    section = open(os.path.join(TOP, "docs", "consumer.md")).read().split(
+        "## Metrics")[1].split("\n## ")[0]
+    documented = set(re.findall(r"`(vmproxy_[a-z0-9_]+)", section))
+    exposed = set(re.findall(r"^# TYPE (\S+) ", consumer.metrics(), re.M))
+    assert len(documented) >= 15, documented
+    assert documented == exposed, (sorted(documented - exposed), sorted(exposed - documented))
 
     def consumer_connections():
         # The tab-separated form: its pid is the one close_connection takes.
