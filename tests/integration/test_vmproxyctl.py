@@ -107,3 +107,34 @@ def test_vm_by_name_or_uuid_and_json_as_is(broker, proxy_factory):
     finally:
         for c in conns:
             c.close()
+
+
+def test_silent_admin_clients_do_not_hold_the_socket(broker, proxy_factory):
+    """Requests are served one at a time, each bounded to 2 s of I/O
+    (docs/admin.md): three clients that connect and send nothing, or half a
+    request, are each answered "timed out reading the request" and closed
+    by the daemon, and vmproxyctl queued behind
+    them still gets its answer (it gives up after 10 s)."""
+    vms = make_vms(1, base="127.10.43.9")
+    proxy = proxy_factory(vms, threads=1).start()
+    silent = []
+    try:
+        for part in (b"", b'{"command": "sta', b""):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(proxy.admin_path)
+            s.sendall(part)
+            silent.append(s)
+        r = ctl(proxy, "status")
+        assert r.returncode == 0 and r.stdout.startswith("connections 0,"), r
+        for s in silent:
+            s.settimeout(30)
+            data = b""
+            while True:  # until the daemon closes it
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            assert data == b'{"ok":false,"error":"timed out reading the request"}\n', data
+    finally:
+        for s in silent:
+            s.close()
