@@ -30,6 +30,11 @@ int conf_error(struct conf_ctx *c, const char *key_path, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(c->err + n, sizeof(c->err) - (size_t)n, fmt, ap);
 	va_end(ap);
+	/* Key names and values come from the file: an escaped newline or other
+	 * control byte in them must not break the error's single line. */
+	for (char *e = c->err; *e; e++)
+		if ((unsigned char)*e < 0x20 || *e == 0x7f)
+			*e = '?';
 	return -EINVAL;
 }
 

@@ -17,7 +17,12 @@ cd "$top"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(guest_session admin_request proxy_config metrics_validate)
+# Every harness: one corpus directory per fuzz-NAME.c (tests/fuzz/meson.build).
+if [ ${#targets[@]} -eq 0 ]; then
+	for d in tests/fuzz/corpus/*/; do
+		targets+=("$(basename "$d")")
+	done
+fi
 
 dir=build-fuzz
 if [ ! -d "$dir" ]; then

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -82,23 +83,51 @@ def test_migrate_errors(broker, proxy_factory):
 
 
 def test_balancer_spreads_packed_load(build_dir, broker, proxy_factory):
-    """Six busy VMs packed onto thread 0 with the balancer off; once it is
-    switched on it moves whole VMs until the busiest thread is within the
-    ratio of the idlest, while every message still arrives exactly once."""
+    """The balancer is on by default (`vmproxyctl balancer` says so) and
+    `balancer off` switches it off at run time: six busy VMs packed onto
+    thread 0 stay there for three times balancer.hold_ms after the sampled
+    load shows the imbalance. Once switched on again it moves whole VMs
+    until the busiest thread is within the ratio of the idlest, while every
+    message still arrives exactly once."""
     vms = make_vms(6, base="127.10.9.1")
+    count = 4000
     proxy = proxy_factory(vms, threads=2, extra={"balancer": {
-        "enabled": False, "interval_ms": 1000, "hold_ms": 2000, "ratio": 1.5,
+        "interval_ms": 1000, "hold_ms": 2000, "ratio": 1.5,
         "min_load": 20, "migrate_timeout_ms": 5000}}).start()
+    rc, out, err = ctl(proxy, "balancer")
+    assert (rc, out) == (0, "balancer on\n"), out + err
+    rc, out, err = ctl(proxy, "balancer", "off")
+    assert (rc, out) == (0, "balancer off\n"), out + err
+    rc, out, err = ctl(proxy, "balancer")
+    assert (rc, out) == (0, "balancer off\n"), out + err
+    rc, out, err = ctl(proxy, "--json", "balancer")
+    assert rc == 0 and json.loads(out)["daemon"]["balancer_enabled"] is False, out + err
+    rc, out, err = ctl(proxy, "balancer", "maybe")
+    assert rc == 2 and "balancer takes on or off" in err, out + err
+    assert "balancer disabled by the operator" in proxy.log_text()
     broker.purge(broker.queue)
-    lg = loadgen(build_dir, proxy, vms, conns=1, count=3000, rate=100, window=32)
+    lg = loadgen(build_dir, proxy, vms, conns=1, count=count, rate=100, window=32)
     wait_for(lambda: len(proxy.admin("vms")["vms"]) == 6, 30, "6 VMs connected")
     for name, t in thread_of(proxy).items():
         if t != 0:
             rc, out, err = ctl(proxy, "migrate", name, "0")
             assert rc == 0, out + err
     assert set(thread_of(proxy).values()) == {0}
+
+    def imbalance():
+        load = {l["thread"]: l["messages_in_per_s"]
+                for l in proxy.admin("status")["daemon"]["load"]}
+        return load.get(0, 0) > 400 and load.get(1, 1) < 20 and load
+    wait_for(imbalance, 15, "the sampled load of the packed thread 0", interval=0.2)
+    # What would make the balancer move for hold_ms holds for 3 x hold_ms.
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        assert set(thread_of(proxy).values()) == {0}, "a VM moved with the balancer off"
+        time.sleep(0.5)  # sampling a state that must not change, not waiting for one
+    assert "balancer: thread" not in proxy.log_text()
+    assert lg.poll() is None, "the load ended before the balancer was switched on"
     rc, out, err = ctl(proxy, "balancer", "on")
-    assert rc == 0 and "balancer on" in out
+    assert (rc, out) == (0, "balancer on\n"), out + err
 
     def spread():
         per = collections.Counter(thread_of(proxy).values())
@@ -108,11 +137,11 @@ def test_balancer_spreads_packed_load(build_dir, broker, proxy_factory):
     rc, out, err = finish(lg, 180)
     assert rc == 0, out + err
     rep = json.loads(out)
-    assert rep["confirmed"] == 6 * 3000 and rep["bad_acks"] == 0, rep
+    assert rep["confirmed"] == 6 * count and rep["bad_acks"] == 0, rep
     assert "balancer: thread 0" in proxy.log_text()
     msgs = broker.get_all(broker.queue, timeout=60)
     check_arrivals(msgs, {v["index"]: v for v in vms},
-                   {(v["index"], 0): 3000 for v in vms})
+                   {(v["index"], 0): count for v in vms})
 
 
 def test_metrics_endpoint_passes_promtool(build_dir, broker, proxy_factory, tmp_path):

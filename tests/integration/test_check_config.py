@@ -187,7 +187,7 @@ def test_check_predicts_start(build_dir, certs, tmp_path, name, edit, starts):
     assert started == starts, "start: status %s\n%s" % (status, out)
     if starts:
         assert check.returncode == 0, check.stdout + check.stderr
-        assert "configuration OK" in check.stdout
+        assert check.stdout == "%s: configuration OK\n" % conf, check.stdout
     else:
         assert check.returncode == 1, "check said OK but the start failed:\n" + out
         assert "configuration OK" not in check.stdout
@@ -252,7 +252,7 @@ def test_agent_check_config(build_dir, certs, tmp_path, name, edit, ok):
     r = subprocess.run([agent, "--config", str(conf), "--check-config"], capture_output=True,
                        text=True, timeout=30)
     assert (r.returncode == 0) == ok, r.stdout + r.stderr
-    assert ("configuration OK" in r.stdout) == ok
+    assert (r.stdout == "%s: configuration OK\n" % conf) == ok, r.stdout
     if name in ("endpoint", "spool-parent-missing"):
         s = subprocess.run([agent, "--config", str(conf)], capture_output=True, text=True,
                            timeout=30)
@@ -293,7 +293,7 @@ def test_consumer_check_config(build_dir, certs, tmp_path, name, edit, ok):
     r = subprocess.run([consumer, "--config", str(conf), "--check-config"],
                        capture_output=True, text=True, timeout=30)
     assert (r.returncode == 0) == ok, r.stdout + r.stderr
-    assert ("configuration OK" in r.stdout) == ok
+    assert (r.stdout == "%s: configuration OK\n" % conf) == ok, r.stdout
     if name in ("sink-parent-missing", "metrics-address-not-here"):
         s = subprocess.run([consumer, "--config", str(conf)], capture_output=True, text=True,
                            timeout=30)

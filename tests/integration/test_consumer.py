@@ -6,6 +6,7 @@ Prometheus endpoint is valid and flags stale VMs."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 
 from harness import free_port, stop_clean, wait_for
 
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT = "6b1f0c3e-0d1a-4c2b-9e8f-7a6b5c4d3e2f"
 
 
@@ -39,6 +41,7 @@ class Consumer:
         (default: JSON Lines in TMP/NAME-jsonl); its "dir" defaults to that
         directory too (quarantine files). SHARDS: more keys of the "queue"
         object for sharded consuming (shards, instance, instances, ...)."""
+        self.queue = queue
         self.dir = tmp / (name + "-jsonl" if name != "consumer" else "jsonl")
         self.port = free_port()
         self.cfg = tmp / (name + ".json")
@@ -210,3 +213,101 @@ def test_vm_table_bound(build_dir, broker, certs, tmp_path):
         assert "vmproxy_consumer_untracked_vms_total 10\n" in text, text
     finally:
         c.stop()
+
+
+def padded(i, seq, size):
+    """A stamped sample of VM I whose body is exactly SIZE bytes (an extra
+    field the schema ignores carries the padding)."""
+    headers, body = stamped(i, seq)
+    d = json.loads(body)
+    d["pad"] = ""
+    base = len(json.dumps(d).encode())
+    d["pad"] = "x" * (size - base)
+    body = json.dumps(d).encode()
+    assert len(body) == size
+    return headers, body
+
+
+def fsync_series(text):
+    """(sum, count) of vmproxy_consumer_batch_fsync_seconds in TEXT."""
+    vals = {}
+    for l in text.splitlines():
+        if l.startswith("vmproxy_consumer_batch_fsync_seconds_"):
+            k, v = l.split()
+            vals[k] = float(v)
+    return (vals["vmproxy_consumer_batch_fsync_seconds_sum"],
+            vals["vmproxy_consumer_batch_fsync_seconds_count"])
+
+
+def counter(text, series):
+    for l in text.splitlines():
+        if l.startswith(series + " "):
+            return float(l.split()[1])
+    raise AssertionError("no %s in\n%s" % (series, text))
+
+
+def test_oversize_message_is_quarantined_and_acked(broker, consumer):
+    """A body of max_message_bytes (default 4 MiB, docs/consumer.md) is
+    stored; one byte more is quarantined with its reason and acked, like
+    every quarantined message: after a clean stop nothing is left in the
+    queue, and the consumer stored the rest."""
+    consumer.start()
+    limit = 4 << 20
+    publish(broker, [padded(1, 1, limit), padded(2, 1, limit + 1), stamped(3, 1)])
+    wait_for(lambda: len(consumer.lines("quarantine")) == 1 and len(consumer.lines()) == 2, 60,
+             "one quarantined and two stored")
+    q = consumer.lines("quarantine")[0]
+    assert q["reason"] == "message larger than max_message_bytes", q["reason"]
+    assert q["x-vm-uuid"] == vm_uuid(2) and q["routing_key"] == "x.metrics.t", q.keys()
+    assert len(q["body"].encode()) == limit + 1
+    assert sorted(l["vm"]["uuid"] for l in consumer.lines()) == sorted([vm_uuid(1), vm_uuid(3)])
+    text = consumer.metrics()
+    assert counter(text, 'vmproxy_consumer_messages_total{result="quarantined"}') == 1
+    assert counter(text, 'vmproxy_consumer_messages_total{result="stored"}') == 2
+    assert consumer.stop() == 0
+    assert broker.queue_depth(consumer.queue) == 0
+
+
+def test_reconnect_and_fsync_series(broker, consumer):
+    """vmproxy_consumer_reconnects_total counts a broker connection lost
+    under the consumer (closed by the broker here), after which it consumes
+    again; vmproxy_consumer_batch_fsync_seconds is a summary whose count
+    grows with each committed batch and whose sum is the time spent; the
+    series docs/consumer.md names are exactly the ones exposed."""
+    consumer.start()
+    text = consumer.metrics()
+    assert "# TYPE vmproxy_consumer_batch_fsync_seconds summary" in text
+    assert "# TYPE vmproxy_consumer_reconnects_total counter" in text
+    assert fsync_series(text) == (0, 0)
+    assert counter(text, "vmproxy_consumer_reconnects_total") == 0
+    publish(broker, [stamped(1, 1)])
+    wait_for(lambda: len(consumer.lines()) == 1, 30, "the first sample stored")
+    s1, n1 = wait_for(lambda: fsync_series(consumer.metrics())[1] >= 1 and
+                      fsync_series(consumer.metrics()), 10, "the first batch's commit observed")
+    assert s1 > 0
+    # Every series docs/consumer.md names is exposed (a VM tracked, TLS on),
+    # and nothing it does not name.
+    section = open(os.path.join(TOP, "docs", "consumer.md")).read().split(
+        "## Metrics")[1].split("\n## ")[0]
+    documented = set(re.findall(r"`(vmproxy_[a-z0-9_]+)", section))
+    exposed = set(re.findall(r"^# TYPE (\S+) ", consumer.metrics(), re.M))
+    assert len(documented) >= 15, documented
+    assert documented == exposed, (sorted(documented - exposed), sorted(exposed - documented))
+
+    def consumer_connections():
+        # The tab-separated form: its pid is the one close_connection takes.
+        out = broker.ctl("list_connections", "pid", "user", "--quiet", "--no-table-headers")
+        return [l.split("\t")[0] for l in out.splitlines()
+                if l.split("\t")[-1] == "vmproxy-consumer"]
+    pids = wait_for(consumer_connections, 30, "the consumer's broker connection")
+    assert len(pids) == 1, pids
+    broker.ctl("close_connection", pids[0], "closed by the test")
+    wait_for(lambda: consumer.consuming() == 2, 60, "the consumer to connect again")
+    assert counter(consumer.metrics(), "vmproxy_consumer_reconnects_total") == 1
+    publish(broker, [stamped(1, 2)])
+    wait_for(lambda: len(consumer.lines()) == 2, 30, "a sample stored after the reconnect")
+    s2, n2 = wait_for(lambda: fsync_series(consumer.metrics())[1] > n1 and
+                      fsync_series(consumer.metrics()), 10, "the second batch's commit observed")
+    assert s2 > s1, (s1, s2)
+    assert consumer.proc.poll() is None
+    assert consumer.stop() == 0

@@ -6,6 +6,7 @@ Guests are simulated VMs on their own 127.x source addresses, mapped in the
 static identity table; the broker is the harness's real RabbitMQ over TLS.
 """
 import json
+import os
 import re
 import signal
 import subprocess
@@ -232,3 +233,22 @@ def test_reload_adds_static_identities_and_refuses_other_identity_changes(broker
     assert first.is_open and third.is_open
     first.close()
     third.close()
+
+
+def test_threads_count_zero_is_one_per_cpu_of_the_affinity_mask(broker, proxy_factory):
+    """threads.count 0 (the default, docs/configuration.md) starts one poll
+    thread per CPU of the process's affinity mask, each pinned to its CPU in
+    order: the whole mask, then a daemon started with one CPU in its mask."""
+    mask = sorted(os.sched_getaffinity(0))
+    for allowed in (mask, mask[-1:]):
+        vms = make_vms(1, base="127.10.44.1")
+        proxy = proxy_factory(vms, threads=0)
+        os.sched_setaffinity(0, allowed)  # inherited by the daemon
+        try:
+            proxy.start(wait_links=False)
+        finally:
+            os.sched_setaffinity(0, mask)
+        proxy.threads = len(allowed)
+        proxy.wait_links()
+        assert [t["cpu"] for t in proxy.admin("threads")["threads"]] == allowed
+        assert proxy.stop() == 0

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -364,9 +365,11 @@ def test_thread_bound_pauses_every_guest_of_the_thread(build_dir, broker, proxy_
     assert {(0, s) for s in range(1, 31)} | {(1, s) for s in range(1, sent + 1)} <= got
 
 
-def test_sigterm_drains_messages_in_flight(build_dir, broker, proxy_factory, tmp_path):
-    """SIGTERM while the broker (frozen) has confirmed none of 50 messages a
-    guest published: the daemon keeps every guest open while they are held,
+@pytest.mark.parametrize("how", ["sigterm", "vmproxyctl"])
+def test_sigterm_drains_messages_in_flight(build_dir, broker, proxy_factory, tmp_path, how):
+    """SIGTERM (or `vmproxyctl drain`, the same per docs/admin.md) while the
+    broker (frozen) has confirmed none of 50 messages a guest published: the
+    daemon stops accepting and keeps every guest open while they are held,
     acks all 50 once the broker (thawed) confirms them, then closes the
     guests with 320 and exits 0; the queue holds the 50, once each."""
     n = 50
@@ -382,9 +385,24 @@ def test_sigterm_drains_messages_in_flight(build_dir, broker, proxy_factory, tmp
                      report=tmp_path / "drain.json")
         wait_for(lambda: proxy.admin("status")["daemon"]["held_messages"] == n, 30,
                  "%d messages held, unconfirmed" % n)
-        proxy.proc.send_signal(signal.SIGTERM)
+        if how == "sigterm":
+            proxy.proc.send_signal(signal.SIGTERM)
+        else:
+            r = subprocess.run([proxy.ctl, "--socket", proxy.admin_path, "drain"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0 and r.stdout == (
+                "draining: no new connections; guests are closed once their messages "
+                "are confirmed\n"), r
         wait_for(lambda: "draining: no new connections" in proxy.log_text(), 10,
                  "the drain to begin")
+
+        def refused():
+            try:
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        wait_for(refused, 10, "the listener closed by the drain")
         # Nothing is confirmed yet: every guest stays open meanwhile.
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:

@@ -104,6 +104,31 @@ static void test_unknown_key(void **state)
 	json_decref(root);
 }
 
+/* A key or value from the file with an escaped newline or another control
+ * byte: the error stays one line, the byte shown as '?'. */
+static void test_error_stays_one_line(void **state)
+{
+	json_t *root =
+		json_loads("{\"threads\":{\"co\\nunt\":2,\"mode\":\"a\\u001bb\"}}", 0, NULL);
+	const char *const allowed[] = { "mode", NULL };
+	const char *const modes[] = { "x", NULL };
+	struct conf_ctx c;
+	unsigned m;
+
+	assert_non_null(root);
+	conf_ctx_init(&c, "/etc/vmproxyd.json");
+	assert_int_equal(conf_check_keys(&c, json_object_get(root, "threads"), "threads", allowed),
+			 -22);
+	assert_string_equal(c.err, "/etc/vmproxyd.json: threads.co?unt: unknown key");
+	conf_ctx_init(&c, "/etc/vmproxyd.json");
+	assert_int_equal(conf_get_enum(&c, json_object_get(root, "threads"), "threads", "mode",
+				       false, modes, &m),
+			 -22);
+	assert_string_equal(c.err,
+			    "/etc/vmproxyd.json: threads.mode: expected one of \"x\", got \"a?b\"");
+	json_decref(root);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -111,6 +136,7 @@ int main(void)
 		cmocka_unit_test(test_not_object),
 		cmocka_unit_test(test_typed_getters),
 		cmocka_unit_test(test_unknown_key),
+		cmocka_unit_test(test_error_stays_one_line),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
