@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from harness import free_port, wait_for
 
 TOP = pathlib.Path(__file__).resolve().parents[2]
-NODE_XML = TOP / "tests" / "unit" / "proxycore" / "data" / "node.xml"
+NODE_XML = TOP / "tests" / "unit" / "proxy" / "data" / "node.xml"
 
 
 def _expired_cert(certs, path):

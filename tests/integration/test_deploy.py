@@ -214,7 +214,7 @@ def test_conf_page_example_is_valid(installed, certs, tmp_path):
     text = m.group(1).replace("\\-", "-")
     for name in ("ca.pem", "proxy.pem", "proxy-key.pem"):
         text = text.replace("/etc/vmproxy/tls/" + name, str(certs / name))
-    node = pathlib.Path(__file__).resolve().parents[2] / "tests/unit/proxycore/data/node.xml"
+    node = pathlib.Path(__file__).resolve().parents[2] / "tests/unit/proxy/data/node.xml"
     text = text.replace("qemu:///system", "test://%s" % node)
     text = text.replace("/run/vmproxyd/", str(tmp_path) + "/")
     text = text.replace('"vmproxy-admin"', '"root"')

@@ -270,7 +270,7 @@ def test_installed_example_checks(installed, certs, tmp_path):
         text = text.replace("/etc/vmproxy/tls/" + name, str(certs / name))
     doc = json.loads(text)
     doc["identity"]["libvirt_uri"] = "test://" + os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "unit", "proxycore", "data",
+        os.path.dirname(os.path.abspath(__file__)), "..", "unit", "proxy", "data",
         "node.xml")
     for listener in doc["listeners"]:
         if listener["type"] == "tcp":

@@ -619,7 +619,7 @@ def with_vsock_listener(proxy, vport):
         c = config()
         c["listeners"].append({"type": "vsock", "port": vport})
         c["identity"]["libvirt_uri"] = "test://" + os.path.join(
-            HERE, "..", "unit", "proxycore", "data", "node.xml")
+            HERE, "..", "unit", "proxy", "data", "node.xml")
         return c
     proxy.config = cfg
 

@@ -1,4 +1,4 @@
-/* test-link-placement.c -- where upstream links go on a broker cluster: a
+/* test-upstream-placement.c -- where upstream links go on a broker cluster: a
  * fleet's links are balanced over the nodes, a round of failover visits
  * every node once and ends where it began, and the links of a lost node
  * spread over all the survivors rather than onto one neighbour. */

@@ -1,4 +1,4 @@
-/* test-vsock-accept.c -- the acceptor's decision for vsock peers, with the
+/* test-daemon-vsock_accept.c -- the acceptor's decision for vsock peers, with the
  * whole daemon in-process on libvirt's test driver. vsock connections
  * cannot be made on a machine without a guest, so each "connection" is one
  * end of a socketpair handed to the acceptor with the peer CID it would
@@ -267,6 +267,6 @@ int main(void)
 		cmocka_unit_test(test_event_clears_unknown_cid),
 	};
 
-	log_init("test-vsock-accept", LOG_LEVEL_ERROR);
+	log_init("test-daemon-vsock_accept", LOG_LEVEL_ERROR);
 	return cmocka_run_group_tests(tests, start, stop);
 }

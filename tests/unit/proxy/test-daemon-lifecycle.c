@@ -1,4 +1,4 @@
-/* test-vm-lifecycle.c -- the whole daemon in-process, with libvirt's test
+/* test-daemon-lifecycle.c -- the whole daemon in-process, with libvirt's test
  * driver: a guest connected through its VM's Unix socket is closed with
  * 320 CONNECTION_FORCED when its domain is destroyed, and another VM's
  * connection is not touched. In-process because the test driver keeps its
@@ -132,6 +132,6 @@ int main(void)
 		cmocka_unit_test(test_destroyed_domain_closes_its_connections),
 	};
 
-	log_init("test-vm-lifecycle", LOG_LEVEL_WARN);
+	log_init("test-daemon-lifecycle", LOG_LEVEL_WARN);
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
