@@ -60,8 +60,9 @@ struct consumer {
 	uint32_t id;
 	uint16_t ch;
 	uint32_t gen;
-	bool no_ack;
+		bool no_ack;
 	bool ready; /* consume-ok given */
+	uint16_t prefetch; /* the channel's basic.qos when it was created */
 	uint8_t tag_len;
 	char tag[256];
 };
@@ -93,6 +94,7 @@ struct chan {
 	uint16_t prefetch;		/* basic.qos for consumers created after it */
 	amqp_method_number_t pending;	/* an inbox request awaiting the owner's answer */
 	bool pending_nowait;
+	bool get_no_ack; /* of the pending basic.get */
 	bool declared;			/* the inbox was declared: "" names it */
 	uint64_t dnext;			/* the last delivery tag given */
 	struct dlv *dl;			/* unsettled deliveries, by tag ascending */
@@ -965,9 +967,6 @@ static bool refused_method(amqp_method_number_t id)
 	case AMQP_QUEUE_PURGE_METHOD:
 	case AMQP_QUEUE_DELETE_METHOD:
 	case AMQP_QUEUE_UNBIND_METHOD:
-	case AMQP_BASIC_GET_METHOD:
-	case AMQP_BASIC_RECOVER_ASYNC_METHOD:
-	case AMQP_BASIC_RECOVER_METHOD:
 		return true;
 	}
 	return false;
@@ -1100,6 +1099,66 @@ static void on_queue_declare(struct guest_session *s, struct chan *c, const uint
 	emit(s, &ev);
 }
 
+static void on_get(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
+{
+	amqp_basic_get_t *m;
+	struct guest_event ev;
+
+	if (amqp_decode_method(AMQP_BASIC_GET_METHOD, &s->pool, (amqp_bytes_t){ len, (void *)args },
+			       (void **)&m) < 0) {
+		conn_error(s, 501, AMQP_BASIC_GET_METHOD, "cannot decode basic.get");
+		return;
+	}
+	if (!is_inbox(s, c, m->queue, true)) {
+		refuse_queue(s, c, AMQP_BASIC_GET_METHOD, m->queue);
+		return;
+	}
+	if (!check_not_pending(s, c, AMQP_BASIC_GET_METHOD))
+		return;
+	if (!m->no_ack && c->ndl >= s->cfg->max_unacked) {
+		chan_error(s, c, 406, AMQP_BASIC_GET_METHOD,
+			   "more than %u unacknowledged deliveries on channel %u", s->cfg->max_unacked,
+			   c->id);
+		return;
+	}
+	c->pending = AMQP_BASIC_GET_METHOD;
+	c->pending_nowait = false;
+	c->get_no_ack = m->no_ack;
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_GET;
+	ev.channel = c->id;
+	ev.channel_gen = c->gen;
+	ev.no_ack = m->no_ack;
+	emit(s, &ev);
+}
+
+/* basic.recover(-async) with requeue: the channel's unsettled deliveries
+ * go back to the queue (RELEASE events) and are delivered again, marked
+ * redelivered, as RabbitMQ does; requeue=false is not supported there
+ * either. */
+static void on_recover(struct guest_session *s, struct chan *c, amqp_method_number_t id,
+		       const uint8_t *args, size_t len)
+{
+	bool requeue = len >= 1 && (args[0] & 1);
+	uint32_t n = c->ndl;
+
+	if (len < 1) {
+		conn_error(s, 501, id, "cannot decode %s", method_name(id));
+		return;
+	}
+	if (!requeue) {
+		conn_error(s, 540, id, "requeue=false");
+		return;
+	}
+	c->ndl = 0;
+	for (uint32_t i = 0; i < n; i++)
+		emit_settle(s, c, &c->dl[i], GUEST_SETTLE_RELEASE, true);
+	if (id == AMQP_BASIC_RECOVER_METHOD) {
+		amqp_basic_recover_ok_t ok = { 0 };
+		send_method(s, c->id, AMQP_BASIC_RECOVER_OK_METHOD, &ok);
+	}
+}
+
 static struct consumer *cons_by_tag(struct guest_session *s, amqp_bytes_t tag)
 {
 	for (uint16_t i = 0; i < s->ncons; i++)
@@ -1160,7 +1219,8 @@ static void on_consume(struct guest_session *s, struct chan *c, const uint8_t *a
 	k->id = ++s->next_cid;
 	k->ch = c->id;
 	k->gen = c->gen;
-	k->no_ack = m->no_ack;
+		k->no_ack = m->no_ack;
+	k->prefetch = c->prefetch;
 	if (m->consumer_tag.len) {
 		k->tag_len = (uint8_t)m->consumer_tag.len;
 		memcpy(k->tag, m->consumer_tag.bytes, m->consumer_tag.len);
@@ -1363,6 +1423,52 @@ void guest_session_cancel_consumer(struct guest_session *s, uint32_t consumer_id
 	cons_remove(s, i);
 }
 
+static void send_content(struct guest_session *s, uint16_t channel, amqp_bytes_t properties,
+			 amqp_bytes_t body);
+
+int64_t guest_session_get_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			     bool redelivered, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+			     uint32_t count, amqp_bytes_t properties, amqp_bytes_t body,
+			     uint64_t up_tag, uint32_t up_gen)
+{
+	struct chan *c = chan_find(s, channel);
+	amqp_basic_get_ok_t g;
+
+	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING ||
+	    c->pending != AMQP_BASIC_GET_METHOD)
+		return -ENOENT;
+	if (12 + properties.len > s->frame_max - 8 || exchange.len > 255 || routing_key.len > 255)
+		return -EMSGSIZE;
+	if (!c->get_no_ack && c->ndl == c->capdl) {
+		uint32_t cap = c->capdl ? c->capdl * 2 : 16;
+		struct dlv *a = realloc(c->dl, cap * sizeof(*a));
+		if (!a)
+			return -ENOENT;
+		c->dl = a;
+		c->capdl = cap;
+	}
+	c->pending = 0;
+	g.delivery_tag = ++c->dnext;
+	g.redelivered = redelivered;
+	g.exchange = exchange;
+	g.routing_key = routing_key;
+	g.message_count = count;
+	send_method(s, channel, AMQP_BASIC_GET_OK_METHOD, &g);
+	send_content(s, channel, properties, body);
+	if (!c->get_no_ack)
+		c->dl[c->ndl++] = (struct dlv){ .tag = c->dnext, .up_tag = up_tag, .up_gen = up_gen };
+	return (int64_t)c->dnext;
+}
+
+void guest_session_get_empty(struct guest_session *s, uint16_t channel, uint32_t channel_gen)
+{
+	struct chan *c = answer_chan(s, channel, channel_gen, AMQP_BASIC_GET_METHOD);
+	amqp_basic_get_empty_t e = { .cluster_id = amqp_empty_bytes };
+
+	if (c)
+		send_method(s, c->id, AMQP_BASIC_GET_EMPTY_METHOD, &e);
+}
+
 /* Content header and body frames of a message on CHANNEL. */
 static void send_content(struct guest_session *s, uint16_t channel, amqp_bytes_t properties,
 			 amqp_bytes_t body)
@@ -1453,11 +1559,15 @@ void guest_session_detach_deliveries(struct guest_session *s,
 	}
 }
 
-void guest_session_cancel_all(struct guest_session *s, const char *why)
+void guest_session_foreach_consumer(struct guest_session *s,
+				    void (*fn)(void *ud, uint16_t channel, uint32_t channel_gen,
+					       uint32_t consumer_id, uint16_t prefetch, bool no_ack),
+				    void *ud)
 {
-	/* Each cancel removes the consumer (or closes its channel). */
-	for (uint16_t n = s->ncons; n > 0 && s->ncons > 0; n--)
-		guest_session_cancel_consumer(s, s->cons[s->ncons - 1].id, why);
+	for (uint16_t i = 0; i < s->ncons; i++)
+		if (s->cons[i].ready)
+			fn(ud, s->cons[i].ch, s->cons[i].gen, s->cons[i].id, s->cons[i].prefetch,
+			   s->cons[i].no_ack);
 }
 
 uint32_t guest_session_unacked(const struct guest_session *s)
@@ -1612,6 +1722,13 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		return;
 	case AMQP_BASIC_CANCEL_METHOD:
 		on_cancel(s, c, args, len);
+		return;
+	case AMQP_BASIC_GET_METHOD:
+		on_get(s, c, args, len);
+		return;
+	case AMQP_BASIC_RECOVER_METHOD:
+	case AMQP_BASIC_RECOVER_ASYNC_METHOD:
+		on_recover(s, c, id, args, len);
 		return;
 	case AMQP_TX_SELECT_METHOD:
 	case AMQP_TX_COMMIT_METHOD:

@@ -60,6 +60,8 @@ enum guest_event_type {
 	GUEST_EVENT_CANCEL,  /* consumer .consumer_id is gone (cancel-ok already sent, or
 				its channel closed); no answer */
 	GUEST_EVENT_SETTLE,  /* .settle: one delivery acked, nacked, rejected or released */
+	GUEST_EVENT_GET,     /* basic.get of the inbox (.no_ack): answer with
+				guest_session_get_ok or _get_empty */
 	GUEST_EVENT_CHANNEL_CLOSED, /* .channel, .channel_gen: no further confirms needed */
 	GUEST_EVENT_CLOSED,	    /* the connection is finished: close the socket once
 				       the output is flushed (guest_session_done) */
@@ -158,6 +160,15 @@ void guest_session_declare_ok(struct guest_session *s, uint16_t channel, uint32_
 			      uint32_t count, uint32_t consumers);
 void guest_session_consume_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
 			      uint32_t consumer_id);
+/* Answers to GET: get-ok with the channel's next delivery tag and the
+ * message (as for guest_session_deliver; COUNT messages left), or
+ * get-empty. get_ok returns the tag, or -ENOENT when the request is gone. */
+int64_t guest_session_get_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			     bool redelivered, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+			     uint32_t count, amqp_bytes_t properties, amqp_bytes_t body,
+			     uint64_t up_tag, uint32_t up_gen);
+void guest_session_get_empty(struct guest_session *s, uint16_t channel, uint32_t channel_gen);
+
 /* Close CHANNEL (of CHANNEL_GEN) with CODE and TEXT ("NAME - detail"), as
  * the answer to its pending inbox request. */
 void guest_session_fail(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
@@ -191,8 +202,12 @@ void guest_session_release_all(struct guest_session *s);
 void guest_session_detach_deliveries(struct guest_session *s,
 				     void (*fn)(void *ud, uint64_t up_tag, uint32_t up_gen),
 				     void *ud);
-/* Cancel every consumer as guest_session_cancel_consumer does. */
-void guest_session_cancel_all(struct guest_session *s, const char *why);
+/* Call FN for every consumer that has its consume-ok: its channel and
+ * generation, id, the prefetch it was created with, and no_ack. */
+void guest_session_foreach_consumer(struct guest_session *s,
+				    void (*fn)(void *ud, uint16_t channel, uint32_t channel_gen,
+					       uint32_t consumer_id, uint16_t prefetch, bool no_ack),
+				    void *ud);
 
 /* Unsettled deliveries on the session's channels. */
 uint32_t guest_session_unacked(const struct guest_session *s);

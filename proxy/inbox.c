@@ -56,6 +56,7 @@ enum req_what {
 	REQ_CONSUME,     /* a guest's basic.consume */
 	REQ_RESUBSCRIBE, /* a consumer's subscription after the channel was lost */
 	REQ_CANCEL,      /* a consumer's basic.cancel */
+	REQ_GET,         /* a guest's basic.get */
 };
 
 struct inbox_req {
@@ -70,6 +71,8 @@ struct inbox_req {
 	uint16_t code;
 	char text[200];
 	uint32_t count, consumers;
+	bool no_ack;                /* GET */
+	char uuid[VM_UUID_LEN + 1]; /* GET: whose routing key prefix to strip */
 };
 
 struct inbox {
@@ -266,7 +269,7 @@ static void wake(struct inbox *ib, struct guest_conn *c)
  * subscription, qos and consume. R counts the replies; a request that
  * cannot even be queued fails R at once. Returns false then. */
 static bool send_chain(struct inbox *ib, struct inbox_req *r, const char *queue, const char *uuid,
-                       struct inbox_cons *k)
+                       struct inbox_cons *k, bool get)
 {
 	struct upstream_proto *p = ib->up ? upstream_inbox_proto(ib->up) : NULL;
 	char key[VM_UUID_LEN + 3];
@@ -288,6 +291,9 @@ static bool send_chain(struct inbox *ib, struct inbox_req *r, const char *queue,
 	if (e == 0 && k) {
 		r->replies++;
 		e = upstream_proto_inbox_consume(p, queue, k->tag, k->prefetch, cookie);
+	} else if (e == 0 && get) {
+		r->replies++;
+		e = upstream_proto_inbox_get(p, queue, cookie);
 	}
 	if (e == 0) {
 		r->replies++;
@@ -336,7 +342,7 @@ static void subscribe(struct inbox *ib, struct inbox_cons *k, enum req_what what
 		wake(ib, k->conn);
 		return;
 	}
-	if (!send_chain(ib, r, k->queue, k->uuid, k) && r->replies == 0)
+	if (!send_chain(ib, r, k->queue, k->uuid, k, false) && r->replies == 0)
 		inbox_on_reply(ib, (uint64_t)(uintptr_t)r, UPSTREAM_INBOX_CONSUME, false, 0, NULL,
 		               0, 0);
 }
@@ -394,8 +400,25 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
 			break;
 		}
 		snprintf(queue, sizeof(queue), "vm.%s.inbox", vm->uuid);
-		if (!send_chain(ib, r, queue, vm->uuid, NULL) && r->replies == 0)
+		if (!send_chain(ib, r, queue, vm->uuid, NULL, false) && r->replies == 0)
 			inbox_on_reply(ib, (uint64_t)(uintptr_t)r, UPSTREAM_INBOX_DECLARE, false, 0,
+			               NULL, 0, 0);
+		break;
+	}
+	case GUEST_EVENT_GET: {
+		struct inbox_req *r = req_new(ib, REQ_GET, c, ev->channel, ev->channel_gen, NULL);
+		char queue[VM_UUID_LEN + 16];
+
+		if (!r) {
+			guest_session_fail(c->sess, ev->channel, ev->channel_gen, 541,
+			                   "out of memory");
+			break;
+		}
+		r->no_ack = ev->no_ack;
+		snprintf(r->uuid, sizeof(r->uuid), "%s", vm->uuid);
+		snprintf(queue, sizeof(queue), "vm.%s.inbox", vm->uuid);
+		if (!send_chain(ib, r, queue, vm->uuid, NULL, true) && r->replies == 0)
+			inbox_on_reply(ib, (uint64_t)(uintptr_t)r, UPSTREAM_INBOX_GET, false, 0,
 			               NULL, 0, 0);
 		break;
 	}
@@ -426,19 +449,32 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
 	wake(ib, c);
 }
 
-void inbox_conn_closing(struct inbox *ib, struct guest_conn *c, struct guest_session *sess)
+/* Nothing here refers to C afterwards: its consumers are cancelled at the
+ * broker, its requests answered by nobody (SESS, when given, gets a 506
+ * for those the guest waits for: C is moving, and its session stays). */
+static void cut_loose(struct inbox *ib, struct guest_conn *c, struct guest_session *sess)
 {
-	/* Deliveries back and consumers cancelled, through the events. */
-	if (sess)
-		guest_session_release_all(sess);
 	for (struct inbox_cons *k = ib->cons, *n; k; k = n) {
 		n = k->next;
 		if (k->conn == c)
 			cancel_upstream(ib, k);
 	}
-	for (struct inbox_req *r = ib->reqs; r; r = r->next)
-		if (r->conn == c)
-			r->conn = NULL;
+	for (struct inbox_req *r = ib->reqs; r; r = r->next) {
+		if (r->conn != c)
+			continue;
+		if (sess && r->what != REQ_CANCEL && r->what != REQ_RESUBSCRIBE)
+			guest_session_fail(sess, r->ch, r->ch_gen, 506,
+			                   "the VM moved to another poll thread; try again");
+		r->conn = NULL;
+	}
+}
+
+void inbox_conn_closing(struct inbox *ib, struct guest_conn *c, struct guest_session *sess)
+{
+	/* Deliveries back and consumers cancelled, through the events. */
+	if (sess)
+		guest_session_release_all(sess);
+	cut_loose(ib, c, NULL);
 }
 
 static void requeue_detached(void *ud, uint64_t up_tag, uint32_t up_gen)
@@ -454,17 +490,49 @@ void inbox_conn_leaving(struct inbox *ib, struct guest_conn *c)
 {
 	if (!c->sess)
 		return;
-	guest_session_cancel_all(c->sess, "the VM moved to another poll thread; consume again");
 	guest_session_detach_deliveries(c->sess, requeue_detached, ib);
-	/* Consumers whose cancel closed a channel instead are cut loose too. */
-	for (struct inbox_cons *k = ib->cons, *n; k; k = n) {
-		n = k->next;
-		if (k->conn == c)
-			cancel_upstream(ib, k);
+	cut_loose(ib, c, c->sess);
+}
+
+struct arrival {
+	struct inbox *ib;
+	struct guest_conn *c;
+	const struct vm_info *vm;
+};
+
+static void adopt_consumer(void *ud, uint16_t channel, uint32_t channel_gen, uint32_t cid,
+                           uint16_t prefetch, bool no_ack)
+{
+	struct arrival *a = ud;
+	struct guest_event ev = {.channel = channel,
+	                         .channel_gen = channel_gen,
+	                         .consumer_id = cid,
+	                         .prefetch = prefetch,
+	                         .no_ack = no_ack};
+	struct inbox_cons *k = cons_new(a->ib, a->c, a->vm, &ev);
+
+	if (!k) {
+		guest_session_cancel_consumer(a->c->sess, cid, "out of memory");
+		return;
 	}
-	for (struct inbox_req *r = ib->reqs; r; r = r->next)
-		if (r->conn == c)
-			r->conn = NULL;
+	k->st = CONS_DOWN;
+}
+
+void inbox_conn_arrived(struct inbox *ib, struct guest_conn *c, const struct vm_info *vm)
+{
+	struct arrival a = {ib, c, vm};
+
+	if (!c->sess)
+		return;
+	guest_session_foreach_consumer(c->sess, adopt_consumer, &a);
+	if (ib->up && upstream_inbox_proto(ib->up)) {
+		for (struct inbox_cons *k = ib->cons, *n; k; k = n) {
+			n = k->next;
+			if (k->conn == c && k->st == CONS_DOWN)
+				subscribe(ib, k, REQ_RESUBSCRIBE);
+		}
+	}
+	wake(ib, c);
 }
 
 void inbox_link_up(struct inbox *ib)
@@ -538,6 +606,15 @@ static void req_done(struct inbox *ib, struct inbox_req *r)
 		if (k)
 			cons_free(ib, k);
 		break;
+	case REQ_GET:
+		/* Here only when nothing was got: empty, or failed. */
+		if (!s)
+			break;
+		if (r->failed)
+			guest_session_fail(s, r->ch, r->ch_gen, r->code ? r->code : 506, r->text);
+		else
+			guest_session_get_empty(s, r->ch, r->ch_gen);
+		break;
 	}
 	wake(ib, c);
 	req_free(ib, r);
@@ -564,12 +641,54 @@ void inbox_on_reply(struct inbox *ib, uint64_t cookie, enum upstream_inbox_req k
 		req_done(ib, r);
 }
 
+/* The routing key a guest sees: without its own "<uuid>." (the binding
+ * guarantees the prefix). */
+static amqp_bytes_t guest_key(amqp_bytes_t rk, const char *uuid)
+{
+	size_t ul = strlen(uuid);
+
+	if (rk.len > ul && memcmp(rk.bytes, uuid, ul) == 0 && ((char *)rk.bytes)[ul] == '.') {
+		rk.bytes = (char *)rk.bytes + ul + 1;
+		rk.len -= ul + 1;
+	}
+	return rk;
+}
+
+void inbox_on_got(struct inbox *ib, uint64_t cookie, const struct upstream_proto_delivery *d,
+                  uint32_t count)
+{
+	struct upstream_proto *p = ib->up ? upstream_inbox_proto(ib->up) : NULL;
+	struct inbox_req *r = (struct inbox_req *)(uintptr_t)cookie;
+	struct guest_conn *c = r->conn;
+	int64_t t = -ENOENT;
+
+	if (c && c->sess && !r->failed)
+		t = guest_session_get_ok(c->sess, r->ch, r->ch_gen, d->redelivered, d->exchange,
+		                         guest_key(d->routing_key, r->uuid), count, d->properties,
+		                         d->body, d->delivery_tag, d->gen);
+	if (p) {
+		if (t == -EMSGSIZE)
+			upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_REJECT,
+			                            false);
+		else if (t < 0)
+			upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_NACK,
+			                            true);
+		else if (r->no_ack)
+			upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_ACK,
+			                            false);
+	}
+	if (t == -EMSGSIZE && c && c->sess)
+		guest_session_fail(c->sess, r->ch, r->ch_gen, 506,
+		                   "the message's properties do not fit the frame size");
+	wake(ib, c);
+	req_free(ib, r); /* the get was the chain's last request */
+}
+
 void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d)
 {
 	struct upstream_proto *p = ib->up ? upstream_inbox_proto(ib->up) : NULL;
 	struct inbox_cons *k = cons_by_tag(ib, d->consumer_tag);
 	amqp_bytes_t rk = d->routing_key;
-	size_t ul;
 	int64_t t;
 
 	if (!p)
@@ -579,13 +698,7 @@ void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d)
 		upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
 		return;
 	}
-	/* The guest sees the routing key it would have published with: without
-	 * its own "<uuid>." (the binding guarantees the prefix). */
-	ul = strlen(k->uuid);
-	if (rk.len > ul && memcmp(rk.bytes, k->uuid, ul) == 0 && ((char *)rk.bytes)[ul] == '.') {
-		rk.bytes = (char *)rk.bytes + ul + 1;
-		rk.len -= ul + 1;
-	}
+	rk = guest_key(rk, k->uuid);
 	t = guest_session_deliver(k->conn->sess, k->ch, k->ch_gen, k->cid, d->redelivered,
 	                          d->exchange, rk, d->properties, d->body, d->delivery_tag, d->gen);
 	if (t == -EMSGSIZE) {
@@ -593,6 +706,21 @@ void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d)
 		log_warn("thread=%u: consumer %s: a delivery's properties do not fit the guest's "
 		         "frame size; rejected",
 		         ib->thread_id, k->tag);
+	} else if (t == -ENOSPC) {
+		/* The guest holds its channel's whole bound (acks it keeps back,
+		 * or tags of a lost link it never settled): requeueing alone
+		 * would have the broker deliver the same message again at once.
+		 * The consumer is cancelled instead. */
+		struct guest_conn *c = k->conn;
+
+		upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
+		log_warn("thread=%u: consumer %s: the guest channel is at its bound of unacked "
+		         "deliveries; cancelled",
+		         ib->thread_id, k->tag);
+		guest_session_cancel_consumer(c->sess, k->cid,
+		                              "too many unacknowledged deliveries on the channel");
+		wake(ib, c);
+		return;
 	} else if (t < 0) {
 		upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
 	} else if (k->no_ack) {

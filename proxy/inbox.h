@@ -42,11 +42,15 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
  * cancelled there, and nothing refers to C afterwards. */
 void inbox_conn_closing(struct inbox *ib, struct guest_conn *c, struct guest_session *sess);
 
-/* C moves to another poll thread (with its VM), whose link does not have
- * its consumers: they are cancelled (the guest gets basic.cancel and may
- * consume again there) and its unsettled deliveries requeued at the broker;
- * the guest's later acks of them are accepted and dropped. */
+/* C moves to another poll thread with its VM: its consumers are cancelled
+ * on this thread's link and its unsettled deliveries requeued there (the
+ * guest's later acks of them are accepted and dropped); the guest keeps its
+ * consumers, which inbox_conn_arrived subscribes on the new thread's link,
+ * where the requeued messages come again, redelivered. */
 void inbox_conn_leaving(struct inbox *ib, struct guest_conn *c);
+/* C (of VM) arrived from another poll thread: subscribe its session's
+ * consumers on this thread's link (now, or when the link comes up). */
+void inbox_conn_arrived(struct inbox *ib, struct guest_conn *c, const struct vm_info *vm);
 
 /* The link came up: consumers the link's loss interrupted subscribe again
  * (the broker redelivers what they had not acked, redelivered=true). */
@@ -60,5 +64,7 @@ uint32_t inbox_consumers(const struct inbox *ib, const struct guest_conn *c);
 void inbox_on_reply(struct inbox *ib, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
                     uint16_t code, const char *text, uint32_t count, uint32_t consumers);
 void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d);
+void inbox_on_got(struct inbox *ib, uint64_t cookie, const struct upstream_proto_delivery *d,
+                  uint32_t count);
 void inbox_on_cancelled(struct inbox *ib, amqp_bytes_t tag);
 void inbox_on_closed(struct inbox *ib, uint16_t code, const char *text);

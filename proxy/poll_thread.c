@@ -380,6 +380,14 @@ static void op_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
 	inbox_on_deliver(pt->inbox, d);
 }
 
+static void op_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			 uint32_t count)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_got(pt->inbox, cookie, d, count);
+}
+
 static void op_inbox_cancelled(void *ud, amqp_bytes_t tag)
 {
 	struct poll_thread *pt = ud;
@@ -402,7 +410,9 @@ static const struct upstream_ops pt_upstream_ops = {
 	.state_changed = op_state_changed,
 	.returned = op_returned,
 	.inbox_reply = op_inbox_reply,
-	.inbox_deliver = op_inbox_deliver,
+		.inbox_deliver = op_inbox_deliver,
+	.inbox_got = op_inbox_got,
+
 	.inbox_cancelled = op_inbox_cancelled,
 	.inbox_closed = op_inbox_closed,
 };
@@ -517,6 +527,7 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 	case GUEST_EVENT_CONSUME:
 	case GUEST_EVENT_CANCEL:
 	case GUEST_EVENT_SETTLE:
+	case GUEST_EVENT_GET:
 		inbox_guest_event(pt->inbox, c, &c->vm->info, ev);
 		break;
 	case GUEST_EVENT_CHANNEL_CLOSED:
@@ -899,10 +910,11 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		next = c->vm_next;
 		c->vm = v;
 		c->pt = pt;
-		if (c->sess)
+				if (c->sess)
 			guest_session_set_config(c->sess, &pt->scfg);
 		v->refs++;
 		conn_attach(pt, c);
+		inbox_conn_arrived(pt->inbox, c, &v->info);
 		c->ep_events = 0;
 		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
 			c->closing = true;

@@ -102,7 +102,10 @@ struct upstream {
 	uint64_t up_since;
 	bool read_more;	   /* the read budget ran out with data possibly left */
 	bool io_failed;	   /* a fatal read or write error: no more I/O on it */
-	bool session_ok;   /* this connection got a confirm: the backoff resets */
+		bool session_ok;   /* this connection got a confirm: the backoff resets */
+	/* Inbox channel generations continue across connections: a delivery
+	 * tag of an earlier connection never matches the current one. */
+	uint32_t inbox_gen;
 
 	/* Published and not yet handed back, by delivery tag: the message with
 	 * tag t is ring[t & ring_mask], for low_tag <= t <= proto.next_tag. */
@@ -367,7 +370,8 @@ static void link_close(struct upstream *up, uint64_t now)
 		up->st.deliveries_refused += up->proto.ib.refused;
 		up->st.delivered += up->proto.ib.delivered;
 		up->proto.ib.refused = up->proto.ib.delivered = 0;
-		upstream_proto_inbox_abort(&up->proto, "the link to the broker ended");
+				upstream_proto_inbox_abort(&up->proto, "the link to the broker ended");
+		up->inbox_gen = up->proto.ib.gen;
 		upstream_proto_destroy(&up->proto);
 		up->proto_live = false;
 	}
@@ -556,6 +560,17 @@ static void proto_inbox_deliver(void *ud, const struct upstream_proto_delivery *
 		upstream_proto_inbox_settle(&up->proto, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
 }
 
+static void proto_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			    uint32_t count)
+{
+	struct upstream *up = ud;
+
+	if (up->ops->inbox_got)
+		up->ops->inbox_got(up->ud, cookie, d, count);
+	else
+		upstream_proto_inbox_settle(&up->proto, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
+}
+
 static void proto_inbox_cancelled(void *ud, amqp_bytes_t tag)
 {
 	struct upstream *up = ud;
@@ -582,7 +597,9 @@ static const struct upstream_proto_ops proto_ops = {
 	.flow = proto_flow,
 	.returned = proto_returned,
 	.inbox_reply = proto_inbox_reply,
-	.inbox_deliver = proto_inbox_deliver,
+		.inbox_deliver = proto_inbox_deliver,
+	.inbox_got = proto_inbox_got,
+
 	.inbox_cancelled = proto_inbox_cancelled,
 	.inbox_closed = proto_inbox_closed,
 };
@@ -593,6 +610,7 @@ static void start_amqp(struct upstream *up, uint64_t now)
 		link_fail(up, now, "out of memory");
 		return;
 	}
+	up->proto.ib.gen = up->inbox_gen;
 	up->proto_live = true;
 	up->state = LINK_AMQP;
 }

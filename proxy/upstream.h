@@ -64,7 +64,9 @@ struct upstream_ops {
 	 * inbox_closed also comes when the link ends. May be NULL. */
 	void (*inbox_reply)(void *userdata, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
 			    uint16_t code, const char *text, uint32_t count, uint32_t consumers);
-	void (*inbox_deliver)(void *userdata, const struct upstream_proto_delivery *d);
+		void (*inbox_deliver)(void *userdata, const struct upstream_proto_delivery *d);
+	void (*inbox_got)(void *userdata, uint64_t cookie, const struct upstream_proto_delivery *d,
+			  uint32_t count);
 	void (*inbox_cancelled)(void *userdata, amqp_bytes_t tag);
 	void (*inbox_closed)(void *userdata, uint16_t code, const char *text);
 };

@@ -343,7 +343,7 @@ static void ib_reset_delivery(struct upstream_proto *p)
 	free(p->ib.meta);
 	free(p->ib.body);
 	p->ib.meta = p->ib.body = NULL;
-	p->ib.active = p->ib.header = p->ib.discard = false;
+	p->ib.active = p->ib.header = p->ib.discard = p->ib.get_ok = false;
 	p->ib.size = p->ib.got = 0;
 }
 
@@ -482,6 +482,15 @@ int upstream_proto_inbox_cancel(struct upstream_proto *p, const char *tag, uint6
 	return ib_request(p, UPSTREAM_INBOX_CANCEL, cookie, AMQP_BASIC_CANCEL_METHOD, &m);
 }
 
+int upstream_proto_inbox_get(struct upstream_proto *p, const char *queue, uint64_t cookie)
+{
+	amqp_basic_get_t m = { .queue = amqp_cstring_bytes(queue ? queue : "") };
+
+	if (!name_ok(queue))
+		return -EMSGSIZE;
+	return ib_request(p, UPSTREAM_INBOX_GET, cookie, AMQP_BASIC_GET_METHOD, &m);
+}
+
 int upstream_proto_inbox_settle(struct upstream_proto *p, uint32_t gen, uint64_t tag,
 				enum upstream_settle how, bool requeue)
 {
@@ -513,7 +522,27 @@ static void ib_deliver(struct upstream_proto *p)
 		.body = { (size_t)p->ib.size, p->ib.body },
 	};
 
-	if (p->ib.discard) {
+	if (p->ib.get_ok) {
+		/* The answer to the oldest pending basic.get. */
+		struct upstream_inbox_pending *r = p->ib.head;
+
+		p->ib.head = r->next;
+		if (!p->ib.head)
+			p->ib.tail = NULL;
+		p->ib.npending--;
+		if (p->ib.discard) {
+			p->ib.refused++;
+			upstream_proto_inbox_settle(p, p->ib.gen, p->ib.tag, UPSTREAM_REJECT, false);
+			if (p->ops->inbox_reply) /* as if empty: nothing to hand over */
+				p->ops->inbox_reply(p->ud, r->cookie, r->kind, true, 0, NULL, 0, 0);
+		} else if (p->ops->inbox_got) {
+			p->ib.delivered++;
+			p->ops->inbox_got(p->ud, r->cookie, &d, p->ib.got_count);
+		} else {
+			upstream_proto_inbox_settle(p, p->ib.gen, p->ib.tag, UPSTREAM_NACK, true);
+		}
+		free(r);
+	} else if (p->ib.discard) {
 		/* Too large to pass on: dead-lettered or dropped by the broker. */
 		p->ib.refused++;
 		upstream_proto_inbox_settle(p, p->ib.gen, p->ib.tag, UPSTREAM_REJECT, false);
@@ -636,6 +665,25 @@ static void ib_answer(struct upstream_proto *p, amqp_method_number_t id, void *m
 		if (r->kind != UPSTREAM_INBOX_CANCEL)
 			goto unexpected;
 		break;
+	case AMQP_BASIC_GET_EMPTY_METHOD:
+		if (r->kind != UPSTREAM_INBOX_GET)
+			goto unexpected;
+		break;
+	case AMQP_BASIC_GET_OK_METHOD: {
+		const amqp_basic_get_ok_t *g = m;
+		amqp_basic_deliver_t d = { .consumer_tag = amqp_empty_bytes,
+					   .delivery_tag = g->delivery_tag,
+					   .redelivered = g->redelivered,
+					   .exchange = g->exchange,
+					   .routing_key = g->routing_key };
+		if (r->kind != UPSTREAM_INBOX_GET)
+			goto unexpected;
+		/* The content follows; the request is answered with it. */
+		on_deliver(p, &d);
+		p->ib.get_ok = true;
+		p->ib.got_count = g->message_count;
+		return;
+	}
 	default:
 		goto unexpected;
 	}

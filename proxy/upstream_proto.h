@@ -62,6 +62,7 @@ enum upstream_inbox_req {
 	UPSTREAM_INBOX_BIND,	/* queue.bind */
 	UPSTREAM_INBOX_CONSUME, /* basic.qos, then basic.consume */
 	UPSTREAM_INBOX_CANCEL,	/* basic.cancel */
+	UPSTREAM_INBOX_GET,	/* basic.get: inbox_got with the message, or a reply when empty */
 };
 
 struct upstream_proto_ops {
@@ -84,6 +85,10 @@ struct upstream_proto_ops {
 			    uint16_t code, const char *text, uint32_t count, uint32_t consumers);
 	/* basic.deliver and its content, for a consumer of the inbox channel. */
 	void (*inbox_deliver)(void *ud, const struct upstream_proto_delivery *d);
+	/* basic.get-ok and its content: the answer to the GET made with COOKIE
+	 * (COUNT messages are left); a get-empty is an inbox_reply, OK true. */
+	void (*inbox_got)(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			  uint32_t count);
 	/* The broker cancelled consumer TAG (its queue was deleted, say). */
 	void (*inbox_cancelled)(void *ud, amqp_bytes_t tag);
 	/* The inbox channel is gone (the broker closed it with CODE, or the
@@ -152,6 +157,8 @@ struct upstream_proto {
 		/* A delivery being assembled. */
 		bool active, header, discard;
 		bool redelivered;
+		bool get_ok;	     /* the content answers the oldest pending GET */
+		uint32_t got_count; /* its message count */
 		uint64_t tag;
 		uint8_t ctag_len, ex_len, rk_len;
 		uint8_t *meta; /* consumer tag, exchange, routing key, properties */
@@ -196,6 +203,8 @@ int upstream_proto_inbox_bind(struct upstream_proto *p, const char *queue, const
 int upstream_proto_inbox_consume(struct upstream_proto *p, const char *queue, const char *tag,
 				 uint16_t prefetch, uint64_t cookie);
 int upstream_proto_inbox_cancel(struct upstream_proto *p, const char *tag, uint64_t cookie);
+/* basic.get of QUEUE (manual ack). */
+int upstream_proto_inbox_get(struct upstream_proto *p, const char *queue, uint64_t cookie);
 
 enum upstream_settle { UPSTREAM_ACK, UPSTREAM_NACK, UPSTREAM_REJECT };
 /* Settle one delivery of inbox channel generation GEN (never "multiple":

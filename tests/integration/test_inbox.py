@@ -7,6 +7,7 @@ that stops acking or reading.
 """
 import json
 import socket
+import subprocess
 import struct
 import time
 
@@ -37,7 +38,8 @@ def send(broker, vm, bodies, key="cmd"):
         ch = conn.channel()
         ch.confirm_delivery()
         for b in bodies:
-            ch.basic_publish(CONTROL, "%s.%s" % (vm["uuid"], key), b, mandatory=True)
+            ch.basic_publish(CONTROL, "%s.%s" % (vm["uuid"], key), b, mandatory=True,
+                             properties=pika.BasicProperties(delivery_mode=2))
 
 
 def queue_stats(broker, vm):
@@ -64,10 +66,10 @@ def collect(conn, got, n, timeout=15):
 
 @pytest.fixture
 def inbox_proxy(proxy_factory, broker, request):
-    def make(n=2, base="127.10.9.1", **kw):
+    def make(n=2, base="127.10.9.1", threads=1, **kw):
         # VMs of their own: inboxes are durable and outlive a test.
         vms = make_vms(n, base=base, prefix=request.node.name)
-        proxy = proxy_factory(vms, threads=1, **kw).start()
+        proxy = proxy_factory(vms, threads=threads, **kw).start()
         return proxy, vms
     yield make
 
@@ -260,6 +262,112 @@ def test_unacked_come_back_redelivered_when_the_guest_goes(broker, inbox_proxy):
     assert again[0][1] == b"m2" and again[0][0].redelivered
     ch.basic_ack(again[0][0].delivery_tag)
     wait_stats(broker, vm, (0, 0, 1))
+    conn.close()
+
+
+def test_get_and_recover(broker, inbox_proxy):
+    """basic.get answers get-ok with the count left (or get-empty) and a
+    tag of the channel's sequence; a no_ack get is settled at once;
+    basic.recover puts the unacked ones back, delivered again redelivered."""
+    proxy, (vm, _) = inbox_proxy()
+    conn = guest(proxy, vm)
+    ch = conn.channel()
+    ch.queue_declare("inbox")
+    send(broker, vm, [b"g1", b"g2", b"g3"])
+    m, p, b = ch.basic_get("inbox")
+    assert (b, m.delivery_tag, m.message_count, m.redelivered) == (b"g1", 1, 2, False)
+    assert m.routing_key == "cmd" and m.exchange == CONTROL
+    m2, _, b2 = ch.basic_get("inbox", auto_ack=True)
+    assert (b2, m2.delivery_tag) == (b"g2", 2)
+    m3, _, b3 = ch.basic_get("inbox")
+    assert b3 == b"g3"
+    assert ch.basic_get("inbox") == (None, None, None)
+    wait_stats(broker, vm, (0, 2, 0))
+    ch.basic_recover(requeue=True)
+    wait_stats(broker, vm, (2, 0, 0))
+    got = []
+    ch.basic_consume("inbox", lambda c, m_, p_, b_: got.append((m_, b_)))
+    collect(conn, got, 2)
+    assert [b_ for _, b_ in got] == [b"g1", b"g3"]
+    assert all(m_.redelivered for m_, _ in got)
+    ch.basic_ack(0, multiple=True)
+    wait_stats(broker, vm, (0, 0, 1))
+    # The tags recovered are not the guest's any more.
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.basic_ack(1)
+        ch.basic_qos(prefetch_count=1)
+    assert e.value.reply_code == 406
+    conn.close()
+
+
+def test_broker_restart_redelivers(broker, inbox_proxy):
+    """Deliveries in flight to a guest when the broker dies: the link comes
+    back, the guest's consumer subscribes again by itself, every message is
+    delivered again (redelivered=true) and acked exactly once; acks for the
+    old tags are accepted and dropped."""
+    proxy, (vm, _) = inbox_proxy()
+    conn = guest(proxy, vm, heartbeat=0)
+    ch = conn.channel()
+    ch.queue_declare("inbox")
+    send(broker, vm, [b"r%d" % i for i in range(5)])
+    got = []
+    ch.basic_consume("inbox", lambda c, m, p, b: got.append((m, b)))
+    collect(conn, got, 5)
+    assert not any(m.redelivered for m, _ in got)
+    broker.kill()
+    broker.start()
+    proxy.wait_links(True, 60)
+    collect(conn, got, 10, timeout=60)
+    again = got[5:]
+    assert sorted(b for _, b in again) == sorted(b for _, b in got[:5])
+    assert all(m.redelivered for m, _ in again)
+    for m, _ in got[:5]:
+        ch.basic_ack(m.delivery_tag)  # void: the broker requeued them
+    for m, _ in again:
+        ch.basic_ack(m.delivery_tag)
+    wait_stats(broker, vm, (0, 0, 1))
+    conn.process_data_events(time_limit=1.0)
+    assert len(got) == 10
+    # The old tags were never sent to the new link (they would ack other
+    # messages there, or be unknown tags that close its inbox channel).
+    assert "closed the inbox channel" not in proxy.log_text()
+    conn.close()
+
+
+def test_migration_moves_the_consumer(broker, inbox_proxy):
+    """A VM moved to the other poll thread keeps its consumer: it is
+    cancelled on the old thread's link (what was unacked goes back to the
+    queue) and subscribed on the new one, where the unacked messages come
+    again, redelivered, with the channel's next tags; new messages follow;
+    everything is acked exactly once at the broker."""
+    proxy, (vm, _) = inbox_proxy(threads=2, extra={"balancer": {"enabled": False}})
+    conn = guest(proxy, vm)
+    ch = conn.channel()
+    ch.queue_declare("inbox")
+    send(broker, vm, [b"m%d" % i for i in range(5)])
+    got = []
+    ch.basic_qos(prefetch_count=10)
+    ch.basic_consume("inbox", lambda c, m, p, b: got.append((m, b)))
+    collect(conn, got, 5)
+    ch.basic_ack(2, multiple=True)
+    wait_stats(broker, vm, (0, 3, 1))
+    before = {v["name"]: v["thread"] for v in proxy.admin("vms")["vms"]}[vm["name"]]
+    r = subprocess.run([proxy.ctl, "--socket", proxy.admin_path, "migrate", vm["name"],
+                        str(1 - before)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "moved from thread" in r.stdout, r.stdout + r.stderr
+    collect(conn, got, 8)
+    again = got[5:8]
+    assert [b for _, b in again] == [b"m2", b"m3", b"m4"]
+    assert all(m.redelivered for m, _ in again)
+    assert [m.delivery_tag for m, _ in again] == [6, 7, 8]
+    ch.basic_ack(3)  # a tag of the old thread's link: accepted, dropped
+    send(broker, vm, [b"after"])
+    collect(conn, got, 9)
+    assert got[8][1] == b"after" and not got[8][0].redelivered
+    ch.basic_ack(0, multiple=True)
+    wait_stats(broker, vm, (0, 0, 1))
+    assert {v["name"]: v["thread"] for v in proxy.admin("vms")["vms"]}[vm["name"]] != before
+    assert "closed the inbox channel" not in proxy.log_text()
     conn.close()
 
 

@@ -2254,6 +2254,134 @@ static void test_inbox_bounds(void **state)
 	expect_conn_close(f, 502);
 }
 
+/* basic.get waits for the owner; get-ok takes the channel's next tag and
+ * is settled like a delivery (none for no_ack); get-empty; past
+ * max_unacked a get is 406. basic.recover releases the unsettled ones. */
+static void test_inbox_get_and_recover(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_get_t g = {.queue = amqp_cstring_bytes("inbox")};
+	amqp_basic_recover_t rec = {.requeue = 1};
+	amqp_basic_get_ok_t *ok;
+	struct ev_rec *ev;
+	int before;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	for (int i = 0; i < 3; i++) {
+		g.no_ack = i == 1;
+		wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+		assert_int_equal(feed(f, &b), 0);
+		assert_int_equal(drain(f), 0);
+		ev = last_event(f, GUEST_EVENT_GET);
+		assert_int_equal(ev->no_ack, i == 1);
+		assert_int_equal(guest_session_get_ok(f->s, 1, ev->gen, false,
+		                                      amqp_cstring_bytes("vm.control"),
+		                                      amqp_cstring_bytes("cmd"), (uint32_t)(2 - i),
+		                                      amqp_empty_bytes, amqp_cstring_bytes("m"),
+		                                      (uint64_t)(70 + i), 1),
+		                 i + 1);
+		assert_int_equal(drain(f), 3);
+		ok = f->fr[0].decoded;
+		assert_int_equal(f->fr[0].id, AMQP_BASIC_GET_OK_METHOD);
+		assert_int_equal(ok->delivery_tag, (uint64_t)(i + 1));
+		assert_int_equal(ok->message_count, (uint32_t)(2 - i));
+	}
+	assert_int_equal(guest_session_unacked(f->s), 2);
+	wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+	assert_int_equal(feed(f, &b), 0);
+	guest_session_get_empty(f->s, 1, last_event(f, GUEST_EVENT_GET)->gen);
+	expect_one_method(f, 1, AMQP_BASIC_GET_EMPTY_METHOD);
+	before = count_events(f, GUEST_EVENT_SETTLE);
+	wire_method(&b, 1, AMQP_BASIC_RECOVER_METHOD, &rec);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_RECOVER_OK_METHOD);
+	assert_int_equal(count_events(f, GUEST_EVENT_SETTLE), before + 2);
+	ev = last_event(f, GUEST_EVENT_SETTLE);
+	assert_int_equal(ev->settle.kind, GUEST_SETTLE_RELEASE);
+	assert_int_equal(ev->settle.up_tag, 72);
+	assert_int_equal(guest_session_unacked(f->s), 0);
+	/* max_unacked (3) unsettled gets: the next get is refused. */
+	g.no_ack = 0;
+	for (int i = 0; i < 3; i++) {
+		wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+		assert_int_equal(feed(f, &b), 0);
+		ev = last_event(f, GUEST_EVENT_GET);
+		assert_true(guest_session_get_ok(f->s, 1, ev->gen, false, amqp_empty_bytes,
+		                                 amqp_empty_bytes, 0, amqp_empty_bytes,
+		                                 amqp_empty_bytes, 1, 1) > 0);
+		drain(f);
+	}
+	wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 1, 406);
+}
+
+struct seen {
+	int n;
+	uint64_t tags[8];
+	uint32_t cid;
+	uint16_t prefetch;
+};
+
+static void saw_delivery(void *ud, uint64_t up_tag, uint32_t up_gen)
+{
+	struct seen *s = ud;
+
+	assert_int_equal(up_gen, 1);
+	s->tags[s->n++] = up_tag;
+}
+
+static void saw_consumer(void *ud, uint16_t ch, uint32_t gen, uint32_t cid, uint16_t prefetch,
+                         bool no_ack)
+{
+	struct seen *s = ud;
+
+	assert_int_equal(ch, 1);
+	assert_false(no_ack);
+	s->cid = cid;
+	s->prefetch = prefetch;
+	s->n++;
+}
+
+/* What a move to another thread needs: the unsettled deliveries once (then
+ * detached: their settles carry generation 0), and the consumers with the
+ * prefetch they were created with. */
+static void test_inbox_detach_and_consumers(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_qos_t q = {.prefetch_count = 7};
+	struct seen s = {0};
+	uint32_t cid;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	wire_method(&b, 1, AMQP_BASIC_QOS_METHOD, &q);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_QOS_OK_METHOD);
+	cid = consume(f, 1, "k");
+	assert_int_equal(last_event(f, GUEST_EVENT_CONSUME)->prefetch, 7);
+	assert_int_equal(deliver(f, 1, cid, 30, "a"), 1);
+	assert_int_equal(deliver(f, 1, cid, 31, "b"), 2);
+	drain(f);
+	guest_session_detach_deliveries(f->s, saw_delivery, &s);
+	assert_int_equal(s.n, 2);
+	assert_int_equal(s.tags[1], 31);
+	s.n = 0;
+	guest_session_detach_deliveries(f->s, saw_delivery, &s);
+	assert_int_equal(s.n, 0); /* once */
+	put_settle(&b, 1, AMQP_BASIC_ACK_METHOD, 2, true, false);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(last_event(f, GUEST_EVENT_SETTLE)->settle.up_gen, 0);
+	assert_int_equal(drain(f), 0); /* accepted: no 406 */
+	guest_session_foreach_consumer(f->s, saw_consumer, &s);
+	assert_int_equal(s.n, 1);
+	assert_int_equal(s.cid, cid);
+	assert_int_equal(s.prefetch, 7);
+}
+
 static void test_inbox_not_configured(void **state)
 {
 	struct fx *f = *state;
@@ -2320,7 +2448,9 @@ int main(void)
 	        T(test_inbox_nack_reject_foreign_channel),
 	        T(test_inbox_cancel_and_release),
 	        T(test_inbox_bounds),
-	        T(test_inbox_not_configured),
+	        	        T(test_inbox_not_configured),
+	        	        T(test_inbox_get_and_recover),
+	        T(test_inbox_detach_and_consumers),
 	        T(test_inbox_server_cancel_and_fail),
 	        T(test_handshake_and_publish),
 	        T(test_no_confirm_publish),

@@ -49,8 +49,11 @@ struct rec {
 	char dctag[64], drk[64];
 	uint8_t dbody[8192];
 	size_t dbody_len;
-	unsigned nclosed;
+		unsigned nclosed;
 	uint16_t closed_code;
+	unsigned ngot;
+	uint64_t got_cookie;
+	uint32_t got_count;
 	unsigned ncancelled;
 };
 
@@ -131,6 +134,18 @@ static void on_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
 	r->dbody_len = d->body.len;
 }
 
+static void on_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			 uint32_t count)
+{
+	struct rec *r = ud;
+
+	r->ngot++;
+	r->got_cookie = cookie;
+	r->got_count = count;
+	on_inbox_deliver(ud, d);
+	r->ndeliver--; /* counted as got, not as a consumer's delivery */
+}
+
 static void on_inbox_cancelled(void *ud, amqp_bytes_t tag)
 {
 	(void)tag;
@@ -152,7 +167,9 @@ static const struct upstream_proto_ops ops = {
 	.flow = on_flow,
 	.returned = on_returned,
 	.inbox_reply = on_inbox_reply,
-	.inbox_deliver = on_inbox_deliver,
+		.inbox_deliver = on_inbox_deliver,
+	.inbox_got = on_inbox_got,
+
 	.inbox_cancelled = on_inbox_cancelled,
 	.inbox_closed = on_inbox_closed,
 };
@@ -1093,6 +1110,49 @@ static void test_inbox_channel_close(void **state)
 	fx_free(&x);
 }
 
+/* basic.get: get-ok and its content answer the request with the message
+ * and the count left; get-empty answers it as a reply. */
+static void test_inbox_get(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_channel_open_ok_t cok = { .channel_id = amqp_cstring_bytes("") };
+	amqp_basic_get_ok_t g = { .delivery_tag = 9,
+				  .redelivered = 1,
+				  .exchange = amqp_cstring_bytes("vm.control"),
+				  .routing_key = amqp_cstring_bytes("u.x"),
+				  .message_count = 4 };
+	amqp_basic_get_empty_t e = { .cluster_id = amqp_empty_bytes };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	assert_int_equal(upstream_proto_inbox_get(&x.p, "q", 21), 0);
+	assert_int_equal(upstream_proto_inbox_get(&x.p, "q", 22), 0);
+	take(&x);
+	assert_int_equal(x.nf, 3);
+	assert_int_equal(x.f[1].id, AMQP_BASIC_GET_METHOD);
+	send_method(&x, IB, AMQP_CHANNEL_OPEN_OK_METHOD, &cok);
+	wire_method(&b, IB, AMQP_BASIC_GET_OK_METHOD, &g);
+	wire_header(&b, IB, AMQP_BASIC_CLASS, 3, NULL);
+	wire_body(&b, IB, "abc", 3);
+	wire_method(&b, IB, AMQP_BASIC_GET_EMPTY_METHOD, &e);
+	assert_int_equal(feed(&x, &b, 1), 0);
+	assert_int_equal(x.rec.ngot, 1);
+	assert_int_equal(x.rec.got_cookie, 21);
+	assert_int_equal(x.rec.got_count, 4);
+	assert_int_equal(x.rec.dtag, 9);
+	assert_true(x.rec.dredelivered);
+	assert_int_equal(x.rec.dbody_len, 3);
+	assert_memory_equal(x.rec.dbody, "abc", 3);
+	assert_int_equal(x.rec.nreply, 1);
+	assert_int_equal(x.rec.reply[0].cookie, 22);
+	assert_int_equal(x.rec.reply[0].kind, UPSTREAM_INBOX_GET);
+	assert_true(x.rec.reply[0].ok);
+	assert_int_equal(x.p.ib.npending, 0);
+	fx_free(&x);
+}
+
 /* What the inbox channel must never see ends the link: a reply nothing
  * asked for, a frame before the channel was opened, content without
  * basic.deliver, a method inside a delivery's content. */
@@ -1166,7 +1226,8 @@ int main(void)
 		cmocka_unit_test(test_inbox_delivery),
 		cmocka_unit_test(test_inbox_oversize_delivery),
 		cmocka_unit_test(test_inbox_channel_close),
-		cmocka_unit_test(test_inbox_protocol_errors),
+				cmocka_unit_test(test_inbox_protocol_errors),
+		cmocka_unit_test(test_inbox_get),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
