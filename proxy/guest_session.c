@@ -211,6 +211,8 @@ static bool out_reserve(struct guest_session *s, size_t n)
 
 static void out_raw(struct guest_session *s, const void *p, size_t n)
 {
+	if (n == 0)
+		return; /* P may be NULL (empty properties or body) */
 	if (!out_reserve(s, n))
 		return;
 	memcpy(s->out + s->out_len, p, n);
@@ -1253,7 +1255,8 @@ static void on_cancel(struct guest_session *s, struct chan *c, const uint8_t *ar
 		return;
 	}
 	tag_len = m->consumer_tag.len > 255 ? 255 : m->consumer_tag.len;
-	memcpy(tag, m->consumer_tag.bytes, tag_len);
+	if (tag_len)
+		memcpy(tag, m->consumer_tag.bytes, tag_len);
 	nowait = m->nowait;
 	k = cons_by_tag(s, (amqp_bytes_t){ tag_len, tag });
 	if (k && k->ch == c->id && k->gen == c->gen) {

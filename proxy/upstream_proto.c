@@ -572,10 +572,14 @@ static void on_deliver(struct upstream_proto *p, const amqp_basic_deliver_t *m)
 	p->ib.ctag_len = (uint8_t)m->consumer_tag.len;
 	p->ib.ex_len = (uint8_t)m->exchange.len;
 	p->ib.rk_len = (uint8_t)m->routing_key.len;
-	memcpy(p->ib.meta, m->consumer_tag.bytes, m->consumer_tag.len);
-	memcpy(p->ib.meta + p->ib.ctag_len, m->exchange.bytes, m->exchange.len);
-	memcpy(p->ib.meta + p->ib.ctag_len + p->ib.ex_len, m->routing_key.bytes,
-	       m->routing_key.len);
+		/* Empty names may come without a buffer (a get-ok's consumer tag). */
+	if (m->consumer_tag.len)
+		memcpy(p->ib.meta, m->consumer_tag.bytes, m->consumer_tag.len);
+	if (m->exchange.len)
+		memcpy(p->ib.meta + p->ib.ctag_len, m->exchange.bytes, m->exchange.len);
+	if (m->routing_key.len)
+		memcpy(p->ib.meta + p->ib.ctag_len + p->ib.ex_len, m->routing_key.bytes,
+		       m->routing_key.len);
 }
 
 static void on_deliver_header(struct upstream_proto *p, const uint8_t *f, size_t len)
