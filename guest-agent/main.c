@@ -26,7 +26,7 @@
 
 struct agent_cfg {
 	const char *endpoint, *source_address, *exchange, *routing_key, *vhost, *user, *password;
-	const char *ca, *cert, *key, *spool_dir, *proc_root, *log_level;
+	const char *ca, *cert, *key, *spool_dir, *proc_root, *log_level, *inbox;
 	uint64_t interval_s, spool_max_bytes, timeout_s;
 };
 
@@ -60,6 +60,8 @@ static void usage(FILE *f)
 		"      --timeout SECONDS      bound on connect, handshake, a publish (default 10)\n"
 		"      --proc-root DIR        read DIR/proc and DIR/sys instead (tests)\n"
 		"      --log-level L          error, warn, info (default) or debug\n"
+		"      --inbox Q              consume control messages from Q (default \"inbox\";\n"
+		"                             \"\" for none)\n"
 		"      --check-config         check the configuration and what the start needs\n"
 		"                             (endpoint, TLS files, spool directory, source\n"
 		"                             address) and exit: 0 if OK, 1 otherwise\n"
@@ -76,7 +78,8 @@ static int load_config(const char *file, struct agent_cfg *c, json_t **root)
 	static const char *const keys[] = { "endpoint", "source_address", "interval_s",
 					    "exchange", "routing_key",	  "vhost",
 					    "user",	"password",	  "tls",
-					    "spool",	"timeout_s",	  "log_level", NULL };
+					    "spool",	"timeout_s",	  "log_level",
+					    "inbox",	NULL };
 	static const char *const tls_keys[] = { "ca", "cert", "key", NULL };
 	static const char *const spool_keys[] = { "dir", "max_bytes", NULL };
 	struct conf_ctx ctx;
@@ -99,6 +102,7 @@ static int load_config(const char *file, struct agent_cfg *c, json_t **root)
 	r |= conf_get_string(&ctx, *root, "", "password", false, &c->password);
 	r |= conf_get_uint(&ctx, *root, "", "timeout_s", false, 1, 3600, &c->timeout_s);
 	r |= conf_get_string(&ctx, *root, "", "log_level", false, &c->log_level);
+	r |= conf_get_string(&ctx, *root, "", "inbox", false, &c->inbox);
 	r |= conf_get_object(&ctx, *root, "", "tls", false, &tls);
 	if (tls) {
 		r |= conf_check_keys(&ctx, tls, "tls", tls_keys);
@@ -120,7 +124,7 @@ static int load_config(const char *file, struct agent_cfg *c, json_t **root)
 	return 0;
 }
 
-static struct transport *make_transport(const struct agent_cfg *c)
+static struct transport *make_transport(const struct agent_cfg *c, bool control)
 {
 	struct transport_opts o = {
 		.endpoint = c->endpoint,
@@ -133,6 +137,7 @@ static struct transport *make_transport(const struct agent_cfg *c)
 		.key = c->key,
 		.exchange = c->exchange,
 		.timeout_ms = (int)(c->timeout_s * 1000),
+		.inbox = control && c->inbox && c->inbox[0] ? c->inbox : NULL,
 	};
 	struct transport *t;
 	char err[300];
@@ -155,7 +160,7 @@ static int run_check(const struct agent_cfg *c, const char *config)
 	char err[600];
 	int problems = 0;
 
-	t = make_transport(c); /* says what is wrong itself */
+	t = make_transport(c, false); /* says what is wrong itself */
 	if (!t)
 		problems++;
 	transport_free(t);
@@ -211,7 +216,7 @@ static int run_send(const struct agent_cfg *c)
 		free(buf);
 		return 1;
 	}
-	t = make_transport(c);
+	t = make_transport(c, false);
 	if (!t) {
 		free(buf);
 		return 1;
@@ -225,6 +230,31 @@ static int run_send(const struct agent_cfg *c)
 	return (int)r;
 }
 
+/* A control message: {"interval_s": N} (1 to 86400) sets the sampling
+ * interval now (the next sample comes N seconds from now) and is acked
+ * after that; anything else is logged and rejected (not requeued). */
+static void apply_control(struct transport *t, const struct transport_control *m,
+			  uint64_t *interval_s, uint64_t *next_sample)
+{
+	json_error_t e;
+	json_t *doc = json_loadb(m->body, m->len, JSON_REJECT_DUPLICATES, &e);
+	json_t *v = doc ? json_object_get(doc, "interval_s") : NULL;
+	char shown[120];
+
+	if (json_is_object(doc) && json_object_size(doc) == 1 && json_is_integer(v) &&
+	    json_integer_value(v) >= 1 && json_integer_value(v) <= 86400) {
+		*interval_s = (uint64_t)json_integer_value(v);
+		*next_sample = clock_mono_ms() + *interval_s * 1000;
+		log_info("control message: sampling interval set to %" PRIu64 " s", *interval_s);
+		transport_settle(t, m->tag, true);
+	} else {
+		log_warn("control message rejected (expected {\"interval_s\": 1..86400}): \"%s\"",
+			 log_sanitize(shown, sizeof(shown), m->body, (unsigned)m->len));
+		transport_settle(t, m->tag, false);
+	}
+	json_decref(doc);
+}
+
 static int run_loop(const struct agent_cfg *c, bool once)
 {
 	static struct collect_state st; /* large: not on the stack */
@@ -232,7 +262,7 @@ static int run_loop(const struct agent_cfg *c, bool once)
 	struct transport *t = NULL;
 	struct backoff bo;
 	char boot[40] = "unknown", host[256] = "localhost", rk[320];
-	uint64_t seq, next_sample, retry_at = 0;
+	uint64_t seq, next_sample, retry_at = 0, interval_s;
 	int r;
 
 	collect_init(&st, c->proc_root);
@@ -259,7 +289,7 @@ static int run_loop(const struct agent_cfg *c, bool once)
 		log_error("spool directory \"%s\": %s", c->spool_dir, strerror(-r));
 		return 1;
 	}
-	t = make_transport(c);
+	t = make_transport(c, true);
 	if (!t) {
 		spool_close(sp);
 		return 1;
@@ -269,12 +299,12 @@ static int run_loop(const struct agent_cfg *c, bool once)
 		 "%s", boot, seq, spool_count(sp), c->endpoint);
 	backoff_init(&bo, 500, 30000, 0);
 	next_sample = clock_mono_ms();
+	interval_s = c->interval_s;
 	while (!stop) {
 		uint64_t now = clock_mono_ms(), wake;
 
 		if (now >= next_sample) {
-			json_t *doc = collect_sample(&st, now, clock_wall_ms(),
-						     (unsigned)c->interval_s);
+			json_t *doc = collect_sample(&st, now, clock_wall_ms(), (unsigned)interval_s);
 			char *text;
 
 			seq++;
@@ -288,9 +318,9 @@ static int run_loop(const struct agent_cfg *c, bool once)
 				log_error("cannot spool sample %" PRIu64 ": %s", seq, strerror(errno));
 			free(text);
 			json_decref(doc);
-			next_sample += c->interval_s * 1000;
+			next_sample += interval_s * 1000;
 			if (next_sample <= now)
-				next_sample = now + c->interval_s * 1000;
+				next_sample = now + interval_s * 1000;
 		}
 		while (!stop && now >= retry_at) {
 			char *data, name[80], msgid[96], err[300];
@@ -327,9 +357,13 @@ static int run_loop(const struct agent_cfg *c, bool once)
 		if (retry_at > now && retry_at < wake && spool_count(sp))
 			wake = retry_at;
 		if (wake > now) {
-			uint64_t ms = wake - now;
-			struct timespec ts = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000L };
-			nanosleep(&ts, NULL); /* a signal ends it early */
+			struct transport_control m;
+
+			/* Sleeps, or waits for a control message, until then. */
+			if (transport_wait(t, (int)(wake - now), &m) == 1) {
+				apply_control(t, &m, &interval_s, &next_sample);
+				free(m.body);
+			}
 		}
 	}
 	log_info("stopping: %zu samples stay spooled for the next run", spool_count(sp));
@@ -350,6 +384,7 @@ int main(int argc, char **argv)
 		{ "spool-dir", 1, NULL, 'd' },	     { "spool-max-bytes", 1, NULL, 'm' },
 		{ "timeout", 1, NULL, 't' },	     { "proc-root", 1, NULL, 'r' },
 		{ "log-level", 1, NULL, 'l' },	     { "once", 0, NULL, 'o' },
+		{ "inbox", 1, NULL, 'I' },
 		{ "help", 0, NULL, 'h' },	     { "version", 0, NULL, 'V' },
 		{ "check-config", 0, NULL, 'X' },
 		{ NULL, 0, NULL, 0 },
@@ -365,6 +400,7 @@ int main(int argc, char **argv)
 		.interval_s = 10,
 		.spool_max_bytes = 16u << 20,
 		.timeout_s = 10,
+		.inbox = "inbox",
 	};
 	struct agent_cfg flags = { 0 };
 	const char *config = NULL;
@@ -396,6 +432,7 @@ int main(int argc, char **argv)
 		case 'd': flags.spool_dir = optarg; break;
 		case 'r': flags.proc_root = optarg; break;
 		case 'l': flags.log_level = optarg; break;
+		case 'I': flags.inbox = optarg; break;
 		case 'o': once = true; break;
 		case 'X': check = true; break;
 		case 'i':
@@ -442,6 +479,7 @@ int main(int argc, char **argv)
 	OVERRIDE(spool_dir);
 	OVERRIDE(proc_root);
 	OVERRIDE(log_level);
+	OVERRIDE(inbox);
 	OVERRIDE(interval_s);
 	OVERRIDE(spool_max_bytes);
 	OVERRIDE(timeout_s);

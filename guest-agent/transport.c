@@ -16,7 +16,11 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <inttypes.h>
+#include <time.h>
+
 #include "clock.h"
+#include "log.h"
 
 /* The socket of the connection (or connect) in progress, for the signal
  * handlers to shut down; -1 when none. */
@@ -54,7 +58,14 @@ struct transport {
 	char host[256];
 	amqp_connection_state_t conn;
 	uint64_t tag;
+	bool consuming; /* the inbox consumer is on channel 2 */
+	bool inbox_warned;
+	/* Control messages that came while waiting for a confirm. */
+	struct transport_control pending[4];
+	unsigned npending;
 };
+
+#define CONTROL_CHANNEL 2
 
 int transport_new(const struct transport_opts *o, struct transport **out, char *err,
 		  size_t errlen)
@@ -110,6 +121,11 @@ static void disconnect(struct transport *t)
 	if (t->conn)
 		amqp_destroy_connection(t->conn);
 	t->conn = NULL;
+	t->consuming = false;
+	/* Unsettled control messages are redelivered on the next connection. */
+	for (unsigned i = 0; i < t->npending; i++)
+		free(t->pending[i].body);
+	t->npending = 0;
 }
 
 void transport_free(struct transport *t)
@@ -123,6 +139,8 @@ void transport_free(struct transport *t)
 		cur_fd = -1;
 		watchdog(0);
 	}
+	for (unsigned i = 0; i < t->npending; i++)
+		free(t->pending[i].body);
 	free(t);
 }
 
@@ -226,6 +244,135 @@ static int make_fd(struct transport *t, char *err, size_t errlen)
 	return -e;
 }
 
+/* Consume the inbox on its own channel, one message at a time. A proxy
+ * without inboxes refuses (403 on that channel): the agent then runs
+ * without control messages, and says so once. */
+static void subscribe(struct transport *t)
+{
+	amqp_bytes_t q = amqp_cstring_bytes(t->o.inbox);
+	amqp_rpc_reply_t r;
+	char why[200];
+
+	watchdog(t->o.timeout_ms + 1000);
+	amqp_channel_open(t->conn, CONTROL_CHANNEL);
+	r = amqp_get_rpc_reply(t->conn);
+	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+		amqp_queue_declare(t->conn, CONTROL_CHANNEL, q, 0, 0, 0, 0, amqp_empty_table);
+		r = amqp_get_rpc_reply(t->conn);
+	}
+	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+		amqp_basic_qos(t->conn, CONTROL_CHANNEL, 0, 1, 0);
+		r = amqp_get_rpc_reply(t->conn);
+	}
+	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+		amqp_basic_consume(t->conn, CONTROL_CHANNEL, q, amqp_empty_bytes, 0, 0, 0,
+				   amqp_empty_table);
+		r = amqp_get_rpc_reply(t->conn);
+	}
+	watchdog(0);
+	if (r.reply_type == AMQP_RESPONSE_NORMAL) {
+		t->consuming = true;
+		log_info("consuming control messages from \"%s\"", t->o.inbox);
+		return;
+	}
+	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+	    r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+		amqp_channel_close_ok_t ok = { 0 };
+		amqp_send_method(t->conn, CONTROL_CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+	}
+	if (!t->inbox_warned)
+		log_warn("no control messages: consuming \"%s\" failed: %s; sampling goes on",
+			 t->o.inbox, broker_reply_describe(r, why, sizeof(why)));
+	t->inbox_warned = true;
+}
+
+/* A basic.deliver frame F on the control channel: read its content and
+ * keep it (or reject what is too large). Returns -1 on a lost connection. */
+static int take_delivery(struct transport *t, const amqp_frame_t *f)
+{
+	amqp_basic_deliver_t *d = f->payload.method.decoded;
+	uint64_t tag = d->delivery_tag;
+	amqp_message_t msg;
+	amqp_rpc_reply_t r;
+
+	r = amqp_read_message(t->conn, CONTROL_CHANNEL, &msg, 0);
+	if (r.reply_type != AMQP_RESPONSE_NORMAL)
+		return -1;
+	if (msg.body.len > TRANSPORT_CONTROL_MAX || t->npending == 4) {
+		log_warn("control message %" PRIu64 " of %zu bytes rejected: larger than %u bytes",
+			 tag, msg.body.len, TRANSPORT_CONTROL_MAX);
+		transport_settle(t, tag, false);
+	} else {
+		char *b = malloc(msg.body.len + 1);
+		if (b) {
+			memcpy(b, msg.body.bytes, msg.body.len);
+			b[msg.body.len] = '\0';
+			t->pending[t->npending++] = (struct transport_control){ tag, b, msg.body.len };
+		}
+	}
+	amqp_destroy_message(&msg);
+	return 0;
+}
+
+int transport_wait(struct transport *t, int ms, struct transport_control *out)
+{
+	uint64_t deadline = clock_mono_ms() + (uint64_t)(ms > 0 ? ms : 0);
+
+	for (;;) {
+		uint64_t now = clock_mono_ms();
+		struct timeval tv;
+		amqp_frame_t f;
+		int r;
+
+		if (t->npending) {
+			*out = t->pending[0];
+			memmove(t->pending, t->pending + 1, --t->npending * sizeof(t->pending[0]));
+			return 1;
+		}
+		if (interrupted || now >= deadline)
+			return 0;
+		if (!t->conn || !t->consuming) {
+			struct timespec ts = { (time_t)((deadline - now) / 1000),
+					       (long)((deadline - now) % 1000) * 1000000L };
+			nanosleep(&ts, NULL); /* a signal ends it early */
+			return 0;
+		}
+		tv.tv_sec = (long)((deadline - now) / 1000);
+		tv.tv_usec = (long)((deadline - now) % 1000) * 1000;
+		r = amqp_simple_wait_frame_noblock(t->conn, &f, &tv);
+		if (r == AMQP_STATUS_TIMEOUT)
+			return 0;
+		if (r != AMQP_STATUS_OK) {
+			disconnect(t);
+			return -1;
+		}
+		if (f.frame_type != AMQP_FRAME_METHOD)
+			continue;
+		if (f.payload.method.id == AMQP_BASIC_DELIVER_METHOD && f.channel == CONTROL_CHANNEL) {
+			if (take_delivery(t, &f) < 0) {
+				disconnect(t);
+				return -1;
+			}
+		} else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
+			   f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD ||
+			   f.payload.method.id == AMQP_BASIC_CANCEL_METHOD) {
+			/* Consumer or connection gone: start over at the next publish. */
+			disconnect(t);
+			return -1;
+		}
+	}
+}
+
+void transport_settle(struct transport *t, uint64_t tag, bool ack)
+{
+	if (!t->conn || !t->consuming)
+		return;
+	if (ack)
+		amqp_basic_ack(t->conn, CONTROL_CHANNEL, tag, 0);
+	else
+		amqp_basic_reject(t->conn, CONTROL_CHANNEL, tag, 0);
+}
+
 static enum transport_result connect_now(struct transport *t, char *err, size_t errlen)
 {
 	struct broker_opts bo;
@@ -283,6 +430,8 @@ static enum transport_result connect_now(struct transport *t, char *err, size_t 
 		return r == -EACCES ? TRANSPORT_REFUSED : TRANSPORT_NO_CONNECT;
 	}
 	t->tag = 0;
+	if (t->o.inbox)
+		subscribe(t);
 	return TRANSPORT_CONFIRMED;
 }
 
@@ -365,6 +514,18 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 		}
 		if (f.frame_type != AMQP_FRAME_METHOD)
 			continue;
+		if (f.channel == CONTROL_CHANNEL) {
+			if (f.payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
+				if (take_delivery(t, &f) < 0) {
+					snprintf(err, errlen, "connection lost reading a control message");
+					return failed(t, TRANSPORT_NO_CONNECT, err, errlen);
+				}
+				continue;
+			}
+			if (f.payload.method.id != AMQP_CHANNEL_CLOSE_METHOD)
+				continue;
+			/* The inbox channel closed: the connection is started over. */
+		}
 		switch (f.payload.method.id) {
 		case AMQP_BASIC_ACK_METHOD: {
 			amqp_basic_ack_t *a = f.payload.method.decoded;

@@ -21,6 +21,17 @@ struct transport_opts {
 	const char *ca, *cert, *key; /* TLS over tcp when ca is set */
 	const char *exchange;
 	int timeout_ms;
+	const char *inbox; /* consume control messages from this queue; NULL: none */
+};
+
+#define TRANSPORT_CONTROL_MAX 4096 /* larger control messages are rejected */
+
+/* A control message from the inbox; BODY is malloc'd (the caller frees it)
+ * and settled with transport_settle(TAG). */
+struct transport_control {
+	uint64_t tag;
+	char *body;
+	size_t len;
 };
 
 enum transport_result {
@@ -48,6 +59,15 @@ enum transport_result transport_publish(struct transport *t, const char *rk, con
 					size_t errlen);
 
 bool transport_connected(const struct transport *t);
+
+/* Wait at most MS for a control message (sleep when not connected, or
+ * when the inbox could not be consumed); a signal ends the wait early.
+ * Returns 1 with *OUT filled, 0 when none came, or -1 when the connection
+ * was lost (closed; the next publish connects again). */
+int transport_wait(struct transport *t, int ms, struct transport_control *out);
+
+/* Ack (ACK) or reject without requeue control message TAG. */
+void transport_settle(struct transport *t, uint64_t tag, bool ack);
 
 /* Async-signal-safe: end the connect or publish in progress (and every
  * later one) with TRANSPORT_INTERRUPTED, by shutting its socket down. */

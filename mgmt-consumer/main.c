@@ -25,6 +25,7 @@
 #include "log.h"
 #include "metrics_http.h"
 #include "prom.h"
+#include "control.h"
 #include "query.h"
 #include "sink.h"
 #include "store.h"
@@ -688,6 +689,8 @@ int main(int argc, char **argv)
 
 	if (argc > 1 && !strcmp(argv[1], "query"))
 		return query_main(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "control"))
+		return control_main(argc - 1, argv + 1);
 	consumer_config_defaults(&c);
 	memset(&x, 0, sizeof(x));
 	x.c = &c;

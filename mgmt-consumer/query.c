@@ -165,6 +165,21 @@ static int uuid_row(void *ud, int ncols, const char *const *c)
 	return 0;
 }
 
+int query_vm_uuid(struct store *st, const char *vm, char *uuid, size_t len)
+{
+	const char *p[1] = {vm};
+	struct uuids u = {"", 0};
+
+	if (store_select(st, "SELECT uuid FROM vms WHERE uuid = $1", 1, p, uuid_row, &u) < 0 ||
+	    (!u.n && store_select(st, "SELECT uuid FROM vms WHERE name = $1 ORDER BY uuid", 1, p,
+	                          uuid_row, &u) < 0))
+		return -EIO;
+	if (u.n != 1)
+		return u.n ? -EEXIST : -ENOENT;
+	snprintf(uuid, len, "%s", u.uuid);
+	return 0;
+}
+
 static void query_usage(FILE *f)
 {
 	fprintf(f, "Usage: vmproxy-consumer query --config FILE [--stale] [--json]\n"
@@ -278,19 +293,16 @@ int query_main(int argc, char **argv)
 		const char *p[3] = {vm, from, to};
 		struct uuids u = {"", 0};
 		struct series q = {json, out, 0};
+		int e = query_vm_uuid(st, vm, u.uuid, sizeof(u.uuid));
 
-		/* A UUID, else a name that only one VM has. */
-		if (store_select(st, "SELECT uuid FROM vms WHERE uuid = $1", 1, p, uuid_row, &u) <
-		            0 ||
-		    (!u.n && store_select(st, "SELECT uuid FROM vms WHERE name = $1 ORDER BY uuid",
-		                          1, p, uuid_row, &u) < 0)) {
+		if (e == -EIO) {
 			fprintf(stderr, "vmproxy-consumer query: %s\n", store_error(st));
 			goto out;
 		}
-		if (u.n != 1) {
+		if (e < 0) {
 			fprintf(stderr, "vmproxy-consumer query: --vm \"%s\": %s\n", vm,
-			        u.n ? "more than one VM has that name: give its uuid"
-			            : "no such VM in the store");
+			        e == -EEXIST ? "more than one VM has that name: give its uuid"
+			                     : "no such VM in the store");
 			goto out;
 		}
 		snprintf(from, sizeof(from), "%" PRId64, now - query_parse_duration(since));

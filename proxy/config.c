@@ -575,6 +575,64 @@ static int parse_guest(struct conf_ctx *c, json_t *root, struct proxy_config *cf
 	return r ? -EINVAL : 0;
 }
 
+static int parse_inbox(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
+{
+	static const char *const keys[] = { "enabled",	     "name",	       "exchange",
+					    "queue_type",    "max_length",     "message_ttl_ms",
+					    "max_prefetch",  "max_consumers",  "max_message_bytes",
+					    NULL };
+	static const char *const types[] = { "classic", "quorum", NULL };
+	const char *name = "inbox", *exchange = "vm.control";
+	unsigned type = 0;
+	json_t *o = NULL;
+	uint64_t n;
+	int r = 0;
+
+	cfg->inbox.enabled = true;
+	cfg->inbox.max_length = 1000;
+	cfg->inbox.message_ttl_ms = 86400000;
+	cfg->inbox.max_prefetch = 100;
+	cfg->inbox.max_consumers = 4;
+	cfg->inbox.max_message_bytes = 64u << 10;
+	if (conf_get_object(c, root, "", "inbox", false, &o) < 0)
+		return -EINVAL;
+	if (o) {
+		r |= conf_check_keys(c, o, "inbox", keys);
+		r |= conf_get_bool(c, o, "inbox", "enabled", false, &cfg->inbox.enabled);
+		r |= conf_get_string(c, o, "inbox", "name", false, &name);
+		r |= conf_get_string(c, o, "inbox", "exchange", false, &exchange);
+		r |= conf_get_enum(c, o, "inbox", "queue_type", false, types, &type);
+		n = cfg->inbox.max_length;
+		r |= conf_get_uint(c, o, "inbox", "max_length", false, 1, 1000000, &n);
+		cfg->inbox.max_length = (uint32_t)n;
+		n = cfg->inbox.message_ttl_ms;
+		r |= conf_get_uint(c, o, "inbox", "message_ttl_ms", false, 1000, 2147483647, &n);
+		cfg->inbox.message_ttl_ms = (uint32_t)n;
+		n = cfg->inbox.max_prefetch;
+		r |= conf_get_uint(c, o, "inbox", "max_prefetch", false, 1, 65535, &n);
+		cfg->inbox.max_prefetch = (uint16_t)n;
+		n = cfg->inbox.max_consumers;
+		r |= conf_get_uint(c, o, "inbox", "max_consumers", false, 1, 64, &n);
+		cfg->inbox.max_consumers = (uint16_t)n;
+		n = cfg->inbox.max_message_bytes;
+		r |= conf_get_uint(c, o, "inbox", "max_message_bytes", false, 1, 16u << 20, &n);
+		cfg->inbox.max_message_bytes = n;
+	}
+	if (r)
+		return -EINVAL;
+	if (name[0] == '\0' || strlen(name) > 200 || strncmp(name, "amq.", 4) == 0)
+		return conf_error(c, "inbox.name",
+				  "expected a queue name of 1 to 200 bytes, not starting with \"amq.\"");
+	if (exchange[0] == '\0' || strlen(exchange) > 255)
+		return conf_error(c, "inbox.exchange", "expected an exchange name of 1 to 255 bytes");
+	cfg->inbox.quorum = type == 1;
+	cfg->inbox.name = strdup(name);
+	cfg->inbox.exchange = strdup(exchange);
+	if (!cfg->inbox.name || !cfg->inbox.exchange)
+		return -ENOMEM;
+	return 0;
+}
+
 static int parse_limits(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
 {
 	static const char *const keys[] = { "unconfirmed_bytes_per_vm",
@@ -663,7 +721,7 @@ static int parse_misc(struct conf_ctx *c, json_t *root, struct proxy_config *cfg
 int proxy_config_load(const char *file, struct proxy_config **out, char *err, size_t errlen)
 {
 	static const char *const keys[] = { "listeners", "identity",  "threads",
-					    "upstream",	 "guest",     "limits",
+					    "upstream",	 "guest",     "inbox",	"limits",
 					    "admin",	 "balancer",  "metrics",
 					    "drain_timeout_ms", "log_level", "hostname", NULL };
 	struct proxy_config *cfg;
@@ -691,6 +749,7 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 	r |= parse_threads(&c, root, cfg);
 	r |= parse_upstream(&c, root, cfg);
 	r |= parse_guest(&c, root, cfg);
+	r |= parse_inbox(&c, root, cfg);
 	r |= parse_limits(&c, root, cfg);
 	r |= parse_misc(&c, root, cfg);
 	cfg->raw = root;
@@ -706,7 +765,7 @@ int proxy_config_load(const char *file, struct proxy_config **out, char *err, si
 bool proxy_config_restart_key(const struct proxy_config *old, const struct proxy_config *new,
 			      char *key, size_t keylen)
 {
-	static const char *const fixed[] = { "listeners", "threads", "upstream", "limits",
+	static const char *const fixed[] = { "listeners", "threads", "upstream", "inbox", "limits",
 					     "admin", "hostname", NULL };
 	json_t *a, *b, *ia, *ib;
 	const char *k;
@@ -801,6 +860,8 @@ void proxy_config_free(struct proxy_config *c)
 	for (char **e = c->guest.allowed_exchanges; e && *e; e++)
 		free(*e);
 	free(c->guest.allowed_exchanges);
+	free(c->inbox.name);
+	free(c->inbox.exchange);
 	free(c->admin.socket);
 	free(c->admin.group);
 	json_decref(c->balancer_raw);

@@ -100,6 +100,20 @@ struct proxy_config {
 		uint32_t handshake_timeout_ms;	/* default 10000 */
 	} guest;
 
+	/* Per-VM inboxes: the broker queue "vm.<uuid>.inbox", bound to
+	 * exchange with "<uuid>.#", that a guest consumes as NAME. */
+	struct {
+		bool enabled;		    /* default true */
+		char *name;		    /* the guest's queue name; default "inbox" */
+		char *exchange;		    /* default "vm.control" */
+		bool quorum;		    /* queue_type "quorum"; default "classic" */
+		uint32_t max_length;	    /* messages; default 1000 */
+		uint32_t message_ttl_ms;    /* default 86400000 (a day) */
+		uint16_t max_prefetch;	    /* per consumer (and for prefetch 0); default 100 */
+		uint16_t max_consumers;	    /* per guest connection; default 4 */
+		uint64_t max_message_bytes; /* larger deliveries are rejected; default 64 KiB */
+	} inbox;
+
 	struct {
 		uint64_t unconfirmed_bytes_per_vm;     /* default 8 MiB */
 		uint64_t unconfirmed_bytes_per_thread; /* default 64 MiB */

@@ -50,6 +50,23 @@ enum pub_state {
 	PUB_BODY,   /* got the header, want body frames */
 };
 
+/* A delivery not yet settled by the guest, with the owner's tags. */
+struct dlv {
+	uint64_t tag, up_tag;
+	uint32_t up_gen, cid;
+};
+
+struct consumer {
+	uint32_t id;
+	uint16_t ch;
+	uint32_t gen;
+		bool no_ack;
+	bool ready; /* consume-ok given */
+	uint16_t prefetch; /* the channel's basic.qos when it was created */
+	uint8_t tag_len;
+	char tag[256];
+};
+
 struct chan {
 	uint16_t id;
 	uint32_t gen;
@@ -73,6 +90,15 @@ struct chan {
 	uint64_t body_size, body_got;
 	uint8_t *body;
 	uint64_t body_cap;
+	/* Inbox. */
+	uint16_t prefetch;		/* basic.qos for consumers created after it */
+	amqp_method_number_t pending;	/* an inbox request awaiting the owner's answer */
+	bool pending_nowait;
+	bool get_no_ack; /* of the pending basic.get */
+	bool declared;			/* the inbox was declared: "" names it */
+	uint64_t dnext;			/* the last delivery tag given */
+	struct dlv *dl;			/* unsettled deliveries, by tag ascending */
+	uint32_t ndl, capdl;
 };
 
 struct guest_session {
@@ -87,7 +113,10 @@ struct guest_session {
 	uint16_t channel_max;
 	uint16_t heartbeat;
 	uint64_t created_ms, last_rx_ms, last_tx_ms, close_deadline;
-	bool cap_blocked, cap_auth_close;
+	bool cap_blocked, cap_auth_close, cap_cancel_notify;
+	struct consumer *cons;
+	uint16_t ncons, capcons;
+	uint32_t next_cid;
 	bool blocked_sent;
 	bool closed_emitted;
 	bool dropped;	 /* output is discarded from now on */
@@ -115,6 +144,8 @@ void guest_session_config_init(struct guest_session_config *c)
 	c->handshake_timeout_ms = 10000;
 	c->max_table_depth = 8;
 	c->max_unconfirmed = DEFAULT_MAX_UNCONFIRMED;
+	c->max_consumers = 4;
+	c->max_unacked = 1024;
 }
 
 /* ---- output -------------------------------------------------------------- */
@@ -180,6 +211,8 @@ static bool out_reserve(struct guest_session *s, size_t n)
 
 static void out_raw(struct guest_session *s, const void *p, size_t n)
 {
+	if (n == 0)
+		return; /* P may be NULL (empty properties or body) */
 	if (!out_reserve(s, n))
 		return;
 	memcpy(s->out + s->out_len, p, n);
@@ -342,10 +375,61 @@ static struct chan *chan_new(struct guest_session *s, uint16_t id)
 	return c;
 }
 
+static void emit(struct guest_session *s, struct guest_event *ev)
+{
+	if (s->cfg->on_event)
+		s->cfg->on_event(s->ud, ev);
+}
+
+static void cons_remove(struct guest_session *s, uint16_t i)
+{
+	struct guest_event ev;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_CANCEL;
+	ev.channel = s->cons[i].ch;
+	ev.channel_gen = s->cons[i].gen;
+	ev.consumer_id = s->cons[i].id;
+	s->cons[i] = s->cons[--s->ncons];
+	emit(s, &ev);
+}
+
+static void emit_settle(struct guest_session *s, struct chan *c, const struct dlv *d,
+			enum guest_settle_kind kind, bool requeue)
+{
+	struct guest_event ev;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_SETTLE;
+	ev.channel = c->id;
+	ev.channel_gen = c->gen;
+	ev.settle.kind = kind;
+	ev.settle.requeue = requeue;
+	ev.settle.consumer_id = d->cid;
+	ev.settle.up_tag = d->up_tag;
+	ev.settle.up_gen = d->up_gen;
+	emit(s, &ev);
+}
+
+/* Give back what the inbox handed this channel: its deliveries (requeued)
+ * and its consumers. */
+static void chan_release(struct guest_session *s, struct chan *c)
+{
+	uint32_t n = c->ndl;
+
+	c->ndl = 0;
+	for (uint32_t i = 0; i < n; i++)
+		emit_settle(s, c, &c->dl[i], GUEST_SETTLE_RELEASE, true);
+	for (uint16_t i = s->ncons; i-- > 0;)
+		if (s->cons[i].ch == c->id && s->cons[i].gen == c->gen)
+			cons_remove(s, i);
+}
+
 static void chan_emit_closed(struct guest_session *s, struct chan *c)
 {
 	struct guest_event ev;
 
+	chan_release(s, c);
 	if (!s->cfg->on_event)
 		return;
 	memset(&ev, 0, sizeof(ev));
@@ -366,6 +450,7 @@ static void chan_free(struct guest_session *s, struct chan *c)
 	free(c->win);
 	free(c->meta);
 	free(c->body);
+	free(c->dl);
 	free(c);
 }
 
@@ -471,6 +556,7 @@ void guest_session_free(struct guest_session *s)
 	while (s->nchans)
 		chan_free(s, s->chans[0]);
 	free(s->chans);
+	free(s->cons);
 	free(s->in);
 	free(s->out);
 	empty_amqp_pool(&s->pool);
@@ -587,6 +673,7 @@ static void on_start_ok(struct guest_session *s, const uint8_t *args, size_t len
 	if (caps && caps->kind == AMQP_FIELD_KIND_TABLE) {
 		s->cap_blocked = table_bool(&caps->value.table, "connection.blocked");
 		s->cap_auth_close = table_bool(&caps->value.table, "authentication_failure_close");
+		s->cap_cancel_notify = table_bool(&caps->value.table, "consumer_cancel_notify");
 	}
 	snprintf(mech, sizeof(mech), "%.*s", (int)(m->mechanism.len < 31 ? m->mechanism.len : 31),
 		 (const char *)m->mechanism.bytes);
@@ -878,16 +965,10 @@ static bool refused_method(amqp_method_number_t id)
 	case AMQP_EXCHANGE_DELETE_METHOD:
 	case AMQP_EXCHANGE_BIND_METHOD:
 	case AMQP_EXCHANGE_UNBIND_METHOD:
-	case AMQP_QUEUE_DECLARE_METHOD:
 	case AMQP_QUEUE_BIND_METHOD:
 	case AMQP_QUEUE_PURGE_METHOD:
 	case AMQP_QUEUE_DELETE_METHOD:
 	case AMQP_QUEUE_UNBIND_METHOD:
-	case AMQP_BASIC_CONSUME_METHOD:
-	case AMQP_BASIC_CANCEL_METHOD:
-	case AMQP_BASIC_GET_METHOD:
-	case AMQP_BASIC_RECOVER_ASYNC_METHOD:
-	case AMQP_BASIC_RECOVER_METHOD:
 		return true;
 	}
 	return false;
@@ -927,6 +1008,578 @@ static const char *method_name(amqp_method_number_t id)
 	static _Thread_local char buf[64];
 
 	return method_name_r(id, buf, sizeof(buf));
+}
+
+/* ---- the inbox ------------------------------------------------------------ */
+
+static bool is_inbox(const struct guest_session *s, const struct chan *c, amqp_bytes_t q,
+		     bool empty_ok)
+{
+	const char *n = s->cfg->inbox_name;
+
+	if (!n)
+		return false;
+	if (q.len == 0)
+		return empty_ok && c->declared;
+	return q.len == strlen(n) && memcmp(q.bytes, n, q.len) == 0;
+}
+
+static void refuse_queue(struct guest_session *s, struct chan *c, amqp_method_number_t id,
+			 amqp_bytes_t q)
+{
+	if (!s->cfg->inbox_name) {
+		chan_error(s, c, 403, id, "%s is not permitted through this proxy: guests may "
+					  "only publish", method_name(id));
+		return;
+	}
+	chan_error(s, c, 403, id, "access to queue '%.*s' in vhost '%s' refused for user '%s'",
+		   (int)(q.len > 64 ? 64 : q.len), (const char *)q.bytes,
+		   s->cfg->vhost ? s->cfg->vhost : "/", s->user);
+}
+
+/* Depth-check the table at the end of ARGS, after SKIP short strings that
+ * follow the reserved u16 and before the bits octet; then decode. */
+static void *decode_with_table(struct guest_session *s, amqp_method_number_t id,
+			       const uint8_t *args, size_t len, int strs)
+{
+	size_t off = 2, n;
+	void *m;
+	int r;
+
+	for (int i = 0; i < strs; i++) {
+		if (off > len || amqp_frame_skip_shortstr(args + off, len - off, &n) < 0) {
+			conn_error(s, 501, id, "cannot decode %s", method_name(id));
+			return NULL;
+		}
+		off += n;
+	}
+	if (++off > len) {
+		conn_error(s, 501, id, "cannot decode %s", method_name(id));
+		return NULL;
+	}
+	r = amqp_frame_check_table_prefixed(args + off, len - off, s->cfg->max_table_depth, &n);
+	if (r < 0 || amqp_decode_method(id, &s->pool, (amqp_bytes_t){ len, (void *)args }, &m) < 0) {
+		conn_error(s, 502, id, r == -ELOOP ? "arguments nested too deep" : "malformed %s",
+			   method_name(id));
+		return NULL;
+	}
+	return m;
+}
+
+/* One inbox request at a time per channel: the answer comes from the
+ * broker, and later requests would have to wait behind it. */
+static bool check_not_pending(struct guest_session *s, struct chan *c, amqp_method_number_t id)
+{
+	if (!c->pending)
+		return true;
+	conn_error(s, 503, id, "%s while %s on channel %u is still unanswered: wait for its reply",
+		   method_name(id), method_name_r(c->pending, (char[64]){ 0 }, 64), c->id);
+	return false;
+}
+
+static void on_queue_declare(struct guest_session *s, struct chan *c, const uint8_t *args,
+			     size_t len)
+{
+	amqp_queue_declare_t *m = decode_with_table(s, AMQP_QUEUE_DECLARE_METHOD, args, len, 1);
+	struct guest_event ev;
+
+	if (!m)
+		return;
+	if (!is_inbox(s, c, m->queue, false)) {
+		refuse_queue(s, c, AMQP_QUEUE_DECLARE_METHOD, m->queue);
+		return;
+	}
+	if (!check_not_pending(s, c, AMQP_QUEUE_DECLARE_METHOD))
+		return;
+	c->pending = AMQP_QUEUE_DECLARE_METHOD;
+	c->pending_nowait = m->nowait;
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_DECLARE;
+	ev.channel = c->id;
+	ev.channel_gen = c->gen;
+	ev.passive = m->passive;
+	emit(s, &ev);
+}
+
+static void on_get(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
+{
+	amqp_basic_get_t *m;
+	struct guest_event ev;
+
+	if (amqp_decode_method(AMQP_BASIC_GET_METHOD, &s->pool, (amqp_bytes_t){ len, (void *)args },
+			       (void **)&m) < 0) {
+		conn_error(s, 501, AMQP_BASIC_GET_METHOD, "cannot decode basic.get");
+		return;
+	}
+	if (!is_inbox(s, c, m->queue, true)) {
+		refuse_queue(s, c, AMQP_BASIC_GET_METHOD, m->queue);
+		return;
+	}
+	if (!check_not_pending(s, c, AMQP_BASIC_GET_METHOD))
+		return;
+	if (!m->no_ack && c->ndl >= s->cfg->max_unacked) {
+		chan_error(s, c, 406, AMQP_BASIC_GET_METHOD,
+			   "more than %u unacknowledged deliveries on channel %u", s->cfg->max_unacked,
+			   c->id);
+		return;
+	}
+	c->pending = AMQP_BASIC_GET_METHOD;
+	c->pending_nowait = false;
+	c->get_no_ack = m->no_ack;
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_GET;
+	ev.channel = c->id;
+	ev.channel_gen = c->gen;
+	ev.no_ack = m->no_ack;
+	emit(s, &ev);
+}
+
+/* basic.recover(-async) with requeue: the channel's unsettled deliveries
+ * go back to the queue (RELEASE events) and are delivered again, marked
+ * redelivered, as RabbitMQ does; requeue=false is not supported there
+ * either. */
+static void on_recover(struct guest_session *s, struct chan *c, amqp_method_number_t id,
+		       const uint8_t *args, size_t len)
+{
+	bool requeue = len >= 1 && (args[0] & 1);
+	uint32_t n = c->ndl;
+
+	if (len < 1) {
+		conn_error(s, 501, id, "cannot decode %s", method_name(id));
+		return;
+	}
+	if (!requeue) {
+		conn_error(s, 540, id, "requeue=false");
+		return;
+	}
+	c->ndl = 0;
+	for (uint32_t i = 0; i < n; i++)
+		emit_settle(s, c, &c->dl[i], GUEST_SETTLE_RELEASE, true);
+	if (id == AMQP_BASIC_RECOVER_METHOD) {
+		amqp_basic_recover_ok_t ok = { 0 };
+		send_method(s, c->id, AMQP_BASIC_RECOVER_OK_METHOD, &ok);
+	}
+}
+
+static struct consumer *cons_by_tag(struct guest_session *s, amqp_bytes_t tag)
+{
+	for (uint16_t i = 0; i < s->ncons; i++)
+		if (s->cons[i].tag_len == tag.len && memcmp(s->cons[i].tag, tag.bytes, tag.len) == 0)
+			return &s->cons[i];
+	return NULL;
+}
+
+static struct consumer *cons_by_id(struct guest_session *s, uint32_t id, uint16_t *index)
+{
+	for (uint16_t i = 0; i < s->ncons; i++) {
+		if (s->cons[i].id == id) {
+			if (index)
+				*index = i;
+			return &s->cons[i];
+		}
+	}
+	return NULL;
+}
+
+static void on_consume(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
+{
+	amqp_basic_consume_t *m = decode_with_table(s, AMQP_BASIC_CONSUME_METHOD, args, len, 2);
+	struct guest_event ev;
+	struct consumer *k;
+
+	if (!m)
+		return;
+	if (!is_inbox(s, c, m->queue, true)) {
+		refuse_queue(s, c, AMQP_BASIC_CONSUME_METHOD, m->queue);
+		return;
+	}
+	if (!check_not_pending(s, c, AMQP_BASIC_CONSUME_METHOD))
+		return;
+	if (m->consumer_tag.len && cons_by_tag(s, m->consumer_tag)) {
+		conn_error(s, 530, AMQP_BASIC_CONSUME_METHOD, "attempt to reuse consumer tag '%.*s'",
+			   (int)(m->consumer_tag.len > 64 ? 64 : m->consumer_tag.len),
+			   (const char *)m->consumer_tag.bytes);
+		return;
+	}
+	if (s->ncons >= s->cfg->max_consumers) {
+		chan_error(s, c, 406, AMQP_BASIC_CONSUME_METHOD,
+			   "more than %u consumers on this connection", s->cfg->max_consumers);
+		return;
+	}
+	if (s->ncons == s->capcons) {
+		uint16_t cap = s->capcons ? (uint16_t)(s->capcons * 2) : 2;
+		struct consumer *a = realloc(s->cons, cap * sizeof(*a));
+		if (!a) {
+			conn_error(s, 541, AMQP_BASIC_CONSUME_METHOD, "out of memory");
+			return;
+		}
+		s->cons = a;
+		s->capcons = cap;
+	}
+	k = &s->cons[s->ncons++];
+	memset(k, 0, sizeof(*k));
+	k->id = ++s->next_cid;
+	k->ch = c->id;
+	k->gen = c->gen;
+		k->no_ack = m->no_ack;
+	k->prefetch = c->prefetch;
+	if (m->consumer_tag.len) {
+		k->tag_len = (uint8_t)m->consumer_tag.len;
+		memcpy(k->tag, m->consumer_tag.bytes, m->consumer_tag.len);
+	} else {
+		k->tag_len = (uint8_t)snprintf(k->tag, sizeof(k->tag), "amq.ctag-vmproxy-%u", k->id);
+	}
+	c->pending = AMQP_BASIC_CONSUME_METHOD;
+	c->pending_nowait = m->nowait;
+	memset(&ev, 0, sizeof(ev));
+	ev.type = GUEST_EVENT_CONSUME;
+	ev.channel = c->id;
+	ev.channel_gen = c->gen;
+	ev.consumer_id = k->id;
+	ev.prefetch = c->prefetch;
+	ev.no_ack = m->no_ack;
+	emit(s, &ev);
+}
+
+static void on_cancel(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len)
+{
+	amqp_basic_cancel_t *m;
+	struct consumer *k;
+	uint8_t tag[256];
+	size_t tag_len;
+	bool nowait;
+
+	if (amqp_decode_method(AMQP_BASIC_CANCEL_METHOD, &s->pool, (amqp_bytes_t){ len, (void *)args },
+			       (void **)&m) < 0) {
+		conn_error(s, 501, AMQP_BASIC_CANCEL_METHOD, "cannot decode basic.cancel");
+		return;
+	}
+	tag_len = m->consumer_tag.len > 255 ? 255 : m->consumer_tag.len;
+	if (tag_len)
+		memcpy(tag, m->consumer_tag.bytes, tag_len);
+	nowait = m->nowait;
+	k = cons_by_tag(s, (amqp_bytes_t){ tag_len, tag });
+	if (k && k->ch == c->id && k->gen == c->gen) {
+		if (!k->ready) {
+			conn_error(s, 503, AMQP_BASIC_CANCEL_METHOD,
+				   "basic.cancel before the consumer's basic.consume-ok");
+			return;
+		}
+		cons_remove(s, (uint16_t)(k - s->cons));
+	}
+	/* As RabbitMQ: an unknown tag is cancelled all the same. */
+	if (!nowait) {
+		amqp_basic_cancel_ok_t ok = { .consumer_tag = { tag_len, tag } };
+		send_method(s, c->id, AMQP_BASIC_CANCEL_OK_METHOD, &ok);
+	}
+}
+
+/* Index of the delivery with TAG in C's list, or -1. */
+static int64_t dlv_find(const struct chan *c, uint64_t tag)
+{
+	uint32_t lo = 0, hi = c->ndl;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		if (c->dl[mid].tag < tag)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < c->ndl && c->dl[lo].tag == tag ? (int64_t)lo : -1;
+}
+
+static void on_settle(struct guest_session *s, struct chan *c, amqp_method_number_t id,
+		      const uint8_t *args, size_t len)
+{
+	enum guest_settle_kind kind = GUEST_SETTLE_ACK;
+	uint64_t tag;
+	bool multiple = false, requeue = false;
+	uint32_t from, to;
+	void *m;
+
+	if (amqp_decode_method(id, &s->pool, (amqp_bytes_t){ len, (void *)args }, &m) < 0) {
+		conn_error(s, 501, id, "cannot decode %s", method_name(id));
+		return;
+	}
+	if (id == AMQP_BASIC_ACK_METHOD) {
+		tag = ((amqp_basic_ack_t *)m)->delivery_tag;
+		multiple = ((amqp_basic_ack_t *)m)->multiple;
+	} else if (id == AMQP_BASIC_NACK_METHOD) {
+		kind = GUEST_SETTLE_NACK;
+		tag = ((amqp_basic_nack_t *)m)->delivery_tag;
+		multiple = ((amqp_basic_nack_t *)m)->multiple;
+		requeue = ((amqp_basic_nack_t *)m)->requeue;
+	} else {
+		kind = GUEST_SETTLE_REJECT;
+		tag = ((amqp_basic_reject_t *)m)->delivery_tag;
+		requeue = ((amqp_basic_reject_t *)m)->requeue;
+	}
+	if (multiple && tag == 0) {
+		from = 0;
+		to = c->ndl; /* everything outstanding */
+	} else {
+		int64_t i = dlv_find(c, tag);
+		if (i < 0) {
+			chan_error(s, c, 406, id, "unknown delivery tag %llu", (unsigned long long)tag);
+			return;
+		}
+		from = multiple ? 0 : (uint32_t)i;
+		to = (uint32_t)i + 1;
+	}
+	for (uint32_t i = from; i < to; i++)
+		emit_settle(s, c, &c->dl[i], kind, requeue);
+	memmove(c->dl + from, c->dl + to, (c->ndl - to) * sizeof(*c->dl));
+	c->ndl -= to - from;
+	if (c->capdl > 64 && c->ndl == 0) {
+		free(c->dl);
+		c->dl = NULL;
+		c->capdl = 0;
+	}
+}
+
+static struct chan *answer_chan(struct guest_session *s, uint16_t channel, uint32_t gen,
+				amqp_method_number_t want)
+{
+	struct chan *c = chan_find(s, channel);
+
+	if (!c || c->gen != gen || c->closing || s->st != ST_RUNNING || c->pending != want)
+		return NULL;
+	c->pending = 0;
+	return c;
+}
+
+void guest_session_declare_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t count, uint32_t consumers)
+{
+	struct chan *c = answer_chan(s, channel, channel_gen, AMQP_QUEUE_DECLARE_METHOD);
+
+	if (!c)
+		return;
+	c->declared = true;
+	if (!c->pending_nowait) {
+		amqp_queue_declare_ok_t ok = { .queue = amqp_cstring_bytes(s->cfg->inbox_name),
+					       .message_count = count,
+					       .consumer_count = consumers };
+		send_method(s, c->id, AMQP_QUEUE_DECLARE_OK_METHOD, &ok);
+	}
+}
+
+void guest_session_consume_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t consumer_id)
+{
+	struct chan *c = answer_chan(s, channel, channel_gen, AMQP_BASIC_CONSUME_METHOD);
+	struct consumer *k = cons_by_id(s, consumer_id, NULL);
+
+	if (!c || !k)
+		return;
+	k->ready = true;
+	if (!c->pending_nowait) {
+		amqp_basic_consume_ok_t ok = { .consumer_tag = { k->tag_len, k->tag } };
+		send_method(s, c->id, AMQP_BASIC_CONSUME_OK_METHOD, &ok);
+	}
+}
+
+void guest_session_fail(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			uint16_t code, const char *text)
+{
+	struct chan *c = chan_find(s, channel);
+	amqp_method_number_t id;
+	const char *name = code_name(code);
+	size_t n = strlen(name);
+
+	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING || !c->pending)
+		return;
+	id = c->pending;
+	c->pending = 0;
+	if (!text)
+		text = "";
+	/* The broker's text already starts with the code's name. */
+	if (strncmp(text, name, n) == 0 && strncmp(text + n, " - ", 3) == 0)
+		text += n + 3;
+	chan_error(s, c, code, id, "%s", text);
+}
+
+void guest_session_cancel_consumer(struct guest_session *s, uint32_t consumer_id, const char *why)
+{
+	uint16_t i;
+	struct consumer *k = cons_by_id(s, consumer_id, &i);
+	struct chan *c;
+
+	if (!k || s->st != ST_RUNNING)
+		return;
+	c = chan_find(s, k->ch);
+	if (!c || c->gen != k->gen || c->closing)
+		return;
+	if (!k->ready) {
+		/* Its basic.consume is still unanswered: that answer fails. */
+		c->pending = AMQP_BASIC_CONSUME_METHOD;
+		guest_session_fail(s, c->id, c->gen, 506, why);
+		return;
+	}
+	if (!s->cap_cancel_notify) {
+		chan_error(s, c, 506, AMQP_BASIC_CONSUME_METHOD, "%s", why);
+		return;
+	}
+	amqp_basic_cancel_t m = { .consumer_tag = { k->tag_len, k->tag }, .nowait = 1 };
+	send_method(s, c->id, AMQP_BASIC_CANCEL_METHOD, &m);
+	cons_remove(s, i);
+}
+
+static void send_content(struct guest_session *s, uint16_t channel, amqp_bytes_t properties,
+			 amqp_bytes_t body);
+
+int64_t guest_session_get_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			     bool redelivered, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+			     uint32_t count, amqp_bytes_t properties, amqp_bytes_t body,
+			     uint64_t up_tag, uint32_t up_gen)
+{
+	struct chan *c = chan_find(s, channel);
+	amqp_basic_get_ok_t g;
+
+	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING ||
+	    c->pending != AMQP_BASIC_GET_METHOD)
+		return -ENOENT;
+	if (12 + properties.len > s->frame_max - 8 || exchange.len > 255 || routing_key.len > 255)
+		return -EMSGSIZE;
+	if (!c->get_no_ack && c->ndl == c->capdl) {
+		uint32_t cap = c->capdl ? c->capdl * 2 : 16;
+		struct dlv *a = realloc(c->dl, cap * sizeof(*a));
+		if (!a)
+			return -ENOENT;
+		c->dl = a;
+		c->capdl = cap;
+	}
+	c->pending = 0;
+	g.delivery_tag = ++c->dnext;
+	g.redelivered = redelivered;
+	g.exchange = exchange;
+	g.routing_key = routing_key;
+	g.message_count = count;
+	send_method(s, channel, AMQP_BASIC_GET_OK_METHOD, &g);
+	send_content(s, channel, properties, body);
+	if (!c->get_no_ack)
+		c->dl[c->ndl++] = (struct dlv){ .tag = c->dnext, .up_tag = up_tag, .up_gen = up_gen };
+	return (int64_t)c->dnext;
+}
+
+void guest_session_get_empty(struct guest_session *s, uint16_t channel, uint32_t channel_gen)
+{
+	struct chan *c = answer_chan(s, channel, channel_gen, AMQP_BASIC_GET_METHOD);
+	amqp_basic_get_empty_t e = { .cluster_id = amqp_empty_bytes };
+
+	if (c)
+		send_method(s, c->id, AMQP_BASIC_GET_EMPTY_METHOD, &e);
+}
+
+/* Content header and body frames of a message on CHANNEL. */
+static void send_content(struct guest_session *s, uint16_t channel, amqp_bytes_t properties,
+			 amqp_bytes_t body)
+{
+	size_t chunk = s->frame_max - 8;
+	uint8_t h[7 + 12];
+
+	h[0] = AMQP_FT_HEADER;
+	amqp_frame_put16(h + 1, channel);
+	amqp_frame_put32(h + 3, (uint32_t)(12 + properties.len));
+	amqp_frame_put16(h + 7, AMQP_BASIC_CLASS);
+	amqp_frame_put16(h + 9, 0);
+	amqp_frame_put32(h + 11, (uint32_t)((uint64_t)body.len >> 32));
+	amqp_frame_put32(h + 15, (uint32_t)body.len);
+	out_raw(s, h, sizeof(h));
+	out_raw(s, properties.bytes, properties.len);
+	out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
+	for (size_t off = 0; off < body.len; off += chunk) {
+		size_t len = body.len - off < chunk ? body.len - off : chunk;
+
+		h[0] = AMQP_FT_BODY;
+		amqp_frame_put32(h + 3, (uint32_t)len);
+		out_raw(s, h, 7);
+		out_raw(s, (const uint8_t *)body.bytes + off, len);
+		out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
+	}
+}
+
+int64_t guest_session_deliver(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t consumer_id, bool redelivered, amqp_bytes_t exchange,
+			      amqp_bytes_t routing_key, amqp_bytes_t properties, amqp_bytes_t body,
+			      uint64_t up_tag, uint32_t up_gen)
+{
+	struct chan *c = chan_find(s, channel);
+	struct consumer *k = cons_by_id(s, consumer_id, NULL);
+	amqp_basic_deliver_t d;
+
+	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING || !k || !k->ready ||
+	    k->ch != channel || k->gen != channel_gen)
+		return -ENOENT;
+	if (12 + properties.len > s->frame_max - 8 || exchange.len > 255 || routing_key.len > 255)
+		return -EMSGSIZE;
+	if (!k->no_ack) {
+		if (c->ndl >= s->cfg->max_unacked)
+			return -ENOSPC;
+		if (c->ndl == c->capdl) {
+			uint32_t cap = c->capdl ? c->capdl * 2 : 16;
+			struct dlv *a = realloc(c->dl, cap * sizeof(*a));
+			if (!a)
+				return -ENOSPC;
+			c->dl = a;
+			c->capdl = cap;
+		}
+	}
+	d.consumer_tag = (amqp_bytes_t){ k->tag_len, k->tag };
+	d.delivery_tag = ++c->dnext;
+	d.redelivered = redelivered;
+	d.exchange = exchange;
+	d.routing_key = routing_key;
+	send_method(s, channel, AMQP_BASIC_DELIVER_METHOD, &d);
+	send_content(s, channel, properties, body);
+	if (!k->no_ack)
+		c->dl[c->ndl++] = (struct dlv){ .tag = c->dnext, .up_tag = up_tag, .up_gen = up_gen,
+						.cid = consumer_id };
+	return (int64_t)c->dnext;
+}
+
+void guest_session_release_all(struct guest_session *s)
+{
+	for (uint16_t i = 0; i < s->nchans; i++)
+		chan_release(s, s->chans[i]);
+	while (s->ncons)
+		cons_remove(s, (uint16_t)(s->ncons - 1));
+}
+
+void guest_session_detach_deliveries(struct guest_session *s,
+				     void (*fn)(void *ud, uint64_t up_tag, uint32_t up_gen),
+				     void *ud)
+{
+	for (uint16_t i = 0; i < s->nchans; i++) {
+		struct chan *c = s->chans[i];
+
+		for (uint32_t j = 0; j < c->ndl; j++) {
+			if (c->dl[j].up_gen)
+				fn(ud, c->dl[j].up_tag, c->dl[j].up_gen);
+			c->dl[j].up_gen = 0;
+		}
+	}
+}
+
+void guest_session_foreach_consumer(struct guest_session *s,
+				    void (*fn)(void *ud, uint16_t channel, uint32_t channel_gen,
+					       uint32_t consumer_id, uint16_t prefetch, bool no_ack),
+				    void *ud)
+{
+	for (uint16_t i = 0; i < s->ncons; i++)
+		if (s->cons[i].ready)
+			fn(ud, s->cons[i].ch, s->cons[i].gen, s->cons[i].id, s->cons[i].prefetch,
+			   s->cons[i].no_ack);
+}
+
+uint32_t guest_session_unacked(const struct guest_session *s)
+{
+	uint32_t n = 0;
+
+	for (uint16_t i = 0; i < s->nchans; i++)
+		n += s->chans[i]->ndl;
+	return n;
 }
 
 static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_number_t id,
@@ -1049,6 +1702,7 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 			conn_error(s, 540, id, "prefetch_size!=0 (%u)", m->prefetch_size);
 			return;
 		}
+		c->prefetch = m->prefetch_count;
 		send_method(s, ch, AMQP_BASIC_QOS_OK_METHOD, &ok);
 		return;
 	}
@@ -1060,12 +1714,25 @@ static void on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_
 		return;
 	case AMQP_BASIC_ACK_METHOD:
 	case AMQP_BASIC_NACK_METHOD:
-	case AMQP_BASIC_REJECT_METHOD: {
-		/* Nothing is ever delivered to a guest: every tag is unknown. */
-		uint64_t tag = len >= 8 ? amqp_frame_get64(args) : 0;
-		chan_error(s, c, 406, id, "unknown delivery tag %llu", (unsigned long long)tag);
+	case AMQP_BASIC_REJECT_METHOD:
+		on_settle(s, c, id, args, len);
 		return;
-	}
+	case AMQP_QUEUE_DECLARE_METHOD:
+		on_queue_declare(s, c, args, len);
+		return;
+	case AMQP_BASIC_CONSUME_METHOD:
+		on_consume(s, c, args, len);
+		return;
+	case AMQP_BASIC_CANCEL_METHOD:
+		on_cancel(s, c, args, len);
+		return;
+	case AMQP_BASIC_GET_METHOD:
+		on_get(s, c, args, len);
+		return;
+	case AMQP_BASIC_RECOVER_METHOD:
+	case AMQP_BASIC_RECOVER_ASYNC_METHOD:
+		on_recover(s, c, id, args, len);
+		return;
 	case AMQP_TX_SELECT_METHOD:
 	case AMQP_TX_COMMIT_METHOD:
 	case AMQP_TX_ROLLBACK_METHOD:
@@ -1623,31 +2290,12 @@ void guest_session_return(struct guest_session *s, uint16_t channel, uint32_t ch
 	amqp_basic_return_t r = { .reply_code = code, .reply_text = amqp_cstring_bytes(text),
 				  .exchange = exchange, .routing_key = routing_key };
 	size_t chunk = s->frame_max - 8;
-	uint8_t h[7 + 12];
 
 	if (!c || c->gen != channel_gen || c->closing || s->st != ST_RUNNING ||
 	    12 + properties.len > chunk)
 		return;
 	send_method(s, channel, AMQP_BASIC_RETURN_METHOD, &r);
-	h[0] = AMQP_FT_HEADER;
-	amqp_frame_put16(h + 1, channel);
-	amqp_frame_put32(h + 3, (uint32_t)(12 + properties.len));
-	amqp_frame_put16(h + 7, AMQP_BASIC_CLASS);
-	amqp_frame_put16(h + 9, 0);
-	amqp_frame_put32(h + 11, (uint32_t)((uint64_t)body.len >> 32));
-	amqp_frame_put32(h + 15, (uint32_t)body.len);
-	out_raw(s, h, sizeof(h));
-	out_raw(s, properties.bytes, properties.len);
-	out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
-	for (size_t off = 0; off < body.len; off += chunk) {
-		size_t len = body.len - off < chunk ? body.len - off : chunk;
-
-		h[0] = AMQP_FT_BODY;
-		amqp_frame_put32(h + 3, (uint32_t)len);
-		out_raw(s, h, 7);
-		out_raw(s, (const uint8_t *)body.bytes + off, len);
-		out_raw(s, (const uint8_t[]){ AMQP_FRAME_END_OCTET }, 1);
-	}
+	send_content(s, channel, properties, body);
 }
 
 void guest_session_close(struct guest_session *s, uint16_t code, const char *text)

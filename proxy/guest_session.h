@@ -32,9 +32,36 @@ struct guest_publish {
 	size_t body_len;
 };
 
+/* How a guest settled (or gave back) a delivery. */
+enum guest_settle_kind {
+	GUEST_SETTLE_ACK,
+	GUEST_SETTLE_NACK,
+	GUEST_SETTLE_REJECT,
+	GUEST_SETTLE_RELEASE, /* its channel or consumer went away unsettled: requeue */
+};
+
+/* One delivery the guest settled, with what the owner attached to it in
+ * guest_session_deliver. */
+struct guest_settle {
+	enum guest_settle_kind kind;
+	bool requeue;
+	uint32_t consumer_id;
+	uint64_t up_tag;
+	uint32_t up_gen;
+};
+
 enum guest_event_type {
 	GUEST_EVENT_OPENED,	    /* connection.open accepted: user and vhost known */
 	GUEST_EVENT_PUBLISH,	    /* .publish */
+	/* The inbox (config inbox_name): answer each with guest_session_*_ok
+	 * or guest_session_fail on the same channel generation. */
+	GUEST_EVENT_DECLARE, /* queue.declare of the inbox (.passive) */
+	GUEST_EVENT_CONSUME, /* basic.consume of it: .consumer_id, .prefetch, .no_ack */
+	GUEST_EVENT_CANCEL,  /* consumer .consumer_id is gone (cancel-ok already sent, or
+				its channel closed); no answer */
+	GUEST_EVENT_SETTLE,  /* .settle: one delivery acked, nacked, rejected or released */
+	GUEST_EVENT_GET,     /* basic.get of the inbox (.no_ack): answer with
+				guest_session_get_ok or _get_empty */
 	GUEST_EVENT_CHANNEL_CLOSED, /* .channel, .channel_gen: no further confirms needed */
 	GUEST_EVENT_CLOSED,	    /* the connection is finished: close the socket once
 				       the output is flushed (guest_session_done) */
@@ -47,6 +74,11 @@ struct guest_event {
 	uint16_t reply_code; /* CLOSED: the code sent or received (200 clean) */
 	const char *text;    /* CLOSED: why, for the log */
 	struct guest_publish publish;
+	bool passive;	      /* DECLARE */
+	bool no_ack;	      /* CONSUME */
+	uint16_t prefetch;    /* CONSUME: the channel's basic.qos (0: none) */
+	uint32_t consumer_id; /* CONSUME, CANCEL */
+	struct guest_settle settle;
 };
 
 /* Events are delivered synchronously from guest_session_feed/_tick. The
@@ -70,6 +102,9 @@ struct guest_session_config {
 	guest_auth_fn auth;		      /* NULL accepts everyone */
 	void *auth_userdata;
 	guest_event_fn on_event; /* called with the session's own userdata */
+	const char *inbox_name;	 /* the one queue a guest may declare and consume; NULL none */
+	uint16_t max_consumers;	 /* per connection; default 4 */
+	uint32_t max_unacked;	 /* deliveries per channel; default 1024 */
 };
 
 /* Fill C with the defaults above (no exchange allowed, no callbacks). */
@@ -117,6 +152,65 @@ int guest_session_settle(struct guest_session *s, uint16_t channel, uint32_t cha
 void guest_session_return(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
 			  uint16_t code, const char *text, amqp_bytes_t exchange,
 			  amqp_bytes_t routing_key, amqp_bytes_t properties, amqp_bytes_t body);
+
+/* Answers to DECLARE and CONSUME events (nothing when that channel
+ * generation is gone). declare-ok names the inbox with COUNT messages and
+ * CONSUMERS; consume-ok carries the consumer's tag (not sent for nowait). */
+void guest_session_declare_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t count, uint32_t consumers);
+void guest_session_consume_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t consumer_id);
+/* Answers to GET: get-ok with the channel's next delivery tag and the
+ * message (as for guest_session_deliver; COUNT messages left), or
+ * get-empty. get_ok returns the tag, or -ENOENT when the request is gone. */
+int64_t guest_session_get_ok(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			     bool redelivered, amqp_bytes_t exchange, amqp_bytes_t routing_key,
+			     uint32_t count, amqp_bytes_t properties, amqp_bytes_t body,
+			     uint64_t up_tag, uint32_t up_gen);
+void guest_session_get_empty(struct guest_session *s, uint16_t channel, uint32_t channel_gen);
+
+/* Close CHANNEL (of CHANNEL_GEN) with CODE and TEXT ("NAME - detail"), as
+ * the answer to its pending inbox request. */
+void guest_session_fail(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			uint16_t code, const char *text);
+/* The server cancels consumer CONSUMER_ID: basic.cancel to a client that
+ * advertised consumer_cancel_notify, else its channel is closed (506).
+ * Its unsettled deliveries stay ackable. A CANCEL event follows. */
+void guest_session_cancel_consumer(struct guest_session *s, uint32_t consumer_id,
+				   const char *why);
+
+/* Deliver a message to consumer CONSUMER_ID on CHANNEL (generation
+ * CHANNEL_GEN): basic.deliver with the next delivery tag of the channel,
+ * content as given (PROPERTIES as a content header carries them). UP_TAG
+ * and UP_GEN come back in the delivery's SETTLE event. Returns the guest's
+ * delivery tag (> 0; a no_ack consumer's needs no settling), -ENOENT when
+ * the channel or consumer is gone, -ENOSPC at max_unacked, or -EMSGSIZE
+ * when the properties do not fit a frame. */
+int64_t guest_session_deliver(struct guest_session *s, uint16_t channel, uint32_t channel_gen,
+			      uint32_t consumer_id, bool redelivered, amqp_bytes_t exchange,
+			      amqp_bytes_t routing_key, amqp_bytes_t properties, amqp_bytes_t body,
+			      uint64_t up_tag, uint32_t up_gen);
+
+/* Hand back everything the inbox gave the session: a SETTLE (RELEASE)
+ * event for every unsettled delivery and a CANCEL event for every
+ * consumer, synchronously. For a connection about to be freed. */
+void guest_session_release_all(struct guest_session *s);
+
+/* Call FN for every unsettled delivery (with what the owner attached to
+ * it), then detach them: the guest may still settle them (no error), but
+ * their SETTLE events carry UP_GEN 0. */
+void guest_session_detach_deliveries(struct guest_session *s,
+				     void (*fn)(void *ud, uint64_t up_tag, uint32_t up_gen),
+				     void *ud);
+/* Call FN for every consumer that has its consume-ok: its channel and
+ * generation, id, the prefetch it was created with, and no_ack. */
+void guest_session_foreach_consumer(struct guest_session *s,
+				    void (*fn)(void *ud, uint16_t channel, uint32_t channel_gen,
+					       uint32_t consumer_id, uint16_t prefetch, bool no_ack),
+				    void *ud);
+
+/* Unsettled deliveries on the session's channels. */
+uint32_t guest_session_unacked(const struct guest_session *s);
 
 /* Server-initiated close (320 CONNECTION_FORCED on VM stop or drain, ...).
  * After any connection.close it sends, the engine waits at most 3 s for

@@ -186,6 +186,11 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 	per_thread(&b, threads, "vmproxy_upstream_returned_total", "counter",
 		   "Mandatory messages the broker returned as unroutable (sent back to the guest).",
 		   "returned", true);
+	per_thread(&b, threads, "vmproxy_upstream_delivered_total", "counter",
+		   "Inbox deliveries from the broker to guest consumers.", "delivered", true);
+	per_thread(&b, threads, "vmproxy_upstream_deliveries_refused_total", "counter",
+		   "Inbox deliveries over inbox.max_message_bytes, rejected at the broker.",
+		   "deliveries_refused", true);
 	per_thread(&b, threads, "vmproxy_upstream_connects_total", "counter",
 		   "Successful link connects (the first one included).", "connects", true);
 	per_thread(&b, threads, "vmproxy_upstream_unconfirmed", "gauge",

@@ -25,6 +25,7 @@
 #include "guest_conn.h"
 #include "guest_session.h"
 #include "hash.h"
+#include "inbox.h"
 #include "log.h"
 #include "mailbox.h"
 #include "stamp.h"
@@ -132,6 +133,7 @@ struct poll_thread {
 	int epfd;
 	struct mailbox mb;
 	struct upstream *up;
+	struct inbox *inbox; /* the VMs' inbox consumers on the link */
 
 	struct vm_state *vms[VM_BUCKETS];
 	uint32_t nvms;
@@ -389,6 +391,45 @@ static void op_state_changed(void *ud, bool up)
 	struct poll_thread *pt = ud;
 
 	atomic_store_explicit(&pt->g.link_up, up, memory_order_relaxed);
+	if (up)
+		inbox_link_up(pt->inbox);
+}
+
+static void op_inbox_reply(void *ud, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
+			   uint16_t code, const char *text, uint32_t count, uint32_t consumers)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_reply(pt->inbox, cookie, kind, ok, code, text, count, consumers);
+}
+
+static void op_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_deliver(pt->inbox, d);
+}
+
+static void op_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			 uint32_t count)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_got(pt->inbox, cookie, d, count);
+}
+
+static void op_inbox_cancelled(void *ud, amqp_bytes_t tag)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_cancelled(pt->inbox, tag);
+}
+
+static void op_inbox_closed(void *ud, uint16_t code, const char *text)
+{
+	struct poll_thread *pt = ud;
+
+	inbox_on_closed(pt->inbox, code, text);
 }
 
 /* The reason tells the guest why without the broker's text or address
@@ -424,7 +465,17 @@ static const struct upstream_ops pt_upstream_ops = {
 	.state_changed = op_state_changed,
 	.returned = op_returned,
 	.publishing = op_publishing,
+	.inbox_reply = op_inbox_reply,
+	.inbox_deliver = op_inbox_deliver,
+	.inbox_got = op_inbox_got,
+	.inbox_cancelled = op_inbox_cancelled,
+	.inbox_closed = op_inbox_closed,
 };
+
+static void inbox_wake(void *ud, struct guest_conn *c)
+{
+	mark_dirty(ud, c);
+}
 
 /* ---- guest publishes ---------------------------------------------------- */
 
@@ -527,6 +578,13 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 	case GUEST_EVENT_PUBLISH:
 		on_publish(pt, c, &ev->publish);
 		break;
+	case GUEST_EVENT_DECLARE:
+	case GUEST_EVENT_CONSUME:
+	case GUEST_EVENT_CANCEL:
+	case GUEST_EVENT_SETTLE:
+	case GUEST_EVENT_GET:
+		inbox_guest_event(pt->inbox, c, &c->vm->info, ev);
+		break;
 	case GUEST_EVENT_CHANNEL_CLOSED:
 		break;
 	case GUEST_EVENT_CLOSED: {
@@ -596,14 +654,17 @@ static void conn_detach(struct poll_thread *pt, struct guest_conn *c, bool from_
 static void conn_close(struct poll_thread *pt, struct guest_conn *c)
 {
 	struct vm_state *v = c->vm;
+	struct guest_session *sess;
 
 	if (!c->sess)
 		return;
+	sess = c->sess;
+	c->sess = NULL; /* what the inbox hands back marks nothing dirty */
+	inbox_conn_closing(pt->inbox, c, sess);
 	epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
 	c->fd = -1;
-	guest_session_free(c->sess);
-	c->sess = NULL;
+	guest_session_free(sess);
 	partition_release_conn(pt->sh->partition, v->info.uuid);
 	conn_detach(pt, c, true);
 	log_debug("vm=%s conn=%u: socket closed (%llu bytes in, %llu out)", v->info.name, c->id,
@@ -847,6 +908,10 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 		return;
 	}
 	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+		/* Inbox consumers stay with this thread's link: cancel them. */
+		inbox_conn_leaving(pt->inbox, c);
+	}
+	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
 		/* Last chance to send acks from here; what is left moves along. */
 		int r = guest_conn_flush(c, now, &pt->guest_writes);
 		if (r < 0 && r != -EAGAIN)
@@ -904,10 +969,11 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		next = c->vm_next;
 		c->vm = v;
 		c->pt = pt;
-		if (c->sess)
+				if (c->sess)
 			guest_session_set_config(c->sess, &pt->scfg);
 		v->refs++;
 		conn_attach(pt, c);
+		inbox_conn_arrived(pt->inbox, c, &v->info);
 		c->ep_events = 0;
 		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
 			c->closing = true;
@@ -1228,9 +1294,13 @@ int poll_thread_new(unsigned id, int cpu, const struct poll_shared *sh, struct p
 		r = -errno;
 		goto fail;
 	}
+	r = inbox_new(cfg, id, inbox_wake, pt, &pt->inbox);
+	if (r < 0)
+		goto fail;
 	r = upstream_new(cfg, id, pt->epfd, sh->helpers, &pt->mb, &pt_upstream_ops, pt, &pt->up);
 	if (r < 0)
 		goto fail;
+	inbox_set_link(pt->inbox, pt->up);
 	*out = pt;
 	return 0;
 fail:
@@ -1238,6 +1308,7 @@ fail:
 		close(pt->epfd);
 	mailbox_destroy(&pt->mb);
 	empty_amqp_pool(&pt->pool);
+	inbox_free(pt->inbox);
 	free(pt->props_buf);
 	free(pt);
 	return r;
@@ -1395,6 +1466,7 @@ void poll_thread_session_config(const struct proxy_config *cfg, const char *cons
 	out->allowed_exchanges = allowed;
 	out->product = "vmproxyd";
 	out->on_event = on_session_event;
+	inbox_session_config(cfg, out);
 }
 
 const struct poll_gauges *poll_thread_gauges(const struct poll_thread *pt)
@@ -1475,6 +1547,7 @@ void poll_thread_free(struct poll_thread *pt)
 	/* The link first: its unconfirmed messages come back to the VM queues. */
 	upstream_free(pt->up);
 	pt->up = NULL;
+	inbox_set_link(pt->inbox, NULL);
 	while (pt->conns)
 		conn_close(pt, pt->conns);
 	for (size_t b = 0; b < VM_BUCKETS; b++) {
@@ -1500,6 +1573,7 @@ void poll_thread_free(struct poll_thread *pt)
 	close(pt->epfd);
 	mailbox_destroy(&pt->mb);
 	empty_amqp_pool(&pt->pool);
+	inbox_free(pt->inbox);
 	free(pt->props_buf);
 	free(pt);
 }

@@ -14,6 +14,9 @@ static json_t *link_json(const struct upstream_stats *st)
 	json_object_set_new(o, "nacked", json_integer((json_int_t)st->nacked));
 	json_object_set_new(o, "republished", json_integer((json_int_t)st->republished));
 	json_object_set_new(o, "returned", json_integer((json_int_t)st->returned));
+	json_object_set_new(o, "delivered", json_integer((json_int_t)st->delivered));
+	json_object_set_new(o, "deliveries_refused",
+			    json_integer((json_int_t)st->deliveries_refused));
 	json_object_set_new(o, "connects", json_integer((json_int_t)st->reconnects));
 	json_object_set_new(o, "unconfirmed", json_integer(st->unconfirmed));
 	json_object_set_new(o, "broker_blocked", json_boolean(st->broker_blocked));

@@ -105,6 +105,9 @@ struct upstream {
 	bool io_failed;	   /* a fatal read or write error: no more I/O on it */
 	bool session_ok;   /* this connection got a confirm: the backoff resets */
 	bool unable;	   /* told ops->publishing the link cannot publish */
+	/* Inbox channel generations continue across connections: a delivery
+	 * tag of an earlier connection never matches the current one. */
+	uint32_t inbox_gen;
 
 	/* Published and not yet handed back, by delivery tag: the message with
 	 * tag t is ring[t & ring_mask], for low_tag <= t <= proto.next_tag. */
@@ -217,6 +220,7 @@ int upstream_new(const struct proxy_config *cfg, unsigned thread_id, int epfd,
 	up->pcfg.exchange = cfg->upstream.exchange;
 	up->pcfg.max_output = OUTPUT_MAX;
 	up->pcfg.max_return = cfg->guest.max_message_bytes;
+	up->pcfg.max_delivery = cfg->inbox.max_message_bytes;
 	*out = up;
 	return 0;
 }
@@ -300,6 +304,11 @@ static void link_close(struct upstream *up, uint64_t now)
 		up->fd = -1;
 	}
 	if (up->proto_live) {
+		up->st.deliveries_refused += up->proto.ib.refused;
+		up->st.delivered += up->proto.ib.delivered;
+		up->proto.ib.refused = up->proto.ib.delivered = 0;
+				upstream_proto_inbox_abort(&up->proto, "the link to the broker ended");
+		up->inbox_gen = up->proto.ib.gen;
 		upstream_proto_destroy(&up->proto);
 		up->proto_live = false;
 	}
@@ -481,11 +490,67 @@ static void proto_confirm(void *ud, uint64_t tag, bool multiple, bool ack);
 static void proto_flow(void *ud, bool blocked, const char *reason);
 static void proto_returned(void *ud, const struct upstream_proto_return *r);
 
+static void proto_inbox_reply(void *ud, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
+			      uint16_t code, const char *text, uint32_t count, uint32_t consumers)
+{
+	struct upstream *up = ud;
+
+	if (up->ops->inbox_reply)
+		up->ops->inbox_reply(up->ud, cookie, kind, ok, code, text, count, consumers);
+}
+
+static void proto_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
+{
+	struct upstream *up = ud;
+
+	if (up->ops->inbox_deliver)
+		up->ops->inbox_deliver(up->ud, d);
+	else
+		upstream_proto_inbox_settle(&up->proto, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
+}
+
+static void proto_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			    uint32_t count)
+{
+	struct upstream *up = ud;
+
+	if (up->ops->inbox_got)
+		up->ops->inbox_got(up->ud, cookie, d, count);
+	else
+		upstream_proto_inbox_settle(&up->proto, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
+}
+
+static void proto_inbox_cancelled(void *ud, amqp_bytes_t tag)
+{
+	struct upstream *up = ud;
+
+	if (up->ops->inbox_cancelled)
+		up->ops->inbox_cancelled(up->ud, tag);
+}
+
+static void proto_inbox_closed(void *ud, uint16_t code, const char *text)
+{
+	struct upstream *up = ud;
+
+	if (code)
+		log_warn("thread=%u upstream %s: the broker closed the inbox channel: %u \"%s\"; "
+			 "its consumers are subscribed again", up->thread_id, up->st.node, code,
+			 text ? text : "");
+	if (up->ops->inbox_closed)
+		up->ops->inbox_closed(up->ud, code, text);
+}
+
 static const struct upstream_proto_ops proto_ops = {
 	.ready = proto_ready,
 	.confirm = proto_confirm,
 	.flow = proto_flow,
 	.returned = proto_returned,
+	.inbox_reply = proto_inbox_reply,
+		.inbox_deliver = proto_inbox_deliver,
+	.inbox_got = proto_inbox_got,
+
+	.inbox_cancelled = proto_inbox_cancelled,
+	.inbox_closed = proto_inbox_closed,
 };
 
 static void start_amqp(struct upstream *up, uint64_t now)
@@ -494,6 +559,7 @@ static void start_amqp(struct upstream *up, uint64_t now)
 		link_fail(up, now, "out of memory");
 		return;
 	}
+	up->proto.ib.gen = up->inbox_gen;
 	up->proto_live = true;
 	up->state = LINK_AMQP;
 }
@@ -973,9 +1039,18 @@ bool upstream_is_up(const struct upstream *up)
 	return up->state == LINK_UP;
 }
 
+struct upstream_proto *upstream_inbox_proto(struct upstream *up)
+{
+	return up->state == LINK_UP && up->proto_live ? &up->proto : NULL;
+}
+
 void upstream_get_stats(const struct upstream *up, struct upstream_stats *st)
 {
 	*st = up->st;
+	if (up->proto_live) {
+		st->deliveries_refused += up->proto.ib.refused;
+		st->delivered += up->proto.ib.delivered;
+	}
 	st->unconfirmed = up->n_unconfirmed;
 	st->up = up->state == LINK_UP;
 	st->broker_blocked = up->broker_blocked;

@@ -16,6 +16,7 @@
 #include "config.h"
 #include "helper.h"
 #include "mailbox.h"
+#include "upstream_proto.h"
 
 struct vm_state;
 struct guest_conn;
@@ -68,12 +69,23 @@ struct upstream_ops {
 	 * publish. One failure after a connection that worked is not enough:
 	 * the link reconnects with its backoff started again. May be NULL. */
 	void (*publishing)(void *userdata, bool able, uint16_t code);
+	/* The inbox channel's events, as upstream_proto_ops describes them;
+	 * inbox_closed also comes when the link ends. May be NULL. */
+	void (*inbox_reply)(void *userdata, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
+			    uint16_t code, const char *text, uint32_t count, uint32_t consumers);
+	void (*inbox_deliver)(void *userdata, const struct upstream_proto_delivery *d);
+	void (*inbox_got)(void *userdata, uint64_t cookie, const struct upstream_proto_delivery *d,
+			  uint32_t count);
+	void (*inbox_cancelled)(void *userdata, amqp_bytes_t tag);
+	void (*inbox_closed)(void *userdata, uint16_t code, const char *text);
 };
 
 #define UPSTREAM_REFUSAL_CODES 16 /* AMQP has 13 codes of 400 and above */
 
 struct upstream_stats {
 	uint64_t published, acked, nacked, reconnects, republished, returned;
+	uint64_t delivered;	     /* inbox deliveries received (passed to guests) */
+	uint64_t deliveries_refused; /* inbox deliveries over the size bound, rejected */
 	uint64_t writes, reads; /* SSL_write/SSL_read (or send/recv) calls on the link */
 	struct {
 		uint16_t code; /* 0: unused slot */
@@ -128,6 +140,10 @@ void upstream_relink(struct upstream *up, uint64_t now_ms);
 uint64_t upstream_tick(struct upstream *up, uint64_t now_ms);
 
 bool upstream_is_up(const struct upstream *up);
+
+/* The link's protocol engine while the link is up (for the inbox requests
+ * of upstream_proto.h, written out with the next upstream_kick), else NULL. */
+struct upstream_proto *upstream_inbox_proto(struct upstream *up);
 void upstream_get_stats(const struct upstream *up, struct upstream_stats *st);
 
 /* Where links go on a cluster (upstream.hosts with n nodes). A link's

@@ -17,7 +17,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 struct harness {
 	struct upstream_proto *p;
-	unsigned confirms;
+		unsigned confirms;
+	unsigned answered; /* inbox cookies answered, as bits */
+	bool asked;
 };
 
 static void on_ready(void *ud)
@@ -43,7 +45,48 @@ static void on_flow(void *ud, bool blocked, const char *reason)
 		abort();
 }
 
-static const struct upstream_proto_ops ops = { on_ready, on_confirm, on_flow };
+/* Inbox requests carry cookies 1 .. 4; each is answered once. */
+static void on_inbox_reply(void *ud, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
+			   uint16_t code, const char *text, uint32_t count, uint32_t consumers)
+{
+	struct harness *h = ud;
+
+	(void)kind;
+	(void)ok;
+	(void)code;
+	(void)text;
+	(void)count;
+	(void)consumers;
+	if (cookie == 0 || cookie > 4 || (h->answered & (1u << cookie)))
+		abort();
+	h->answered |= 1u << cookie;
+}
+
+static void on_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
+{
+	struct harness *h = ud;
+
+	if (d->body.len > 4096 || (d->body.len && !d->body.bytes))
+		abort();
+	upstream_proto_inbox_settle(h->p, d->gen, d->delivery_tag, UPSTREAM_ACK, false);
+}
+
+static void on_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			 uint32_t count)
+{
+	(void)count;
+	on_inbox_reply(ud, cookie, UPSTREAM_INBOX_GET, true, 0, NULL, 0, 0);
+	on_inbox_deliver(ud, d);
+}
+
+static const struct upstream_proto_ops ops = {
+	.ready = on_ready,
+	.confirm = on_confirm,
+	.flow = on_flow,
+	.inbox_reply = on_inbox_reply,
+	.inbox_deliver = on_inbox_deliver,
+	.inbox_got = on_inbox_got,
+};
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -51,7 +94,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct upstream_proto_config cfg = {
 		.vhost = "/", .user = "u", .password = "p", .heartbeat = 5,
 		.connection_name = "fuzz", .product = "vmproxyd", .exchange = "x",
-		.max_output = 1u << 16,
+				.max_output = 1u << 16, .max_delivery = 4096,
 	};
 	struct upstream_proto p;
 	struct harness h = { &p, 0 };
@@ -75,15 +118,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (upstream_proto_feed(&p, data + off, chunk, now) < 0)
 			break;
 		off += chunk;
-		if (upstream_proto_ready(&p))
+				if (upstream_proto_ready(&p))
 			for (int i = 0; i < 3; i++)
 				upstream_proto_publish(&p, "rk", 2, false, props, sizeof(props), "body", 4);
+		if (upstream_proto_ready(&p) && (ctl & 16) && !h.asked) {
+			/* Open the inbox channel: declare, bind, consume, get. */
+			h.asked = true;
+			upstream_proto_inbox_declare(&p, "q", NULL, 1);
+			upstream_proto_inbox_bind(&p, "q", "x", "k.#", 2);
+			upstream_proto_inbox_consume(&p, "q", "vmproxyd.0.1", 5, 3);
+			upstream_proto_inbox_get(&p, "q", 4);
+		}
 		if (!(ctl & 4) || (off & 1))
 			upstream_proto_consumed(&p, upstream_proto_output(&p, &out), now);
 		now += (ctl & 8) ? 3000 : 10;
 		if (upstream_proto_tick(&p, now) == 0)
 			break;
 	}
+		upstream_proto_inbox_abort(&p, "end");
+	if (h.asked && h.answered != 0x1e)
+		abort(); /* a request was never answered */
 	upstream_proto_destroy(&p);
 	return 0;
 }

@@ -64,6 +64,24 @@ def content_header(size, props=b"\x00\x00"):
     return frame(2, 1, struct.pack(">HHQ", 60, 0, size) + props)
 
 
+IB = 2
+
+
+def ib_method(cls, mid, args=b""):
+    return method(IB, cls, mid, args)
+
+
+INBOX_ANSWERS = (ib_method(20, 11, longstr("")) + ib_method(50, 11, shortstr("q") + struct.pack(">II", 3, 0))
+                 + ib_method(50, 21) + ib_method(60, 11) + ib_method(60, 21, shortstr("vmproxyd.0.1")))
+
+
+def deliver(tag, body=b"ctl", redelivered=False):
+    return (ib_method(60, 60, shortstr("vmproxyd.0.1") + struct.pack(">QB", tag, 1 if redelivered else 0)
+                      + shortstr("vm.control") + shortstr("u.cmd"))
+            + frame(2, IB, struct.pack(">HHQ", 60, 0, len(body)) + b"\x00\x00")
+            + (frame(3, IB, body) if body else b""))
+
+
 def seeds():
     hs = HANDSHAKE
     yield "valid-handshake", b"\x00" + hs
@@ -109,6 +127,24 @@ def seeds():
     yield "hostile-heartbeat-payload", b"\x00" + hs + frame(8, 0, b"xx")
     yield "hostile-short-input", b"\x00AM"
     yield "hostile-garbage", b"\x02" + bytes(range(256)) * 4
+    # bit 4: the engine declares, binds, consumes and gets on the inbox channel
+    # once ready; small chunks (bit 1) and heartbeats as padding let the
+    # requests go out before the answers are read.
+    hs = HANDSHAKE + HEARTBEAT * 10
+    yield "inbox-valid", (b"\x12" + hs + INBOX_ANSWERS + deliver(1) + deliver(2, b"")
+                          + ib_method(60, 72, shortstr("")) + ack(1))
+    yield "inbox-valid-chunked", b"\x12" + hs + INBOX_ANSWERS + deliver(1, b"x" * 300) + HEARTBEAT
+    yield "inbox-get-ok", (b"\x12" + hs + INBOX_ANSWERS[:-len(ib_method(60, 21, shortstr("vmproxyd.0.1")))]
+                           + ib_method(60, 21, shortstr("vmproxyd.0.1"))
+                           + ib_method(60, 71, struct.pack(">QB", 9, 1) + shortstr("vm.control")
+                                       + shortstr("u.x") + struct.pack(">I", 2))
+                           + frame(2, IB, struct.pack(">HHQ", 60, 0, 1) + b"\x00\x00") + frame(3, IB, b"g"))
+    yield "inbox-channel-close", (b"\x12" + hs + ib_method(20, 11, longstr(""))
+                                  + ib_method(20, 40, struct.pack(">H", 403) + shortstr("ACCESS_REFUSED")
+                                              + struct.pack(">HH", 50, 10)))
+    yield "inbox-oversize-delivery", b"\x12" + hs + INBOX_ANSWERS + ib_method(60, 60, shortstr("t") + struct.pack(">QB", 1, 0) + shortstr("") + shortstr("")) + frame(2, IB, struct.pack(">HHQ", 60, 0, 1 << 30) + b"\x00\x00")
+    yield "hostile-inbox-unasked-reply", b"\x12" + hs + ib_method(60, 21, shortstr("t"))
+    yield "hostile-inbox-method-in-content", b"\x12" + hs + INBOX_ANSWERS + ib_method(60, 60, shortstr("t") + struct.pack(">QB", 1, 0) + shortstr("") + shortstr("")) + ib_method(60, 11)
 
 
 def main():

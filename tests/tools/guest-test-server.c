@@ -98,6 +98,12 @@ static void on_event(void *ud, const struct guest_event *ev)
 			c->settles[c->nsettles++] =
 			        (struct settle){p->channel, p->channel_gen, p->delivery_tag, !nack};
 		break;
+	case GUEST_EVENT_DECLARE:
+	case GUEST_EVENT_CONSUME:
+	case GUEST_EVENT_CANCEL:
+	case GUEST_EVENT_SETTLE:
+	case GUEST_EVENT_GET:
+		break; /* no inbox is configured here: never sent */
 	case GUEST_EVENT_CHANNEL_CLOSED:
 		printf("{\"event\": \"channel_closed\", \"conn\": %u, \"channel\": %u}\n", c->id,
 		       ev->channel);

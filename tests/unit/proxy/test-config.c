@@ -150,6 +150,16 @@ static void test_defaults(void **state)
 	assert_int_equal(c->guest.heartbeat, 60);
 	assert_int_equal(c->guest.handshake_timeout_ms, 10000);
 	assert_false(c->upstream.tls);
+	/* the inbox section's */
+	assert_true(c->inbox.enabled);
+	assert_string_equal(c->inbox.name, "inbox");
+	assert_string_equal(c->inbox.exchange, "vm.control");
+	assert_false(c->inbox.quorum);
+	assert_int_equal(c->inbox.max_length, 1000);
+	assert_int_equal(c->inbox.message_ttl_ms, 86400000);
+	assert_int_equal(c->inbox.max_prefetch, 100);
+	assert_int_equal(c->inbox.max_consumers, 4);
+	assert_int_equal(c->inbox.max_message_bytes, 65536);
 	proxy_config_free(c);
 }
 
@@ -316,6 +326,26 @@ static void test_errors(void **state)
 		  "metrics.per_vms: unknown key" },
 		{ "{" LISTEN ", " MINIMAL_UP ", \"metrics\": {\"listen\": \"localhost:http\"}}",
 		  "metrics.listen: expected a numeric IPv4 \"ADDRESS:PORT\"" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"prefetch\": 10}}",
+		  "inbox.prefetch: unknown key" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"queue_type\": \"stream\"}}",
+		  "inbox.queue_type: expected one of \"classic\", \"quorum\"" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"max_prefetch\": 0}}",
+		  "inbox.max_prefetch: expected an integer in [1, 65535], got 0" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"max_consumers\": 65}}",
+		  "inbox.max_consumers: expected an integer in [1, 64], got 65" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"max_length\": 0}}",
+		  "inbox.max_length: expected an integer in [1, 1000000], got 0" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"message_ttl_ms\": 10}}",
+		  "inbox.message_ttl_ms: expected an integer in [1000, 2147483647], got 10" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"max_message_bytes\": 0}}",
+		  "inbox.max_message_bytes: expected an integer in [1, 16777216], got 0" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"name\": \"amq.x\"}}",
+		  "inbox.name: expected a queue name of 1 to 200 bytes" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"exchange\": \"\"}}",
+		  "inbox.exchange: expected an exchange name of 1 to 255 bytes" },
+		{ "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"enabled\": 1}}",
+		  "inbox.enabled: expected" },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
@@ -355,6 +385,8 @@ static void test_restart_keys(void **state)
 			   "\"channel_max\": 8}, \"balancer\": {\"enabled\": false}, "
 			   "\"drain_timeout_ms\": 1, \"metrics\": {\"listen\": "
 			   "\"127.0.0.1:1\", \"per_vm\": true}}", "metrics.listen");
+	restart_case("{" LISTEN ", " MINIMAL_UP "}",
+		     "{" LISTEN ", " MINIMAL_UP ", \"inbox\": {\"max_prefetch\": 5}}", "inbox");
 	restart_case("{" LISTEN ", " MINIMAL_UP ", \"metrics\": {\"listen\": \"127.0.0.1:1\"}}",
 		     "{" LISTEN ", " MINIMAL_UP ", \"log_level\": \"debug\", "
 		     "\"guest\": {\"allowed_exchanges\": [\"a\"], \"channel_max\": 8}, "

@@ -25,6 +25,7 @@
 
 #define CAP_BLOCKED   1
 #define CAP_AUTHCLOSE 2
+#define CAP_CANCEL    4
 
 struct ev_rec {
 	enum guest_event_type type;
@@ -39,6 +40,10 @@ struct ev_rec {
 	size_t body_len;
 	uint8_t raw_props[512];
 	size_t raw_props_len;
+	bool passive, no_ack;
+	uint16_t prefetch;
+	uint32_t consumer_id;
+	struct guest_settle settle;
 };
 
 struct fx {
@@ -71,6 +76,11 @@ static void on_event(void *ud, const struct guest_event *e)
 	r->reply_code = e->reply_code;
 	if (e->type == GUEST_EVENT_CLOSED)
 		assert_non_null(e->text);
+	r->passive = e->passive;
+	r->no_ack = e->no_ack;
+	r->prefetch = e->prefetch;
+	r->consumer_id = e->consumer_id;
+	r->settle = e->settle;
 	if (e->type != GUEST_EVENT_PUBLISH)
 		return;
 	assert_int_equal(e->publish.channel, e->channel);
@@ -241,7 +251,7 @@ static void send_header_expect_start(struct fx *f)
 
 static void put_start_ok(struct wire_buf *b, int caps, const char *mech, amqp_bytes_t resp)
 {
-	amqp_table_entry_t ce[2], pe[2];
+	amqp_table_entry_t ce[3], pe[2];
 	amqp_connection_start_ok_t m;
 	int nc = 0;
 
@@ -252,6 +262,11 @@ static void put_start_ok(struct wire_buf *b, int caps, const char *mech, amqp_by
 	}
 	if (caps & CAP_AUTHCLOSE) {
 		ce[nc].key = amqp_cstring_bytes("authentication_failure_close");
+		ce[nc].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+		ce[nc++].value.value.boolean = 1;
+	}
+	if (caps & CAP_CANCEL) {
+		ce[nc].key = amqp_cstring_bytes("consumer_cancel_notify");
 		ce[nc].value.kind = AMQP_FIELD_KIND_BOOLEAN;
 		ce[nc++].value.value.boolean = 1;
 	}
@@ -1929,11 +1944,514 @@ static void test_blocked_not_advertised(void **state)
 	assert_int_equal(drain(f), 0);
 }
 
+
+/* ---- the inbox ------------------------------------------------------------ */
+
+static void inbox_session(struct fx *f, int caps)
+{
+	f->cfg.inbox_name = "inbox";
+	f->cfg.max_consumers = 2;
+	f->cfg.max_unacked = 3;
+	handshake(f, caps, 60);
+}
+
+static void put_declare(struct wire_buf *b, uint16_t ch, const char *q, bool passive)
+{
+	amqp_queue_declare_t m;
+
+	memset(&m, 0, sizeof(m));
+	m.queue = amqp_cstring_bytes(q);
+	m.passive = passive;
+	wire_method(b, ch, AMQP_QUEUE_DECLARE_METHOD, &m);
+}
+
+static void put_consume(struct wire_buf *b, uint16_t ch, const char *q, const char *tag)
+{
+	amqp_basic_consume_t m;
+
+	memset(&m, 0, sizeof(m));
+	m.queue = amqp_cstring_bytes(q);
+	m.consumer_tag = amqp_cstring_bytes(tag);
+	wire_method(b, ch, AMQP_BASIC_CONSUME_METHOD, &m);
+}
+
+static void put_settle(struct wire_buf *b, uint16_t ch, amqp_method_number_t id, uint64_t tag,
+                       bool multiple, bool requeue)
+{
+	if (id == AMQP_BASIC_ACK_METHOD) {
+		amqp_basic_ack_t m = {.delivery_tag = tag, .multiple = multiple};
+		wire_method(b, ch, id, &m);
+	} else if (id == AMQP_BASIC_NACK_METHOD) {
+		amqp_basic_nack_t m = {.delivery_tag = tag, .multiple = multiple, .requeue = requeue};
+		wire_method(b, ch, id, &m);
+	} else {
+		amqp_basic_reject_t m = {.delivery_tag = tag, .requeue = requeue};
+		wire_method(b, ch, id, &m);
+	}
+}
+
+/* basic.consume of the inbox on CH, answered; returns the consumer id. */
+static uint32_t consume(struct fx *f, uint16_t ch, const char *tag)
+{
+	struct wire_buf b = {0};
+	struct ev_rec *ev;
+	amqp_basic_consume_ok_t *ok;
+	int before = count_events(f, GUEST_EVENT_CONSUME);
+
+	put_consume(&b, ch, "inbox", tag);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(drain(f), 0); /* nothing until the broker answered */
+	assert_int_equal(count_events(f, GUEST_EVENT_CONSUME), before + 1);
+	ev = last_event(f, GUEST_EVENT_CONSUME);
+	assert_int_equal(ev->channel, ch);
+	guest_session_consume_ok(f->s, ch, ev->gen, ev->consumer_id);
+	ok = expect_one_method(f, ch, AMQP_BASIC_CONSUME_OK_METHOD);
+	if (tag[0])
+		assert_memory_equal(ok->consumer_tag.bytes, tag, strlen(tag));
+	else
+		assert_true(ok->consumer_tag.len > 0);
+	return ev->consumer_id;
+}
+
+static int64_t deliver(struct fx *f, uint16_t ch, uint32_t cid, uint64_t up_tag, const char *body)
+{
+	struct ev_rec *ev = last_event(f, GUEST_EVENT_CONSUME);
+
+	return guest_session_deliver(f->s, ch, ev->gen, cid, false, amqp_cstring_bytes("vm.control"),
+	                             amqp_cstring_bytes("cmd"), amqp_empty_bytes,
+	                             amqp_cstring_bytes(body), up_tag, 1);
+}
+
+/* queue.declare of the inbox, passive or not, waits for the broker's
+ * count and answers with the virtual name; any other name is 403. */
+static void test_inbox_declare(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_queue_declare_ok_t *ok;
+	struct ev_rec *ev;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	put_declare(&b, 1, "inbox", true);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(drain(f), 0);
+	ev = last_event(f, GUEST_EVENT_DECLARE);
+	assert_non_null(ev);
+	assert_true(ev->passive);
+	guest_session_declare_ok(f->s, 1, ev->gen, 3, 1);
+	ok = expect_one_method(f, 1, AMQP_QUEUE_DECLARE_OK_METHOD);
+	assert_int_equal(ok->message_count, 3);
+	assert_int_equal(ok->consumer_count, 1);
+	assert_memory_equal(ok->queue.bytes, "inbox", 5);
+	/* Answers for a generation or request that is gone are dropped. */
+	guest_session_declare_ok(f->s, 1, ev->gen, 3, 1);
+	assert_int_equal(drain(f), 0);
+	put_declare(&b, 1, "vm.0b8e3a9c-0000-0000-0000-000000000000.inbox", false);
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 1, 403);
+	open_channel(f, 2, false);
+	put_declare(&b, 2, "", false); /* server-named */
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 2, 403);
+	assert_int_equal(count_events(f, GUEST_EVENT_DECLARE), 1);
+}
+
+/* One inbox request per channel at a time: a pipelined second one is 503. */
+static void test_inbox_pipelined_request(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	put_declare(&b, 1, "inbox", false);
+	put_consume(&b, 1, "inbox", "");
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 503);
+}
+
+/* Deliveries are tagged 1, 2, 3 per channel with the consumer's tag; acks
+ * (single and multiple) come back as one SETTLE per delivery with the
+ * owner's tags, in order; a tag settled twice, or never delivered, is 406. */
+static void test_inbox_deliver_and_ack(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	uint32_t cid;
+	amqp_basic_deliver_t *d;
+	int settles;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	cid = consume(f, 1, "mine");
+	assert_int_equal(deliver(f, 1, cid, 100, "a"), 1);
+	assert_int_equal(deliver(f, 1, cid, 101, "bb"), 2);
+	assert_int_equal(deliver(f, 1, cid, 102, "ccc"), 3);
+	assert_int_equal(deliver(f, 1, cid, 103, "over"), -ENOSPC); /* max_unacked 3 */
+	assert_int_equal(guest_session_unacked(f->s), 3);
+	assert_int_equal(drain(f), 9);
+	d = f->fr[3].decoded;
+	assert_int_equal(f->fr[3].id, AMQP_BASIC_DELIVER_METHOD);
+	assert_int_equal(d->delivery_tag, 2);
+	assert_memory_equal(d->consumer_tag.bytes, "mine", 4);
+	assert_memory_equal(d->routing_key.bytes, "cmd", 3);
+	assert_int_equal(f->fr[4].type, AMQP_FRAME_HEADER);
+	assert_int_equal(f->fr[5].size, 2);
+	settles = count_events(f, GUEST_EVENT_SETTLE);
+	put_settle(&b, 1, AMQP_BASIC_ACK_METHOD, 2, false, false);
+	put_settle(&b, 1, AMQP_BASIC_ACK_METHOD, 3, true, false);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(count_events(f, GUEST_EVENT_SETTLE), settles + 3);
+	assert_int_equal(f->ev[f->nev - 3].settle.up_tag, 101);
+	assert_int_equal(f->ev[f->nev - 2].settle.up_tag, 100);
+	assert_int_equal(f->ev[f->nev - 1].settle.up_tag, 102);
+	assert_int_equal(f->ev[f->nev - 1].settle.kind, GUEST_SETTLE_ACK);
+	assert_int_equal(f->ev[f->nev - 1].settle.up_gen, 1);
+	assert_int_equal(guest_session_unacked(f->s), 0);
+	assert_int_equal(drain(f), 0); /* acks have no reply */
+	put_settle(&b, 1, AMQP_BASIC_ACK_METHOD, 3, false, false);
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 1, 406);
+}
+
+/* nack (multiple with tag 0: all) and reject carry requeue; another
+ * channel's tag is unknown on this one (406), and stays the other's. */
+static void test_inbox_nack_reject_foreign_channel(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	uint32_t cid;
+	struct ev_rec *e;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	open_channel(f, 2, false);
+	cid = consume(f, 1, "");
+	assert_int_equal(deliver(f, 1, cid, 7, "x"), 1);
+	assert_int_equal(deliver(f, 1, cid, 8, "y"), 2);
+	assert_int_equal(deliver(f, 1, cid, 9, "z"), 3);
+	drain(f);
+	put_settle(&b, 2, AMQP_BASIC_ACK_METHOD, 1, false, false);
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 2, 406);
+	assert_int_equal(guest_session_unacked(f->s), 3);
+	put_settle(&b, 1, AMQP_BASIC_REJECT_METHOD, 2, false, false);
+	assert_int_equal(feed(f, &b), 0);
+	e = last_event(f, GUEST_EVENT_SETTLE);
+	assert_int_equal(e->settle.kind, GUEST_SETTLE_REJECT);
+	assert_false(e->settle.requeue);
+	assert_int_equal(e->settle.up_tag, 8);
+	put_settle(&b, 1, AMQP_BASIC_NACK_METHOD, 0, true, true);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(guest_session_unacked(f->s), 0);
+	e = last_event(f, GUEST_EVENT_SETTLE);
+	assert_int_equal(e->settle.kind, GUEST_SETTLE_NACK);
+	assert_true(e->settle.requeue);
+	assert_int_equal(e->settle.up_tag, 9);
+	assert_int_equal(drain(f), 0);
+}
+
+/* basic.cancel answers cancel-ok and reports CANCEL; later deliveries for
+ * it are refused; unsettled ones stay ackable. A channel that closes hands
+ * back its deliveries (RELEASE, requeue) and consumers before it is
+ * reported closed. */
+static void test_inbox_cancel_and_release(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_cancel_t c = {.consumer_tag = amqp_cstring_bytes("k1")};
+	amqp_channel_close_t cl = {.reply_code = 200, .reply_text = amqp_cstring_bytes("bye")};
+	uint32_t cid, cid2;
+	int i;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	cid = consume(f, 1, "k1");
+	cid2 = consume(f, 1, "k2");
+	assert_int_equal(deliver(f, 1, cid, 50, "x"), 1);
+	drain(f);
+	wire_method(&b, 1, AMQP_BASIC_CANCEL_METHOD, &c);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_CANCEL_OK_METHOD);
+	assert_int_equal(last_event(f, GUEST_EVENT_CANCEL)->consumer_id, cid);
+	assert_int_equal(deliver(f, 1, cid, 51, "y"), -ENOENT);
+	assert_int_equal(deliver(f, 1, cid2, 52, "z"), 2);
+	drain(f);
+	/* A third consumer is over max_consumers (2)... after the cancel, not. */
+	assert_int_equal(consume(f, 1, "k3") > 0, 1);
+	wire_method(&b, 1, AMQP_CHANNEL_CLOSE_METHOD, &cl);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_CHANNEL_CLOSE_OK_METHOD);
+	for (i = f->nev - 1; i >= 0 && f->ev[i].type != GUEST_EVENT_CHANNEL_CLOSED; i--)
+		;
+	assert_true(i >= 4);
+	assert_int_equal(f->ev[i - 1].type, GUEST_EVENT_CANCEL);
+	assert_int_equal(f->ev[i - 2].type, GUEST_EVENT_CANCEL);
+	assert_int_equal(f->ev[i - 3].type, GUEST_EVENT_SETTLE);
+	assert_int_equal(f->ev[i - 3].settle.kind, GUEST_SETTLE_RELEASE);
+	assert_int_equal(f->ev[i - 4].settle.up_tag, 50);
+	assert_true(f->ev[i - 4].settle.requeue);
+	assert_int_equal(guest_session_unacked(f->s), 0);
+}
+
+/* Bounds and refusals: consumers per connection (406), a reused tag
+ * (530), a consume of another queue (403), an inbox that is not
+ * configured (403 as for every queue), a deep arguments table (502). */
+static void test_inbox_bounds(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	size_t dlen;
+	uint8_t *deep = wire_deep_table(f->cfg.max_table_depth + 2, &dlen);
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	consume(f, 1, "a");
+	consume(f, 1, "b");
+	put_consume(&b, 1, "inbox", "c");
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 1, 406);
+	open_channel(f, 2, false);
+	put_consume(&b, 2, "metrics.all", "");
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 2, 403);
+	open_channel(f, 3, false);
+	consume(f, 3, "d");
+	put_consume(&b, 3, "inbox", "d");
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 530);
+	guest_session_free(f->s);
+	f->s = NULL;
+
+	/* consume: reserved u16, queue, tag, bits, arguments */
+	f->nev = 0;
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	{
+		uint8_t args[4096];
+		size_t n = 0;
+		args[0] = args[1] = 0;
+		n = 2;
+		args[n++] = 5;
+		memcpy(args + n, "inbox", 5);
+		n += 5;
+		args[n++] = 0;
+		args[n++] = 0;
+		assert_true(n + dlen <= sizeof(args) - 4);
+		memcpy(args + n, deep, dlen);
+		n += dlen;
+		uint8_t pl[4096 + 4];
+		pl[0] = 0;
+		pl[1] = 60; /* basic */
+		pl[2] = 0;
+		pl[3] = 20; /* consume */
+		memcpy(pl + 4, args, n);
+		wire_frame(&b, AMQP_FRAME_METHOD, 1, pl, n + 4);
+	}
+	free(deep);
+	assert_int_equal(feed(f, &b), -EPROTO);
+	expect_conn_close(f, 502);
+}
+
+/* basic.get waits for the owner; get-ok takes the channel's next tag and
+ * is settled like a delivery (none for no_ack); get-empty; past
+ * max_unacked a get is 406. basic.recover releases the unsettled ones. */
+static void test_inbox_get_and_recover(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_get_t g = {.queue = amqp_cstring_bytes("inbox")};
+	amqp_basic_recover_t rec = {.requeue = 1};
+	amqp_basic_get_ok_t *ok;
+	struct ev_rec *ev;
+	int before;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	for (int i = 0; i < 3; i++) {
+		g.no_ack = i == 1;
+		wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+		assert_int_equal(feed(f, &b), 0);
+		assert_int_equal(drain(f), 0);
+		ev = last_event(f, GUEST_EVENT_GET);
+		assert_int_equal(ev->no_ack, i == 1);
+		assert_int_equal(guest_session_get_ok(f->s, 1, ev->gen, false,
+		                                      amqp_cstring_bytes("vm.control"),
+		                                      amqp_cstring_bytes("cmd"), (uint32_t)(2 - i),
+		                                      amqp_empty_bytes, amqp_cstring_bytes("m"),
+		                                      (uint64_t)(70 + i), 1),
+		                 i + 1);
+		assert_int_equal(drain(f), 3);
+		ok = f->fr[0].decoded;
+		assert_int_equal(f->fr[0].id, AMQP_BASIC_GET_OK_METHOD);
+		assert_int_equal(ok->delivery_tag, (uint64_t)(i + 1));
+		assert_int_equal(ok->message_count, (uint32_t)(2 - i));
+	}
+	assert_int_equal(guest_session_unacked(f->s), 2);
+	wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+	assert_int_equal(feed(f, &b), 0);
+	guest_session_get_empty(f->s, 1, last_event(f, GUEST_EVENT_GET)->gen);
+	expect_one_method(f, 1, AMQP_BASIC_GET_EMPTY_METHOD);
+	before = count_events(f, GUEST_EVENT_SETTLE);
+	wire_method(&b, 1, AMQP_BASIC_RECOVER_METHOD, &rec);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_RECOVER_OK_METHOD);
+	assert_int_equal(count_events(f, GUEST_EVENT_SETTLE), before + 2);
+	ev = last_event(f, GUEST_EVENT_SETTLE);
+	assert_int_equal(ev->settle.kind, GUEST_SETTLE_RELEASE);
+	assert_int_equal(ev->settle.up_tag, 72);
+	assert_int_equal(guest_session_unacked(f->s), 0);
+	/* max_unacked (3) unsettled gets: the next get is refused. */
+	g.no_ack = 0;
+	for (int i = 0; i < 3; i++) {
+		wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+		assert_int_equal(feed(f, &b), 0);
+		ev = last_event(f, GUEST_EVENT_GET);
+		assert_true(guest_session_get_ok(f->s, 1, ev->gen, false, amqp_empty_bytes,
+		                                 amqp_empty_bytes, 0, amqp_empty_bytes,
+		                                 amqp_empty_bytes, 1, 1) > 0);
+		drain(f);
+	}
+	wire_method(&b, 1, AMQP_BASIC_GET_METHOD, &g);
+	assert_int_equal(feed(f, &b), 0);
+	expect_chan_close(f, 1, 406);
+}
+
+struct seen {
+	int n;
+	uint64_t tags[8];
+	uint32_t cid;
+	uint16_t prefetch;
+};
+
+static void saw_delivery(void *ud, uint64_t up_tag, uint32_t up_gen)
+{
+	struct seen *s = ud;
+
+	assert_int_equal(up_gen, 1);
+	s->tags[s->n++] = up_tag;
+}
+
+static void saw_consumer(void *ud, uint16_t ch, uint32_t gen, uint32_t cid, uint16_t prefetch,
+                         bool no_ack)
+{
+	struct seen *s = ud;
+
+	assert_int_equal(ch, 1);
+	assert_false(no_ack);
+	s->cid = cid;
+	s->prefetch = prefetch;
+	s->n++;
+}
+
+/* What a move to another thread needs: the unsettled deliveries once (then
+ * detached: their settles carry generation 0), and the consumers with the
+ * prefetch they were created with. */
+static void test_inbox_detach_and_consumers(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_qos_t q = {.prefetch_count = 7};
+	struct seen s = {0};
+	uint32_t cid;
+
+	inbox_session(f, 0);
+	open_channel(f, 1, false);
+	wire_method(&b, 1, AMQP_BASIC_QOS_METHOD, &q);
+	assert_int_equal(feed(f, &b), 0);
+	expect_one_method(f, 1, AMQP_BASIC_QOS_OK_METHOD);
+	cid = consume(f, 1, "k");
+	assert_int_equal(last_event(f, GUEST_EVENT_CONSUME)->prefetch, 7);
+	assert_int_equal(deliver(f, 1, cid, 30, "a"), 1);
+	assert_int_equal(deliver(f, 1, cid, 31, "b"), 2);
+	drain(f);
+	guest_session_detach_deliveries(f->s, saw_delivery, &s);
+	assert_int_equal(s.n, 2);
+	assert_int_equal(s.tags[1], 31);
+	s.n = 0;
+	guest_session_detach_deliveries(f->s, saw_delivery, &s);
+	assert_int_equal(s.n, 0); /* once */
+	put_settle(&b, 1, AMQP_BASIC_ACK_METHOD, 2, true, false);
+	assert_int_equal(feed(f, &b), 0);
+	assert_int_equal(last_event(f, GUEST_EVENT_SETTLE)->settle.up_gen, 0);
+	assert_int_equal(drain(f), 0); /* accepted: no 406 */
+	guest_session_foreach_consumer(f->s, saw_consumer, &s);
+	assert_int_equal(s.n, 1);
+	assert_int_equal(s.cid, cid);
+	assert_int_equal(s.prefetch, 7);
+}
+
+static void test_inbox_not_configured(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_channel_close_t *c;
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	put_declare(&b, 1, "inbox", false);
+	assert_int_equal(feed(f, &b), 0);
+	c = expect_one_method(f, 1, AMQP_CHANNEL_CLOSE_METHOD);
+	assert_int_equal(c->reply_code, 403);
+	assert_non_null(strstr((const char *)c->reply_text.bytes, "guests may only publish"));
+}
+
+/* The server cancels a consumer: basic.cancel to a client that advertised
+ * consumer_cancel_notify, a 506 channel close to one that did not; a
+ * failed request closes its channel with the broker's code, its text not
+ * prefixed twice. */
+static void test_inbox_server_cancel_and_fail(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = {0};
+	amqp_basic_cancel_t *m;
+	amqp_channel_close_t *c;
+	struct ev_rec *ev;
+	uint32_t cid;
+
+	inbox_session(f, CAP_CANCEL);
+	open_channel(f, 1, false);
+	cid = consume(f, 1, "k");
+	guest_session_cancel_consumer(f->s, cid, "moved");
+	m = expect_one_method(f, 1, AMQP_BASIC_CANCEL_METHOD);
+	assert_memory_equal(m->consumer_tag.bytes, "k", 1);
+	assert_int_equal(last_event(f, GUEST_EVENT_CANCEL)->consumer_id, cid);
+	put_declare(&b, 1, "inbox", false);
+	assert_int_equal(feed(f, &b), 0);
+	ev = last_event(f, GUEST_EVENT_DECLARE);
+	guest_session_fail(f->s, 1, ev->gen, 406,
+	                   "PRECONDITION_FAILED - inequivalent arg 'x-max-length'");
+	c = expect_one_method(f, 1, AMQP_CHANNEL_CLOSE_METHOD);
+	assert_int_equal(c->reply_code, 406);
+	assert_int_equal(c->reply_text.len, strlen("PRECONDITION_FAILED - inequivalent arg "
+	                                           "'x-max-length'"));
+	guest_session_free(f->s);
+	f->s = NULL;
+	f->nev = 0;
+
+	handshake(f, 0, 60);
+	open_channel(f, 1, false);
+	cid = consume(f, 1, "k");
+	guest_session_cancel_consumer(f->s, cid, "moved");
+	expect_chan_close(f, 1, 506);
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 	const struct CMUnitTest tests[] = {
 	        T(test_start_capabilities),
+	        T(test_inbox_declare),
+	        T(test_inbox_pipelined_request),
+	        T(test_inbox_deliver_and_ack),
+	        T(test_inbox_nack_reject_foreign_channel),
+	        T(test_inbox_cancel_and_release),
+	        T(test_inbox_bounds),
+	        	        T(test_inbox_not_configured),
+	        	        T(test_inbox_get_and_recover),
+	        T(test_inbox_detach_and_consumers),
+	        T(test_inbox_server_cancel_and_fail),
 	        T(test_handshake_and_publish),
 	        T(test_no_confirm_publish),
 	        T(test_confirm_nowait),

@@ -33,6 +33,28 @@ struct rec {
 	uint8_t ret_props[64], ret_body[8192];
 	size_t ret_props_len, ret_body_len;
 	unsigned nconf_at_return; /* confirms seen before the return */
+	/* inbox */
+	unsigned nreply;
+	struct {
+		uint64_t cookie;
+		enum upstream_inbox_req kind;
+		bool ok;
+		uint16_t code;
+		uint32_t count;
+	} reply[16];
+	unsigned ndeliver;
+	uint64_t dtag;
+	uint32_t dgen;
+	bool dredelivered;
+	char dctag[64], drk[64];
+	uint8_t dbody[8192];
+	size_t dbody_len;
+		unsigned nclosed;
+	uint16_t closed_code;
+	unsigned ngot;
+	uint64_t got_cookie;
+	uint32_t got_count;
+	unsigned ncancelled;
 };
 
 static void on_ready(void *ud)
@@ -78,7 +100,79 @@ static void on_returned(void *ud, const struct upstream_proto_return *r)
 	x->ret_body_len = r->body.len;
 }
 
-static const struct upstream_proto_ops ops = { on_ready, on_confirm, on_flow, on_returned };
+static void on_inbox_reply(void *ud, uint64_t cookie, enum upstream_inbox_req kind, bool ok,
+			   uint16_t code, const char *text, uint32_t count, uint32_t consumers)
+{
+	struct rec *r = ud;
+
+	(void)text;
+	(void)consumers;
+	assert_true(r->nreply < 16);
+	r->reply[r->nreply].cookie = cookie;
+	r->reply[r->nreply].kind = kind;
+	r->reply[r->nreply].ok = ok;
+	r->reply[r->nreply].code = code;
+	r->reply[r->nreply].count = count;
+	r->nreply++;
+}
+
+static void on_inbox_deliver(void *ud, const struct upstream_proto_delivery *d)
+{
+	struct rec *r = ud;
+
+	r->ndeliver++;
+	r->dtag = d->delivery_tag;
+	r->dgen = d->gen;
+	r->dredelivered = d->redelivered;
+	snprintf(r->dctag, sizeof(r->dctag), "%.*s", (int)d->consumer_tag.len,
+		 (const char *)d->consumer_tag.bytes);
+	snprintf(r->drk, sizeof(r->drk), "%.*s", (int)d->routing_key.len,
+		 (const char *)d->routing_key.bytes);
+	assert_true(d->body.len <= sizeof(r->dbody));
+	if (d->body.len)
+		memcpy(r->dbody, d->body.bytes, d->body.len);
+	r->dbody_len = d->body.len;
+}
+
+static void on_inbox_got(void *ud, uint64_t cookie, const struct upstream_proto_delivery *d,
+			 uint32_t count)
+{
+	struct rec *r = ud;
+
+	r->ngot++;
+	r->got_cookie = cookie;
+	r->got_count = count;
+	on_inbox_deliver(ud, d);
+	r->ndeliver--; /* counted as got, not as a consumer's delivery */
+}
+
+static void on_inbox_cancelled(void *ud, amqp_bytes_t tag)
+{
+	(void)tag;
+	((struct rec *)ud)->ncancelled++;
+}
+
+static void on_inbox_closed(void *ud, uint16_t code, const char *text)
+{
+	struct rec *r = ud;
+
+	(void)text;
+	r->nclosed++;
+	r->closed_code = code;
+}
+
+static const struct upstream_proto_ops ops = {
+	.ready = on_ready,
+	.confirm = on_confirm,
+	.flow = on_flow,
+	.returned = on_returned,
+	.inbox_reply = on_inbox_reply,
+		.inbox_deliver = on_inbox_deliver,
+	.inbox_got = on_inbox_got,
+
+	.inbox_cancelled = on_inbox_cancelled,
+	.inbox_closed = on_inbox_closed,
+};
 
 struct fx {
 	struct upstream_proto p;
@@ -103,6 +197,7 @@ static void fx_init(struct fx *x, enum broker_auth mech)
 	x->cfg.exchange = "vm.metrics";
 	x->cfg.max_output = 64u << 10;
 	x->cfg.max_return = 8192;
+	x->cfg.max_delivery = 8192;
 	x->rec.blocked = -1;
 	x->now = 1000;
 	init_amqp_pool(&x->pool, 4096);
@@ -803,6 +898,305 @@ static void test_planned_close(void **state)
 	fx_free(&x);
 }
 
+
+/* ---- the inbox channel ---------------------------------------------------------------- */
+
+#define IB UPSTREAM_PROTO_INBOX_CHANNEL
+
+/* declare, bind and consume on the inbox channel: opened first, requests
+ * pipelined, answered in order with their cookies; declare-ok's count. */
+static void subscribe(struct fx *x, const char *tag, uint16_t prefetch)
+{
+	amqp_channel_open_ok_t cok = { .channel_id = amqp_cstring_bytes("") };
+	amqp_queue_declare_ok_t dok = { .queue = amqp_cstring_bytes("vm.u.inbox"),
+					.message_count = 5 };
+	amqp_queue_bind_ok_t bok = { 0 };
+	amqp_basic_qos_ok_t qok = { 0 };
+	amqp_basic_consume_ok_t ok = { .consumer_tag = amqp_cstring_bytes(tag) };
+	amqp_table_entry_t arg = { .key = amqp_cstring_bytes("x-max-length"),
+				   .value = { .kind = AMQP_FIELD_KIND_I64, .value.i64 = 10 } };
+	amqp_table_t args = { 1, &arg };
+	bool first = !x->p.ib.open;
+
+	assert_int_equal(upstream_proto_inbox_declare(&x->p, "vm.u.inbox", &args, 1), 0);
+	assert_int_equal(upstream_proto_inbox_bind(&x->p, "vm.u.inbox", "vm.control", "u.#", 2), 0);
+	assert_int_equal(upstream_proto_inbox_consume(&x->p, "vm.u.inbox", tag, prefetch, 3), 0);
+	take(x);
+	int i = 0;
+	if (first) {
+		assert_int_equal(x->nf, 5);
+		assert_int_equal(x->f[i].id, AMQP_CHANNEL_OPEN_METHOD);
+		assert_int_equal(x->f[i++].ch, IB);
+	} else {
+		assert_int_equal(x->nf, 4);
+	}
+	assert_int_equal(x->f[i].id, AMQP_QUEUE_DECLARE_METHOD);
+	assert_int_equal(x->f[i].ch, IB);
+	{
+		amqp_queue_declare_t *d = x->f[i++].decoded;
+		assert_true(d->durable);
+		assert_int_equal(d->arguments.num_entries, 1);
+	}
+	assert_int_equal(x->f[i].id, AMQP_QUEUE_BIND_METHOD);
+	{
+		amqp_queue_bind_t *qb = x->f[i++].decoded;
+		assert_int_equal(qb->routing_key.len, 3);
+		assert_memory_equal(qb->routing_key.bytes, "u.#", 3);
+		assert_int_equal(qb->exchange.len, 10);
+		assert_memory_equal(qb->exchange.bytes, "vm.control", 10);
+	}
+	assert_int_equal(x->f[i].id, AMQP_BASIC_QOS_METHOD);
+	assert_int_equal(((amqp_basic_qos_t *)x->f[i++].decoded)->prefetch_count, prefetch);
+	assert_int_equal(x->f[i].id, AMQP_BASIC_CONSUME_METHOD);
+	assert_false(((amqp_basic_consume_t *)x->f[i].decoded)->no_ack);
+	if (first)
+		send_method(x, IB, AMQP_CHANNEL_OPEN_OK_METHOD, &cok);
+	x->rec.nreply = 0;
+	send_method(x, IB, AMQP_QUEUE_DECLARE_OK_METHOD, &dok);
+	send_method(x, IB, AMQP_QUEUE_BIND_OK_METHOD, &bok);
+	send_method(x, IB, AMQP_BASIC_QOS_OK_METHOD, &qok);
+	assert_int_equal(x->rec.nreply, 2); /* qos-ok alone answers nothing */
+	send_method(x, IB, AMQP_BASIC_CONSUME_OK_METHOD, &ok);
+	assert_int_equal(x->rec.nreply, 3);
+	for (unsigned k = 0; k < 3; k++) {
+		assert_int_equal(x->rec.reply[k].cookie, k + 1);
+		assert_true(x->rec.reply[k].ok);
+	}
+	assert_int_equal(x->rec.reply[0].kind, UPSTREAM_INBOX_DECLARE);
+	assert_int_equal(x->rec.reply[0].count, 5);
+	assert_int_equal(x->rec.reply[2].kind, UPSTREAM_INBOX_CONSUME);
+	assert_true(upstream_proto_ready(&x->p));
+}
+
+static void test_inbox_requests(void **state)
+{
+	struct fx x;
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	subscribe(&x, "vmproxyd.0.1", 7);
+	/* A second subscription reuses the open channel. */
+	subscribe(&x, "vmproxyd.0.2", 100);
+	assert_int_equal(x.p.ib.gen, 1);
+	fx_free(&x);
+}
+
+/* A delivery's method, header and two body frames, fed a byte at a time
+ * and interleaved with a confirm on the publishing channel: passed on
+ * whole; settling it acks that one tag on the inbox channel. */
+static void test_inbox_delivery(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_deliver_t d = { .consumer_tag = amqp_cstring_bytes("vmproxyd.0.1"),
+				   .delivery_tag = 42,
+				   .redelivered = 1,
+				   .exchange = amqp_cstring_bytes("vm.control"),
+				   .routing_key = amqp_cstring_bytes("u.cmd") };
+	amqp_basic_ack_t a = { .delivery_tag = 1 };
+	char body[5000];
+
+	(void)state;
+	memset(body, 'd', sizeof(body));
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 4096);
+	subscribe(&x, "vmproxyd.0.1", 1);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1), 1);
+	take(&x);
+	wire_method(&b, IB, AMQP_BASIC_DELIVER_METHOD, &d);
+	wire_header(&b, IB, AMQP_BASIC_CLASS, sizeof(body), NULL);
+	wire_body(&b, IB, body, 4088);
+	wire_method(&b, 1, AMQP_BASIC_ACK_METHOD, &a); /* another channel may come between */
+	wire_body(&b, IB, body + 4088, sizeof(body) - 4088);
+	assert_int_equal(feed(&x, &b, 1), 0);
+	assert_int_equal(x.rec.nconf, 1);
+	assert_int_equal(x.rec.ndeliver, 1);
+	assert_int_equal(x.rec.dtag, 42);
+	assert_true(x.rec.dredelivered);
+	assert_string_equal(x.rec.dctag, "vmproxyd.0.1");
+	assert_string_equal(x.rec.drk, "u.cmd");
+	assert_int_equal(x.rec.dbody_len, sizeof(body));
+	assert_memory_equal(x.rec.dbody, body, sizeof(body));
+	assert_int_equal(upstream_proto_inbox_settle(&x.p, x.rec.dgen, 42, UPSTREAM_ACK, false), 0);
+	assert_int_equal(upstream_proto_inbox_settle(&x.p, x.rec.dgen, 43, UPSTREAM_NACK, true), 0);
+	assert_int_equal(upstream_proto_inbox_settle(&x.p, x.rec.dgen + 1, 44, UPSTREAM_ACK, false),
+			 -ESTALE);
+	take(&x);
+	assert_int_equal(x.nf, 2);
+	assert_int_equal(x.f[0].id, AMQP_BASIC_ACK_METHOD);
+	assert_int_equal(x.f[0].ch, IB);
+	assert_int_equal(((amqp_basic_ack_t *)x.f[0].decoded)->delivery_tag, 42);
+	assert_false(((amqp_basic_ack_t *)x.f[0].decoded)->multiple);
+	assert_int_equal(x.f[1].id, AMQP_BASIC_NACK_METHOD);
+	assert_true(((amqp_basic_nack_t *)x.f[1].decoded)->requeue);
+	fx_free(&x);
+}
+
+/* A delivery larger than max_delivery is not passed on: rejected without
+ * requeue (the broker dead-letters or drops it), counted. */
+static void test_inbox_oversize_delivery(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_deliver_t d = { .consumer_tag = amqp_cstring_bytes("vmproxyd.0.1"),
+				   .delivery_tag = 7,
+				   .exchange = amqp_cstring_bytes("vm.control"),
+				   .routing_key = amqp_cstring_bytes("u.cmd") };
+	char body[300];
+
+	(void)state;
+	memset(body, 'o', sizeof(body));
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	x.cfg.max_delivery = 100;
+	handshake(&x, 131072);
+	subscribe(&x, "vmproxyd.0.1", 1);
+	wire_method(&b, IB, AMQP_BASIC_DELIVER_METHOD, &d);
+	wire_header(&b, IB, AMQP_BASIC_CLASS, sizeof(body), NULL);
+	wire_body(&b, IB, body, sizeof(body));
+	assert_int_equal(feed(&x, &b, 0), 0);
+	assert_int_equal(x.rec.ndeliver, 0);
+	assert_int_equal(x.p.ib.refused, 1);
+	take(&x);
+	assert_int_equal(x.nf, 1);
+	assert_int_equal(x.f[0].id, AMQP_BASIC_REJECT_METHOD);
+	assert_int_equal(((amqp_basic_reject_t *)x.f[0].decoded)->delivery_tag, 7);
+	assert_false(((amqp_basic_reject_t *)x.f[0].decoded)->requeue);
+	fx_free(&x);
+}
+
+/* The broker closes the inbox channel (a refused declare): the pending
+ * requests fail with its code, the channel is reported closed, publishing
+ * goes on, and the next request opens the channel again. */
+static void test_inbox_channel_close(void **state)
+{
+	struct fx x;
+	amqp_channel_open_ok_t cok = { .channel_id = amqp_cstring_bytes("") };
+	amqp_channel_close_t c = { .reply_code = 403 };
+
+	(void)state;
+	c.reply_text = amqp_cstring_bytes("ACCESS_REFUSED - access to queue refused");
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	assert_int_equal(upstream_proto_inbox_declare(&x.p, "q", NULL, 10), 0);
+	assert_int_equal(upstream_proto_inbox_bind(&x.p, "q", "vm.control", "u.#", 11), 0);
+	take(&x);
+	send_method(&x, IB, AMQP_CHANNEL_OPEN_OK_METHOD, &cok);
+	send_method(&x, IB, AMQP_CHANNEL_CLOSE_METHOD, &c);
+	assert_int_equal(x.rec.nreply, 2);
+	assert_false(x.rec.reply[0].ok);
+	assert_int_equal(x.rec.reply[0].code, 403);
+	assert_int_equal(x.rec.reply[1].cookie, 11);
+	assert_int_equal(x.rec.nclosed, 1);
+	assert_int_equal(x.rec.closed_code, 403);
+	assert_true(upstream_proto_ready(&x.p));
+	take(&x);
+	assert_int_equal(x.nf, 1);
+	assert_int_equal(x.f[0].id, AMQP_CHANNEL_CLOSE_OK_METHOD);
+	assert_int_equal(x.f[0].ch, IB);
+	assert_int_equal(upstream_proto_inbox_settle(&x.p, 1, 1, UPSTREAM_ACK, false), -ESTALE);
+	assert_int_equal(upstream_proto_publish(&x.p, "k", 1, false, NULL, 0, "x", 1), 1);
+	assert_int_equal(upstream_proto_inbox_declare(&x.p, "q", NULL, 12), 0);
+	take(&x);
+	assert_int_equal(x.f[3].id, AMQP_CHANNEL_OPEN_METHOD);
+	assert_int_equal(x.p.ib.gen, 2);
+	/* The link ends: what is pending is answered, once. */
+	upstream_proto_inbox_abort(&x.p, "link lost");
+	upstream_proto_inbox_abort(&x.p, "link lost");
+	assert_int_equal(x.rec.nreply, 3);
+	assert_false(x.rec.reply[2].ok);
+	assert_int_equal(x.rec.reply[2].code, 0);
+	assert_int_equal(x.rec.nclosed, 2);
+	fx_free(&x);
+}
+
+/* basic.get: get-ok and its content answer the request with the message
+ * and the count left; get-empty answers it as a reply. */
+static void test_inbox_get(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_channel_open_ok_t cok = { .channel_id = amqp_cstring_bytes("") };
+	amqp_basic_get_ok_t g = { .delivery_tag = 9,
+				  .redelivered = 1,
+				  .exchange = amqp_cstring_bytes("vm.control"),
+				  .routing_key = amqp_cstring_bytes("u.x"),
+				  .message_count = 4 };
+	amqp_basic_get_empty_t e = { .cluster_id = amqp_empty_bytes };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	assert_int_equal(upstream_proto_inbox_get(&x.p, "q", 21), 0);
+	assert_int_equal(upstream_proto_inbox_get(&x.p, "q", 22), 0);
+	take(&x);
+	assert_int_equal(x.nf, 3);
+	assert_int_equal(x.f[1].id, AMQP_BASIC_GET_METHOD);
+	send_method(&x, IB, AMQP_CHANNEL_OPEN_OK_METHOD, &cok);
+	wire_method(&b, IB, AMQP_BASIC_GET_OK_METHOD, &g);
+	wire_header(&b, IB, AMQP_BASIC_CLASS, 3, NULL);
+	wire_body(&b, IB, "abc", 3);
+	wire_method(&b, IB, AMQP_BASIC_GET_EMPTY_METHOD, &e);
+	assert_int_equal(feed(&x, &b, 1), 0);
+	assert_int_equal(x.rec.ngot, 1);
+	assert_int_equal(x.rec.got_cookie, 21);
+	assert_int_equal(x.rec.got_count, 4);
+	assert_int_equal(x.rec.dtag, 9);
+	assert_true(x.rec.dredelivered);
+	assert_int_equal(x.rec.dbody_len, 3);
+	assert_memory_equal(x.rec.dbody, "abc", 3);
+	assert_int_equal(x.rec.nreply, 1);
+	assert_int_equal(x.rec.reply[0].cookie, 22);
+	assert_int_equal(x.rec.reply[0].kind, UPSTREAM_INBOX_GET);
+	assert_true(x.rec.reply[0].ok);
+	assert_int_equal(x.p.ib.npending, 0);
+	fx_free(&x);
+}
+
+/* What the inbox channel must never see ends the link: a reply nothing
+ * asked for, a frame before the channel was opened, content without
+ * basic.deliver, a method inside a delivery's content. */
+static void test_inbox_protocol_errors(void **state)
+{
+	struct fx x;
+	struct wire_buf b = { 0 };
+	amqp_basic_consume_ok_t ok = { .consumer_tag = amqp_cstring_bytes("t") };
+	amqp_basic_deliver_t d = { .consumer_tag = amqp_cstring_bytes("t"), .delivery_tag = 1 };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	send_method(&x, IB, AMQP_BASIC_CONSUME_OK_METHOD, &ok);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.error_code, 504); /* the channel was never opened */
+	fx_free(&x);
+
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	assert_int_equal(upstream_proto_inbox_declare(&x.p, "q", NULL, 1), 0);
+	send_method(&x, IB, AMQP_BASIC_CONSUME_OK_METHOD, &ok);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.error_code, 503);
+	fx_free(&x);
+
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	subscribe(&x, "t", 1);
+	wire_body(&b, IB, "x", 1);
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 505);
+	fx_free(&x);
+
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	subscribe(&x, "t", 1);
+	wire_method(&b, IB, AMQP_BASIC_DELIVER_METHOD, &d);
+	wire_method(&b, IB, AMQP_BASIC_DELIVER_METHOD, &d);
+	assert_int_equal(feed(&x, &b, 0), -EPROTO);
+	assert_int_equal(x.p.error_code, 505);
+	fx_free(&x);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -828,6 +1222,12 @@ int main(void)
 		cmocka_unit_test(test_short_and_unknown_methods),
 		cmocka_unit_test(test_heartbeats),
 		cmocka_unit_test(test_planned_close),
+		cmocka_unit_test(test_inbox_requests),
+		cmocka_unit_test(test_inbox_delivery),
+		cmocka_unit_test(test_inbox_oversize_delivery),
+		cmocka_unit_test(test_inbox_channel_close),
+				cmocka_unit_test(test_inbox_protocol_errors),
+		cmocka_unit_test(test_inbox_get),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
