@@ -81,7 +81,7 @@ struct vmproxy {
 				       * still be reading one, so they live until exit */
 	size_t nretired;
 	_Atomic uint32_t next_conn_id;
-	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
+	_Atomic uint64_t accepted, refused_unknown, refused_limit, refused_libvirt, vms_gone;
 };
 
 int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out)
@@ -370,7 +370,7 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 		uint64_t now = clock_mono_ms();
 
 		l->refused++;
-		atomic_fetch_add(&p->refused_unknown, 1);
+		atomic_fetch_add(r == -ENOTCONN ? &p->refused_libvirt : &p->refused_unknown, 1);
 		/* A peer in a connect loop must not flood the log: one line a
 		 * second per listener, saying how many went unlogged. */
 		if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
@@ -382,7 +382,9 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 			log_warn("%s: refused connection from %s: %s%s", l->name, peer,
 				 r == -EPERM ? "a reserved CID (hypervisor, loopback or host), "
 					       "never a guest"
-					     : "no VM known for this peer",
+				 : r == -ENOTCONN ? "libvirt is unreachable and this peer was not "
+						    "known before it went away"
+						  : "no VM known for this peer",
 				 more);
 			l->last_refusal_log_ms = now;
 			l->refusals_unlogged = 0;
@@ -1028,7 +1030,24 @@ json_t *vmproxy_counters(struct vmproxy *p)
 			    json_integer((json_int_t)atomic_load(&p->refused_unknown)));
 	json_object_set_new(o, "refused_limit",
 			    json_integer((json_int_t)atomic_load(&p->refused_limit)));
+	json_object_set_new(o, "refused_libvirt_unreachable",
+			    json_integer((json_int_t)atomic_load(&p->refused_libvirt)));
 	json_object_set_new(o, "vms_gone", json_integer((json_int_t)atomic_load(&p->vms_gone)));
+	{
+		struct vm_identity_stats st;
+
+		vm_identity_stats(p->id, &st);
+		json_object_set_new(
+			o, "libvirt",
+			json_pack("{s:s, s:I, s:I, s:I, s:I}", "state",
+				  !st.libvirt_configured ? "none"
+				  : st.libvirt_connected ? "connected"
+							 : "disconnected",
+				  "disconnects", (json_int_t)st.libvirt_disconnects, "reconnects",
+				  (json_int_t)st.libvirt_reconnects, "reconnect_failures",
+				  (json_int_t)st.libvirt_reconnect_failures, "served_from_cache",
+				  (json_int_t)st.served_unreachable));
+	}
 	json_object_set_new(o, "connections", json_integer(total_conns(p)));
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
 	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));

@@ -10,7 +10,17 @@
  * says the cache is wrong; a CID that is still unknown is remembered for
  * 10 s (or until a lifecycle event), so a peer in a connect loop costs no
  * libvirt calls. RPCs run without the cache lock, which lifecycle
- * handling takes. */
+ * handling takes.
+ *
+ * The connection comes and goes: keepalive (5 s, 3 missed) and a close
+ * callback notice a libvirtd that died or hangs; the event thread then
+ * reopens it with backoff (250 ms doubling to 10 s). Lookups take a
+ * reference on the connection, so a reconnect never frees one under
+ * them. While it is down, a CID or address in the caches is served as
+ * last known, unproved, and anything else is refused with -ENOTCONN;
+ * once it is back, the caches are rebuilt from the running domains, the
+ * lifecycle events registered again, and the known VMs that no longer
+ * run are reported gone (their stop was missed). */
 #include "vm_identity.h"
 
 #include <arpa/inet.h>
@@ -28,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backoff.h"
 #include "clock.h"
 #include "log.h"
 
@@ -70,11 +81,31 @@ struct no_lease {
 	uint64_t until_ms;
 };
 
+/* Addresses a lease scan credited to a VM: served from here only while
+ * libvirt is unreachable. Rebuilt on reconnect; a VM's entries go when it
+ * stops. */
+#define ADDR_SLOTS 1024
+
+struct addr_known {
+	int family; /* 0: empty */
+	uint8_t addr[16];
+	struct vm_info vm;
+};
+
+#define KEEPALIVE_INTERVAL_S 5
+#define KEEPALIVE_COUNT      3
+#define RECONNECT_BASE_MS    250
+#define RECONNECT_MAX_MS     10000
+/* A failing reconnect is logged at the first attempt, then at most this
+ * often. */
+#define RECONNECT_LOG_MS 30000
+
 struct vm_identity {
 	const struct proxy_config *cfg;
-	virConnectPtr conn;
-	pthread_mutex_t lock; /* the caches below and the static table against readers
-			       * other than the acceptor; never held across an RPC */
+	virConnectPtr conn; /* under lock; lookups take a reference (get_conn) */
+	atomic_bool connected;
+	pthread_mutex_t lock;      /* conn, the caches below and the static table against
+				    * readers other than the acceptor; never held across an RPC */
 	pthread_mutex_t scan_lock; /* one CID rescan at a time; events never take it */
 	struct no_lease no_lease[NO_LEASE_SLOTS];
 	size_t no_lease_next;
@@ -95,6 +126,14 @@ struct vm_identity {
 	int ev_timer;
 	vm_gone_fn gone;
 	void *gone_ud;
+	struct addr_known addrs[ADDR_SLOTS];
+	size_t addrs_next;
+	/* The connection's life, kept by the event thread. */
+	bool close_cb;
+	struct backoff backoff;
+	uint64_t down_since_ms, next_attempt_ms, last_fail_log_ms;
+	unsigned attempts;
+	atomic_uint_fast64_t disconnects, reconnects, reconnect_failures, served_down, refused_down;
 };
 
 static void silent_error(void *ud, virErrorPtr err)
@@ -108,6 +147,31 @@ static const char *virt_error(void)
 	virErrorPtr e = virGetLastError();
 
 	return e && e->message ? e->message : "unknown libvirt error";
+}
+
+/* A reference on the connection while it is up, else NULL. Dropped with
+ * put_conn (an RPC when it is the last one: never under the lock). */
+static virConnectPtr get_conn(struct vm_identity *id)
+{
+	virConnectPtr c = NULL;
+
+	pthread_mutex_lock(&id->lock);
+	if (id->conn && atomic_load(&id->connected) && virConnectRef(id->conn) == 0)
+		c = id->conn;
+	pthread_mutex_unlock(&id->lock);
+	return c;
+}
+
+static void put_conn(virConnectPtr c)
+{
+	if (c)
+		virConnectClose(c);
+}
+
+/* After a failed RPC on C: was it the connection that failed? */
+static bool conn_lost(virConnectPtr c)
+{
+	return virConnectIsAlive(c) != 1;
 }
 
 /* Fill VM from DOM: uuid, name, and the vsock CID from its XML. */
@@ -143,23 +207,32 @@ static int info_from_domain(struct vm_identity *id, virDomainPtr dom, struct vm_
 	return 0;
 }
 
+/* 0, -ENOENT, or -ENOTCONN when libvirt is unreachable. */
 static int lookup_libvirt(struct vm_identity *id, const char *name_or_uuid, struct vm_info *vm)
 {
+	virConnectPtr c;
 	virDomainPtr dom;
 	int r;
 
-	if (!id->conn)
+	if (!id->cfg->identity.libvirt_uri)
 		return -ENOENT;
+	c = get_conn(id);
+	if (!c)
+		return -ENOTCONN;
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	dom = virDomainLookupByName(id->conn, name_or_uuid);
+	dom = virDomainLookupByName(c, name_or_uuid);
 	if (!dom) {
 		atomic_fetch_add(&id->libvirt_calls, 1);
-		dom = virDomainLookupByUUIDString(id->conn, name_or_uuid);
+		dom = virDomainLookupByUUIDString(c, name_or_uuid);
 	}
-	if (!dom)
-		return -ENOENT;
+	if (!dom) {
+		r = conn_lost(c) ? -ENOTCONN : -ENOENT;
+		put_conn(c);
+		return r;
+	}
 	r = info_from_domain(id, dom, vm);
 	virDomainFree(dom);
+	put_conn(c);
 	return r;
 }
 
@@ -210,6 +283,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 			vm_identity_free(id);
 			return -EIO;
 		}
+		atomic_store(&id->connected, true);
 	}
 	id->statics = calloc(cfg->identity.n_statics + 1, sizeof(*id->statics));
 	if (!id->statics) {
@@ -246,7 +320,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 /* Rebuild the CID cache from the running domains: 1 + N RPCs, made under
  * scan_lock only; the result is swapped in under the cache lock. A
  * lifecycle event during the scan leaves the cache marked stale. */
-static int rescan(struct vm_identity *id)
+static int rescan(struct vm_identity *id, virConnectPtr c)
 {
 	virDomainPtr *doms = NULL;
 	struct cid_entry *cids, *old;
@@ -259,7 +333,7 @@ static int rescan(struct vm_identity *id)
 	pthread_mutex_unlock(&id->lock);
 	atomic_fetch_add(&id->cid_rescans, 1);
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	if (n < 0) {
 		log_warn("libvirt: cannot list domains: %s", virt_error());
 		pthread_mutex_lock(&id->lock);
@@ -280,6 +354,11 @@ static int rescan(struct vm_identity *id)
 		virDomainFree(doms[i]);
 	}
 	free(doms);
+	if (conn_lost(c)) {
+		/* Half a scan: the cache as it was serves while libvirt is away. */
+		free(cids);
+		return -EIO;
+	}
 	pthread_mutex_lock(&id->lock);
 	old = id->cids;
 	id->cids = cids;
@@ -293,14 +372,15 @@ static int rescan(struct vm_identity *id)
 
 /* Does the running domain DOM_ID still have uuid VM->uuid and CID
  * VM->cid in its live XML? Two RPCs. */
-static bool still_owns(struct vm_identity *id, unsigned int dom_id, const struct vm_info *vm)
+static bool still_owns(struct vm_identity *id, virConnectPtr c, unsigned int dom_id,
+		       const struct vm_info *vm)
 {
 	virDomainPtr dom;
 	struct vm_info now;
 	bool owns;
 
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	dom = virDomainLookupByID(id->conn, (int)dom_id);
+	dom = virDomainLookupByID(c, (int)dom_id);
 	if (!dom)
 		return false;
 	owns = info_from_domain(id, dom, &now) == 0 && strcmp(now.uuid, vm->uuid) == 0 &&
@@ -339,29 +419,57 @@ bool vm_identity_cid_reserved(uint32_t cid)
 	return cid <= VMADDR_CID_HOST || cid == UINT32_MAX;
 }
 
+/* libvirt is unreachable: CID as last known, or -ENOTCONN. */
+static int by_cid_down(struct vm_identity *id, uint32_t cid, struct vm_info *out)
+{
+	struct cid_entry e;
+	int found;
+
+	pthread_mutex_lock(&id->lock);
+	found = cache_find(id, cid, true, &e);
+	pthread_mutex_unlock(&id->lock);
+	if (!found) {
+		atomic_fetch_add(&id->refused_down, 1);
+		return -ENOTCONN;
+	}
+	atomic_fetch_add(&id->served_down, 1);
+	*out = e.vm;
+	return 0;
+}
+
 int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out)
 {
 	struct cid_entry e;
+	virConnectPtr c;
 	uint64_t now;
-	bool scanned = false, fresh = false;
+	bool scanned = false, fresh = false, lost = false;
 	int found;
 
 	if (vm_identity_cid_reserved(cid))
 		return -EPERM;
-	if (!id->conn)
+	if (!id->cfg->identity.libvirt_uri)
 		return -ENOENT;
+	c = get_conn(id);
+	if (!c)
+		return by_cid_down(id, cid, out);
 	pthread_mutex_lock(&id->lock);
 	now = clock_mono_ms();
 	if (no_cid_known(id, cid, now)) {
 		pthread_mutex_unlock(&id->lock);
+		put_conn(c);
 		return -ENOENT;
 	}
 	found = cache_find(id, cid, false, &e);
 	pthread_mutex_unlock(&id->lock);
 	if (found) {
-		if (still_owns(id, e.dom_id, &e.vm)) {
+		if (still_owns(id, c, e.dom_id, &e.vm)) {
+			put_conn(c);
 			*out = e.vm;
 			return 0;
+		}
+		if (conn_lost(c)) {
+			put_conn(c);
+			return by_cid_down(id, cid, out);
 		}
 		/* The domain stopped, restarted or gave the CID up: the cache
 		 * is wrong, whatever the events say. */
@@ -377,13 +485,14 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 	found = cache_find(id, cid, false, &e);
 	if (!found && (!id->cids_valid || now >= id->last_rescan_ms + RESCAN_MIN_MS)) {
 		pthread_mutex_unlock(&id->lock);
-		scanned = rescan(id) == 0;
+		scanned = rescan(id, c) == 0;
+		lost = !scanned && conn_lost(c);
 		pthread_mutex_lock(&id->lock);
 		found = cache_find(id, cid, true, &e);
 		fresh = scanned && id->cids_valid;
 	}
 	/* Remembered as unknown only on an answer no event has overtaken. */
-	if (!found && id->cids_valid) {
+	if (!found && !lost && id->cids_valid) {
 		struct no_cid *nc = &id->no_cid[id->no_cid_next];
 
 		id->no_cid_next = (id->no_cid_next + 1) % NO_CID_SLOTS;
@@ -392,12 +501,22 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 	}
 	pthread_mutex_unlock(&id->lock);
 	pthread_mutex_unlock(&id->scan_lock);
-	if (!found)
+	if (lost) {
+		put_conn(c);
+		return by_cid_down(id, cid, out);
+	}
+	if (!found) {
+		put_conn(c);
 		return -ENOENT;
+	}
 	/* Fresh from this rescan with no event since: served as read. An
 	 * entry from another lookup's rescan is proved like any hit. */
-	if (!fresh && !still_owns(id, e.dom_id, &e.vm))
-		return -ENOENT;
+	if (!fresh && !still_owns(id, c, e.dom_id, &e.vm)) {
+		lost = conn_lost(c);
+		put_conn(c);
+		return lost ? by_cid_down(id, cid, out) : -ENOENT;
+	}
+	put_conn(c);
 	*out = e.vm;
 	return 0;
 }
@@ -407,6 +526,13 @@ void vm_identity_stats(struct vm_identity *id, struct vm_identity_stats *st)
 	st->libvirt_calls = atomic_load(&id->libvirt_calls);
 	st->cid_rescans = atomic_load(&id->cid_rescans);
 	st->lease_scans = atomic_load(&id->lease_scans);
+	st->libvirt_configured = id->cfg->identity.libvirt_uri != NULL;
+	st->libvirt_connected = atomic_load(&id->connected);
+	st->libvirt_disconnects = atomic_load(&id->disconnects);
+	st->libvirt_reconnects = atomic_load(&id->reconnects);
+	st->libvirt_reconnect_failures = atomic_load(&id->reconnect_failures);
+	st->served_unreachable = atomic_load(&id->served_down);
+	st->refused_unreachable = atomic_load(&id->refused_down);
 }
 
 void *vm_identity_libvirt_conn(struct vm_identity *id)
@@ -429,15 +555,14 @@ static void derive_uuid(const char *text, char out[VM_UUID_LEN + 1])
 		 md[12], md[13], md[14], md[15]);
 }
 
-static int by_leases(struct vm_identity *id, const char *text, struct vm_info *out)
+/* 0, -ENOENT, or -ENOTCONN when the connection failed during the scan. */
+static int by_leases(struct vm_identity *id, virConnectPtr c, const char *text, struct vm_info *out)
 {
 	virDomainPtr *doms = NULL;
 	int n, r = -ENOENT;
 
-	if (!id->conn)
-		return -ENOENT;
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	for (int i = 0; i < n; i++) {
 		virDomainInterfacePtr *ifs = NULL;
 		int nif = r == 0 ? -1
@@ -453,7 +578,42 @@ static int by_leases(struct vm_identity *id, const char *text, struct vm_info *o
 		virDomainFree(doms[i]);
 	}
 	free(doms);
-	return r;
+	return r != 0 && conn_lost(c) ? -ENOTCONN : r;
+}
+
+/* Remember that a lease scan credited FAMILY/ADDR to VM. */
+static void addr_add(struct vm_identity *id, int family, const uint8_t *addr,
+		     const struct vm_info *vm)
+{
+	struct addr_known *e = NULL;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < ADDR_SLOTS && !e; i++)
+		if (id->addrs[i].family == family && memcmp(id->addrs[i].addr, addr, 16) == 0)
+			e = &id->addrs[i];
+	if (!e) {
+		e = &id->addrs[id->addrs_next];
+		id->addrs_next = (id->addrs_next + 1) % ADDR_SLOTS;
+	}
+	e->family = family;
+	memcpy(e->addr, addr, 16);
+	e->vm = *vm;
+	pthread_mutex_unlock(&id->lock);
+}
+
+static bool addr_find(struct vm_identity *id, int family, const uint8_t *addr, struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < ADDR_SLOTS && !hit; i++) {
+		if (id->addrs[i].family == family && memcmp(id->addrs[i].addr, addr, 16) == 0) {
+			*out = id->addrs[i].vm;
+			hit = true;
+		}
+	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
 }
 
 static bool no_lease_known(struct vm_identity *id, int family, const uint8_t *addr)
@@ -519,11 +679,32 @@ int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, so
 		}
 	}
 	inet_ntop(family, addr, text, sizeof(text));
-	if (id->conn && !no_lease_known(id, family, addr)) {
-		atomic_fetch_add(&id->lease_scans, 1);
-		if (by_leases(id, text, out) == 0)
+	if (id->cfg->identity.libvirt_uri && !no_lease_known(id, family, addr)) {
+		virConnectPtr c = get_conn(id);
+		int r = -ENOTCONN;
+
+		if (c) {
+			atomic_fetch_add(&id->lease_scans, 1);
+			r = by_leases(id, c, text, out);
+			put_conn(c);
+		}
+		if (r == 0) {
+			addr_add(id, family, addr, out);
 			return 0;
-		no_lease_add(id, family, addr);
+		}
+		if (r == -ENOTCONN) {
+			/* No answer from libvirt: the address as last known. */
+			if (addr_find(id, family, addr, out)) {
+				atomic_fetch_add(&id->served_down, 1);
+				return 0;
+			}
+			if (id->cfg->identity.unknown_peers != UNKNOWN_PEERS_BY_ADDRESS) {
+				atomic_fetch_add(&id->refused_down, 1);
+				return -ENOTCONN;
+			}
+		} else {
+			no_lease_add(id, family, addr);
+		}
 	}
 	if (id->cfg->identity.unknown_peers == UNKNOWN_PEERS_BY_ADDRESS) {
 		memset(out, 0, sizeof(*out));
@@ -598,14 +779,17 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 	struct vm_info *vms;
 	int nd = 0, r = 0;
 	size_t k = 0;
+	virConnectPtr c = get_conn(id);
 
-	if (id->conn) {
-		nd = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	if (c) {
+		nd = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 		if (nd < 0) {
 			log_warn("libvirt: cannot list domains: %s", virt_error());
 			nd = 0;
 			r = -EIO;
 		}
+	} else if (id->cfg->identity.libvirt_uri) {
+		r = -EIO;
 	}
 	/* A reload may grow the static table meanwhile (on the acceptor). */
 	pthread_mutex_lock(&id->lock);
@@ -626,6 +810,7 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 		virDomainFree(doms[i]);
 	}
 	free(doms);
+	put_conn(c);
 	if (!vms)
 		return -ENOMEM;
 	*out = vms;
@@ -633,11 +818,20 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 	return r;
 }
 
+/* The VM stopped: its leases are no longer its own. Under the lock. */
+static void addr_forget_locked(struct vm_identity *id, const char *uuid)
+{
+	for (size_t i = 0; i < ADDR_SLOTS; i++)
+		if (id->addrs[i].family && strcmp(id->addrs[i].vm.uuid, uuid) == 0)
+			id->addrs[i].family = 0;
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)
 {
 	struct vm_identity *id = ud;
 	struct vm_info vm;
 	const char *name = virDomainGetName(dom);
+	bool gone = event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED;
 
 	(void)conn;
 	(void)detail;
@@ -649,14 +843,226 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
 	id->generation++;
 	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
 	memset(id->no_cid, 0, sizeof(id->no_cid));	/* or the CID */
+	if (gone)
+		addr_forget_locked(id, vm.uuid);
 	pthread_mutex_unlock(&id->lock);
-	if (event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED) {
+	if (gone) {
 		log_info("vm=%s: libvirt reports it %s", vm.name,
 			 event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined");
 		if (id->gone)
 			id->gone(id->gone_ud, &vm);
 	}
 	return 0;
+}
+
+static const char *close_reason(int reason)
+{
+	switch (reason) {
+	case VIR_CONNECT_CLOSE_REASON_ERROR:
+		return "socket error";
+	case VIR_CONNECT_CLOSE_REASON_EOF:
+		return "libvirtd closed it";
+	case VIR_CONNECT_CLOSE_REASON_KEEPALIVE:
+		return "keepalive timeout: libvirtd does not answer";
+	case VIR_CONNECT_CLOSE_REASON_CLIENT:
+		return "closed here";
+	}
+	return "unknown reason";
+}
+
+/* libvirt's close callback, on the event thread. */
+static void on_close(virConnectPtr conn, int reason, void *ud)
+{
+	struct vm_identity *id = ud;
+	uint64_t now = clock_mono_ms();
+
+	(void)conn;
+	if (!atomic_exchange(&id->connected, false))
+		return;
+	atomic_fetch_add(&id->disconnects, 1);
+	id->down_since_ms = now;
+	id->attempts = 0;
+	id->last_fail_log_ms = 0;
+	backoff_reset(&id->backoff);
+	id->next_attempt_ms = now + backoff_next(&id->backoff);
+	log_warn("libvirt: connection to %s lost (%s); VMs already known are served as last "
+		 "seen, peers not known yet are refused until it is back; reconnecting",
+		 id->cfg->identity.libvirt_uri, close_reason(reason));
+}
+
+/* Keepalive, the close callback and the lifecycle events on C (the event
+ * thread, or before it starts). */
+static int setup_conn(struct vm_identity *id, virConnectPtr c)
+{
+	if (virConnectSetKeepAlive(c, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) != 0)
+		log_debug("libvirt: no keepalive on this connection: %s", virt_error());
+	id->close_cb = virConnectRegisterCloseCallback(c, on_close, id, NULL) == 0;
+	if (!id->close_cb)
+		log_debug("libvirt: no close callback on this connection: %s", virt_error());
+	id->ev_callback =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle), id, NULL);
+	if (id->ev_callback < 0) {
+		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
+		return -EIO;
+	}
+	return 0;
+}
+
+static void teardown_conn(struct vm_identity *id, virConnectPtr c)
+{
+	if (id->ev_callback >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_callback);
+	id->ev_callback = -1;
+	if (id->close_cb)
+		virConnectUnregisterCloseCallback(c, on_close);
+	id->close_cb = false;
+}
+
+struct known_vm {
+	struct vm_info vm;
+	bool running;
+};
+
+/* After a reconnect: both caches anew from C's running domains (CIDs,
+ * leases), and the VMs known before that no longer run are reported gone,
+ * since their stop may have happened while nobody listened. */
+static void rebuild(struct vm_identity *id, virConnectPtr c)
+{
+	virDomainPtr *doms = NULL;
+	struct known_vm *known;
+	struct addr_known *addrs;
+	size_t nknown = 0, naddrs = 0, ncids = 0;
+	int n;
+
+	addrs = calloc(ADDR_SLOTS, sizeof(*addrs));
+	pthread_mutex_lock(&id->lock);
+	known = calloc(id->ncids + ADDR_SLOTS + 1, sizeof(*known));
+	for (size_t i = 0; known && i < id->ncids; i++)
+		known[nknown++].vm = id->cids[i].vm;
+	for (size_t i = 0; known && i < ADDR_SLOTS; i++)
+		if (id->addrs[i].family)
+			known[nknown++].vm = id->addrs[i].vm;
+	pthread_mutex_unlock(&id->lock);
+	if (!known || !addrs) {
+		log_error("libvirt: out of memory rebuilding the identity caches: they are "
+			  "rebuilt lookup by lookup");
+		goto out;
+	}
+	if (rescan(id, c) < 0)
+		goto out;
+	atomic_fetch_add(&id->libvirt_calls, 1);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	for (int i = 0; i < n; i++) {
+		virDomainInterfacePtr *ifs = NULL;
+		char uuid[VM_UUID_LEN + 1];
+		const char *name = virDomainGetName(doms[i]);
+		int nif;
+
+		if (virDomainGetUUIDString(doms[i], uuid) == 0) {
+			for (size_t k = 0; k < nknown; k++)
+				if (strcmp(known[k].vm.uuid, uuid) == 0)
+					known[k].running = true;
+		}
+		atomic_fetch_add(&id->libvirt_calls, 1);
+		nif = virDomainInterfaceAddresses(doms[i], &ifs,
+						  VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0);
+		for (int j = 0; j < nif; j++) {
+			for (unsigned a = 0; a < ifs[j]->naddrs; a++) {
+				struct addr_known *e = &addrs[naddrs];
+
+				if (naddrs >= ADDR_SLOTS || !ifs[j]->addrs[a].addr ||
+				    parse_addr(ifs[j]->addrs[a].addr, &e->family, e->addr) < 0)
+					continue;
+				snprintf(e->vm.uuid, sizeof(e->vm.uuid), "%s", uuid);
+				snprintf(e->vm.name, sizeof(e->vm.name), "%s", name ? name : "?");
+				naddrs++;
+			}
+			virDomainInterfaceFree(ifs[j]);
+		}
+		free(ifs);
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	if (n < 0)
+		goto out;
+	pthread_mutex_lock(&id->lock);
+	memcpy(id->addrs, addrs, ADDR_SLOTS * sizeof(*addrs));
+	id->addrs_next = naddrs % ADDR_SLOTS;
+	ncids = id->ncids;
+	pthread_mutex_unlock(&id->lock);
+	for (size_t k = 0; k < nknown; k++) {
+		bool dup = false;
+
+		for (size_t j = 0; j < k && !dup; j++)
+			dup = strcmp(known[j].vm.uuid, known[k].vm.uuid) == 0;
+		if (known[k].running || dup)
+			continue;
+		log_info("vm=%s: no longer running after libvirt came back", known[k].vm.name);
+		if (id->gone)
+			id->gone(id->gone_ud, &known[k].vm);
+	}
+	log_info("libvirt: identity caches rebuilt: %zu running domains, %zu with a vsock CID, "
+		 "%zu leased addresses",
+		 (size_t)n, ncids, naddrs);
+out:
+	free(known);
+	free(addrs);
+}
+
+/* On the event thread, while disconnected and the backoff has passed. */
+static void reconnect(struct vm_identity *id)
+{
+	const char *uri = id->cfg->identity.libvirt_uri;
+	virConnectPtr old, c;
+	uint64_t now;
+
+	pthread_mutex_lock(&id->lock);
+	old = id->conn;
+	id->conn = NULL;
+	pthread_mutex_unlock(&id->lock);
+	if (old) {
+		teardown_conn(id, old);
+		virConnectClose(old);
+	}
+	id->attempts++;
+	c = id->cfg->identity.libvirt_read_write ? virConnectOpen(uri)
+						 : virConnectOpenReadOnly(uri);
+	if (c && setup_conn(id, c) < 0) {
+		teardown_conn(id, c);
+		virConnectClose(c);
+		c = NULL;
+	}
+	now = clock_mono_ms();
+	if (!c) {
+		uint32_t wait = backoff_next(&id->backoff);
+
+		atomic_fetch_add(&id->reconnect_failures, 1);
+		if (!id->last_fail_log_ms || now >= id->last_fail_log_ms + RECONNECT_LOG_MS) {
+			log_warn("libvirt: cannot reconnect to %s (attempt %u, down %.1f s): %s; "
+				 "next attempt in %u ms",
+				 uri, id->attempts, (double)(now - id->down_since_ms) / 1000.0,
+				 virt_error(), wait);
+			id->last_fail_log_ms = now;
+		}
+		id->next_attempt_ms = now + wait;
+		return;
+	}
+	pthread_mutex_lock(&id->lock);
+	id->conn = c;
+	id->cids_valid = false;
+	id->generation++;
+	memset(id->no_lease, 0, sizeof(id->no_lease));
+	memset(id->no_cid, 0, sizeof(id->no_cid));
+	pthread_mutex_unlock(&id->lock);
+	/* Lookups meanwhile still see it down and serve the old caches. */
+	rebuild(id, c);
+	atomic_store(&id->connected, true);
+	atomic_fetch_add(&id->reconnects, 1);
+	backoff_reset(&id->backoff);
+	log_info("libvirt: reconnected to %s after %.1f s (%u attempts); new peers are "
+		 "identified again",
+		 uri, (double)(now - id->down_since_ms) / 1000.0, id->attempts);
 }
 
 static void on_tick(int timer, void *ud)
@@ -670,9 +1076,13 @@ static void *event_main(void *arg)
 	struct vm_identity *id = arg;
 
 	pthread_setname_np(pthread_self(), "vmproxy-libvirt");
-	while (!atomic_load(&id->ev_stop))
+	while (!atomic_load(&id->ev_stop)) {
+		/* Between dispatches, never inside a callback. */
+		if (!atomic_load(&id->connected) && clock_mono_ms() >= id->next_attempt_ms)
+			reconnect(id);
 		if (virEventRunDefaultImpl() < 0)
 			log_warn("libvirt event loop: %s", virt_error());
+	}
 	return NULL;
 }
 
@@ -684,14 +1094,12 @@ int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *user
 		return 0;
 	id->gone = gone;
 	id->gone_ud = userdata;
-	id->ev_callback = virConnectDomainEventRegisterAny(
-		id->conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE, VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle),
-		id, NULL);
-	if (id->ev_callback < 0) {
-		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
-		return -EIO;
-	}
-	/* Wakes the loop so that a stop request is seen within 200 ms. */
+	backoff_init(&id->backoff, RECONNECT_BASE_MS, RECONNECT_MAX_MS, 0);
+	r = setup_conn(id, id->conn);
+	if (r < 0)
+		return r;
+	/* Wakes the loop so that a stop request, and a reconnect attempt, are
+	 * seen within 200 ms. */
 	id->ev_timer = virEventAddTimeout(200, on_tick, NULL, NULL);
 	r = pthread_create(&id->ev_thread, NULL, event_main, id);
 	if (r)
@@ -702,19 +1110,23 @@ int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *user
 
 int vm_identity_destroy_domain(struct vm_identity *id, const char *name)
 {
+	virConnectPtr c = get_conn(id);
 	virDomainPtr dom;
 	int r = 0;
 
-	if (!id->conn)
+	if (!c)
 		return -ENOENT;
-	dom = virDomainLookupByName(id->conn, name);
-	if (!dom)
+	dom = virDomainLookupByName(c, name);
+	if (!dom) {
+		put_conn(c);
 		return -ENOENT;
+	}
 	if (virDomainDestroy(dom) < 0) {
 		log_warn("libvirt: cannot destroy \"%s\": %s", name, virt_error());
 		r = -EIO;
 	}
 	virDomainFree(dom);
+	put_conn(c);
 	return r;
 }
 
@@ -728,10 +1140,10 @@ void vm_identity_free(struct vm_identity *id)
 	}
 	if (id->ev_timer >= 0)
 		virEventRemoveTimeout(id->ev_timer);
-	if (id->conn && id->ev_callback >= 0)
-		virConnectDomainEventDeregisterAny(id->conn, id->ev_callback);
-	if (id->conn)
+	if (id->conn) {
+		teardown_conn(id, id->conn);
 		virConnectClose(id->conn);
+	}
 	free(id->cids);
 	free(id->statics);
 	pthread_mutex_destroy(&id->scan_lock);
