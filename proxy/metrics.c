@@ -133,6 +133,11 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 	prom_sample(&b, "vmproxy_connections_refused_total",
 		    num(counters, "refused_libvirt_unreachable"), "reason", "libvirt_unreachable",
 		    NULL);
+	prom_sample(&b, "vmproxy_connections_refused_total",
+		    num(counters, "refused_lookups_pending"), "reason", "lookups_pending", NULL);
+	prom_family(&b, "vmproxy_identity_lookups_pending", "gauge",
+		    "New connections waiting for an identity lookup that asks libvirt.");
+	prom_sample(&b, "vmproxy_identity_lookups_pending", num(counters, "lookups_pending"), NULL);
 	{
 		json_t *lv = json_object_get(counters, "libvirt");
 		const char *state = json_string_value(json_object_get(lv, "state"));

@@ -649,35 +649,85 @@ uint64_t vm_identity_lease_scans(struct vm_identity *id)
 	return atomic_load(&id->lease_scans);
 }
 
-int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
-			   struct vm_info *out)
+/* The address of SA as (family, 16 bytes), v4-mapped v6 as v4. */
+static int sockaddr_key(const struct sockaddr *sa, socklen_t salen, int *family, uint8_t addr[16])
 {
-	uint8_t addr[16] = { 0 };
-	int family;
-	char text[INET6_ADDRSTRLEN];
-
+	memset(addr, 0, 16);
 	if (sa->sa_family == AF_INET && salen >= sizeof(struct sockaddr_in)) {
-		family = AF_INET;
+		*family = AF_INET;
 		memcpy(addr, &((const struct sockaddr_in *)sa)->sin_addr, 4);
 	} else if (sa->sa_family == AF_INET6 && salen >= sizeof(struct sockaddr_in6)) {
 		const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
 		if (IN6_IS_ADDR_V4MAPPED(a6)) {
-			family = AF_INET;
+			*family = AF_INET;
 			memcpy(addr, a6->s6_addr + 12, 4);
 		} else {
-			family = AF_INET6;
+			*family = AF_INET6;
 			memcpy(addr, a6->s6_addr, 16);
 		}
 	} else {
 		return -ENOENT;
 	}
-	for (size_t i = 0; i < id->nstatics; i++) {
+	return 0;
+}
+
+/* The static table (a reload may grow it on the acceptor meanwhile). */
+static bool static_by_addr(struct vm_identity *id, int family, const uint8_t *addr,
+			   struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < id->nstatics && !hit; i++) {
 		if (id->statics[i].family == family &&
 		    memcmp(id->statics[i].addr, addr, family == AF_INET ? 4 : 16) == 0) {
 			*out = id->statics[i].vm;
-			return 0;
+			hit = true;
 		}
 	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
+}
+
+/* No VM found for the address: unknown_peers decides. */
+static int by_policy(struct vm_identity *id, int family, const uint8_t *addr, struct vm_info *out)
+{
+	char text[INET6_ADDRSTRLEN];
+
+	if (id->cfg->identity.unknown_peers != UNKNOWN_PEERS_BY_ADDRESS)
+		return -ENOENT;
+	inet_ntop(family, addr, text, sizeof(text));
+	memset(out, 0, sizeof(*out));
+	snprintf(out->name, sizeof(out->name), "addr-%s", text);
+	derive_uuid(text, out->uuid);
+	return 0;
+}
+
+/* libvirt is unreachable: the address as a lease scan last gave it. */
+static int by_address_down(struct vm_identity *id, int family, const uint8_t *addr,
+			   struct vm_info *out)
+{
+	if (addr_find(id, family, addr, out)) {
+		atomic_fetch_add(&id->served_down, 1);
+		return 0;
+	}
+	if (by_policy(id, family, addr, out) == 0)
+		return 0;
+	atomic_fetch_add(&id->refused_down, 1);
+	return -ENOTCONN;
+}
+
+int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
+			   struct vm_info *out)
+{
+	uint8_t addr[16];
+	int family;
+	char text[INET6_ADDRSTRLEN];
+
+	if (sockaddr_key(sa, salen, &family, addr) < 0)
+		return -ENOENT;
+	if (static_by_addr(id, family, addr, out))
+		return 0;
 	inet_ntop(family, addr, text, sizeof(text));
 	if (id->cfg->identity.libvirt_uri && !no_lease_known(id, family, addr)) {
 		virConnectPtr c = get_conn(id);
@@ -692,38 +742,79 @@ int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, so
 			addr_add(id, family, addr, out);
 			return 0;
 		}
-		if (r == -ENOTCONN) {
-			/* No answer from libvirt: the address as last known. */
-			if (addr_find(id, family, addr, out)) {
-				atomic_fetch_add(&id->served_down, 1);
-				return 0;
-			}
-			if (id->cfg->identity.unknown_peers != UNKNOWN_PEERS_BY_ADDRESS) {
-				atomic_fetch_add(&id->refused_down, 1);
-				return -ENOTCONN;
-			}
-		} else {
-			no_lease_add(id, family, addr);
+		if (r == -ENOTCONN)
+			return by_address_down(id, family, addr, out);
+		no_lease_add(id, family, addr);
+	}
+	return by_policy(id, family, addr, out);
+}
+
+int vm_identity_by_address_cached(struct vm_identity *id, const struct sockaddr *sa,
+				  socklen_t salen, struct vm_info *out)
+{
+	uint8_t addr[16];
+	int family;
+
+	if (sockaddr_key(sa, salen, &family, addr) < 0)
+		return -ENOENT;
+	if (static_by_addr(id, family, addr, out))
+		return 0;
+	if (!id->cfg->identity.libvirt_uri || no_lease_known(id, family, addr))
+		return by_policy(id, family, addr, out);
+	if (!atomic_load(&id->connected))
+		return by_address_down(id, family, addr, out);
+	return -EAGAIN;
+}
+
+int vm_identity_by_cid_cached(struct vm_identity *id, uint32_t cid, struct vm_info *out)
+{
+	bool unknown;
+
+	if (vm_identity_cid_reserved(cid))
+		return -EPERM;
+	if (!id->cfg->identity.libvirt_uri)
+		return -ENOENT;
+	if (!atomic_load(&id->connected))
+		return by_cid_down(id, cid, out);
+	pthread_mutex_lock(&id->lock);
+	unknown = no_cid_known(id, cid, clock_mono_ms());
+	pthread_mutex_unlock(&id->lock);
+	return unknown ? -ENOENT : -EAGAIN;
+}
+
+/* The static table by VM name or uuid. */
+static bool static_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < id->nstatics && !hit; i++) {
+		const struct vm_info *vm = &id->statics[i].vm;
+		if (strcmp(vm->name, name_or_uuid) == 0 || strcasecmp(vm->uuid, name_or_uuid) == 0) {
+			*out = *vm;
+			hit = true;
 		}
 	}
-	if (id->cfg->identity.unknown_peers == UNKNOWN_PEERS_BY_ADDRESS) {
-		memset(out, 0, sizeof(*out));
-		snprintf(out->name, sizeof(out->name), "addr-%s", text);
-		derive_uuid(text, out->uuid);
+	pthread_mutex_unlock(&id->lock);
+	return hit;
+}
+
+int vm_identity_by_name_cached(struct vm_identity *id, const char *name_or_uuid,
+			       struct vm_info *out)
+{
+	if (static_by_name(id, name_or_uuid, out))
 		return 0;
-	}
-	return -ENOENT;
+	if (!id->cfg->identity.libvirt_uri)
+		return -ENOENT;
+	if (!atomic_load(&id->connected))
+		return -ENOTCONN;
+	return -EAGAIN;
 }
 
 int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out)
 {
-	for (size_t i = 0; i < id->nstatics; i++) {
-		const struct vm_info *vm = &id->statics[i].vm;
-		if (strcmp(vm->name, name_or_uuid) == 0 || strcasecmp(vm->uuid, name_or_uuid) == 0) {
-			*out = *vm;
-			return 0;
-		}
-	}
+	if (static_by_name(id, name_or_uuid, out))
+		return 0;
 	return lookup_libvirt(id, name_or_uuid, out);
 }
 

@@ -79,6 +79,16 @@ int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, so
  * scanned again for 10 s, or until a lifecycle event. */
 uint64_t vm_identity_lease_scans(struct vm_identity *id);
 
+/* The same answers without waiting on libvirt, for the acceptor: 0 (OUT
+ * filled) or a final -errno when the static table, the negative caches, or
+ * (while libvirt is unreachable) the caches decide; -EAGAIN when only
+ * libvirt can, and the blocking lookup must be made elsewhere. */
+int vm_identity_by_cid_cached(struct vm_identity *id, uint32_t cid, struct vm_info *out);
+int vm_identity_by_address_cached(struct vm_identity *id, const struct sockaddr *sa,
+				  socklen_t salen, struct vm_info *out);
+int vm_identity_by_name_cached(struct vm_identity *id, const char *name_or_uuid,
+			       struct vm_info *out);
+
 /* Resolve a VM by name or uuid (per-VM Unix sockets, static entries).
  * 0, -ENOENT, or -ENOTCONN when libvirt would be asked and is unreachable. */
 int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out);

@@ -6,6 +6,7 @@ makes up for their domain's NIC (an address on loopback they bind to).
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from harness import free_port, wait_for
 from harness import libvirtd as lvd
-from harness.vmproxyd import from_source
+from harness.vmproxyd import from_source, make_vms
 
 pytestmark = pytest.mark.skipif(lvd.available() is not None,
                                 reason=str(lvd.available()))
@@ -166,4 +167,89 @@ def test_libvirtd_killed_and_back(broker, proxy_factory, tmp_path):
         assert "refused" not in by_tag
         proxy.stop()
     finally:
+        lv.stop()
+
+
+AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+
+
+def raw_guest(source, port):
+    """A socket from SOURCE that has sent the AMQP protocol header."""
+    s = socket.socket()
+    # Well below libvirt's keepalive timeout (15 s): a guest waiting that
+    # long would be waiting for the frozen libvirtd.
+    s.settimeout(5)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(AMQP_HEADER)
+    return s
+
+
+def got_start(s):
+    """Block for the server's first frame: True for connection.start (a
+    method frame on channel 0), False when the connection is closed."""
+    try:
+        head = s.recv(7)
+    except ConnectionResetError:  # closed with our header unread
+        return False
+    return len(head) == 7 and head[0] == 1 and head[1:3] == b"\x00\x00"
+
+
+def test_slow_libvirt_holds_up_only_the_peers_that_need_it(broker, proxy_factory, tmp_path):
+    """With libvirtd frozen (SIGSTOP) while a lookup waits on it, peers
+    known without libvirt (50 static VMs) are served meanwhile; lookups
+    that need libvirt wait, bounded by limits.max_pending_lookups, past
+    which they are refused and counted; all resume once it answers."""
+    node = tmp_path / "node.xml"
+    lvd.write_node(str(node), [domain(1)])
+    lv = lvd.Libvirtd(tmp_path / "lv", node).start()
+    guests = []
+    try:
+        addr1 = lvd.lease_of(lv, "lv-1")
+        vms = make_vms(50, base="127.78.1.1")
+        proxy = proxy_factory(vms, threads=2, limits={"max_pending_lookups": 3}, extra={
+            "identity": {"libvirt_uri": lv.uri, "unknown_peers": "reject",
+                         "static": [{"address": v["address"], "vm": v["name"],
+                                     "uuid": v["uuid"]} for v in vms]}})
+        proxy.start()
+        lv.freeze()
+        try:
+            # lv-1's address needs a lease scan: its lookup waits on libvirt.
+            slow = raw_guest(addr1, proxy.port)
+            guests.append(slow)
+            pending = lambda: proxy.admin("status")["daemon"]["lookups_pending"]
+            wait_for(lambda: pending() == 1, 30, "the lease lookup to wait on libvirt")
+            latencies = []
+            for v in vms:
+                t0 = time.monotonic()
+                s = raw_guest(v["address"], proxy.port)
+                guests.append(s)
+                assert got_start(s), v
+                latencies.append(time.monotonic() - t0)
+            # All 50 served while the slow lookup still waits.
+            assert pending() == 1
+            print("static guests served with libvirt frozen: max %.1f ms, mean %.1f ms"
+                  % (1000 * max(latencies), 1000 * sum(latencies) / len(latencies)))
+            # Two more that need libvirt fill the bound; the next is refused.
+            for a in ("127.78.200.1", "127.78.200.2"):
+                guests.append(raw_guest(a, proxy.port))
+            wait_for(lambda: pending() == 3, 30, "three lookups pending")
+            over = raw_guest("127.78.200.3", proxy.port)
+            guests.append(over)
+            assert not got_start(over)
+            d = proxy.admin("status")["daemon"]
+            assert d["refused_lookups_pending"] == 1 and d["lookups_pending"] == 3, d
+            wait_for(lambda: "limits.max_pending_lookups identity lookups are waiting"
+                     in proxy.log_text(), 10, "the refusal's log line")
+        finally:
+            lv.thaw()
+        # libvirt answers: lv-1's guest is admitted, the two unknown are refused.
+        assert got_start(slow)
+        assert not got_start(guests[-3]) and not got_start(guests[-2])
+        wait_for(lambda: pending() == 0, 30, "no lookup pending")
+        d = proxy.admin("status")["daemon"]
+        assert d["refused_unknown_peer"] == 2 and d["refused_lookups_pending"] == 1, d
+    finally:
+        for s in guests:
+            s.close()
         lv.stop()
