@@ -772,6 +772,8 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 {
 	struct migrate_in_mail *im;
 	struct vm_state **pv;
+	char uuid[VM_UUID_LEN + 1];
+	unsigned to;
 
 	if (v->nconns == 0) {
 		migrate_result_set(v->migrate_res, 0, "vm %s has no connections left to move",
@@ -802,12 +804,17 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 	pt->nvms--;
 	v->refs--; /* the migrating list's; its connections hold the rest */
 	v->migrating = false;
-	partition_move_vm(pt->sh->partition, v->info.uuid, v->migrate_to);
 	pt->migrations_out++;
 	im->mail.type = MAIL_MIGRATE_IN;
 	im->vm = v;
 	im->from = pt->id;
-	poll_thread_post(pt->sh->threads[v->migrate_to], &im->mail);
+	snprintf(uuid, sizeof(uuid), "%s", v->info.uuid);
+	to = v->migrate_to;
+	/* The VM first, then the partition entry: whoever finds the new owner
+	 * there (a VM-stopped notice, a new connection) and posts to it is
+	 * behind the VM in its mailbox. V is the new owner's from here. */
+	poll_thread_post(pt->sh->threads[to], &im->mail);
+	partition_move_vm(pt->sh->partition, uuid, to);
 }
 
 static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t now)
@@ -981,6 +988,28 @@ void query_answer(struct query *q, unsigned id, struct poll_report *r)
 
 /* ---- the loop ------------------------------------------------------------ */
 
+/* Close the stopped VM's connections. Returns false when the mail was
+ * forwarded instead: the VM moved to another thread after the notice was
+ * addressed here (the mail is then not ours to free). */
+static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm)
+{
+	struct vm_state *v = vm_find(pt, gm->uuid);
+	unsigned owner;
+
+	if (!v) {
+		if (partition_lookup(pt->sh->partition, gm->uuid, &owner) == 0 && owner != pt->id &&
+		    owner < pt->sh->nthreads) {
+			poll_thread_post(pt->sh->threads[owner], &gm->mail);
+			return false;
+		}
+		return true;
+	}
+	log_info("vm=%s thread=%u: VM stopped or went away: closing its %u connections",
+		 v->info.name, pt->id, v->nconns);
+	close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
+	return true;
+}
+
 static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 {
 	switch ((enum mail_type)m->type) {
@@ -994,17 +1023,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		else
 			upstream_handle_mail(pt->up, m, now);
 		break;
-	case MAIL_VM_GONE: {
-		struct vm_gone_mail *gm = (struct vm_gone_mail *)m;
-		struct vm_state *v = vm_find(pt, gm->uuid);
-		if (v) {
-			log_info("vm=%s thread=%u: VM stopped or went away: closing its %u "
-				 "connections", v->info.name, pt->id, v->nconns);
-			close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
-		}
-		free(m);
+	case MAIL_VM_GONE:
+		if (vm_gone(pt, (struct vm_gone_mail *)m))
+			free(m);
 		break;
-	}
 	case MAIL_QUERY: {
 		struct poll_report r;
 		report(pt, &r);

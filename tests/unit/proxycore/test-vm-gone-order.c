@@ -1,0 +1,169 @@
+/* test-vm-gone-order.c -- a VM-stopped notice addressed to the poll thread
+ * that owned the VM when libvirt's event was handled, delivered after the
+ * VM moved to another thread, still closes the VM's connections there with
+ * 320 (it is forwarded to the new owner, not dropped). Two real poll threads
+ * with a guest on a socketpair; no broker (the links keep retrying). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "helper.h"
+#include "partition.h"
+#include "poll_thread.h"
+
+#define UUID "0b5e0c1a-7a3e-4f55-9d1e-000000000001"
+
+static char dir[] = "/tmp/vmproxy-gone-order-XXXXXX";
+
+static struct proxy_config *load_config(void)
+{
+	char path[256], err[600];
+	struct proxy_config *cfg;
+	FILE *fp;
+
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/vmproxyd.json", dir);
+	fp = fopen(path, "w");
+	assert_non_null(fp);
+	fprintf(fp, "{\"listeners\": [{\"type\": \"tcp\", \"port\": 5672}],"
+		    " \"identity\": {\"static\": [{\"address\": \"127.0.0.9\", \"vm\": \"a\","
+		    " \"uuid\": \"" UUID "\"}]},"
+		    " \"threads\": {\"count\": 2},"
+		    " \"upstream\": {\"host\": \"127.0.0.1\", \"port\": 9, \"exchange\": \"x\","
+		    " \"auth\": {\"mechanism\": \"PLAIN\", \"user\": \"u\", \"password\": \"p\"}},"
+		    " \"guest\": {\"allowed_exchanges\": [\"metrics\"]}}");
+	fclose(fp);
+	if (proxy_config_load(path, &cfg, err, sizeof(err)) < 0)
+		fail_msg("config: %s", err);
+	unlink(path);
+	rmdir(dir);
+	return cfg;
+}
+
+static void migrate(struct poll_thread *from, unsigned to)
+{
+	struct migrate_out_mail *m = calloc(1, sizeof(*m));
+	struct migrate_result res;
+
+	memset(&res, 0, sizeof(res));
+	pthread_mutex_init(&res.lock, NULL);
+	pthread_cond_init(&res.cond, NULL);
+	assert_non_null(m);
+	m->mail.type = MAIL_MIGRATE_OUT;
+	snprintf(m->uuid, sizeof(m->uuid), "%s", UUID);
+	m->to = to;
+	m->timeout_ms = 5000;
+	m->res = &res;
+	poll_thread_post(from, &m->mail);
+	pthread_mutex_lock(&res.lock);
+	while (!res.done)
+		pthread_cond_wait(&res.cond, &res.lock);
+	pthread_mutex_unlock(&res.lock);
+	if (res.status != 0)
+		fail_msg("migrate: %s", res.msg);
+	pthread_mutex_destroy(&res.lock);
+	pthread_cond_destroy(&res.cond);
+}
+
+static void test_vm_gone_follows_the_vm(void **state)
+{
+	struct proxy_config *cfg = load_config();
+	struct poll_shared sh;
+	struct poll_thread *threads[2];
+	struct partition *part;
+	struct helper_pool *helpers;
+	struct new_conn_mail *nm;
+	struct vm_gone_mail *gm;
+	amqp_connection_state_t guest;
+	amqp_socket_t *s;
+	amqp_rpc_reply_t rr;
+	amqp_frame_t f;
+	struct timeval tv = {10, 0};
+	unsigned owner, to;
+	int sv[2];
+
+	(void)state;
+	assert_int_equal(partition_new(2, 16, &part), 0);
+	assert_int_equal(helper_pool_new(1, &helpers), 0);
+	memset(&sh, 0, sizeof(sh));
+	sh.cfg = cfg;
+	sh.partition = part;
+	sh.helpers = helpers;
+	sh.allowed_exchanges = (const char *const *)cfg->guest.allowed_exchanges;
+	poll_thread_session_config(cfg, sh.allowed_exchanges, &sh.scfg);
+	sh.threads = threads;
+	sh.nthreads = 2;
+	for (unsigned i = 0; i < 2; i++) {
+		assert_int_equal(poll_thread_new(i, -1, &sh, &threads[i]), 0);
+		assert_int_equal(poll_thread_start(threads[i]), 0);
+	}
+
+	/* A guest of VM UUID, delegated as the acceptor does. */
+	assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	assert_int_equal(partition_assign_conn(part, UUID, 16, &owner), 0);
+	nm = calloc(1, sizeof(*nm));
+	assert_non_null(nm);
+	nm->mail.type = MAIL_NEW_CONN;
+	nm->fd = sv[0];
+	nm->conn_id = 1;
+	snprintf(nm->vm.uuid, sizeof(nm->vm.uuid), "%s", UUID);
+	snprintf(nm->vm.name, sizeof(nm->vm.name), "a");
+	snprintf(nm->peer, sizeof(nm->peer), "test");
+	poll_thread_post(threads[owner], &nm->mail);
+	/* Every read of the guest's is bounded (the fd is a blocking one). */
+	assert_int_equal(setsockopt(sv[1], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+	guest = amqp_new_connection();
+	s = amqp_tcp_socket_new(guest);
+	amqp_tcp_socket_set_sockfd(s, sv[1]);
+	rr = amqp_login(guest, "/", 16, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
+	assert_int_equal(rr.reply_type, AMQP_RESPONSE_NORMAL);
+
+	/* The VM moves; then the notice libvirt's event thread addressed to
+	 * the old owner (it looked the partition up before the move) arrives
+	 * there. */
+	to = 1 - owner;
+	migrate(threads[owner], to);
+	assert_int_equal(partition_lookup(part, UUID, &owner), 0);
+	assert_int_equal(owner, to);
+	gm = calloc(1, sizeof(*gm));
+	assert_non_null(gm);
+	gm->mail.type = MAIL_VM_GONE;
+	snprintf(gm->uuid, sizeof(gm->uuid), "%s", UUID);
+	poll_thread_post(threads[1 - to], &gm->mail);
+
+	/* The guest is closed with 320 by its new owner. */
+	assert_int_equal(amqp_simple_wait_frame_noblock(guest, &f, &tv), AMQP_STATUS_OK);
+	assert_int_equal(f.frame_type, AMQP_FRAME_METHOD);
+	assert_int_equal(f.payload.method.id, AMQP_CONNECTION_CLOSE_METHOD);
+	assert_int_equal(((amqp_connection_close_t *)f.payload.method.decoded)->reply_code, 320);
+	amqp_destroy_connection(guest);
+
+	for (unsigned i = 0; i < 2; i++)
+		poll_thread_stop(threads[i]);
+	helper_pool_free(helpers);
+	for (unsigned i = 0; i < 2; i++)
+		poll_thread_free(threads[i]);
+	partition_free(part);
+	proxy_config_free(cfg);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_vm_gone_follows_the_vm),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
