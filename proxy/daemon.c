@@ -120,23 +120,29 @@ void vmproxy_pin_log_level(struct vmproxy *p)
 
 static void lookup_run(void *ud, struct lookup_job *job);
 
-static void on_vm_gone(void *ud, const struct vm_info *vm)
+static void on_vm_gone(void *ud, const struct vm_info *vm, enum vm_change how)
 {
 	struct vmproxy *p = ud;
 	struct vm_gone_mail *m;
 	unsigned t;
 
-	atomic_fetch_add(&p->vms_gone, 1);
+	if (how != VM_CID_CHANGED)
+		atomic_fetch_add(&p->vms_gone, 1);
 	if (partition_lookup(p->partition, vm->uuid, &t) < 0)
 		return; /* no connections from it */
 	m = calloc(1, sizeof(*m));
 	if (!m) {
-		log_error("vm=%s: stopped, but out of memory: its connections stay open until they "
-			  "close or the VM's next lifecycle event", vm->name);
+		log_error("vm=%s: %s, but out of memory: its connections stay open until they "
+			  "close or the VM's next lifecycle event",
+			  vm->name, how == VM_CID_CHANGED ? "its CID changed" : "stopped");
 		return;
 	}
 	m->mail.type = MAIL_VM_GONE;
 	snprintf(m->uuid, sizeof(m->uuid), "%s", vm->uuid);
+	m->how = how;
+	m->cid = vm->cid;
+	/* Read on this thread while a reload may write it: one aligned word. */
+	m->settle_ms = p->cfg->drain_timeout_ms;
 	poll_thread_post(p->threads[t], &m->mail);
 }
 

@@ -53,6 +53,8 @@ struct vm_state {
 	struct migrate_result *migrate_res;
 	struct vm_state *mig_next; /* the thread's migrating list (holds a reference) */
 	uint64_t msgs_in, bytes_in, acked, nacked;
+	bool leaving;            /* migrating to another host: not read, closed once settled */
+	uint64_t leave_deadline; /* closed then even if messages are still unconfirmed */
 };
 
 /* MAIL_MIGRATE_IN: a quiesced VM and its connections, from thread FROM. */
@@ -75,6 +77,7 @@ struct poll_thread {
 	uint32_t nvms;
 	struct guest_conn *conns; /* all, doubly linked */
 	uint32_t nconns;
+	unsigned nleaving; /* VMs leaving for another host (vm_state.leaving) */
 	struct guest_conn *dirty;
 	struct vm_state *ring_head, *ring_tail; /* VMs with messages waiting */
 	uint32_t ring_len;
@@ -562,7 +565,7 @@ static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool
 	struct epoll_event e;
 
 	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked &&
-	    !c->vm->migrating && !pt->paused)
+	    !c->vm->migrating && !c->vm->leaving && !pt->paused)
 		ev |= EPOLLIN;
 	if (want_out)
 		ev |= EPOLLOUT;
@@ -862,6 +865,8 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		mark_dirty(pt, c);
 	}
 	pt->migrations_in++;
+	if (v->leaving)
+		pt->nleaving++;
 	log_info("vm=%s: moved from thread %u to thread %u in %llu ms (%u connections)",
 		 v->info.name, im->from, pt->id, (unsigned long long)took, n);
 	migrate_result_set(res, 0, "vm %s moved from thread %u to thread %u in %llu ms",
@@ -988,13 +993,14 @@ void query_answer(struct query *q, unsigned id, struct poll_report *r)
 
 /* ---- the loop ------------------------------------------------------------ */
 
-/* Close the stopped VM's connections. Returns false when the mail was
- * forwarded instead: the VM moved to another thread after the notice was
- * addressed here (the mail is then not ours to free). */
-static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm)
+/* Close the stopped VM's connections (or act on its other changes, see
+ * struct vm_gone_mail). Returns false when the mail was forwarded instead:
+ * the VM moved to another thread after the notice was addressed here (the
+ * mail is then not ours to free). */
+static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t now)
 {
 	struct vm_state *v = vm_find(pt, gm->uuid);
-	unsigned owner;
+	unsigned owner, n = 0;
 
 	if (!v) {
 		if (partition_lookup(pt->sh->partition, gm->uuid, &owner) == 0 && owner != pt->id &&
@@ -1004,10 +1010,79 @@ static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm)
 		}
 		return true;
 	}
-	log_info("vm=%s thread=%u: VM stopped or went away: closing its %u connections",
-		 v->info.name, pt->id, v->nconns);
-	close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
+	switch (gm->how) {
+	case VM_STOPPED:
+		log_info("vm=%s thread=%u: VM stopped or went away: closing its %u connections",
+			 v->info.name, pt->id, v->nconns);
+		close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
+		break;
+	case VM_MIGRATING_AWAY:
+		if (v->leaving)
+			break;
+		/* What was read is settled first, so that the guest's own retry
+		 * carries only what it was not acked. */
+		v->leaving = true;
+		v->leave_deadline = now + gm->settle_ms;
+		pt->nleaving++;
+		log_info("vm=%s thread=%u: VM migrating to another host: its %u connections are "
+			 "no longer read and are closed once its %llu held messages are confirmed "
+			 "(at most %u ms)",
+			 v->info.name, pt->id, v->nconns, (unsigned long long)v->held_msgs,
+			 gm->settle_ms);
+		for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+			mark_dirty(pt, c);
+		break;
+	case VM_CID_CHANGED:
+		for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+			if (!c->cid || c->cid == gm->cid)
+				continue;
+			guest_session_close(
+				c->sess, 320,
+				"CONNECTION_FORCED - the VM no longer has this vsock CID");
+			mark_dirty(pt, c);
+			n++;
+		}
+		if (n)
+			log_info("vm=%s thread=%u: its vsock CID is now %u: closed %u connections "
+				 "made from another CID",
+				 v->info.name, pt->id, gm->cid, n);
+		if (gm->cid)
+			v->info.cid = gm->cid;
+		break;
+	}
 	return true;
+}
+
+/* Leaving VMs whose messages are settled (or whose time is up): closed. */
+static void process_leaving(struct poll_thread *pt, uint64_t now)
+{
+	unsigned still = 0;
+
+	for (size_t b = 0; b < VM_BUCKETS; b++) {
+		for (struct vm_state *v = pt->vms[b]; v; v = v->hash_next) {
+			if (!v->leaving)
+				continue;
+			if (v->held_msgs && now < v->leave_deadline) {
+				still++;
+				continue;
+			}
+			v->leaving = false;
+			if (v->held_msgs)
+				log_warn("vm=%s thread=%u: closing its connections with %llu "
+					 "messages "
+					 "still unconfirmed: they were not acked, the guest sends "
+					 "them "
+					 "again",
+					 v->info.name, pt->id, (unsigned long long)v->held_msgs);
+			else
+				log_info("vm=%s thread=%u: migrated away, every message settled: "
+					 "closing its %u connections",
+					 v->info.name, pt->id, v->nconns);
+			close_vm_conns(pt, v, 320,
+				       "CONNECTION_FORCED - VM migrated to another host");
+		}
+	}
+	pt->nleaving = still; /* a VM that went away by itself is not counted */
 }
 
 static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
@@ -1024,7 +1099,7 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 			upstream_handle_mail(pt->up, m, now);
 		break;
 	case MAIL_VM_GONE:
-		if (vm_gone(pt, (struct vm_gone_mail *)m))
+		if (vm_gone(pt, (struct vm_gone_mail *)m, now))
 			free(m);
 		break;
 	case MAIL_QUERY: {
@@ -1137,6 +1212,8 @@ static void *poll_main(void *arg)
 		flush_dirty(pt, now);
 		if (pt->migrating)
 			process_migrations(pt, now);
+		if (pt->nleaving)
+			process_leaving(pt, now);
 		if (n > 0) {
 			uint64_t busy = clock_mono_ns() - woke_ns;
 			pt->busy_ns += busy;

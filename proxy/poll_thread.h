@@ -42,10 +42,16 @@ struct new_conn_mail {
 	char peer[80];
 };
 
-/* MAIL_VM_GONE: close every connection of UUID with 320. */
+/* MAIL_VM_GONE: close every connection of UUID with 320: at once
+ * (VM_STOPPED); once the messages read from them are confirmed and acked,
+ * or SETTLE_MS have passed, without reading more (VM_MIGRATING_AWAY); or
+ * those whose vsock CID is not CID (VM_CID_CHANGED). */
 struct vm_gone_mail {
 	struct mail mail;
 	char uuid[VM_UUID_LEN + 1];
+	enum vm_change how;
+	uint32_t cid;
+	uint32_t settle_ms;
 };
 
 /* MAIL_RECONFIG: guest session settings a reload changed; the thread copies

@@ -92,6 +92,9 @@ struct addr_known {
 	struct vm_info vm;
 };
 
+/* Domains whose devices changed, waiting for their CID to be read. */
+#define DEV_PENDING 64
+
 #define KEEPALIVE_INTERVAL_S 5
 #define KEEPALIVE_COUNT      3
 #define RECONNECT_BASE_MS    250
@@ -128,6 +131,10 @@ struct vm_identity {
 	void *gone_ud;
 	struct addr_known addrs[ADDR_SLOTS];
 	size_t addrs_next;
+	char dev_pending[DEV_PENDING][VM_UUID_LEN + 1]; /* under lock: domains whose */
+	size_t ndev;                                    /* devices changed */
+	bool dev_overflow;
+	int ev_dev_added, ev_dev_removed;
 	/* The connection's life, kept by the event thread. */
 	bool close_cb;
 	struct backoff backoff;
@@ -258,7 +265,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 	if (!id)
 		return -ENOMEM;
 	id->cfg = cfg;
-	id->ev_callback = -1;
+	id->ev_callback = id->ev_dev_added = id->ev_dev_removed = -1;
 	id->ev_timer = -1;
 	pthread_mutex_init(&id->lock, NULL);
 	pthread_mutex_init(&id->scan_lock, NULL);
@@ -917,32 +924,150 @@ static void addr_forget_locked(struct vm_identity *id, const char *uuid)
 			id->addrs[i].family = 0;
 }
 
+/* What an event means for the VM's guests; false: nothing for them. */
+static bool event_change(int event, int detail, enum vm_change *how)
+{
+	switch (event) {
+	case VIR_DOMAIN_EVENT_STOPPED:
+		*how = detail == VIR_DOMAIN_EVENT_STOPPED_MIGRATED ? VM_MIGRATING_AWAY : VM_STOPPED;
+		return true;
+	case VIR_DOMAIN_EVENT_UNDEFINED:
+		*how = VM_STOPPED;
+		return true;
+	case VIR_DOMAIN_EVENT_SUSPENDED:
+		/* Paused for the last part of a live migration. */
+		*how = VM_MIGRATING_AWAY;
+		return detail == VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED;
+	}
+	return false;
+}
+
+static const char *change_text(int event, enum vm_change how)
+{
+	if (how == VM_MIGRATING_AWAY)
+		return event == VIR_DOMAIN_EVENT_STOPPED ? "stopped: migrated to another host"
+							 : "paused to migrate to another host";
+	return event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined";
+}
+
+/* Any event: the caches may be wrong now. A VM that stopped loses its
+ * leases (a new domain may hold them). */
+static void invalidate(struct vm_identity *id, const char *gone_uuid)
+{
+	pthread_mutex_lock(&id->lock);
+	id->cids_valid = false; /* rescan on the next lookup */
+	id->generation++;
+	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
+	memset(id->no_cid, 0, sizeof(id->no_cid));     /* or the CID */
+	if (gone_uuid)
+		addr_forget_locked(id, gone_uuid);
+	pthread_mutex_unlock(&id->lock);
+}
+
+static void lifecycle(struct vm_identity *id, const struct vm_info *vm, int event, int detail)
+{
+	enum vm_change how = VM_STOPPED;
+	bool change = event_change(event, detail, &how);
+
+	invalidate(id, change ? vm->uuid : NULL);
+	if (!change)
+		return;
+	log_info("vm=%s: libvirt reports it %s", vm->name, change_text(event, how));
+	if (id->gone)
+		id->gone(id->gone_ud, vm, how);
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)
 {
-	struct vm_identity *id = ud;
 	struct vm_info vm;
 	const char *name = virDomainGetName(dom);
-	bool gone = event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED;
 
 	(void)conn;
-	(void)detail;
 	memset(&vm, 0, sizeof(vm));
 	virDomainGetUUIDString(dom, vm.uuid);
 	snprintf(vm.name, sizeof(vm.name), "%s", name ? name : "?");
+	lifecycle(ud, &vm, event, detail);
+	return 0;
+}
+
+/* A device came or went: the domain's CID is read again between two
+ * dispatches (device_check), not in the callback. */
+static void device_changed(struct vm_identity *id, const char *uuid)
+{
+	bool dup = false;
+
 	pthread_mutex_lock(&id->lock);
-	id->cids_valid = false; /* any change: rescan on the next lookup */
-	id->generation++;
-	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
-	memset(id->no_cid, 0, sizeof(id->no_cid));	/* or the CID */
-	if (gone)
-		addr_forget_locked(id, vm.uuid);
+	for (size_t i = 0; i < id->ndev && !dup; i++)
+		dup = strcmp(id->dev_pending[i], uuid) == 0;
+	if (!dup && id->ndev < DEV_PENDING)
+		snprintf(id->dev_pending[id->ndev++], VM_UUID_LEN + 1, "%s", uuid);
+	else if (!dup)
+		id->dev_overflow = true;
 	pthread_mutex_unlock(&id->lock);
-	if (gone) {
-		log_info("vm=%s: libvirt reports it %s", vm.name,
-			 event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined");
-		if (id->gone)
-			id->gone(id->gone_ud, &vm);
+}
+
+static void on_device(virConnectPtr conn, virDomainPtr dom, const char *alias, void *ud)
+{
+	char uuid[VM_UUID_LEN + 1];
+
+	(void)conn;
+	(void)alias;
+	if (virDomainGetUUIDString(dom, uuid) == 0)
+		device_changed(ud, uuid);
+}
+
+/* The domains whose devices changed: their CID as it is now goes to the
+ * daemon, which closes connections made from another one. */
+static void device_check(struct vm_identity *id)
+{
+	char pending[DEV_PENDING][VM_UUID_LEN + 1];
+	size_t n;
+	bool overflow;
+	virConnectPtr c;
+
+	pthread_mutex_lock(&id->lock);
+	n = id->ndev;
+	memcpy(pending, id->dev_pending, n * sizeof(pending[0]));
+	id->ndev = 0;
+	overflow = id->dev_overflow;
+	id->dev_overflow = false;
+	pthread_mutex_unlock(&id->lock);
+	if (overflow)
+		log_warn("libvirt: more than %d domains changed devices at once: the CIDs of the "
+			 "others are proved at their next connection only",
+			 DEV_PENDING);
+	invalidate(id, NULL);
+	c = get_conn(id);
+	for (size_t i = 0; c && i < n; i++) {
+		virDomainPtr dom;
+		struct vm_info vm;
+
+		atomic_fetch_add(&id->libvirt_calls, 1);
+		dom = virDomainLookupByUUIDString(c, pending[i]);
+		if (!dom)
+			continue;
+		if (virDomainIsActive(dom) == 1 && info_from_domain(id, dom, &vm) == 0) {
+			log_info("vm=%s: a device was added or removed: its vsock CID is now %u",
+				 vm.name, vm.cid);
+			if (id->gone)
+				id->gone(id->gone_ud, &vm, VM_CID_CHANGED);
+		}
+		virDomainFree(dom);
 	}
+	put_conn(c);
+}
+
+int vm_identity_test_event(struct vm_identity *id, const char *name, bool device, int event,
+			   int detail)
+{
+	struct vm_info vm;
+
+	if (lookup_libvirt(id, name, &vm) < 0)
+		return -ENOENT;
+	if (device)
+		device_changed(id, vm.uuid);
+	else
+		lifecycle(id, &vm, event, detail);
 	return 0;
 }
 
@@ -997,6 +1122,17 @@ static int setup_conn(struct vm_identity *id, virConnectPtr c)
 		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
 		return -EIO;
 	}
+	/* A vsock device attached or detached while the domain runs. */
+	id->ev_dev_added =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_device), id, NULL);
+	id->ev_dev_removed =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_device), id, NULL);
+	if (id->ev_dev_added < 0 || id->ev_dev_removed < 0)
+		log_warn("libvirt: no device events (%s): a changed vsock CID is noticed at the "
+			 "next connection only",
+			 virt_error());
 	return 0;
 }
 
@@ -1004,7 +1140,11 @@ static void teardown_conn(struct vm_identity *id, virConnectPtr c)
 {
 	if (id->ev_callback >= 0)
 		virConnectDomainEventDeregisterAny(c, id->ev_callback);
-	id->ev_callback = -1;
+	if (id->ev_dev_added >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_dev_added);
+	if (id->ev_dev_removed >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_dev_removed);
+	id->ev_callback = id->ev_dev_added = id->ev_dev_removed = -1;
 	if (id->close_cb)
 		virConnectUnregisterCloseCallback(c, on_close);
 	id->close_cb = false;
@@ -1091,7 +1231,7 @@ static void rebuild(struct vm_identity *id, virConnectPtr c)
 			continue;
 		log_info("vm=%s: no longer running after libvirt came back", known[k].vm.name);
 		if (id->gone)
-			id->gone(id->gone_ud, &known[k].vm);
+			id->gone(id->gone_ud, &known[k].vm, VM_STOPPED);
 	}
 	log_info("libvirt: identity caches rebuilt: %zu running domains, %zu with a vsock CID, "
 		 "%zu leased addresses",
@@ -1156,6 +1296,16 @@ static void reconnect(struct vm_identity *id)
 		 uri, (double)(now - id->down_since_ms) / 1000.0, id->attempts);
 }
 
+static bool dev_pending(struct vm_identity *id)
+{
+	bool any;
+
+	pthread_mutex_lock(&id->lock);
+	any = id->ndev > 0 || id->dev_overflow;
+	pthread_mutex_unlock(&id->lock);
+	return any;
+}
+
 static void on_tick(int timer, void *ud)
 {
 	(void)timer;
@@ -1171,6 +1321,8 @@ static void *event_main(void *arg)
 		/* Between dispatches, never inside a callback. */
 		if (!atomic_load(&id->connected) && clock_mono_ms() >= id->next_attempt_ms)
 			reconnect(id);
+		if (atomic_load(&id->connected) && dev_pending(id))
+			device_check(id);
 		if (virEventRunDefaultImpl() < 0)
 			log_warn("libvirt event loop: %s", virt_error());
 	}

@@ -106,9 +106,18 @@ int vm_identity_add_statics(struct vm_identity *id, const struct proxy_config *c
  * libvirt could not list (the static entries are still given), -ENOMEM. */
 int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t *n);
 
-/* Called from the event thread when a domain stops, is undefined or
- * migrates away: UUID is no longer running here. */
-typedef void (*vm_gone_fn)(void *userdata, const struct vm_info *vm);
+/* What happened to a VM, as the event thread reports it. */
+enum vm_change {
+	VM_STOPPED,        /* stopped, crashed, undefined: its guests are gone */
+	VM_MIGRATING_AWAY, /* STOPPED or SUSPENDED with the MIGRATED detail: it runs
+			    * elsewhere now or soon; its guests will reconnect there */
+	VM_CID_CHANGED,    /* a device was added or removed: its CID is now VM->cid
+			    * (0: no vsock device) */
+};
+
+/* Called from the event thread: UUID is no longer running here, is
+ * leaving, or has another CID. */
+typedef void (*vm_gone_fn)(void *userdata, const struct vm_info *vm, enum vm_change how);
 
 /* Start the thread that runs libvirt's event loop and registers lifecycle
  * callbacks. A no-op returning 0 without libvirt. */
@@ -118,6 +127,13 @@ int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *user
  * tests with libvirt's test driver, whose state is private to each
  * connection. */
 void *vm_identity_libvirt_conn(struct vm_identity *id);
+
+/* Handle a lifecycle event (EVENT, DETAIL: virDomainEventType and its
+ * detail) of the domain NAME as if libvirt had sent it, or (DEVICE) a
+ * device added to or removed from it. For tests: libvirt's test driver
+ * never sends the MIGRATED detail nor device events. 0 or -ENOENT. */
+int vm_identity_test_event(struct vm_identity *id, const char *name, bool device, int event,
+			   int detail);
 
 /* Destroy the running domain NAME on the connection this object holds.
  * For tests with libvirt's test driver, whose state is private to each
