@@ -690,6 +690,7 @@ static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t 
 {
 	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
 		guest_session_close(c->sess, code, text);
+		c->deadline = 0; /* the close-ok timeout: armed at the next scan */
 		mark_dirty(pt, c);
 	}
 }
@@ -1039,6 +1040,7 @@ static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t no
 			guest_session_close(
 				c->sess, 320,
 				"CONNECTION_FORCED - the VM no longer has this vsock CID");
+			c->deadline = 0;
 			mark_dirty(pt, c);
 			n++;
 		}
@@ -1118,6 +1120,7 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 	case MAIL_DRAIN:
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
 			guest_session_close(c->sess, 320, "CONNECTION_FORCED - vmproxyd shutdown");
+			c->deadline = 0;
 			mark_dirty(pt, c);
 		}
 		free(m);
