@@ -228,6 +228,46 @@ static void test_reserved_cids(void **state)
 	vm_identity_free(id);
 }
 
+/* The acceptor's side (no RPC ever): what the static table and the
+ * negative caches decide, or -EAGAIN for a lookup thread. */
+static void test_cached_answers(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	struct sockaddr_in st = v4("127.10.0.5"), leased = v4("192.168.122.3"),
+			   none = v4("192.168.122.200");
+	uint64_t c0;
+	char err[300];
+
+	(void)state;
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	c0 = calls(id);
+	assert_int_equal(vm_identity_by_cid_cached(id, 2, &vm), -EPERM);
+	assert_int_equal(vm_identity_by_cid_cached(id, 21, &vm), -EAGAIN);
+	assert_int_equal(vm_identity_by_address_cached(id, (struct sockaddr *)&st, sizeof(st), &vm),
+			 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_int_equal(
+		vm_identity_by_address_cached(id, (struct sockaddr *)&leased, sizeof(leased), &vm),
+		-EAGAIN);
+	assert_int_equal(vm_identity_by_name_cached(id, "guest-b", &vm), 0);
+	assert_int_equal(vm_identity_by_name_cached(id, "guest-a", &vm), -EAGAIN);
+	assert_int_equal(calls(id), c0);
+	/* Found unknown by a lookup: the acceptor refuses them itself. */
+	assert_int_equal(vm_identity_by_cid(id, 99, &vm), -ENOENT);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&none, sizeof(none), &vm),
+			 -ENOENT);
+	c0 = calls(id);
+	assert_int_equal(vm_identity_by_cid_cached(id, 99, &vm), -ENOENT);
+	assert_int_equal(
+		vm_identity_by_address_cached(id, (struct sockaddr *)&none, sizeof(none), &vm),
+		-ENOENT);
+	assert_int_equal(calls(id), c0);
+	vm_identity_free(id);
+}
+
 static uint64_t now_us(void)
 {
 	struct timespec ts;
@@ -496,6 +536,7 @@ int main(void)
 		cmocka_unit_test(test_cid_reuse),
 		cmocka_unit_test(test_bad_uri),
 		cmocka_unit_test(test_event_handling),
+		cmocka_unit_test(test_cached_answers),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
