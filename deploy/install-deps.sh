@@ -17,6 +17,8 @@ packages=(
 	# run and test
 	rabbitmq-server openssl python3 python3-pika python3-pytest
 	python3-jsonschema amqp-tools prometheus libvirt-clients valgrind
+	# a private libvirtd that tests can kill (tests/integration/harness/libvirtd.py)
+	libvirt-daemon
 	procps iproute2 systemd groff-base python3-cryptography
 	postgresql sqlite3 python3-psycopg2
 	# benchmarks and soak (tests/bench)

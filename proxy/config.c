@@ -636,7 +636,8 @@ static int parse_inbox(struct conf_ctx *c, json_t *root, struct proxy_config *cf
 static int parse_limits(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
 {
 	static const char *const keys[] = { "unconfirmed_bytes_per_vm",
-					    "unconfirmed_bytes_per_thread", "max_connections", NULL };
+					    "unconfirmed_bytes_per_thread", "max_connections",
+					    "max_pending_lookups", NULL };
 	json_t *l = NULL;
 	uint64_t n;
 	int r = 0;
@@ -644,6 +645,7 @@ static int parse_limits(struct conf_ctx *c, json_t *root, struct proxy_config *c
 	cfg->limits.unconfirmed_bytes_per_vm = 8u << 20;
 	cfg->limits.unconfirmed_bytes_per_thread = 64u << 20;
 	cfg->limits.max_connections = 65536;
+	cfg->limits.max_pending_lookups = 256;
 	if (conf_get_object(c, root, "", "limits", false, &l) < 0)
 		return -EINVAL;
 	if (!l)
@@ -659,6 +661,9 @@ static int parse_limits(struct conf_ctx *c, json_t *root, struct proxy_config *c
 	n = cfg->limits.max_connections;
 	r |= conf_get_uint(c, l, "limits", "max_connections", false, 1, 10000000, &n);
 	cfg->limits.max_connections = (uint32_t)n;
+	n = cfg->limits.max_pending_lookups;
+	r |= conf_get_uint(c, l, "limits", "max_pending_lookups", false, 1, 65536, &n);
+	cfg->limits.max_pending_lookups = (uint32_t)n;
 	if (!r && cfg->limits.unconfirmed_bytes_per_vm > cfg->limits.unconfirmed_bytes_per_thread)
 		r = conf_error(c, "limits.unconfirmed_bytes_per_vm",
 			       "expected at most limits.unconfirmed_bytes_per_thread (%llu)",

@@ -118,6 +118,7 @@ struct proxy_config {
 		uint64_t unconfirmed_bytes_per_vm;     /* default 8 MiB */
 		uint64_t unconfirmed_bytes_per_thread; /* default 64 MiB */
 		uint32_t max_connections;	       /* whole daemon, default 65536 */
+		uint32_t max_pending_lookups; /* identity lookups waiting on libvirt, default 256 */
 	} limits;
 
 	struct {

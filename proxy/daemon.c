@@ -1,8 +1,8 @@
 /* daemon.c -- see daemon.h. The acceptor runs on the thread that calls
- * vmproxy_run: it accepts, resolves the peer's VM (which may wait on a
- * libvirt RPC on a cache miss: the acceptor is not a poll thread, so no
- * guest traffic waits with it), picks the VM's poll thread from the
- * partition table and hands the fd over by mailbox. */
+ * vmproxy_run: it accepts, resolves the peer's VM from what is known
+ * without libvirt (or hands the lookup to a lookup thread, lookup.c, and
+ * takes the answer back later: it never waits on an RPC), picks the VM's
+ * poll thread from the partition table and hands the fd over by mailbox. */
 #include "daemon.h"
 
 #include <errno.h>
@@ -29,6 +29,7 @@
 #include "helper.h"
 #include "listener.h"
 #include "log.h"
+#include "lookup.h"
 #include "partition.h"
 #include "report_json.h"
 #include "poll_thread.h"
@@ -44,6 +45,8 @@
 #define REFUSAL_LOG_MS 1000
 #define MAX_VMS		 100000
 #define CLOSE_GRACE_MS	 3000
+/* Threads for identity lookups that wait on libvirt. */
+#define LOOKUP_THREADS 2
 
 enum drain_phase {
 	RUNNING,
@@ -56,6 +59,7 @@ struct vmproxy {
 	struct proxy_config *cfg;
 	struct vm_identity *id;
 	struct helper_pool *helpers;
+	struct lookup_queue *lookups;
 	struct partition *partition;
 	struct poll_shared shared;
 	struct poll_thread **threads;
@@ -81,7 +85,8 @@ struct vmproxy {
 				       * still be reading one, so they live until exit */
 	size_t nretired;
 	_Atomic uint32_t next_conn_id;
-	_Atomic uint64_t accepted, refused_unknown, refused_limit, vms_gone;
+	_Atomic uint64_t accepted, refused_unknown, refused_limit, refused_libvirt, refused_lookups,
+		vms_gone;
 };
 
 int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out)
@@ -113,17 +118,24 @@ void vmproxy_pin_log_level(struct vmproxy *p)
 	p->log_level_pinned = true;
 }
 
-static void on_vm_gone(void *ud, const struct vm_info *vm)
+static void lookup_run(void *ud, struct lookup_job *job);
+
+static void on_vm_gone(void *ud, const struct vm_info *vm, enum vm_change how)
 {
 	struct vmproxy *p = ud;
 	unsigned t;
 
-	atomic_fetch_add(&p->vms_gone, 1);
+	if (how != VM_CID_CHANGED)
+		atomic_fetch_add(&p->vms_gone, 1);
 	if (partition_lookup(p->partition, vm->uuid, &t) < 0)
 		return; /* no connections from it */
-	if (poll_thread_vm_gone(p->threads[t], vm->uuid) < 0)
-		log_error("vm=%s: stopped, but out of memory: its connections stay open until they "
-			  "close or the VM's next lifecycle event", vm->name);
+	/* drain_timeout_ms is read here while a reload may write it: one
+	 * aligned word. */
+	if (poll_thread_vm_change(p->threads[t], vm->uuid, how, vm->cid,
+				  p->cfg->drain_timeout_ms) < 0)
+		log_error("vm=%s: %s, but out of memory: its connections stay open until they "
+			  "close or the VM's next lifecycle event",
+			  vm->name, how == VM_CID_CHANGED ? "its CID changed" : "stopped");
 }
 
 /* CPUs for the poll threads: the configured list, else the process's
@@ -200,6 +212,12 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		snprintf(err, errlen, "cannot start helper threads: %s", strerror(-r));
 		return r;
 	}
+	r = lookup_queue_new(LOOKUP_THREADS, cfg->limits.max_pending_lookups, lookup_run, p,
+			     &p->lookups);
+	if (r < 0) {
+		snprintf(err, errlen, "cannot start identity lookup threads: %s", strerror(-r));
+		return r;
+	}
 	p->nthreads = pick_cpus(cfg, &cpus);
 	if (!p->nthreads) {
 		snprintf(err, errlen, "out of memory");
@@ -247,6 +265,7 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	timerfd_settime(p->timerfd, 0, &its, NULL);
 	add_fd(p, p->stopfd, &p->stopfd);
 	add_fd(p, p->timerfd, &p->timerfd);
+	add_fd(p, lookup_queue_fd(p->lookups), &p->lookups);
 	if (p->sigfd >= 0)
 		add_fd(p, p->sigfd, &p->sigfd);
 
@@ -306,12 +325,17 @@ void vmproxy_handle_signals(struct vmproxy *p, const char *log_file)
 	p->log_file = log_file;
 }
 
-int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
-			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm)
+/* Both below; CACHED: without waiting on libvirt (-EAGAIN when only it can
+ * answer). */
+static int identify_peer(struct vm_identity *id, const struct listener_config *lc,
+			 const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm,
+			 bool cached)
 {
 	switch (lc->type) {
 	case LISTENER_TCP:
-		return vm_identity_by_address(id, (const struct sockaddr *)ss, len, vm);
+		return cached ? vm_identity_by_address_cached(id, (const struct sockaddr *)ss, len,
+							      vm)
+			      : vm_identity_by_address(id, (const struct sockaddr *)ss, len, vm);
 	case LISTENER_VSOCK: {
 		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
 
@@ -320,7 +344,8 @@ int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *
 		/* CIDs 0, 1, 2 and ANY are never a guest: no lookup at all. */
 		if (vm_identity_cid_reserved(svm->svm_cid))
 			return -EPERM;
-		return vm_identity_by_cid(id, svm->svm_cid, vm);
+		return cached ? vm_identity_by_cid_cached(id, svm->svm_cid, vm)
+			      : vm_identity_by_cid(id, svm->svm_cid, vm);
 	}
 	case LISTENER_UNIX:
 	case LISTENER_FIRECRACKER:
@@ -331,9 +356,23 @@ int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *
 			snprintf(vm->name, sizeof(vm->name), "%s", lc->vm);
 			return 0;
 		}
-		return vm_identity_by_name(id, lc->vm, vm);
+		return cached ? vm_identity_by_name_cached(id, lc->vm, vm)
+			      : vm_identity_by_name(id, lc->vm, vm);
 	}
 	return -ENOENT;
+}
+
+int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
+			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm)
+{
+	return identify_peer(id, lc, ss, len, vm, false);
+}
+
+int vmproxy_identify_peer_cached(struct vm_identity *id, const struct listener_config *lc,
+				 const struct sockaddr_storage *ss, socklen_t len,
+				 struct vm_info *vm)
+{
+	return identify_peer(id, lc, ss, len, vm, true);
 }
 
 static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr_storage *ss,
@@ -342,46 +381,51 @@ static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr
 	return vmproxy_identify_peer(p->id, l->cfg, ss, len, vm);
 }
 
-/* Identify FD's peer and hand FD to its VM's poll thread, or close it.
- * 0 when admitted (VM filled in), else -errno. */
-static int admit(struct vmproxy *p, struct listener *l, int fd, const struct sockaddr_storage *ss,
-		 socklen_t len, struct vm_info *vm)
+/* Close FD, refused on L for WHY. A peer in a connect loop must not flood
+ * the log: one line a second per listener, saying how many went unlogged. */
+static void refuse(struct listener *l, int fd, const char *peer, const char *why)
+{
+	uint64_t now = clock_mono_ms();
+
+	l->refused++;
+	if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
+		char more[64] = "";
+
+		if (l->refusals_unlogged)
+			snprintf(more, sizeof(more), " (and %llu more refused since)",
+				 (unsigned long long)l->refusals_unlogged);
+		log_warn("%s: refused connection from %s: %s%s", l->name, peer, why, more);
+		l->last_refusal_log_ms = now;
+		l->refusals_unlogged = 0;
+	} else {
+		l->refusals_unlogged++;
+	}
+	close(fd);
+}
+
+/* FD's peer identified as VM (R 0) or not (R -errno): hand FD to its VM's
+ * poll thread, or close it. 0 when admitted, else -errno. */
+static int admit_identified(struct vmproxy *p, struct listener *l, int fd,
+			    const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm,
+			    int r)
 {
 	char peer[80];
 	uint32_t conn_id;
 	unsigned t;
-	int r;
 
 	listener_peer_str(ss, len, peer, sizeof(peer));
-	if (p->phase != RUNNING) {
+	if (p->phase != RUNNING || r == -ESHUTDOWN) {
 		close(fd);
 		return -ESHUTDOWN;
 	}
-	r = identify(p, l, ss, len, vm);
 	if (r < 0) {
-		uint64_t now = clock_mono_ms();
-
-		l->refused++;
-		atomic_fetch_add(&p->refused_unknown, 1);
-		/* A peer in a connect loop must not flood the log: one line a
-		 * second per listener, saying how many went unlogged. */
-		if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
-			char more[64] = "";
-
-			if (l->refusals_unlogged)
-				snprintf(more, sizeof(more), " (and %llu more refused since)",
-					 (unsigned long long)l->refusals_unlogged);
-			log_warn("%s: refused connection from %s: %s%s", l->name, peer,
-				 r == -EPERM ? "a reserved CID (hypervisor, loopback or host), "
-					       "never a guest"
-					     : "no VM known for this peer",
-				 more);
-			l->last_refusal_log_ms = now;
-			l->refusals_unlogged = 0;
-		} else {
-			l->refusals_unlogged++;
-		}
-		close(fd);
+		atomic_fetch_add(r == -ENOTCONN ? &p->refused_libvirt : &p->refused_unknown, 1);
+		refuse(l, fd, peer,
+		       r == -EPERM ? "a reserved CID (hypervisor, loopback or host), never a guest"
+		       : r == -ENOTCONN
+			       ? "libvirt is unreachable and this peer was not known before "
+				 "it went away"
+			       : "no VM known for this peer");
 		return r;
 	}
 	if (partition_total_conns(p->partition) >= p->cfg->limits.max_connections) {
@@ -413,6 +457,80 @@ static int admit(struct vmproxy *p, struct listener *l, int fd, const struct soc
 	log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm->name, conn_id, peer,
 		  l->name, t);
 	return 0;
+}
+
+/* Identify FD's peer, waiting for libvirt if need be, and admit it. */
+static int admit(struct vmproxy *p, struct listener *l, int fd, const struct sockaddr_storage *ss,
+		 socklen_t len, struct vm_info *vm)
+{
+	if (p->phase != RUNNING) {
+		close(fd);
+		return -ESHUTDOWN;
+	}
+	return admit_identified(p, l, fd, ss, len, vm, identify(p, l, ss, len, vm));
+}
+
+/* On a lookup thread. */
+static void lookup_run(void *ud, struct lookup_job *job)
+{
+	struct vmproxy *p = ud;
+
+	job->result = identify(p, &p->listeners[job->listener], &job->ss, job->len, &job->vm);
+}
+
+/* Admit FD at once when its peer is known without libvirt; else hand the
+ * lookup to a lookup thread (on_lookups_done admits it), or refuse it when
+ * limits.max_pending_lookups are waiting already. */
+static void admit_async(struct vmproxy *p, struct listener *l, int fd,
+			const struct sockaddr_storage *ss, socklen_t len)
+{
+	struct lookup_job *job;
+	struct vm_info vm;
+	int r;
+
+	if (p->phase != RUNNING) {
+		close(fd);
+		return;
+	}
+	r = vmproxy_identify_peer_cached(p->id, l->cfg, ss, len, &vm);
+	if (r != -EAGAIN) {
+		admit_identified(p, l, fd, ss, len, &vm, r);
+		return;
+	}
+	job = calloc(1, sizeof(*job));
+	if (job) {
+		job->fd = fd;
+		job->listener = (size_t)(l - p->listeners);
+		memcpy(&job->ss, ss, sizeof(*ss));
+		job->len = len;
+		job->submitted_ms = clock_mono_ms();
+		if (lookup_submit(p->lookups, job) == 0)
+			return;
+	}
+	{
+		char peer[80];
+
+		listener_peer_str(ss, len, peer, sizeof(peer));
+		atomic_fetch_add(&p->refused_lookups, 1);
+		refuse(l, fd, peer,
+		       job ? "limits.max_pending_lookups identity lookups are waiting for libvirt "
+			     "already"
+			   : "out of memory");
+		free(job);
+	}
+}
+
+/* Lookups a lookup thread finished: admit or refuse their connections. */
+static void on_lookups_done(struct vmproxy *p)
+{
+	struct lookup_job *job = lookup_take_done(p->lookups), *next;
+
+	for (; job; job = next) {
+		next = job->next_done;
+		admit_identified(p, &p->listeners[job->listener], job->fd, &job->ss, job->len,
+				 &job->vm, job->result);
+		free(job);
+	}
 }
 
 int vmproxy_admit(struct vmproxy *p, size_t listener, int fd, const struct sockaddr_storage *ss,
@@ -449,7 +567,6 @@ static void accept_some(struct vmproxy *p, struct listener *l)
 {
 	for (int i = 0; i < ACCEPTS_PER_WAKE; i++) {
 		struct sockaddr_storage ss;
-		struct vm_info vm;
 		socklen_t len;
 		int fd, r;
 
@@ -480,7 +597,7 @@ static void accept_some(struct vmproxy *p, struct listener *l)
 			pause_listener(p, l, -r);
 			return;
 		}
-		admit(p, l, fd, &ss, len, &vm);
+		admit_async(p, l, fd, &ss, len);
 	}
 }
 
@@ -854,6 +971,8 @@ int vmproxy_run(struct vmproxy *p)
 					on_timer(p);
 			} else if (ptr == &p->sigfd) {
 				on_signal(p);
+			} else if (ptr == &p->lookups) {
+				on_lookups_done(p);
 			} else {
 				accept_some(p, ptr);
 			}
@@ -894,7 +1013,28 @@ json_t *vmproxy_counters(struct vmproxy *p)
 			    json_integer((json_int_t)atomic_load(&p->refused_unknown)));
 	json_object_set_new(o, "refused_limit",
 			    json_integer((json_int_t)atomic_load(&p->refused_limit)));
+	json_object_set_new(o, "refused_libvirt_unreachable",
+			    json_integer((json_int_t)atomic_load(&p->refused_libvirt)));
+	json_object_set_new(o, "refused_lookups_pending",
+			    json_integer((json_int_t)atomic_load(&p->refused_lookups)));
+	json_object_set_new(o, "lookups_pending",
+			    json_integer(p->lookups ? lookup_pending(p->lookups) : 0));
 	json_object_set_new(o, "vms_gone", json_integer((json_int_t)atomic_load(&p->vms_gone)));
+	{
+		struct vm_identity_stats st;
+
+		vm_identity_stats(p->id, &st);
+		json_object_set_new(
+			o, "libvirt",
+			json_pack("{s:s, s:I, s:I, s:I, s:I}", "state",
+				  !st.libvirt_configured ? "none"
+				  : st.libvirt_connected ? "connected"
+							 : "disconnected",
+				  "disconnects", (json_int_t)st.libvirt_disconnects, "reconnects",
+				  (json_int_t)st.libvirt_reconnects, "reconnect_failures",
+				  (json_int_t)st.libvirt_reconnect_failures, "served_from_cache",
+				  (json_int_t)st.served_unreachable));
+	}
 	json_object_set_new(o, "connections", json_integer(total_conns(p)));
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
 	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));
@@ -922,6 +1062,9 @@ void vmproxy_free(struct vmproxy *p)
 		return;
 	metrics_stop(p->metrics);
 	admin_stop(p->admin);
+	/* Before the listeners go: a lookup thread reads its listener's
+	 * configuration. Connections still being looked up are closed. */
+	lookup_queue_free(p->lookups);
 	for (size_t i = 0; i < p->nlisteners; i++)
 		listener_close(&p->listeners[i]);
 	free(p->listeners);

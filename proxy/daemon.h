@@ -21,6 +21,11 @@ struct vmproxy;
  * peer addresses (vsock loopback is not everywhere). */
 int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
 			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm);
+/* The same without waiting on libvirt: -EAGAIN when only a blocking
+ * lookup can answer (vm_identity_by_*_cached). */
+int vmproxy_identify_peer_cached(struct vm_identity *id, const struct listener_config *lc,
+				 const struct sockaddr_storage *ss, socklen_t len,
+				 struct vm_info *vm);
 
 /* Takes ownership of CFG. */
 int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out);

@@ -130,6 +130,46 @@ char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
 		    "reason", "unknown_peer", NULL);
 	prom_sample(&b, "vmproxy_connections_refused_total", num(counters, "refused_limit"),
 		    "reason", "limit", NULL);
+	prom_sample(&b, "vmproxy_connections_refused_total",
+		    num(counters, "refused_libvirt_unreachable"), "reason", "libvirt_unreachable",
+		    NULL);
+	prom_sample(&b, "vmproxy_connections_refused_total",
+		    num(counters, "refused_lookups_pending"), "reason", "lookups_pending", NULL);
+	prom_family(&b, "vmproxy_identity_lookups_pending", "gauge",
+		    "New connections waiting for an identity lookup that asks libvirt.");
+	prom_sample(&b, "vmproxy_identity_lookups_pending", num(counters, "lookups_pending"), NULL);
+	{
+		json_t *lv = json_object_get(counters, "libvirt");
+		const char *state = json_string_value(json_object_get(lv, "state"));
+		bool on = state && strcmp(state, "none") != 0;
+
+		/* Without identity.libvirt_uri the families have no sample. */
+		prom_family(&b, "vmproxy_libvirt_connected", "gauge",
+			    "1 while the libvirt connection is up, 0 while it is being reopened.");
+		if (on)
+			prom_sample(&b, "vmproxy_libvirt_connected",
+				    strcmp(state, "connected") == 0 ? 1 : 0, NULL);
+		prom_family(&b, "vmproxy_libvirt_disconnects_total", "counter",
+			    "libvirt connections lost (libvirtd gone, keepalive timeout).");
+		if (on)
+			prom_sample(&b, "vmproxy_libvirt_disconnects_total", num(lv, "disconnects"),
+				    NULL);
+		prom_family(&b, "vmproxy_libvirt_reconnects_total", "counter",
+			    "libvirt connections reopened after a loss.");
+		if (on)
+			prom_sample(&b, "vmproxy_libvirt_reconnects_total", num(lv, "reconnects"),
+				    NULL);
+		prom_family(&b, "vmproxy_libvirt_reconnect_failures_total", "counter",
+			    "Attempts to reopen the libvirt connection that failed.");
+		if (on)
+			prom_sample(&b, "vmproxy_libvirt_reconnect_failures_total",
+				    num(lv, "reconnect_failures"), NULL);
+		prom_family(&b, "vmproxy_libvirt_served_from_cache_total", "counter",
+			    "Peers identified from the caches while libvirt was unreachable.");
+		if (on)
+			prom_sample(&b, "vmproxy_libvirt_served_from_cache_total",
+				    num(lv, "served_from_cache"), NULL);
+	}
 	prom_family(&b, "vmproxy_vm_stops_total", "counter",
 		    "libvirt lifecycle events that ended a VM here.");
 	prom_sample(&b, "vmproxy_vm_stops_total", num(counters, "vms_gone"), NULL);

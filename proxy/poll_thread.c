@@ -54,6 +54,8 @@ struct vm_state {
 	struct migrate_result *migrate_res;
 	struct vm_state *mig_next; /* the thread's migrating list (holds a reference) */
 	uint64_t msgs_in, bytes_in, acked, nacked;
+	bool leaving;            /* migrating to another host: not read, closed once settled */
+	uint64_t leave_deadline; /* closed then even if messages are still unconfirmed */
 };
 
 /* What a poll thread's mailbox carries (struct mail.type); the link's
@@ -80,9 +82,13 @@ struct new_conn_mail {
 	char peer[80];
 };
 
+/* MAIL_VM_GONE: see poll_thread_vm_change. */
 struct vm_gone_mail {
 	struct mail mail;
 	char uuid[VM_UUID_LEN + 1];
+	enum vm_change how;
+	uint32_t cid;
+	uint32_t settle_ms;
 };
 
 struct reconfig_mail {
@@ -139,6 +145,7 @@ struct poll_thread {
 	uint32_t nvms;
 	struct guest_conn *conns; /* all, doubly linked */
 	uint32_t nconns;
+	unsigned nleaving; /* VMs leaving for another host (vm_state.leaving) */
 	struct guest_conn *dirty;
 	struct vm_queue ring; /* VMs with messages waiting */
 	struct vm_state *migrating;
@@ -679,7 +686,7 @@ static void conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool
 	struct epoll_event e;
 
 	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked &&
-	    !c->vm->migrating && !pt->paused)
+	    !c->vm->migrating && !c->vm->leaving && !pt->paused)
 		ev |= EPOLLIN;
 	if (want_out)
 		ev |= EPOLLOUT;
@@ -804,6 +811,7 @@ static void close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t 
 {
 	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
 		guest_session_close(c->sess, code, text);
+		c->deadline = 0; /* the close-ok timeout: armed at the next scan */
 		mark_dirty(pt, c);
 	}
 }
@@ -893,6 +901,8 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 {
 	struct migrate_in_mail *im;
 	struct vm_state **pv;
+	char uuid[VM_UUID_LEN + 1];
+	unsigned to;
 
 	if (v->nconns == 0) {
 		migrate_result_set(v->migrate_res, 0, "vm %s has no connections left to move",
@@ -927,12 +937,17 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 	pt->nvms--;
 	v->refs--; /* the migrating list's; its connections hold the rest */
 	v->migrating = false;
-	partition_move_vm(pt->sh->partition, v->info.uuid, v->migrate_to);
 	pt->migrations_out++;
 	im->mail.type = MAIL_MIGRATE_IN;
 	im->vm = v;
 	im->from = pt->id;
-	mailbox_post(&pt->sh->threads[v->migrate_to]->mb, &im->mail);
+	snprintf(uuid, sizeof(uuid), "%s", v->info.uuid);
+	to = v->migrate_to;
+	/* The VM first, then the partition entry: whoever finds the new owner
+	 * there (a VM-stopped notice, a new connection) and posts to it is
+	 * behind the VM in its mailbox. V is the new owner's from here. */
+	mailbox_post(&pt->sh->threads[to]->mb, &im->mail);
+	partition_move_vm(pt->sh->partition, uuid, to);
 }
 
 static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t now)
@@ -981,6 +996,8 @@ static void migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint6
 		conn_update_blocked(pt, c); /* this thread's bound and link now */
 	}
 	pt->migrations_in++;
+	if (v->leaving)
+		pt->nleaving++;
 	log_info("vm=%s: moved from thread %u to thread %u in %llu ms (%u connections)",
 		 v->info.name, im->from, pt->id, (unsigned long long)took, n);
 	migrate_result_set(res, 0, "vm %s moved from thread %u to thread %u in %llu ms",
@@ -1111,6 +1128,99 @@ static void query_answer(struct query *q, unsigned id, struct poll_report *r)
 
 /* ---- the loop ------------------------------------------------------------ */
 
+/* Close the stopped VM's connections (or act on its other changes, see
+ * struct vm_gone_mail). Returns false when the mail was forwarded instead:
+ * the VM moved to another thread after the notice was addressed here (the
+ * mail is then not ours to free). */
+static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t now)
+{
+	struct vm_state *v = vm_find(pt, gm->uuid);
+	unsigned owner, n = 0;
+
+	if (!v) {
+		if (partition_lookup(pt->sh->partition, gm->uuid, &owner) == 0 && owner != pt->id &&
+		    owner < pt->sh->nthreads) {
+			mailbox_post(&pt->sh->threads[owner]->mb, &gm->mail);
+			return false;
+		}
+		return true;
+	}
+	switch (gm->how) {
+	case VM_STOPPED:
+		log_info("vm=%s thread=%u: VM stopped or went away: closing its %u connections",
+			 v->info.name, pt->id, v->nconns);
+		close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
+		break;
+	case VM_MIGRATING_AWAY:
+		if (v->leaving)
+			break;
+		/* What was read is settled first, so that the guest's own retry
+		 * carries only what it was not acked. */
+		v->leaving = true;
+		v->leave_deadline = now + gm->settle_ms;
+		pt->nleaving++;
+		log_info("vm=%s thread=%u: VM migrating to another host: its %u connections are "
+			 "no longer read and are closed once its %llu held messages are confirmed "
+			 "(at most %u ms)",
+			 v->info.name, pt->id, v->nconns, (unsigned long long)v->held_msgs,
+			 gm->settle_ms);
+		for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+			mark_dirty(pt, c);
+		break;
+	case VM_CID_CHANGED:
+		for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+			if (!c->cid || c->cid == gm->cid)
+				continue;
+			guest_session_close(
+				c->sess, 320,
+				"CONNECTION_FORCED - the VM no longer has this vsock CID");
+			c->deadline = 0;
+			mark_dirty(pt, c);
+			n++;
+		}
+		if (n)
+			log_info("vm=%s thread=%u: its vsock CID is now %u: closed %u connections "
+				 "made from another CID",
+				 v->info.name, pt->id, gm->cid, n);
+		if (gm->cid)
+			v->info.cid = gm->cid;
+		break;
+	}
+	return true;
+}
+
+/* Leaving VMs whose messages are settled (or whose time is up): closed. */
+static void process_leaving(struct poll_thread *pt, uint64_t now)
+{
+	unsigned still = 0;
+
+	for (size_t b = 0; b < VM_BUCKETS; b++) {
+		for (struct vm_state *v = pt->vms[b]; v; v = v->hash_next) {
+			if (!v->leaving)
+				continue;
+			if (v->held_msgs && now < v->leave_deadline) {
+				still++;
+				continue;
+			}
+			v->leaving = false;
+			if (v->held_msgs)
+				log_warn("vm=%s thread=%u: closing its connections with %llu "
+					 "messages "
+					 "still unconfirmed: they were not acked, the guest sends "
+					 "them "
+					 "again",
+					 v->info.name, pt->id, (unsigned long long)v->held_msgs);
+			else
+				log_info("vm=%s thread=%u: migrated away, every message settled: "
+					 "closing its %u connections",
+					 v->info.name, pt->id, v->nconns);
+			close_vm_conns(pt, v, 320,
+				       "CONNECTION_FORCED - VM migrated to another host");
+		}
+	}
+	pt->nleaving = still; /* a VM that went away by itself is not counted */
+}
+
 static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 {
 	switch (m->type) {
@@ -1124,17 +1234,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 		else
 			upstream_handle_mail(pt->up, m, now);
 		break;
-	case MAIL_VM_GONE: {
-		struct vm_gone_mail *gm = (struct vm_gone_mail *)m;
-		struct vm_state *v = vm_find(pt, gm->uuid);
-		if (v) {
-			log_info("vm=%s thread=%u: VM stopped or went away: closing its %u "
-				 "connections", v->info.name, pt->id, v->nconns);
-			close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
-		}
-		free(m);
+	case MAIL_VM_GONE:
+		if (vm_gone(pt, (struct vm_gone_mail *)m, now))
+			free(m);
 		break;
-	}
 	case MAIL_QUERY: {
 		struct poll_report r;
 		report(pt, &r);
@@ -1151,6 +1254,7 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 	case MAIL_DRAIN:
 		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
 			guest_session_close(c->sess, 320, "CONNECTION_FORCED - vmproxyd shutdown");
+			c->deadline = 0;
 			mark_dirty(pt, c);
 		}
 		free(m);
@@ -1249,6 +1353,8 @@ static void *poll_main(void *arg)
 		flush_dirty(pt, now);
 		if (pt->migrating)
 			process_migrations(pt, now);
+		if (pt->nleaving)
+			process_leaving(pt, now);
 		if (n > 0) {
 			uint64_t busy = clock_mono_ns() - woke_ns;
 			pt->busy_ns += busy;
@@ -1340,7 +1446,8 @@ int poll_thread_delegate(struct poll_thread *pt, int fd, uint32_t conn_id,
 	return 0;
 }
 
-int poll_thread_vm_gone(struct poll_thread *pt, const char *uuid)
+int poll_thread_vm_change(struct poll_thread *pt, const char *uuid, enum vm_change how,
+			  uint32_t cid, uint32_t settle_ms)
 {
 	struct vm_gone_mail *m = calloc(1, sizeof(*m));
 
@@ -1348,6 +1455,9 @@ int poll_thread_vm_gone(struct poll_thread *pt, const char *uuid)
 		return -ENOMEM;
 	m->mail.type = MAIL_VM_GONE;
 	snprintf(m->uuid, sizeof(m->uuid), "%s", uuid);
+	m->how = how;
+	m->cid = cid;
+	m->settle_ms = settle_ms;
 	mailbox_post(&pt->mb, &m->mail);
 	return 0;
 }

@@ -94,8 +94,13 @@ int poll_thread_start(struct poll_thread *pt);
 int poll_thread_delegate(struct poll_thread *pt, int fd, uint32_t conn_id,
 			 const struct vm_info *vm, const char *peer);
 
-/* VM UUID stopped or went away: close its connections with 320. */
-int poll_thread_vm_gone(struct poll_thread *pt, const char *uuid);
+/* A change to VM UUID that concerns its connections: close them with 320
+ * at once (VM_STOPPED); once the messages read from them are confirmed and
+ * acked, or SETTLE_MS have passed, without reading more
+ * (VM_MIGRATING_AWAY); or those whose vsock CID is not CID
+ * (VM_CID_CHANGED). */
+int poll_thread_vm_change(struct poll_thread *pt, const char *uuid, enum vm_change how,
+			  uint32_t cid, uint32_t settle_ms);
 
 /* Move VM UUID with all its connections to thread TO once its messages
  * are all confirmed (bounded by TIMEOUT_MS, then the move is abandoned and

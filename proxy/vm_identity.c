@@ -10,7 +10,17 @@
  * says the cache is wrong; a CID that is still unknown is remembered for
  * 10 s (or until a lifecycle event), so a peer in a connect loop costs no
  * libvirt calls. RPCs run without the cache lock, which lifecycle
- * handling takes. */
+ * handling takes.
+ *
+ * The connection comes and goes: keepalive (5 s, 3 missed) and a close
+ * callback notice a libvirtd that died or hangs; the event thread then
+ * reopens it with backoff (250 ms doubling to 10 s). Lookups take a
+ * reference on the connection, so a reconnect never frees one under
+ * them. While it is down, a CID or address in the caches is served as
+ * last known, unproved, and anything else is refused with -ENOTCONN;
+ * once it is back, the caches are rebuilt from the running domains, the
+ * lifecycle events registered again, and the known VMs that no longer
+ * run are reported gone (their stop was missed). */
 #include "vm_identity.h"
 
 #include <arpa/inet.h>
@@ -28,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backoff.h"
 #include "clock.h"
 #include "log.h"
 
@@ -70,11 +81,34 @@ struct no_lease {
 	uint64_t until_ms;
 };
 
+/* Addresses a lease scan credited to a VM: served from here only while
+ * libvirt is unreachable. Rebuilt on reconnect; a VM's entries go when it
+ * stops. */
+#define ADDR_SLOTS 1024
+
+struct addr_known {
+	int family; /* 0: empty */
+	uint8_t addr[16];
+	struct vm_info vm;
+};
+
+/* Domains whose devices changed, waiting for their CID to be read. */
+#define DEV_PENDING 64
+
+#define KEEPALIVE_INTERVAL_S 5
+#define KEEPALIVE_COUNT      3
+#define RECONNECT_BASE_MS    250
+#define RECONNECT_MAX_MS     10000
+/* A failing reconnect is logged at the first attempt, then at most this
+ * often. */
+#define RECONNECT_LOG_MS 30000
+
 struct vm_identity {
 	const struct proxy_config *cfg;
-	virConnectPtr conn;
-	pthread_mutex_t lock; /* the caches below and the static table against readers
-			       * other than the acceptor; never held across an RPC */
+	virConnectPtr conn; /* under lock; lookups take a reference (get_conn) */
+	atomic_bool connected;
+	pthread_mutex_t lock;      /* conn, the caches below and the static table against
+				    * readers other than the acceptor; never held across an RPC */
 	pthread_mutex_t scan_lock; /* one CID rescan at a time; events never take it */
 	struct no_lease no_lease[NO_LEASE_SLOTS];
 	size_t no_lease_next;
@@ -95,6 +129,18 @@ struct vm_identity {
 	int ev_timer;
 	vm_gone_fn gone;
 	void *gone_ud;
+	struct addr_known addrs[ADDR_SLOTS];
+	size_t addrs_next;
+	char dev_pending[DEV_PENDING][VM_UUID_LEN + 1]; /* under lock: domains whose */
+	size_t ndev;                                    /* devices changed */
+	bool dev_overflow;
+	int ev_dev_added, ev_dev_removed;
+	/* The connection's life, kept by the event thread. */
+	bool close_cb;
+	struct backoff backoff;
+	uint64_t down_since_ms, next_attempt_ms, last_fail_log_ms;
+	unsigned attempts;
+	atomic_uint_fast64_t disconnects, reconnects, reconnect_failures, served_down, refused_down;
 };
 
 static void silent_error(void *ud, virErrorPtr err)
@@ -108,6 +154,31 @@ static const char *virt_error(void)
 	virErrorPtr e = virGetLastError();
 
 	return e && e->message ? e->message : "unknown libvirt error";
+}
+
+/* A reference on the connection while it is up, else NULL. Dropped with
+ * put_conn (an RPC when it is the last one: never under the lock). */
+static virConnectPtr get_conn(struct vm_identity *id)
+{
+	virConnectPtr c = NULL;
+
+	pthread_mutex_lock(&id->lock);
+	if (id->conn && atomic_load(&id->connected) && virConnectRef(id->conn) == 0)
+		c = id->conn;
+	pthread_mutex_unlock(&id->lock);
+	return c;
+}
+
+static void put_conn(virConnectPtr c)
+{
+	if (c)
+		virConnectClose(c);
+}
+
+/* After a failed RPC on C: was it the connection that failed? */
+static bool conn_lost(virConnectPtr c)
+{
+	return virConnectIsAlive(c) != 1;
 }
 
 /* Fill VM from DOM: uuid, name, and the vsock CID from its XML. */
@@ -143,23 +214,32 @@ static int info_from_domain(struct vm_identity *id, virDomainPtr dom, struct vm_
 	return 0;
 }
 
+/* 0, -ENOENT, or -ENOTCONN when libvirt is unreachable. */
 static int lookup_libvirt(struct vm_identity *id, const char *name_or_uuid, struct vm_info *vm)
 {
+	virConnectPtr c;
 	virDomainPtr dom;
 	int r;
 
-	if (!id->conn)
+	if (!id->cfg->identity.libvirt_uri)
 		return -ENOENT;
+	c = get_conn(id);
+	if (!c)
+		return -ENOTCONN;
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	dom = virDomainLookupByName(id->conn, name_or_uuid);
+	dom = virDomainLookupByName(c, name_or_uuid);
 	if (!dom) {
 		atomic_fetch_add(&id->libvirt_calls, 1);
-		dom = virDomainLookupByUUIDString(id->conn, name_or_uuid);
+		dom = virDomainLookupByUUIDString(c, name_or_uuid);
 	}
-	if (!dom)
-		return -ENOENT;
+	if (!dom) {
+		r = conn_lost(c) ? -ENOTCONN : -ENOENT;
+		put_conn(c);
+		return r;
+	}
 	r = info_from_domain(id, dom, vm);
 	virDomainFree(dom);
+	put_conn(c);
 	return r;
 }
 
@@ -185,7 +265,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 	if (!id)
 		return -ENOMEM;
 	id->cfg = cfg;
-	id->ev_callback = -1;
+	id->ev_callback = id->ev_dev_added = id->ev_dev_removed = -1;
 	id->ev_timer = -1;
 	pthread_mutex_init(&id->lock, NULL);
 	pthread_mutex_init(&id->scan_lock, NULL);
@@ -210,6 +290,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 			vm_identity_free(id);
 			return -EIO;
 		}
+		atomic_store(&id->connected, true);
 	}
 	id->statics = calloc(cfg->identity.n_statics + 1, sizeof(*id->statics));
 	if (!id->statics) {
@@ -246,7 +327,7 @@ int vm_identity_new(const struct proxy_config *cfg, struct vm_identity **out, ch
 /* Rebuild the CID cache from the running domains: 1 + N RPCs, made under
  * scan_lock only; the result is swapped in under the cache lock. A
  * lifecycle event during the scan leaves the cache marked stale. */
-static int rescan(struct vm_identity *id)
+static int rescan(struct vm_identity *id, virConnectPtr c)
 {
 	virDomainPtr *doms = NULL;
 	struct cid_entry *cids, *old;
@@ -259,7 +340,7 @@ static int rescan(struct vm_identity *id)
 	pthread_mutex_unlock(&id->lock);
 	atomic_fetch_add(&id->cid_rescans, 1);
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	if (n < 0) {
 		log_warn("libvirt: cannot list domains: %s", virt_error());
 		pthread_mutex_lock(&id->lock);
@@ -280,6 +361,11 @@ static int rescan(struct vm_identity *id)
 		virDomainFree(doms[i]);
 	}
 	free(doms);
+	if (conn_lost(c)) {
+		/* Half a scan: the cache as it was serves while libvirt is away. */
+		free(cids);
+		return -EIO;
+	}
 	pthread_mutex_lock(&id->lock);
 	old = id->cids;
 	id->cids = cids;
@@ -293,14 +379,15 @@ static int rescan(struct vm_identity *id)
 
 /* Does the running domain DOM_ID still have uuid VM->uuid and CID
  * VM->cid in its live XML? Two RPCs. */
-static bool still_owns(struct vm_identity *id, unsigned int dom_id, const struct vm_info *vm)
+static bool still_owns(struct vm_identity *id, virConnectPtr c, unsigned int dom_id,
+		       const struct vm_info *vm)
 {
 	virDomainPtr dom;
 	struct vm_info now;
 	bool owns;
 
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	dom = virDomainLookupByID(id->conn, (int)dom_id);
+	dom = virDomainLookupByID(c, (int)dom_id);
 	if (!dom)
 		return false;
 	owns = info_from_domain(id, dom, &now) == 0 && strcmp(now.uuid, vm->uuid) == 0 &&
@@ -339,29 +426,57 @@ bool vm_identity_cid_reserved(uint32_t cid)
 	return cid <= VMADDR_CID_HOST || cid == UINT32_MAX;
 }
 
+/* libvirt is unreachable: CID as last known, or -ENOTCONN. */
+static int by_cid_down(struct vm_identity *id, uint32_t cid, struct vm_info *out)
+{
+	struct cid_entry e;
+	int found;
+
+	pthread_mutex_lock(&id->lock);
+	found = cache_find(id, cid, true, &e);
+	pthread_mutex_unlock(&id->lock);
+	if (!found) {
+		atomic_fetch_add(&id->refused_down, 1);
+		return -ENOTCONN;
+	}
+	atomic_fetch_add(&id->served_down, 1);
+	*out = e.vm;
+	return 0;
+}
+
 int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out)
 {
 	struct cid_entry e;
+	virConnectPtr c;
 	uint64_t now;
-	bool scanned = false, fresh = false;
+	bool scanned = false, fresh = false, lost = false;
 	int found;
 
 	if (vm_identity_cid_reserved(cid))
 		return -EPERM;
-	if (!id->conn)
+	if (!id->cfg->identity.libvirt_uri)
 		return -ENOENT;
+	c = get_conn(id);
+	if (!c)
+		return by_cid_down(id, cid, out);
 	pthread_mutex_lock(&id->lock);
 	now = clock_mono_ms();
 	if (no_cid_known(id, cid, now)) {
 		pthread_mutex_unlock(&id->lock);
+		put_conn(c);
 		return -ENOENT;
 	}
 	found = cache_find(id, cid, false, &e);
 	pthread_mutex_unlock(&id->lock);
 	if (found) {
-		if (still_owns(id, e.dom_id, &e.vm)) {
+		if (still_owns(id, c, e.dom_id, &e.vm)) {
+			put_conn(c);
 			*out = e.vm;
 			return 0;
+		}
+		if (conn_lost(c)) {
+			put_conn(c);
+			return by_cid_down(id, cid, out);
 		}
 		/* The domain stopped, restarted or gave the CID up: the cache
 		 * is wrong, whatever the events say. */
@@ -377,13 +492,14 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 	found = cache_find(id, cid, false, &e);
 	if (!found && (!id->cids_valid || now >= id->last_rescan_ms + RESCAN_MIN_MS)) {
 		pthread_mutex_unlock(&id->lock);
-		scanned = rescan(id) == 0;
+		scanned = rescan(id, c) == 0;
+		lost = !scanned && conn_lost(c);
 		pthread_mutex_lock(&id->lock);
 		found = cache_find(id, cid, true, &e);
 		fresh = scanned && id->cids_valid;
 	}
 	/* Remembered as unknown only on an answer no event has overtaken. */
-	if (!found && id->cids_valid) {
+	if (!found && !lost && id->cids_valid) {
 		struct no_cid *nc = &id->no_cid[id->no_cid_next];
 
 		id->no_cid_next = (id->no_cid_next + 1) % NO_CID_SLOTS;
@@ -392,12 +508,22 @@ int vm_identity_by_cid(struct vm_identity *id, uint32_t cid, struct vm_info *out
 	}
 	pthread_mutex_unlock(&id->lock);
 	pthread_mutex_unlock(&id->scan_lock);
-	if (!found)
+	if (lost) {
+		put_conn(c);
+		return by_cid_down(id, cid, out);
+	}
+	if (!found) {
+		put_conn(c);
 		return -ENOENT;
+	}
 	/* Fresh from this rescan with no event since: served as read. An
 	 * entry from another lookup's rescan is proved like any hit. */
-	if (!fresh && !still_owns(id, e.dom_id, &e.vm))
-		return -ENOENT;
+	if (!fresh && !still_owns(id, c, e.dom_id, &e.vm)) {
+		lost = conn_lost(c);
+		put_conn(c);
+		return lost ? by_cid_down(id, cid, out) : -ENOENT;
+	}
+	put_conn(c);
 	*out = e.vm;
 	return 0;
 }
@@ -407,6 +533,13 @@ void vm_identity_stats(struct vm_identity *id, struct vm_identity_stats *st)
 	st->libvirt_calls = atomic_load(&id->libvirt_calls);
 	st->cid_rescans = atomic_load(&id->cid_rescans);
 	st->lease_scans = atomic_load(&id->lease_scans);
+	st->libvirt_configured = id->cfg->identity.libvirt_uri != NULL;
+	st->libvirt_connected = atomic_load(&id->connected);
+	st->libvirt_disconnects = atomic_load(&id->disconnects);
+	st->libvirt_reconnects = atomic_load(&id->reconnects);
+	st->libvirt_reconnect_failures = atomic_load(&id->reconnect_failures);
+	st->served_unreachable = atomic_load(&id->served_down);
+	st->refused_unreachable = atomic_load(&id->refused_down);
 }
 
 void *vm_identity_libvirt_conn(struct vm_identity *id)
@@ -429,15 +562,14 @@ static void derive_uuid(const char *text, char out[VM_UUID_LEN + 1])
 		 md[12], md[13], md[14], md[15]);
 }
 
-static int by_leases(struct vm_identity *id, const char *text, struct vm_info *out)
+/* 0, -ENOENT, or -ENOTCONN when the connection failed during the scan. */
+static int by_leases(struct vm_identity *id, virConnectPtr c, const char *text, struct vm_info *out)
 {
 	virDomainPtr *doms = NULL;
 	int n, r = -ENOENT;
 
-	if (!id->conn)
-		return -ENOENT;
 	atomic_fetch_add(&id->libvirt_calls, 1);
-	n = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 	for (int i = 0; i < n; i++) {
 		virDomainInterfacePtr *ifs = NULL;
 		int nif = r == 0 ? -1
@@ -453,7 +585,42 @@ static int by_leases(struct vm_identity *id, const char *text, struct vm_info *o
 		virDomainFree(doms[i]);
 	}
 	free(doms);
-	return r;
+	return r != 0 && conn_lost(c) ? -ENOTCONN : r;
+}
+
+/* Remember that a lease scan credited FAMILY/ADDR to VM. */
+static void addr_add(struct vm_identity *id, int family, const uint8_t *addr,
+		     const struct vm_info *vm)
+{
+	struct addr_known *e = NULL;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < ADDR_SLOTS && !e; i++)
+		if (id->addrs[i].family == family && memcmp(id->addrs[i].addr, addr, 16) == 0)
+			e = &id->addrs[i];
+	if (!e) {
+		e = &id->addrs[id->addrs_next];
+		id->addrs_next = (id->addrs_next + 1) % ADDR_SLOTS;
+	}
+	e->family = family;
+	memcpy(e->addr, addr, 16);
+	e->vm = *vm;
+	pthread_mutex_unlock(&id->lock);
+}
+
+static bool addr_find(struct vm_identity *id, int family, const uint8_t *addr, struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < ADDR_SLOTS && !hit; i++) {
+		if (id->addrs[i].family == family && memcmp(id->addrs[i].addr, addr, 16) == 0) {
+			*out = id->addrs[i].vm;
+			hit = true;
+		}
+	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
 }
 
 static bool no_lease_known(struct vm_identity *id, int family, const uint8_t *addr)
@@ -489,60 +656,172 @@ uint64_t vm_identity_lease_scans(struct vm_identity *id)
 	return atomic_load(&id->lease_scans);
 }
 
-int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
-			   struct vm_info *out)
+/* The address of SA as (family, 16 bytes), v4-mapped v6 as v4. */
+static int sockaddr_key(const struct sockaddr *sa, socklen_t salen, int *family, uint8_t addr[16])
 {
-	uint8_t addr[16] = { 0 };
-	int family;
-	char text[INET6_ADDRSTRLEN];
-
+	memset(addr, 0, 16);
 	if (sa->sa_family == AF_INET && salen >= sizeof(struct sockaddr_in)) {
-		family = AF_INET;
+		*family = AF_INET;
 		memcpy(addr, &((const struct sockaddr_in *)sa)->sin_addr, 4);
 	} else if (sa->sa_family == AF_INET6 && salen >= sizeof(struct sockaddr_in6)) {
 		const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
 		if (IN6_IS_ADDR_V4MAPPED(a6)) {
-			family = AF_INET;
+			*family = AF_INET;
 			memcpy(addr, a6->s6_addr + 12, 4);
 		} else {
-			family = AF_INET6;
+			*family = AF_INET6;
 			memcpy(addr, a6->s6_addr, 16);
 		}
 	} else {
 		return -ENOENT;
 	}
-	for (size_t i = 0; i < id->nstatics; i++) {
+	return 0;
+}
+
+/* The static table (a reload may grow it on the acceptor meanwhile). */
+static bool static_by_addr(struct vm_identity *id, int family, const uint8_t *addr,
+			   struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < id->nstatics && !hit; i++) {
 		if (id->statics[i].family == family &&
 		    memcmp(id->statics[i].addr, addr, family == AF_INET ? 4 : 16) == 0) {
 			*out = id->statics[i].vm;
-			return 0;
+			hit = true;
 		}
 	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
+}
+
+/* No VM found for the address: unknown_peers decides. */
+static int by_policy(struct vm_identity *id, int family, const uint8_t *addr, struct vm_info *out)
+{
+	char text[INET6_ADDRSTRLEN];
+
+	if (id->cfg->identity.unknown_peers != UNKNOWN_PEERS_BY_ADDRESS)
+		return -ENOENT;
 	inet_ntop(family, addr, text, sizeof(text));
-	if (id->conn && !no_lease_known(id, family, addr)) {
-		atomic_fetch_add(&id->lease_scans, 1);
-		if (by_leases(id, text, out) == 0)
-			return 0;
-		no_lease_add(id, family, addr);
-	}
-	if (id->cfg->identity.unknown_peers == UNKNOWN_PEERS_BY_ADDRESS) {
-		memset(out, 0, sizeof(*out));
-		snprintf(out->name, sizeof(out->name), "addr-%s", text);
-		derive_uuid(text, out->uuid);
+	memset(out, 0, sizeof(*out));
+	snprintf(out->name, sizeof(out->name), "addr-%s", text);
+	derive_uuid(text, out->uuid);
+	return 0;
+}
+
+/* libvirt is unreachable: the address as a lease scan last gave it. */
+static int by_address_down(struct vm_identity *id, int family, const uint8_t *addr,
+			   struct vm_info *out)
+{
+	if (addr_find(id, family, addr, out)) {
+		atomic_fetch_add(&id->served_down, 1);
 		return 0;
 	}
-	return -ENOENT;
+	if (by_policy(id, family, addr, out) == 0)
+		return 0;
+	atomic_fetch_add(&id->refused_down, 1);
+	return -ENOTCONN;
+}
+
+int vm_identity_by_address(struct vm_identity *id, const struct sockaddr *sa, socklen_t salen,
+			   struct vm_info *out)
+{
+	uint8_t addr[16];
+	int family;
+	char text[INET6_ADDRSTRLEN];
+
+	if (sockaddr_key(sa, salen, &family, addr) < 0)
+		return -ENOENT;
+	if (static_by_addr(id, family, addr, out))
+		return 0;
+	inet_ntop(family, addr, text, sizeof(text));
+	if (id->cfg->identity.libvirt_uri && !no_lease_known(id, family, addr)) {
+		virConnectPtr c = get_conn(id);
+		int r = -ENOTCONN;
+
+		if (c) {
+			atomic_fetch_add(&id->lease_scans, 1);
+			r = by_leases(id, c, text, out);
+			put_conn(c);
+		}
+		if (r == 0) {
+			addr_add(id, family, addr, out);
+			return 0;
+		}
+		if (r == -ENOTCONN)
+			return by_address_down(id, family, addr, out);
+		no_lease_add(id, family, addr);
+	}
+	return by_policy(id, family, addr, out);
+}
+
+int vm_identity_by_address_cached(struct vm_identity *id, const struct sockaddr *sa,
+				  socklen_t salen, struct vm_info *out)
+{
+	uint8_t addr[16];
+	int family;
+
+	if (sockaddr_key(sa, salen, &family, addr) < 0)
+		return -ENOENT;
+	if (static_by_addr(id, family, addr, out))
+		return 0;
+	if (!id->cfg->identity.libvirt_uri || no_lease_known(id, family, addr))
+		return by_policy(id, family, addr, out);
+	if (!atomic_load(&id->connected))
+		return by_address_down(id, family, addr, out);
+	return -EAGAIN;
+}
+
+int vm_identity_by_cid_cached(struct vm_identity *id, uint32_t cid, struct vm_info *out)
+{
+	bool unknown;
+
+	if (vm_identity_cid_reserved(cid))
+		return -EPERM;
+	if (!id->cfg->identity.libvirt_uri)
+		return -ENOENT;
+	if (!atomic_load(&id->connected))
+		return by_cid_down(id, cid, out);
+	pthread_mutex_lock(&id->lock);
+	unknown = no_cid_known(id, cid, clock_mono_ms());
+	pthread_mutex_unlock(&id->lock);
+	return unknown ? -ENOENT : -EAGAIN;
+}
+
+/* The static table by VM name or uuid. */
+static bool static_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out)
+{
+	bool hit = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < id->nstatics && !hit; i++) {
+		const struct vm_info *vm = &id->statics[i].vm;
+		if (strcmp(vm->name, name_or_uuid) == 0 || strcasecmp(vm->uuid, name_or_uuid) == 0) {
+			*out = *vm;
+			hit = true;
+		}
+	}
+	pthread_mutex_unlock(&id->lock);
+	return hit;
+}
+
+int vm_identity_by_name_cached(struct vm_identity *id, const char *name_or_uuid,
+			       struct vm_info *out)
+{
+	if (static_by_name(id, name_or_uuid, out))
+		return 0;
+	if (!id->cfg->identity.libvirt_uri)
+		return -ENOENT;
+	if (!atomic_load(&id->connected))
+		return -ENOTCONN;
+	return -EAGAIN;
 }
 
 int vm_identity_by_name(struct vm_identity *id, const char *name_or_uuid, struct vm_info *out)
 {
-	for (size_t i = 0; i < id->nstatics; i++) {
-		const struct vm_info *vm = &id->statics[i].vm;
-		if (strcmp(vm->name, name_or_uuid) == 0 || strcasecmp(vm->uuid, name_or_uuid) == 0) {
-			*out = *vm;
-			return 0;
-		}
-	}
+	if (static_by_name(id, name_or_uuid, out))
+		return 0;
 	return lookup_libvirt(id, name_or_uuid, out);
 }
 
@@ -598,14 +877,17 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 	struct vm_info *vms;
 	int nd = 0, r = 0;
 	size_t k = 0;
+	virConnectPtr c = get_conn(id);
 
-	if (id->conn) {
-		nd = virConnectListAllDomains(id->conn, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	if (c) {
+		nd = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
 		if (nd < 0) {
 			log_warn("libvirt: cannot list domains: %s", virt_error());
 			nd = 0;
 			r = -EIO;
 		}
+	} else if (id->cfg->identity.libvirt_uri) {
+		r = -EIO;
 	}
 	/* A reload may grow the static table meanwhile (on the acceptor). */
 	pthread_mutex_lock(&id->lock);
@@ -626,6 +908,7 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 		virDomainFree(doms[i]);
 	}
 	free(doms);
+	put_conn(c);
 	if (!vms)
 		return -ENOMEM;
 	*out = vms;
@@ -633,30 +916,394 @@ int vm_identity_list_known(struct vm_identity *id, struct vm_info **out, size_t 
 	return r;
 }
 
+/* The VM stopped: its leases are no longer its own. Under the lock. */
+static void addr_forget_locked(struct vm_identity *id, const char *uuid)
+{
+	for (size_t i = 0; i < ADDR_SLOTS; i++)
+		if (id->addrs[i].family && strcmp(id->addrs[i].vm.uuid, uuid) == 0)
+			id->addrs[i].family = 0;
+}
+
+/* What an event means for the VM's guests; false: nothing for them. */
+static bool event_change(int event, int detail, enum vm_change *how)
+{
+	switch (event) {
+	case VIR_DOMAIN_EVENT_STOPPED:
+		*how = detail == VIR_DOMAIN_EVENT_STOPPED_MIGRATED ? VM_MIGRATING_AWAY : VM_STOPPED;
+		return true;
+	case VIR_DOMAIN_EVENT_UNDEFINED:
+		*how = VM_STOPPED;
+		return true;
+	case VIR_DOMAIN_EVENT_SUSPENDED:
+		/* Paused for the last part of a live migration. */
+		*how = VM_MIGRATING_AWAY;
+		return detail == VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED;
+	}
+	return false;
+}
+
+static const char *change_text(int event, enum vm_change how)
+{
+	if (how == VM_MIGRATING_AWAY)
+		return event == VIR_DOMAIN_EVENT_STOPPED ? "stopped: migrated to another host"
+							 : "paused to migrate to another host";
+	return event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined";
+}
+
+/* Any event: the caches may be wrong now. A VM that stopped loses its
+ * leases (a new domain may hold them). */
+static void invalidate(struct vm_identity *id, const char *gone_uuid)
+{
+	pthread_mutex_lock(&id->lock);
+	id->cids_valid = false; /* rescan on the next lookup */
+	id->generation++;
+	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
+	memset(id->no_cid, 0, sizeof(id->no_cid));     /* or the CID */
+	if (gone_uuid)
+		addr_forget_locked(id, gone_uuid);
+	pthread_mutex_unlock(&id->lock);
+}
+
+static void lifecycle(struct vm_identity *id, const struct vm_info *vm, int event, int detail)
+{
+	enum vm_change how = VM_STOPPED;
+	bool change = event_change(event, detail, &how);
+
+	invalidate(id, change ? vm->uuid : NULL);
+	if (!change)
+		return;
+	log_info("vm=%s: libvirt reports it %s", vm->name, change_text(event, how));
+	if (id->gone)
+		id->gone(id->gone_ud, vm, how);
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *ud)
 {
-	struct vm_identity *id = ud;
 	struct vm_info vm;
 	const char *name = virDomainGetName(dom);
 
 	(void)conn;
-	(void)detail;
 	memset(&vm, 0, sizeof(vm));
 	virDomainGetUUIDString(dom, vm.uuid);
 	snprintf(vm.name, sizeof(vm.name), "%s", name ? name : "?");
-	pthread_mutex_lock(&id->lock);
-	id->cids_valid = false; /* any change: rescan on the next lookup */
-	id->generation++;
-	memset(id->no_lease, 0, sizeof(id->no_lease)); /* a new domain may hold the lease */
-	memset(id->no_cid, 0, sizeof(id->no_cid));	/* or the CID */
-	pthread_mutex_unlock(&id->lock);
-	if (event == VIR_DOMAIN_EVENT_STOPPED || event == VIR_DOMAIN_EVENT_UNDEFINED) {
-		log_info("vm=%s: libvirt reports it %s", vm.name,
-			 event == VIR_DOMAIN_EVENT_STOPPED ? "stopped" : "undefined");
-		if (id->gone)
-			id->gone(id->gone_ud, &vm);
-	}
+	lifecycle(ud, &vm, event, detail);
 	return 0;
+}
+
+/* A device came or went: the domain's CID is read again between two
+ * dispatches (device_check), not in the callback. */
+static void device_changed(struct vm_identity *id, const char *uuid)
+{
+	bool dup = false;
+
+	pthread_mutex_lock(&id->lock);
+	for (size_t i = 0; i < id->ndev && !dup; i++)
+		dup = strcmp(id->dev_pending[i], uuid) == 0;
+	if (!dup && id->ndev < DEV_PENDING)
+		snprintf(id->dev_pending[id->ndev++], VM_UUID_LEN + 1, "%s", uuid);
+	else if (!dup)
+		id->dev_overflow = true;
+	pthread_mutex_unlock(&id->lock);
+}
+
+static void on_device(virConnectPtr conn, virDomainPtr dom, const char *alias, void *ud)
+{
+	char uuid[VM_UUID_LEN + 1];
+
+	(void)conn;
+	(void)alias;
+	if (virDomainGetUUIDString(dom, uuid) == 0)
+		device_changed(ud, uuid);
+}
+
+/* The domains whose devices changed: their CID as it is now goes to the
+ * daemon, which closes connections made from another one. */
+static void device_check(struct vm_identity *id)
+{
+	char pending[DEV_PENDING][VM_UUID_LEN + 1];
+	size_t n;
+	bool overflow;
+	virConnectPtr c;
+
+	pthread_mutex_lock(&id->lock);
+	n = id->ndev;
+	memcpy(pending, id->dev_pending, n * sizeof(pending[0]));
+	id->ndev = 0;
+	overflow = id->dev_overflow;
+	id->dev_overflow = false;
+	pthread_mutex_unlock(&id->lock);
+	if (overflow)
+		log_warn("libvirt: more than %d domains changed devices at once: the CIDs of the "
+			 "others are proved at their next connection only",
+			 DEV_PENDING);
+	invalidate(id, NULL);
+	c = get_conn(id);
+	for (size_t i = 0; c && i < n; i++) {
+		virDomainPtr dom;
+		struct vm_info vm;
+
+		atomic_fetch_add(&id->libvirt_calls, 1);
+		dom = virDomainLookupByUUIDString(c, pending[i]);
+		if (!dom)
+			continue;
+		if (virDomainIsActive(dom) == 1 && info_from_domain(id, dom, &vm) == 0) {
+			log_info("vm=%s: a device was added or removed: its vsock CID is now %u",
+				 vm.name, vm.cid);
+			if (id->gone)
+				id->gone(id->gone_ud, &vm, VM_CID_CHANGED);
+		}
+		virDomainFree(dom);
+	}
+	put_conn(c);
+}
+
+int vm_identity_test_event(struct vm_identity *id, const char *name, bool device, int event,
+			   int detail)
+{
+	struct vm_info vm;
+
+	if (lookup_libvirt(id, name, &vm) < 0)
+		return -ENOENT;
+	if (device)
+		device_changed(id, vm.uuid);
+	else
+		lifecycle(id, &vm, event, detail);
+	return 0;
+}
+
+static const char *close_reason(int reason)
+{
+	switch (reason) {
+	case VIR_CONNECT_CLOSE_REASON_ERROR:
+		return "socket error";
+	case VIR_CONNECT_CLOSE_REASON_EOF:
+		return "libvirtd closed it";
+	case VIR_CONNECT_CLOSE_REASON_KEEPALIVE:
+		return "keepalive timeout: libvirtd does not answer";
+	case VIR_CONNECT_CLOSE_REASON_CLIENT:
+		return "closed here";
+	}
+	return "unknown reason";
+}
+
+/* libvirt's close callback, on the event thread. */
+static void on_close(virConnectPtr conn, int reason, void *ud)
+{
+	struct vm_identity *id = ud;
+	uint64_t now = clock_mono_ms();
+
+	(void)conn;
+	if (!atomic_exchange(&id->connected, false))
+		return;
+	atomic_fetch_add(&id->disconnects, 1);
+	id->down_since_ms = now;
+	id->attempts = 0;
+	id->last_fail_log_ms = 0;
+	backoff_reset(&id->backoff);
+	id->next_attempt_ms = now + backoff_next(&id->backoff);
+	log_warn("libvirt: connection to %s lost (%s); VMs already known are served as last "
+		 "seen, peers not known yet are refused until it is back; reconnecting",
+		 id->cfg->identity.libvirt_uri, close_reason(reason));
+}
+
+/* Keepalive, the close callback and the lifecycle events on C (the event
+ * thread, or before it starts). */
+static int setup_conn(struct vm_identity *id, virConnectPtr c)
+{
+	if (virConnectSetKeepAlive(c, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) != 0)
+		log_debug("libvirt: no keepalive on this connection: %s", virt_error());
+	id->close_cb = virConnectRegisterCloseCallback(c, on_close, id, NULL) == 0;
+	if (!id->close_cb)
+		log_debug("libvirt: no close callback on this connection: %s", virt_error());
+	id->ev_callback =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle), id, NULL);
+	if (id->ev_callback < 0) {
+		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
+		return -EIO;
+	}
+	/* A vsock device attached or detached while the domain runs. */
+	id->ev_dev_added =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_device), id, NULL);
+	id->ev_dev_removed =
+		virConnectDomainEventRegisterAny(c, NULL, VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+						 VIR_DOMAIN_EVENT_CALLBACK(on_device), id, NULL);
+	if (id->ev_dev_added < 0 || id->ev_dev_removed < 0)
+		log_warn("libvirt: no device events (%s): a changed vsock CID is noticed at the "
+			 "next connection only",
+			 virt_error());
+	return 0;
+}
+
+static void teardown_conn(struct vm_identity *id, virConnectPtr c)
+{
+	if (id->ev_callback >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_callback);
+	if (id->ev_dev_added >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_dev_added);
+	if (id->ev_dev_removed >= 0)
+		virConnectDomainEventDeregisterAny(c, id->ev_dev_removed);
+	id->ev_callback = id->ev_dev_added = id->ev_dev_removed = -1;
+	if (id->close_cb)
+		virConnectUnregisterCloseCallback(c, on_close);
+	id->close_cb = false;
+}
+
+struct known_vm {
+	struct vm_info vm;
+	bool running;
+};
+
+/* After a reconnect: both caches anew from C's running domains (CIDs,
+ * leases), and the VMs known before that no longer run are reported gone,
+ * since their stop may have happened while nobody listened. */
+static void rebuild(struct vm_identity *id, virConnectPtr c)
+{
+	virDomainPtr *doms = NULL;
+	struct known_vm *known;
+	struct addr_known *addrs;
+	size_t nknown = 0, naddrs = 0, ncids = 0;
+	int n;
+
+	addrs = calloc(ADDR_SLOTS, sizeof(*addrs));
+	pthread_mutex_lock(&id->lock);
+	known = calloc(id->ncids + ADDR_SLOTS + 1, sizeof(*known));
+	for (size_t i = 0; known && i < id->ncids; i++)
+		known[nknown++].vm = id->cids[i].vm;
+	for (size_t i = 0; known && i < ADDR_SLOTS; i++)
+		if (id->addrs[i].family)
+			known[nknown++].vm = id->addrs[i].vm;
+	pthread_mutex_unlock(&id->lock);
+	if (!known || !addrs) {
+		log_error("libvirt: out of memory rebuilding the identity caches: they are "
+			  "rebuilt lookup by lookup");
+		goto out;
+	}
+	if (rescan(id, c) < 0)
+		goto out;
+	atomic_fetch_add(&id->libvirt_calls, 1);
+	n = virConnectListAllDomains(c, &doms, VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+	for (int i = 0; i < n; i++) {
+		virDomainInterfacePtr *ifs = NULL;
+		char uuid[VM_UUID_LEN + 1];
+		const char *name = virDomainGetName(doms[i]);
+		int nif;
+
+		if (virDomainGetUUIDString(doms[i], uuid) == 0) {
+			for (size_t k = 0; k < nknown; k++)
+				if (strcmp(known[k].vm.uuid, uuid) == 0)
+					known[k].running = true;
+		}
+		atomic_fetch_add(&id->libvirt_calls, 1);
+		nif = virDomainInterfaceAddresses(doms[i], &ifs,
+						  VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0);
+		for (int j = 0; j < nif; j++) {
+			for (unsigned a = 0; a < ifs[j]->naddrs; a++) {
+				struct addr_known *e = &addrs[naddrs];
+
+				if (naddrs >= ADDR_SLOTS || !ifs[j]->addrs[a].addr ||
+				    parse_addr(ifs[j]->addrs[a].addr, &e->family, e->addr) < 0)
+					continue;
+				snprintf(e->vm.uuid, sizeof(e->vm.uuid), "%s", uuid);
+				snprintf(e->vm.name, sizeof(e->vm.name), "%s", name ? name : "?");
+				naddrs++;
+			}
+			virDomainInterfaceFree(ifs[j]);
+		}
+		free(ifs);
+		virDomainFree(doms[i]);
+	}
+	free(doms);
+	if (n < 0)
+		goto out;
+	pthread_mutex_lock(&id->lock);
+	memcpy(id->addrs, addrs, ADDR_SLOTS * sizeof(*addrs));
+	id->addrs_next = naddrs % ADDR_SLOTS;
+	ncids = id->ncids;
+	pthread_mutex_unlock(&id->lock);
+	for (size_t k = 0; k < nknown; k++) {
+		bool dup = false;
+
+		for (size_t j = 0; j < k && !dup; j++)
+			dup = strcmp(known[j].vm.uuid, known[k].vm.uuid) == 0;
+		if (known[k].running || dup)
+			continue;
+		log_info("vm=%s: no longer running after libvirt came back", known[k].vm.name);
+		if (id->gone)
+			id->gone(id->gone_ud, &known[k].vm, VM_STOPPED);
+	}
+	log_info("libvirt: identity caches rebuilt: %zu running domains, %zu with a vsock CID, "
+		 "%zu leased addresses",
+		 (size_t)n, ncids, naddrs);
+out:
+	free(known);
+	free(addrs);
+}
+
+/* On the event thread, while disconnected and the backoff has passed. */
+static void reconnect(struct vm_identity *id)
+{
+	const char *uri = id->cfg->identity.libvirt_uri;
+	virConnectPtr old, c;
+	uint64_t now;
+
+	pthread_mutex_lock(&id->lock);
+	old = id->conn;
+	id->conn = NULL;
+	pthread_mutex_unlock(&id->lock);
+	if (old) {
+		teardown_conn(id, old);
+		virConnectClose(old);
+	}
+	id->attempts++;
+	c = id->cfg->identity.libvirt_read_write ? virConnectOpen(uri)
+						 : virConnectOpenReadOnly(uri);
+	if (c && setup_conn(id, c) < 0) {
+		teardown_conn(id, c);
+		virConnectClose(c);
+		c = NULL;
+	}
+	now = clock_mono_ms();
+	if (!c) {
+		uint32_t wait = backoff_next(&id->backoff);
+
+		atomic_fetch_add(&id->reconnect_failures, 1);
+		if (!id->last_fail_log_ms || now >= id->last_fail_log_ms + RECONNECT_LOG_MS) {
+			log_warn("libvirt: cannot reconnect to %s (attempt %u, down %.1f s): %s; "
+				 "next attempt in %u ms",
+				 uri, id->attempts, (double)(now - id->down_since_ms) / 1000.0,
+				 virt_error(), wait);
+			id->last_fail_log_ms = now;
+		}
+		id->next_attempt_ms = now + wait;
+		return;
+	}
+	pthread_mutex_lock(&id->lock);
+	id->conn = c;
+	id->cids_valid = false;
+	id->generation++;
+	memset(id->no_lease, 0, sizeof(id->no_lease));
+	memset(id->no_cid, 0, sizeof(id->no_cid));
+	pthread_mutex_unlock(&id->lock);
+	/* Lookups meanwhile still see it down and serve the old caches. */
+	rebuild(id, c);
+	atomic_store(&id->connected, true);
+	atomic_fetch_add(&id->reconnects, 1);
+	backoff_reset(&id->backoff);
+	log_info("libvirt: reconnected to %s after %.1f s (%u attempts); new peers are "
+		 "identified again",
+		 uri, (double)(now - id->down_since_ms) / 1000.0, id->attempts);
+}
+
+static bool dev_pending(struct vm_identity *id)
+{
+	bool any;
+
+	pthread_mutex_lock(&id->lock);
+	any = id->ndev > 0 || id->dev_overflow;
+	pthread_mutex_unlock(&id->lock);
+	return any;
 }
 
 static void on_tick(int timer, void *ud)
@@ -670,9 +1317,15 @@ static void *event_main(void *arg)
 	struct vm_identity *id = arg;
 
 	pthread_setname_np(pthread_self(), "vmproxy-libvirt");
-	while (!atomic_load(&id->ev_stop))
+	while (!atomic_load(&id->ev_stop)) {
+		/* Between dispatches, never inside a callback. */
+		if (!atomic_load(&id->connected) && clock_mono_ms() >= id->next_attempt_ms)
+			reconnect(id);
+		if (atomic_load(&id->connected) && dev_pending(id))
+			device_check(id);
 		if (virEventRunDefaultImpl() < 0)
 			log_warn("libvirt event loop: %s", virt_error());
+	}
 	return NULL;
 }
 
@@ -684,14 +1337,12 @@ int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *user
 		return 0;
 	id->gone = gone;
 	id->gone_ud = userdata;
-	id->ev_callback = virConnectDomainEventRegisterAny(
-		id->conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE, VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle),
-		id, NULL);
-	if (id->ev_callback < 0) {
-		log_error("libvirt: cannot register lifecycle events: %s", virt_error());
-		return -EIO;
-	}
-	/* Wakes the loop so that a stop request is seen within 200 ms. */
+	backoff_init(&id->backoff, RECONNECT_BASE_MS, RECONNECT_MAX_MS, 0);
+	r = setup_conn(id, id->conn);
+	if (r < 0)
+		return r;
+	/* Wakes the loop so that a stop request, and a reconnect attempt, are
+	 * seen within 200 ms. */
 	id->ev_timer = virEventAddTimeout(200, on_tick, NULL, NULL);
 	r = pthread_create(&id->ev_thread, NULL, event_main, id);
 	if (r)
@@ -702,19 +1353,23 @@ int vm_identity_start_events(struct vm_identity *id, vm_gone_fn gone, void *user
 
 int vm_identity_destroy_domain(struct vm_identity *id, const char *name)
 {
+	virConnectPtr c = get_conn(id);
 	virDomainPtr dom;
 	int r = 0;
 
-	if (!id->conn)
+	if (!c)
 		return -ENOENT;
-	dom = virDomainLookupByName(id->conn, name);
-	if (!dom)
+	dom = virDomainLookupByName(c, name);
+	if (!dom) {
+		put_conn(c);
 		return -ENOENT;
+	}
 	if (virDomainDestroy(dom) < 0) {
 		log_warn("libvirt: cannot destroy \"%s\": %s", name, virt_error());
 		r = -EIO;
 	}
 	virDomainFree(dom);
+	put_conn(c);
 	return r;
 }
 
@@ -728,10 +1383,10 @@ void vm_identity_free(struct vm_identity *id)
 	}
 	if (id->ev_timer >= 0)
 		virEventRemoveTimeout(id->ev_timer);
-	if (id->conn && id->ev_callback >= 0)
-		virConnectDomainEventDeregisterAny(id->conn, id->ev_callback);
-	if (id->conn)
+	if (id->conn) {
+		teardown_conn(id, id->conn);
 		virConnectClose(id->conn);
+	}
 	free(id->cids);
 	free(id->statics);
 	pthread_mutex_destroy(&id->scan_lock);

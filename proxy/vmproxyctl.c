@@ -355,11 +355,19 @@ int main(int argc, char **argv)
 			       : "off");
 	} else if (strcmp(cmd, "status") == 0) {
 		json_t *d = json_object_get(reply, "daemon");
+		json_t *lv = json_object_get(d, "libvirt");
 		printf("connections %lld, held messages %lld, accepted %lld, refused (unknown "
-		       "peer) %lld, refused (limits) %lld%s\n\n",
+		       "peer) %lld, refused (limits) %lld, refused (libvirt unreachable) %lld, "
+		       "refused (lookups pending) %lld%s\n",
 		       num(d, "connections"), num(d, "held_messages"), num(d, "accepted"),
 		       num(d, "refused_unknown_peer"), num(d, "refused_limit"),
+		       num(d, "refused_libvirt_unreachable"), num(d, "refused_lookups_pending"),
 		       json_is_true(json_object_get(d, "draining")) ? ", draining" : "");
+		printf("libvirt %s, %lld disconnects, %lld reconnects, %lld failed reconnects, "
+		       "%lld peers served from cache while unreachable, %lld lookups pending\n\n",
+		       str(lv, "state"), num(lv, "disconnects"), num(lv, "reconnects"),
+		       num(lv, "reconnect_failures"), num(lv, "served_from_cache"),
+		       num(d, "lookups_pending"));
 		print_threads(json_object_get(reply, "threads"));
 		print_load(json_object_get(d, "load"));
 	} else if (strcmp(cmd, "threads") == 0) {

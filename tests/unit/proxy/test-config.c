@@ -146,6 +146,7 @@ static void test_defaults(void **state)
 	assert_int_equal(c->threads.count, 0);
 	assert_int_equal(c->drain_timeout_ms, 10000);
 	assert_int_equal(c->limits.max_connections, 65536);
+	assert_int_equal(c->limits.max_pending_lookups, 256);
 	assert_int_equal(c->limits.unconfirmed_bytes_per_vm, 8u << 20);
 	assert_int_equal(c->guest.heartbeat, 60);
 	assert_int_equal(c->guest.handshake_timeout_ms, 10000);
@@ -239,6 +240,8 @@ static void test_errors(void **state)
 		{ "{\"listeners\": [], " MINIMAL_UP "}", "listeners: expected at least one" },
 		{ "{\"listeners\": [{\"type\": \"tcp\", \"port\": 70000}], " MINIMAL_UP "}",
 		  "listeners[0].port: expected an integer in [1, 65535], got 70000" },
+		{ "{" LISTEN ", \"limits\": {\"max_pending_lookups\": 0}, " MINIMAL_UP "}",
+		  "limits.max_pending_lookups: expected an integer in [1, 65536], got 0" },
 		{ "{\"listeners\": [{\"type\": \"udp\"}], " MINIMAL_UP "}",
 		  "listeners[0].type: expected one of \"tcp\", \"vsock\", \"unix\", "
 		  "\"firecracker\"" },

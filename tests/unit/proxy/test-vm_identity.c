@@ -14,6 +14,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,6 +228,46 @@ static void test_reserved_cids(void **state)
 	vm_identity_free(id);
 }
 
+/* The acceptor's side (no RPC ever): what the static table and the
+ * negative caches decide, or -EAGAIN for a lookup thread. */
+static void test_cached_answers(void **state)
+{
+	struct vm_identity *id;
+	struct vm_info vm;
+	struct sockaddr_in st = v4("127.10.0.5"), leased = v4("192.168.122.3"),
+			   none = v4("192.168.122.200");
+	uint64_t c0;
+	char err[300];
+
+	(void)state;
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	c0 = calls(id);
+	assert_int_equal(vm_identity_by_cid_cached(id, 2, &vm), -EPERM);
+	assert_int_equal(vm_identity_by_cid_cached(id, 21, &vm), -EAGAIN);
+	assert_int_equal(vm_identity_by_address_cached(id, (struct sockaddr *)&st, sizeof(st), &vm),
+			 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_int_equal(
+		vm_identity_by_address_cached(id, (struct sockaddr *)&leased, sizeof(leased), &vm),
+		-EAGAIN);
+	assert_int_equal(vm_identity_by_name_cached(id, "guest-b", &vm), 0);
+	assert_int_equal(vm_identity_by_name_cached(id, "guest-a", &vm), -EAGAIN);
+	assert_int_equal(calls(id), c0);
+	/* Found unknown by a lookup: the acceptor refuses them itself. */
+	assert_int_equal(vm_identity_by_cid(id, 99, &vm), -ENOENT);
+	assert_int_equal(vm_identity_by_address(id, (struct sockaddr *)&none, sizeof(none), &vm),
+			 -ENOENT);
+	c0 = calls(id);
+	assert_int_equal(vm_identity_by_cid_cached(id, 99, &vm), -ENOENT);
+	assert_int_equal(
+		vm_identity_by_address_cached(id, (struct sockaddr *)&none, sizeof(none), &vm),
+		-ENOENT);
+	assert_int_equal(calls(id), c0);
+	vm_identity_free(id);
+}
+
 static uint64_t now_us(void)
 {
 	struct timespec ts;
@@ -396,6 +437,91 @@ static void test_vsock_accept_boundary(void **state)
 	vm_identity_free(id);
 }
 
+/* What the event thread reported, for test_event_handling. */
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned calls;
+	struct vm_info vm;
+	enum vm_change how;
+} seen = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, { "", "", 0 }, VM_STOPPED };
+
+static void on_change(void *ud, const struct vm_info *vm, enum vm_change how)
+{
+	(void)ud;
+	pthread_mutex_lock(&seen.lock);
+	seen.calls++;
+	seen.vm = *vm;
+	seen.how = how;
+	pthread_cond_broadcast(&seen.cond);
+	pthread_mutex_unlock(&seen.lock);
+}
+
+/* Wait (10 s at most) for the report number N. */
+static void wait_call(unsigned n)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += 10;
+	pthread_mutex_lock(&seen.lock);
+	while (seen.calls < n)
+		if (pthread_cond_timedwait(&seen.cond, &seen.lock, &ts) != 0)
+			break;
+	pthread_mutex_unlock(&seen.lock);
+	assert_int_equal(seen.calls, n);
+}
+
+/* Lifecycle events as a live migration sends them (libvirt's test driver
+ * cannot): STOPPED and SUSPENDED with the MIGRATED detail are the VM
+ * leaving, other stops are stops, other pauses nothing; a device added or
+ * removed reports the domain's CID as it is now. */
+static void test_event_handling(void **state)
+{
+	struct vm_identity *id;
+	char err[256];
+	static const struct {
+		int event, detail;
+		bool reported;
+		enum vm_change how;
+	} cases[] = {
+		{ VIR_DOMAIN_EVENT_STOPPED, VIR_DOMAIN_EVENT_STOPPED_MIGRATED, true, VM_MIGRATING_AWAY },
+		{ VIR_DOMAIN_EVENT_SUSPENDED, VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED, true,
+		  VM_MIGRATING_AWAY },
+		{ VIR_DOMAIN_EVENT_SUSPENDED, VIR_DOMAIN_EVENT_SUSPENDED_PAUSED, false, VM_STOPPED },
+		{ VIR_DOMAIN_EVENT_RESUMED, VIR_DOMAIN_EVENT_RESUMED_MIGRATED, false, VM_STOPPED },
+		{ VIR_DOMAIN_EVENT_STOPPED, VIR_DOMAIN_EVENT_STOPPED_DESTROYED, true, VM_STOPPED },
+		{ VIR_DOMAIN_EVENT_STOPPED, VIR_DOMAIN_EVENT_STOPPED_CRASHED, true, VM_STOPPED },
+		{ VIR_DOMAIN_EVENT_UNDEFINED, VIR_DOMAIN_EVENT_UNDEFINED_REMOVED, true, VM_STOPPED },
+	};
+	unsigned n = 0;
+
+	(void)state;
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	assert_int_equal(vm_identity_new(&cfg, &id, err, sizeof(err)), 0);
+	assert_int_equal(vm_identity_start_events(id, on_change, NULL), 0);
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		assert_int_equal(vm_identity_test_event(id, "guest-a", false, cases[i].event,
+							cases[i].detail),
+				 0);
+		if (!cases[i].reported) {
+			assert_int_equal(seen.calls, n);
+			continue;
+		}
+		assert_int_equal(seen.calls, ++n);
+		assert_int_equal(seen.how, cases[i].how);
+		assert_string_equal(seen.vm.uuid, "11111111-2222-4333-8444-555555555501");
+	}
+	/* A device event is handled by the event thread: the CID read anew. */
+	assert_int_equal(vm_identity_test_event(id, "guest-b", true, 0, 0), 0);
+	wait_call(++n);
+	assert_int_equal(seen.how, VM_CID_CHANGED);
+	assert_string_equal(seen.vm.name, "guest-b");
+	assert_int_equal(seen.vm.cid, 22);
+	assert_int_equal(vm_identity_test_event(id, "no-such-domain", false, 0, 0), -ENOENT);
+	vm_identity_free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -409,6 +535,8 @@ int main(void)
 		cmocka_unit_test(test_unknown_cid_loop),
 		cmocka_unit_test(test_cid_reuse),
 		cmocka_unit_test(test_bad_uri),
+		cmocka_unit_test(test_event_handling),
+		cmocka_unit_test(test_cached_answers),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
