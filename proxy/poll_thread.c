@@ -1129,7 +1129,7 @@ static void query_answer(struct query *q, unsigned id, struct poll_report *r)
 /* ---- the loop ------------------------------------------------------------ */
 
 /* Close the stopped VM's connections (or act on its other changes, see
- * struct vm_gone_mail). Returns false when the mail was forwarded instead:
+ * poll_thread_vm_change). Returns false when the mail was forwarded instead:
  * the VM moved to another thread after the notice was addressed here (the
  * mail is then not ours to free). */
 static bool vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t now)
