@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+
 struct dedup {
 	uint64_t *slots; /* 0 = empty; keys are never 0 */
 	size_t nslots;	 /* power of two, >= 2 * capacity */
@@ -25,14 +27,11 @@ static uint64_t mix(uint64_t x)
 
 uint64_t dedup_key(const char *vm_uuid, const char *boot_id, int64_t seq)
 {
-	uint64_t h = 1469598103934665603ull;
-	const char *parts[2] = { vm_uuid, boot_id };
+	uint64_t h = HASH_FNV1A64_OFFSET;
 
-	for (int i = 0; i < 2; i++) {
-		for (const char *p = parts[i]; *p; p++)
-			h = (h ^ (unsigned char)*p) * 1099511628211ull;
-		h = (h ^ 0xff) * 1099511628211ull; /* separator */
-	}
+	/* 0xff never occurs in either string: it separates them. */
+	h = hash_fnv1a64_byte(hash_fnv1a64_more(h, vm_uuid), 0xff);
+	h = hash_fnv1a64_byte(hash_fnv1a64_more(h, boot_id), 0xff);
 	h = mix(h ^ mix((uint64_t)seq));
 	return h ? h : 1;
 }
