@@ -166,6 +166,8 @@ void gs_on_channel_method(struct guest_session *s, uint16_t ch, amqp_method_numb
 
 /* ---- guest_publish.c: publish assembly ------------------------------------- */
 
+/* Method handlers take channel C and the method's LEN argument bytes ARGS;
+ * an error is answered on the connection or the channel. */
 void gs_on_publish(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len);
 void gs_on_exchange_declare(struct guest_session *s, struct chan *c, const uint8_t *args,
 			    size_t len);
@@ -178,6 +180,7 @@ void gs_on_body(struct guest_session *s, uint16_t ch, const uint8_t *p, size_t l
 /* Give back what the inbox handed channel C: its deliveries (requeued) and
  * its consumers. */
 void gs_chan_release(struct guest_session *s, struct chan *c);
+/* The inbox's method handlers, as those of guest_publish.c. */
 void gs_on_queue_declare(struct guest_session *s, struct chan *c, const uint8_t *args,
 			 size_t len);
 void gs_on_get(struct guest_session *s, struct chan *c, const uint8_t *args, size_t len);
