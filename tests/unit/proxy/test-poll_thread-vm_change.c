@@ -125,6 +125,11 @@ static void test_vm_gone_follows_the_vm(void **state)
 	 * there. */
 	to = 1 - owner;
 	migrate(threads[owner], to);
+	/* The new owner reports the move done once it has the VM; the old one
+	 * moves the partition entry right after posting it there, so the
+	 * entry may lag the report by a moment (bounded wait). */
+	for (int i = 0; i < 5000 && partition_lookup(part, UUID, &owner) == 0 && owner != to; i++)
+		usleep(1000);
 	assert_int_equal(partition_lookup(part, UUID, &owner), 0);
 	assert_int_equal(owner, to);
 	assert_int_equal(poll_thread_vm_change(threads[1 - to], UUID, VM_STOPPED, 0, 0), 0);
