@@ -121,20 +121,31 @@ int daemon_epoll_add(struct vmproxy *p, int fd, void *ptr)
 	return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &e) < 0 ? -errno : 0;
 }
 
-/* The "balancer" section and the load it keeps. */
-static int start_balancer(struct vmproxy *p, char *err, size_t errlen)
+/* The "balancer" section into BC, or else the "metrics" section into MC;
+ * what is wrong with it in ERR. */
+static int parse_section(const struct proxy_config *cfg, struct balancer_config *bc,
+			 struct metrics_config *mc, char *err, size_t errlen)
 {
-	const struct proxy_config *cfg = p->cfg;
-	struct balancer_config bc;
 	struct conf_ctx cc;
 	int r;
 
 	conf_ctx_init(&cc, cfg->file);
-	r = balancer_config_parse(&cc, cfg->balancer_raw, &bc);
-	if (r < 0) {
+	r = bc ? balancer_config_parse(&cc, cfg->balancer_raw, bc)
+	       : metrics_config_parse(&cc, cfg->metrics_raw, mc);
+	if (r < 0)
 		snprintf(err, errlen, "%s", cc.err);
+	return r;
+}
+
+/* The "balancer" section and the load it keeps. */
+static int start_balancer(struct vmproxy *p, char *err, size_t errlen)
+{
+	struct balancer_config bc;
+	int r;
+
+	r = parse_section(p->cfg, &bc, NULL, err, errlen);
+	if (r < 0)
 		return r;
-	}
 	balancer_init(&p->balancer, &bc);
 	atomic_store(&p->balancer_enabled, bc.enabled);
 	p->load = json_array();
@@ -242,15 +253,11 @@ static int start_servers(struct vmproxy *p, char *err, size_t errlen)
 {
 	const struct proxy_config *cfg = p->cfg;
 	struct metrics_config mc;
-	struct conf_ctx cc;
 	int r;
 
-	conf_ctx_init(&cc, cfg->file);
-	r = metrics_config_parse(&cc, cfg->metrics_raw, &mc);
-	if (r < 0) {
-		snprintf(err, errlen, "%s", cc.err);
+	r = parse_section(cfg, NULL, &mc, err, errlen);
+	if (r < 0)
 		return r;
-	}
 	r = metrics_start(p, &mc, &p->metrics, err, errlen);
 	if (r < 0)
 		return r;
