@@ -592,57 +592,47 @@ struct poll_report *vmproxy_query_threads(struct vmproxy *p, int timeout_ms, uns
 	return r;
 }
 
-json_t *vmproxy_counters(struct vmproxy *p)
+void vmproxy_counters(struct vmproxy *p, struct vmproxy_counters *c)
 {
-	json_t *o = json_object(), *ls = json_array();
-
-	json_object_set_new(o, "threads", json_integer(p->nthreads));
-	json_object_set_new(o, "accepted", json_integer((json_int_t)atomic_load(&p->accepted)));
-	json_object_set_new(o, "refused_unknown_peer",
-			    json_integer((json_int_t)atomic_load(&p->refused_unknown)));
-	json_object_set_new(o, "refused_limit",
-			    json_integer((json_int_t)atomic_load(&p->refused_limit)));
-	json_object_set_new(o, "refused_libvirt_unreachable",
-			    json_integer((json_int_t)atomic_load(&p->refused_libvirt)));
-	json_object_set_new(o, "refused_lookups_pending",
-			    json_integer((json_int_t)atomic_load(&p->refused_lookups)));
-	json_object_set_new(o, "lookups_pending",
-			    json_integer(p->lookups ? lookup_pending(p->lookups) : 0));
-	json_object_set_new(o, "vms_gone", json_integer((json_int_t)atomic_load(&p->vms_gone)));
-	{
-		struct vm_identity_stats st;
-
-		vm_identity_stats(p->id, &st);
-		json_object_set_new(
-			o, "libvirt",
-			json_pack("{s:s, s:I, s:I, s:I, s:I}", "state",
-				  !st.libvirt_configured ? "none"
-				  : st.libvirt_connected ? "connected"
-							 : "disconnected",
-				  "disconnects", (json_int_t)st.libvirt_disconnects, "reconnects",
-				  (json_int_t)st.libvirt_reconnects, "reconnect_failures",
-				  (json_int_t)st.libvirt_reconnect_failures, "served_from_cache",
-				  (json_int_t)st.served_unreachable));
-	}
-	json_object_set_new(o, "connections", json_integer(total_conns(p)));
-	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
-	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));
-	json_object_set_new(o, "balancer_enabled", json_boolean(atomic_load(&p->balancer_enabled)));
+	memset(c, 0, sizeof(*c));
+	c->threads = p->nthreads;
+	c->accepted = atomic_load(&p->accepted);
+	c->refused_unknown_peer = atomic_load(&p->refused_unknown);
+	c->refused_limit = atomic_load(&p->refused_limit);
+	c->refused_libvirt_unreachable = atomic_load(&p->refused_libvirt);
+	c->refused_lookups_pending = atomic_load(&p->refused_lookups);
+	c->lookups_pending = p->lookups ? lookup_pending(p->lookups) : 0;
+	c->vms_gone = atomic_load(&p->vms_gone);
+	vm_identity_stats(p->id, &c->libvirt);
+	c->connections = total_conns(p);
+	c->held_messages = total_held(p);
+	c->draining = p->phase != RUNNING;
+	c->balancer_enabled = atomic_load(&p->balancer_enabled);
 	if (p->load) {
 		pthread_mutex_lock(&p->load_lock);
-		json_object_set_new(o, "load", json_deep_copy(p->load));
+		c->load = json_deep_copy(p->load);
 		pthread_mutex_unlock(&p->load_lock);
 	}
-	for (size_t i = 0; i < p->nlisteners; i++) {
+	c->listeners = p->nlisteners ? calloc(p->nlisteners, sizeof(*c->listeners)) : NULL;
+	for (size_t i = 0; c->listeners && i < p->nlisteners; i++) {
 		const struct listener *l = &p->listeners[i];
+		struct vmproxy_listener_counters *lc = &c->listeners[i];
 
-		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name", l->name,
-						    "accepted", (json_int_t)l->accepted, "refused",
-						    (json_int_t)l->refused, "accept_errors",
-						    (json_int_t)l->accept_errors));
+		snprintf(lc->name, sizeof(lc->name), "%s", l->name);
+		lc->accepted = l->accepted;
+		lc->refused = l->refused;
+		lc->accept_errors = l->accept_errors;
+		c->nlisteners = i + 1;
 	}
-	json_object_set_new(o, "listeners", ls);
-	return o;
+}
+
+void vmproxy_counters_release(struct vmproxy_counters *c)
+{
+	json_decref(c->load);
+	free(c->listeners);
+	c->load = NULL;
+	c->listeners = NULL;
+	c->nlisteners = 0;
 }
 
 void vmproxy_free(struct vmproxy *p)

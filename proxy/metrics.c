@@ -114,65 +114,62 @@ static void per_thread(struct prom_buf *b, json_t *threads, const char *name, co
 
 /* The libvirt connection: without identity.libvirt_uri the families have
  * no sample. */
-static void render_libvirt(struct prom_buf *b, json_t *counters)
+static void render_libvirt(struct prom_buf *b, const struct vm_identity_stats *lv)
 {
-	json_t *lv = json_object_get(counters, "libvirt");
-	const char *state = json_string_value(json_object_get(lv, "state"));
-	bool on = state && strcmp(state, "none") != 0;
+	bool on = lv->libvirt_configured;
 
 	prom_family(b, "vmproxy_libvirt_connected", "gauge",
 		    "1 while the libvirt connection is up, 0 while it is being reopened.");
 	if (on)
-		prom_sample(b, "vmproxy_libvirt_connected", strcmp(state, "connected") == 0 ? 1 : 0,
-			    NULL);
+		prom_sample(b, "vmproxy_libvirt_connected", lv->libvirt_connected ? 1 : 0, NULL);
 	prom_family(b, "vmproxy_libvirt_disconnects_total", "counter",
 		    "libvirt connections lost (libvirtd gone, keepalive timeout).");
 	if (on)
-		prom_sample(b, "vmproxy_libvirt_disconnects_total", num(lv, "disconnects"), NULL);
+		prom_sample(b, "vmproxy_libvirt_disconnects_total", (double)lv->libvirt_disconnects, NULL);
 	prom_family(b, "vmproxy_libvirt_reconnects_total", "counter",
 		    "libvirt connections reopened after a loss.");
 	if (on)
-		prom_sample(b, "vmproxy_libvirt_reconnects_total", num(lv, "reconnects"), NULL);
+		prom_sample(b, "vmproxy_libvirt_reconnects_total", (double)lv->libvirt_reconnects, NULL);
 	prom_family(b, "vmproxy_libvirt_reconnect_failures_total", "counter",
 		    "Attempts to reopen the libvirt connection that failed.");
 	if (on)
 		prom_sample(b, "vmproxy_libvirt_reconnect_failures_total",
-			    num(lv, "reconnect_failures"), NULL);
+			    (double)lv->libvirt_reconnect_failures, NULL);
 	prom_family(b, "vmproxy_libvirt_served_from_cache_total", "counter",
 		    "Peers identified from the caches while libvirt was unreachable.");
 	if (on)
 		prom_sample(b, "vmproxy_libvirt_served_from_cache_total",
-			    num(lv, "served_from_cache"), NULL);
+			    (double)lv->served_unreachable, NULL);
 }
 
 /* Daemon-wide counters (vmproxy_counters). */
-static void render_daemon(struct prom_buf *b, json_t *counters)
+static void render_daemon(struct prom_buf *b, const struct vmproxy_counters *c)
 {
 	prom_family(b, "vmproxy_build_info", "gauge", "vmproxyd version.");
 	prom_sample(b, "vmproxy_build_info", 1, "version", VMPROXY_VERSION, NULL);
 	prom_family(b, "vmproxy_connections_accepted_total", "counter",
 		    "Guest connections accepted and delegated to a poll thread.");
-	prom_sample(b, "vmproxy_connections_accepted_total", num(counters, "accepted"), NULL);
+	prom_sample(b, "vmproxy_connections_accepted_total", (double)c->accepted, NULL);
 	prom_family(b, "vmproxy_connections_refused_total", "counter",
 		    "Guest connections refused, by reason.");
-	prom_sample(b, "vmproxy_connections_refused_total", num(counters, "refused_unknown_peer"),
+	prom_sample(b, "vmproxy_connections_refused_total", (double)c->refused_unknown_peer,
 		    "reason", "unknown_peer", NULL);
-	prom_sample(b, "vmproxy_connections_refused_total", num(counters, "refused_limit"),
+	prom_sample(b, "vmproxy_connections_refused_total", (double)c->refused_limit,
 		    "reason", "limit", NULL);
 	prom_sample(b, "vmproxy_connections_refused_total",
-		    num(counters, "refused_libvirt_unreachable"), "reason", "libvirt_unreachable",
+		    (double)c->refused_libvirt_unreachable, "reason", "libvirt_unreachable",
 		    NULL);
 	prom_sample(b, "vmproxy_connections_refused_total",
-		    num(counters, "refused_lookups_pending"), "reason", "lookups_pending", NULL);
+		    (double)c->refused_lookups_pending, "reason", "lookups_pending", NULL);
 	prom_family(b, "vmproxy_identity_lookups_pending", "gauge",
 		    "New connections waiting for an identity lookup that asks libvirt.");
-	prom_sample(b, "vmproxy_identity_lookups_pending", num(counters, "lookups_pending"), NULL);
-	render_libvirt(b, counters);
+	prom_sample(b, "vmproxy_identity_lookups_pending", (double)c->lookups_pending, NULL);
+	render_libvirt(b, &c->libvirt);
 	prom_family(b, "vmproxy_vm_stops_total", "counter",
 		    "libvirt lifecycle events that ended a VM here.");
-	prom_sample(b, "vmproxy_vm_stops_total", num(counters, "vms_gone"), NULL);
+	prom_sample(b, "vmproxy_vm_stops_total", (double)c->vms_gone, NULL);
 	prom_family(b, "vmproxy_draining", "gauge", "1 while shutting down.");
-	prom_sample(b, "vmproxy_draining", json_is_true(json_object_get(counters, "draining")), NULL);
+	prom_sample(b, "vmproxy_draining", c->draining ? 1 : 0, NULL);
 }
 
 /* Per poll thread. */
@@ -298,7 +295,7 @@ static void render_vms(struct prom_buf *b, json_t *threads)
 	}
 }
 
-char *metrics_render(json_t *threads, json_t *counters, bool per_vm)
+char *metrics_render(json_t *threads, const struct vmproxy_counters *counters, bool per_vm)
 {
 	struct prom_buf b;
 
@@ -322,13 +319,15 @@ static char *render(void *ud)
 	unsigned n = 0;
 	struct poll_report *r = vmproxy_query_threads(m->p, SCRAPE_QUERY_TIMEOUT_MS, &n);
 	json_t *threads = r ? report_json_threads(r, n, true) : NULL;
-	json_t *counters = vmproxy_counters(m->p);
-	char *body = metrics_render(threads, counters, atomic_load(&m->per_vm));
+	struct vmproxy_counters counters;
+	char *body;
 	struct prom_buf certs;
 
+	vmproxy_counters(m->p, &counters);
+	body = metrics_render(threads, &counters, atomic_load(&m->per_vm));
 	json_decref(threads);
 	poll_reports_free(r, n);
-	json_decref(counters);
+	vmproxy_counters_release(&counters);
 	if (!body)
 		return NULL;
 	prom_init(&certs);
