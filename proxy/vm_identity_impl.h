@@ -1,6 +1,7 @@
-/* vm_identity_impl.h -- private to vm_identity*.c: struct vm_identity,
- * its caches and the libvirt helpers the files share. Everything else
- * uses vm_identity.h. */
+/* vm_identity_impl.h -- private to vm_identity.c, vm_identity_cid.c,
+ * vm_identity_addr.c and vm_identity_conn.c: struct vm_identity, its
+ * caches and the libvirt helpers they share. Everything else uses
+ * vm_identity.h. */
 #pragma once
 
 #include <libvirt/libvirt.h>
