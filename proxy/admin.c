@@ -134,6 +134,18 @@ static json_t *cmd_drain(struct vmproxy *p, json_t *r)
 			 "messages are confirmed");
 }
 
+/* The "daemon" object: the daemon's counters as JSON. */
+static json_t *daemon_json(struct vmproxy *p)
+{
+	struct vmproxy_counters c;
+	json_t *o;
+
+	vmproxy_counters(p, &c);
+	o = report_json_counters(&c);
+	vmproxy_counters_release(&c);
+	return o;
+}
+
 static json_t *cmd_balancer(struct vmproxy *p, json_t *r)
 {
 	json_t *en = json_object_get(r, "enabled");
@@ -142,7 +154,7 @@ static json_t *cmd_balancer(struct vmproxy *p, json_t *r)
 		return error_reply("\"enabled\" must be true or false");
 	if (en)
 		vmproxy_set_balancer(p, json_is_true(en));
-	return json_pack("{s:b, s:o}", "ok", 1, "daemon", vmproxy_counters(p));
+	return json_pack("{s:b, s:o}", "ok", 1, "daemon", daemon_json(p));
 }
 
 /* "vm": the one VM named by R's "vm" (name or uuid) among THREADS (stolen). */
@@ -178,7 +190,7 @@ static json_t *cmd_report(struct vmproxy *p, json_t *r, const char *cmd)
 	if (!threads)
 		return error_reply("a poll thread did not answer within %d ms", QUERY_TIMEOUT_MS);
 	if (strcmp(cmd, "status") == 0)
-		return json_pack("{s:b, s:o, s:o}", "ok", 1, "daemon", vmproxy_counters(p),
+		return json_pack("{s:b, s:o, s:o}", "ok", 1, "daemon", daemon_json(p),
 				 "threads", strip_vms(threads));
 	if (strcmp(cmd, "threads") == 0)
 		return json_pack("{s:b, s:o}", "ok", 1, "threads", strip_vms(threads));

@@ -1,9 +1,9 @@
-/* daemon.c -- see daemon.h. The acceptor runs on the thread that calls
- * vmproxy_run: it accepts, resolves the peer's VM from what is known
- * without libvirt (or hands the lookup to a lookup thread, lookup.c, and
- * takes the answer back later: it never waits on an RPC), picks the VM's
- * poll thread from the partition table and hands the fd over by mailbox. */
-#include "daemon.h"
+/* daemon.c -- see daemon.h. vmproxyd's lifecycle (start, the acceptor
+ * thread's epoll loop, signals, the 1 s timer with the watchdog and the
+ * balancer, drain, free), the balancer's moves and the counters. What the
+ * acceptor does with a connection is in acceptor.c, SIGHUP's reload in
+ * reload.c; daemon_impl.h is what they share. */
+#include "daemon_impl.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/vm_sockets.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
@@ -22,72 +21,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "admin.h"
-#include "balancer.h"
-#include "metrics.h"
 #include "clock.h"
-#include "helper.h"
-#include "listener.h"
 #include "log.h"
-#include "lookup.h"
-#include "partition.h"
 #include "report_json.h"
-#include "poll_thread.h"
 
-#define ACCEPTS_PER_WAKE 64
-/* After EMFILE, ENFILE, ENOBUFS or ENOMEM a listener is taken out of the
- * epoll set this long: it is level-triggered, and the connection waiting
- * in its backlog would wake the acceptor again at once. */
-#define ACCEPT_PAUSE_MS 250
-/* "accept: ..." is logged once, then at most once in this long. */
-#define ACCEPT_LOG_MS 10000
-/* Refused peers: at most one log line in this long per listener. */
-#define REFUSAL_LOG_MS 1000
 #define MAX_VMS		 100000
 #define CLOSE_GRACE_MS	 3000
 /* Threads for identity lookups that wait on libvirt. */
 #define LOOKUP_THREADS 2
-
-enum drain_phase {
-	RUNNING,
-	WAIT_CONFIRMS,
-	WAIT_CLOSED,
-	DONE,
-};
-
-struct vmproxy {
-	struct proxy_config *cfg;
-	struct vm_identity *id;
-	struct helper_pool *helpers;
-	struct lookup_queue *lookups;
-	struct partition *partition;
-	struct poll_shared shared;
-	struct poll_thread **threads;
-	unsigned nthreads;
-	struct listener *listeners;
-	size_t nlisteners;
-	struct admin *admin;
-	struct metrics_server *metrics;
-	int epfd, stopfd, sigfd, timerfd;
-	const char *log_file;
-	enum drain_phase phase;
-	uint64_t phase_deadline;
-	uint64_t watchdog_usec;
-	struct balancer balancer;
-	uint64_t next_balance_ms, last_sample_ms;
-	struct poll_report *prev_threads; /* the previous sample's reports (no VM lists) */
-	unsigned nprev_threads;
-	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
-	json_t *load;		/* per thread rates at the last sample */
-	_Atomic bool balancer_enabled;
-	bool log_level_pinned;	      /* --log-level given: reloads keep it */
-	char ***retired;	      /* exchange lists replaced by reloads: a session may
-				       * still be reading one, so they live until exit */
-	size_t nretired;
-	_Atomic uint32_t next_conn_id;
-	_Atomic uint64_t accepted, refused_unknown, refused_limit, refused_libvirt, refused_lookups,
-		vms_gone;
-};
 
 int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out)
 {
@@ -117,8 +58,6 @@ void vmproxy_pin_log_level(struct vmproxy *p)
 {
 	p->log_level_pinned = true;
 }
-
-static void lookup_run(void *ud, struct lookup_job *job);
 
 static void on_vm_gone(void *ud, const struct vm_info *vm, enum vm_change how)
 {
@@ -175,45 +114,59 @@ static unsigned pick_cpus(const struct proxy_config *cfg, int **cpus_out)
 	return n;
 }
 
-static int add_fd(struct vmproxy *p, int fd, void *ptr)
+int daemon_epoll_add(struct vmproxy *p, int fd, void *ptr)
 {
 	struct epoll_event e = { .events = EPOLLIN, .data.ptr = ptr };
 
 	return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &e) < 0 ? -errno : 0;
 }
 
-int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
+/* The "balancer" section into BC, or else the "metrics" section into MC;
+ * what is wrong with it in ERR. */
+static int parse_section(const struct proxy_config *cfg, struct balancer_config *bc,
+			 struct metrics_config *mc, char *err, size_t errlen)
+{
+	struct conf_ctx cc;
+	int r;
+
+	conf_ctx_init(&cc, cfg->file);
+	r = bc ? balancer_config_parse(&cc, cfg->balancer_raw, bc)
+	       : metrics_config_parse(&cc, cfg->metrics_raw, mc);
+	if (r < 0)
+		snprintf(err, errlen, "%s", cc.err);
+	return r;
+}
+
+/* The "balancer" section and the load it keeps. */
+static int start_balancer(struct vmproxy *p, char *err, size_t errlen)
+{
+	struct balancer_config bc;
+	int r;
+
+	r = parse_section(p->cfg, &bc, NULL, err, errlen);
+	if (r < 0)
+		return r;
+	balancer_init(&p->balancer, &bc);
+	atomic_store(&p->balancer_enabled, bc.enabled);
+	p->load = json_array();
+	pthread_mutex_init(&p->load_lock, NULL);
+	return 0;
+}
+
+/* Helper and lookup threads, the partition table and the poll threads. */
+static int start_threads(struct vmproxy *p, char *err, size_t errlen)
 {
 	const struct proxy_config *cfg = p->cfg;
-	struct itimerspec its = { { 1, 0 }, { 1, 0 } };
 	int *cpus = NULL;
 	int r;
 
-	{
-		struct balancer_config bc;
-		struct conf_ctx cc;
-
-		conf_ctx_init(&cc, cfg->file);
-		r = balancer_config_parse(&cc, cfg->balancer_raw, &bc);
-		if (r < 0) {
-			snprintf(err, errlen, "%s", cc.err);
-			return r;
-		}
-		balancer_init(&p->balancer, &bc);
-		atomic_store(&p->balancer_enabled, bc.enabled);
-		p->load = json_array();
-		pthread_mutex_init(&p->load_lock, NULL);
-	}
-	r = vm_identity_new(cfg, &p->id, err, errlen);
-	if (r < 0)
-		return r;
 	r = helper_pool_new(2, &p->helpers);
 	if (r < 0) {
 		snprintf(err, errlen, "cannot start helper threads: %s", strerror(-r));
 		return r;
 	}
-	r = lookup_queue_new(LOOKUP_THREADS, cfg->limits.max_pending_lookups, lookup_run, p,
-			     &p->lookups);
+	r = lookup_queue_new(LOOKUP_THREADS, cfg->limits.max_pending_lookups, acceptor_lookup_run,
+			     p, &p->lookups);
 	if (r < 0) {
 		snprintf(err, errlen, "cannot start identity lookup threads: %s", strerror(-r));
 		return r;
@@ -254,6 +207,16 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 	}
 	log_info("%u poll threads started", p->nthreads);
 	free(cpus);
+	return 0;
+}
+
+/* The acceptor's epoll set: stop eventfd, 1 s timer, lookup answers,
+ * signals, and the listeners. */
+static int start_acceptor(struct vmproxy *p, char *err, size_t errlen)
+{
+	const struct proxy_config *cfg = p->cfg;
+	struct itimerspec its = { { 1, 0 }, { 1, 0 } };
+	int r;
 
 	p->epfd = epoll_create1(EPOLL_CLOEXEC);
 	p->stopfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -263,11 +226,11 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		return -errno;
 	}
 	timerfd_settime(p->timerfd, 0, &its, NULL);
-	add_fd(p, p->stopfd, &p->stopfd);
-	add_fd(p, p->timerfd, &p->timerfd);
-	add_fd(p, lookup_queue_fd(p->lookups), &p->lookups);
+	daemon_epoll_add(p, p->stopfd, &p->stopfd);
+	daemon_epoll_add(p, p->timerfd, &p->timerfd);
+	daemon_epoll_add(p, lookup_queue_fd(p->lookups), &p->lookups);
 	if (p->sigfd >= 0)
-		add_fd(p, p->sigfd, &p->sigfd);
+		daemon_epoll_add(p, p->sigfd, &p->sigfd);
 
 	p->listeners = calloc(cfg->n_listeners, sizeof(*p->listeners));
 	if (!p->listeners) {
@@ -279,33 +242,57 @@ int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
 		if (r < 0)
 			return r;
 		p->nlisteners = i + 1;
-		add_fd(p, p->listeners[i].fd, &p->listeners[i]);
+		daemon_epoll_add(p, p->listeners[i].fd, &p->listeners[i]);
 		log_info("listening on %s", p->listeners[i].name);
 	}
-	r = vm_identity_start_events(p->id, on_vm_gone, p);
-	if (r < 0) {
-		snprintf(err, errlen, "libvirt events: %s", strerror(-r));
-		return r;
-	}
-	{
-		struct metrics_config mc;
-		struct conf_ctx cc;
+	return 0;
+}
 
-		conf_ctx_init(&cc, cfg->file);
-		r = metrics_config_parse(&cc, cfg->metrics_raw, &mc);
-		if (r < 0) {
-			snprintf(err, errlen, "%s", cc.err);
-			return r;
-		}
-		r = metrics_start(p, &mc, &p->metrics, err, errlen);
-		if (r < 0)
-			return r;
-	}
+/* The /metrics endpoint (the "metrics" section) and the admin socket. */
+static int start_servers(struct vmproxy *p, char *err, size_t errlen)
+{
+	const struct proxy_config *cfg = p->cfg;
+	struct metrics_config mc;
+	int r;
+
+	r = parse_section(cfg, NULL, &mc, err, errlen);
+	if (r < 0)
+		return r;
+	r = metrics_start(p, &mc, &p->metrics, err, errlen);
+	if (r < 0)
+		return r;
 	if (cfg->admin.socket) {
 		r = admin_start(p, cfg->admin.socket, cfg->admin.group, &p->admin, err, errlen);
 		if (r < 0)
 			return r;
 	}
+	return 0;
+}
+
+int vmproxy_start(struct vmproxy *p, char *err, size_t errlen)
+{
+	int r;
+
+	r = start_balancer(p, err, errlen);
+	if (r < 0)
+		return r;
+	r = vm_identity_new(p->cfg, &p->id, err, errlen);
+	if (r < 0)
+		return r;
+	r = start_threads(p, err, errlen);
+	if (r < 0)
+		return r;
+	r = start_acceptor(p, err, errlen);
+	if (r < 0)
+		return r;
+	r = vm_identity_start_events(p->id, on_vm_gone, p);
+	if (r < 0) {
+		snprintf(err, errlen, "libvirt events: %s", strerror(-r));
+		return r;
+	}
+	r = start_servers(p, err, errlen);
+	if (r < 0)
+		return r;
 	if (sd_watchdog_enabled(0, &p->watchdog_usec) <= 0)
 		p->watchdog_usec = 0;
 	sd_notifyf(0, "READY=1\nSTATUS=%u poll threads, %zu listeners", p->nthreads,
@@ -325,304 +312,6 @@ void vmproxy_handle_signals(struct vmproxy *p, const char *log_file)
 	p->log_file = log_file;
 }
 
-/* Both below; CACHED: without waiting on libvirt (-EAGAIN when only it can
- * answer). */
-static int identify_peer(struct vm_identity *id, const struct listener_config *lc,
-			 const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm,
-			 bool cached)
-{
-	switch (lc->type) {
-	case LISTENER_TCP:
-		return cached ? vm_identity_by_address_cached(id, (const struct sockaddr *)ss, len,
-							      vm)
-			      : vm_identity_by_address(id, (const struct sockaddr *)ss, len, vm);
-	case LISTENER_VSOCK: {
-		const struct sockaddr_vm *svm = (const struct sockaddr_vm *)ss;
-
-		if (ss->ss_family != AF_VSOCK || len < sizeof(*svm))
-			return -ENOENT;
-		/* CIDs 0, 1, 2 and ANY are never a guest: no lookup at all. */
-		if (vm_identity_cid_reserved(svm->svm_cid))
-			return -EPERM;
-		return cached ? vm_identity_by_cid_cached(id, svm->svm_cid, vm)
-			      : vm_identity_by_cid(id, svm->svm_cid, vm);
-	}
-	case LISTENER_UNIX:
-	case LISTENER_FIRECRACKER:
-		/* Whoever can connect is the listener's VM. */
-		if (lc->uuid) {
-			memset(vm, 0, sizeof(*vm));
-			snprintf(vm->uuid, sizeof(vm->uuid), "%s", lc->uuid);
-			snprintf(vm->name, sizeof(vm->name), "%s", lc->vm);
-			return 0;
-		}
-		return cached ? vm_identity_by_name_cached(id, lc->vm, vm)
-			      : vm_identity_by_name(id, lc->vm, vm);
-	}
-	return -ENOENT;
-}
-
-int vmproxy_identify_peer(struct vm_identity *id, const struct listener_config *lc,
-			  const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm)
-{
-	return identify_peer(id, lc, ss, len, vm, false);
-}
-
-int vmproxy_identify_peer_cached(struct vm_identity *id, const struct listener_config *lc,
-				 const struct sockaddr_storage *ss, socklen_t len,
-				 struct vm_info *vm)
-{
-	return identify_peer(id, lc, ss, len, vm, true);
-}
-
-static int identify(struct vmproxy *p, struct listener *l, const struct sockaddr_storage *ss,
-		    socklen_t len, struct vm_info *vm)
-{
-	return vmproxy_identify_peer(p->id, l->cfg, ss, len, vm);
-}
-
-/* Close FD, refused on L for WHY. A peer in a connect loop must not flood
- * the log: one line a second per listener, saying how many went unlogged. */
-static void refuse(struct listener *l, int fd, const char *peer, const char *why)
-{
-	uint64_t now = clock_mono_ms();
-
-	l->refused++;
-	if (!l->last_refusal_log_ms || now >= l->last_refusal_log_ms + REFUSAL_LOG_MS) {
-		char more[64] = "";
-
-		if (l->refusals_unlogged)
-			snprintf(more, sizeof(more), " (and %llu more refused since)",
-				 (unsigned long long)l->refusals_unlogged);
-		log_warn("%s: refused connection from %s: %s%s", l->name, peer, why, more);
-		l->last_refusal_log_ms = now;
-		l->refusals_unlogged = 0;
-	} else {
-		l->refusals_unlogged++;
-	}
-	close(fd);
-}
-
-/* FD's peer identified as VM (R 0) or not (R -errno): hand FD to its VM's
- * poll thread, or close it. 0 when admitted, else -errno. */
-static int admit_identified(struct vmproxy *p, struct listener *l, int fd,
-			    const struct sockaddr_storage *ss, socklen_t len, struct vm_info *vm,
-			    int r)
-{
-	char peer[80];
-	uint32_t conn_id;
-	unsigned t;
-
-	listener_peer_str(ss, len, peer, sizeof(peer));
-	if (p->phase != RUNNING || r == -ESHUTDOWN) {
-		close(fd);
-		return -ESHUTDOWN;
-	}
-	if (r < 0) {
-		atomic_fetch_add(r == -ENOTCONN ? &p->refused_libvirt : &p->refused_unknown, 1);
-		refuse(l, fd, peer,
-		       r == -EPERM ? "a reserved CID (hypervisor, loopback or host), never a guest"
-		       : r == -ENOTCONN
-			       ? "libvirt is unreachable and this peer was not known before "
-				 "it went away"
-			       : "no VM known for this peer");
-		return r;
-	}
-	if (partition_total_conns(p->partition) >= p->cfg->limits.max_connections) {
-		atomic_fetch_add(&p->refused_limit, 1);
-		log_warn("vm=%s: refused connection from %s: the daemon holds its limit of "
-			 "%u connections", vm->name, peer, p->cfg->limits.max_connections);
-		close(fd);
-		return -EMFILE;
-	}
-	r = partition_assign_conn(p->partition, vm->uuid, p->cfg->guest.max_connections_per_vm, &t);
-	if (r < 0) {
-		atomic_fetch_add(&p->refused_limit, 1);
-		log_warn("vm=%s: refused connection from %s: %s", vm->name, peer,
-			 r == -EMFILE ? "the VM holds guest.max_connections_per_vm connections"
-				      : strerror(-r));
-		close(fd);
-		return r;
-	}
-	conn_id = atomic_fetch_add(&p->next_conn_id, 1) + 1;
-	if (poll_thread_delegate(p->threads[t], fd, conn_id, vm, peer) < 0) {
-		atomic_fetch_add(&p->refused_limit, 1);
-		log_error("vm=%s: refused connection from %s: out of memory", vm->name, peer);
-		partition_release_conn(p->partition, vm->uuid);
-		close(fd);
-		return -ENOMEM;
-	}
-	l->accepted++;
-	atomic_fetch_add(&p->accepted, 1);
-	log_debug("vm=%s conn=%u: accepted from %s on %s, thread %u", vm->name, conn_id, peer,
-		  l->name, t);
-	return 0;
-}
-
-/* Identify FD's peer, waiting for libvirt if need be, and admit it. */
-static int admit(struct vmproxy *p, struct listener *l, int fd, const struct sockaddr_storage *ss,
-		 socklen_t len, struct vm_info *vm)
-{
-	if (p->phase != RUNNING) {
-		close(fd);
-		return -ESHUTDOWN;
-	}
-	return admit_identified(p, l, fd, ss, len, vm, identify(p, l, ss, len, vm));
-}
-
-/* On a lookup thread. */
-static void lookup_run(void *ud, struct lookup_job *job)
-{
-	struct vmproxy *p = ud;
-
-	job->result = identify(p, &p->listeners[job->listener], &job->ss, job->len, &job->vm);
-}
-
-/* Admit FD at once when its peer is known without libvirt; else hand the
- * lookup to a lookup thread (on_lookups_done admits it), or refuse it when
- * limits.max_pending_lookups are waiting already. */
-static void admit_async(struct vmproxy *p, struct listener *l, int fd,
-			const struct sockaddr_storage *ss, socklen_t len)
-{
-	struct lookup_job *job;
-	struct vm_info vm;
-	int r;
-
-	if (p->phase != RUNNING) {
-		close(fd);
-		return;
-	}
-	r = vmproxy_identify_peer_cached(p->id, l->cfg, ss, len, &vm);
-	if (r != -EAGAIN) {
-		admit_identified(p, l, fd, ss, len, &vm, r);
-		return;
-	}
-	job = calloc(1, sizeof(*job));
-	if (job) {
-		job->fd = fd;
-		job->listener = (size_t)(l - p->listeners);
-		memcpy(&job->ss, ss, sizeof(*ss));
-		job->len = len;
-		job->submitted_ms = clock_mono_ms();
-		if (lookup_submit(p->lookups, job) == 0)
-			return;
-	}
-	{
-		char peer[80];
-
-		listener_peer_str(ss, len, peer, sizeof(peer));
-		atomic_fetch_add(&p->refused_lookups, 1);
-		refuse(l, fd, peer,
-		       job ? "limits.max_pending_lookups identity lookups are waiting for libvirt "
-			     "already"
-			   : "out of memory");
-		free(job);
-	}
-}
-
-/* Lookups a lookup thread finished: admit or refuse their connections. */
-static void on_lookups_done(struct vmproxy *p)
-{
-	struct lookup_job *job = lookup_take_done(p->lookups), *next;
-
-	for (; job; job = next) {
-		next = job->next_done;
-		admit_identified(p, &p->listeners[job->listener], job->fd, &job->ss, job->len,
-				 &job->vm, job->result);
-		free(job);
-	}
-}
-
-int vmproxy_admit(struct vmproxy *p, size_t listener, int fd, const struct sockaddr_storage *ss,
-		  socklen_t len, struct vm_info *vm)
-{
-	struct vm_info tmp;
-
-	if (listener >= p->nlisteners) {
-		close(fd);
-		return -EINVAL;
-	}
-	return admit(p, &p->listeners[listener], fd, ss, len, vm ? vm : &tmp);
-}
-
-/* Out of descriptors or memory: take L out of the epoll set for a while
- * (vmproxy_run puts it back) instead of being woken for it in a loop. */
-static void pause_listener(struct vmproxy *p, struct listener *l, int err)
-{
-	uint64_t now = clock_mono_ms();
-
-	epoll_ctl(p->epfd, EPOLL_CTL_DEL, l->fd, NULL);
-	l->paused_until_ms = now + ACCEPT_PAUSE_MS;
-	l->accept_errors++;
-	if (!l->last_error_log_ms || now >= l->last_error_log_ms + ACCEPT_LOG_MS) {
-		log_warn("%s: accept: %s; pausing this listener for %u ms at a time until it "
-			 "passes (%llu such errors so far)",
-			 l->name, strerror(err), ACCEPT_PAUSE_MS,
-			 (unsigned long long)l->accept_errors);
-		l->last_error_log_ms = now;
-	}
-}
-
-static void accept_some(struct vmproxy *p, struct listener *l)
-{
-	for (int i = 0; i < ACCEPTS_PER_WAKE; i++) {
-		struct sockaddr_storage ss;
-		socklen_t len;
-		int fd, r;
-
-		r = listener_accept(l, &fd, &ss, &len);
-		if (r == -EAGAIN)
-			return;
-		switch (r) {
-		case 0:
-			break;
-		/* The connection that was waiting is gone, or a network error
-		 * that belongs to it (accept(2)): the next one may be fine. */
-		case -ECONNABORTED:
-		case -EINTR:
-		case -EPROTO:
-		case -EPERM:
-		case -ENETDOWN:
-		case -ENETUNREACH:
-		case -EHOSTDOWN:
-		case -EHOSTUNREACH:
-		case -ENONET:
-		case -ENOPROTOOPT:
-		case -EOPNOTSUPP:
-		case -ETIMEDOUT:
-			log_debug("%s: accept: %s; skipped", l->name, strerror(-r));
-			continue;
-		default:
-			/* EMFILE, ENFILE, ENOBUFS, ENOMEM, anything else. */
-			pause_listener(p, l, -r);
-			return;
-		}
-		admit_async(p, l, fd, &ss, len);
-	}
-}
-
-/* Put paused listeners whose time has come back into the epoll set;
- * returns the epoll_wait timeout until the next one (-1: none paused). */
-static int resume_listeners(struct vmproxy *p)
-{
-	uint64_t now = clock_mono_ms(), next = 0;
-
-	if (p->phase != RUNNING)
-		return -1;
-	for (size_t i = 0; i < p->nlisteners; i++) {
-		struct listener *l = &p->listeners[i];
-
-		if (!l->paused_until_ms || l->fd < 0)
-			continue;
-		if (now >= l->paused_until_ms) {
-			l->paused_until_ms = 0;
-			add_fd(p, l->fd, l);
-		} else if (!next || l->paused_until_ms < next) {
-			next = l->paused_until_ms;
-		}
-	}
-	return next ? (int)(next - now) : -1;
-}
 
 static void post_all(struct vmproxy *p, enum poll_control what)
 {
@@ -819,106 +508,6 @@ static void on_timer(struct vmproxy *p)
 	}
 }
 
-/* Make a reloaded session setting visible to the poll threads. Each field is
- * one aligned word written by one store: a poll thread's session reads the
- * old or the new value at its next channel or method, never a mix. */
-#define SWAP(a, b)                                                                                 \
-	do {                                                                                       \
-		__typeof__(a) swap_tmp_ = (a);                                                     \
-		(a) = (b);                                                                         \
-		(b) = swap_tmp_;                                                                   \
-	} while (0)
-
-/* SIGHUP: read the file again and apply what changes without dropping a
- * guest (log level, guest bounds and allowed exchanges, balancer settings,
- * metrics.per_vm, drain_timeout_ms, static identities appended). Anything
- * else, or a file that does not load, leaves the running configuration as
- * it is, and says why. */
-static void reload_config(struct vmproxy *p)
-{
-	struct proxy_config *cfg = p->cfg, *ncfg = NULL;
-	char ***grown;
-	struct balancer_config bc;
-	struct metrics_config mc;
-	struct conf_ctx cc;
-	enum log_level level;
-	char err[600], key[64];
-	size_t nex = 0, nstatic;
-
-	if (proxy_config_load(cfg->file, &ncfg, err, sizeof(err)) < 0) {
-		log_error("SIGHUP: %s; the running configuration stays", err);
-		return;
-	}
-	if (proxy_config_restart_key(cfg, ncfg, key, sizeof(key))) {
-		log_error("SIGHUP: %s: %s changed, which takes a restart; the running "
-			  "configuration stays", cfg->file, key);
-		proxy_config_free(ncfg);
-		return;
-	}
-	grown = realloc(p->retired, (p->nretired + 1) * sizeof(*p->retired));
-	if (!grown) {
-		log_error("SIGHUP: out of memory; the running configuration stays");
-		proxy_config_free(ncfg);
-		return;
-	}
-	p->retired = grown;
-	/* The one step that can still fail (a new static entry naming a domain
-	 * libvirt does not have), so it goes first. */
-	nstatic = json_array_size(json_object_get(json_object_get(cfg->raw, "identity"), "static"));
-	if (vm_identity_add_statics(p->id, ncfg, nstatic, err, sizeof(err)) < 0) {
-		log_error("SIGHUP: %s: %s; the running configuration stays", cfg->file, err);
-		proxy_config_free(ncfg);
-		return;
-	}
-	if (ncfg->identity.n_statics > nstatic)
-		log_info("SIGHUP: %zu identity.static entries added",
-			 ncfg->identity.n_statics - nstatic);
-	conf_ctx_init(&cc, cfg->file);
-	balancer_config_parse(&cc, ncfg->balancer_raw, &bc);
-	conf_ctx_init(&cc, cfg->file);
-	metrics_config_parse(&cc, ncfg->metrics_raw, &mc);
-
-	if (!p->log_level_pinned && log_level_parse(ncfg->log_level, &level) == 0)
-		log_set_level(level);
-	/* Daemon-thread settings: the acceptor, the timer and the drain read
-	 * them on this thread. */
-	cfg->guest.max_connections_per_vm = ncfg->guest.max_connections_per_vm;
-	cfg->drain_timeout_ms = ncfg->drain_timeout_ms;
-	p->balancer.cfg = bc;
-	atomic_store(&p->balancer_enabled, bc.enabled);
-	metrics_set_per_vm(p->metrics, mc.per_vm);
-	/* Session settings: each poll thread has its own copy, which its
-	 * sessions read, and takes the new values by mail. The old exchange
-	 * list may still be read by a session: it is retired, not freed. */
-	p->retired[p->nretired++] = cfg->guest.allowed_exchanges;
-	cfg->guest.allowed_exchanges = ncfg->guest.allowed_exchanges;
-	ncfg->guest.allowed_exchanges = NULL;
-	p->shared.allowed_exchanges = (const char *const *)cfg->guest.allowed_exchanges;
-	p->shared.scfg.allowed_exchanges = p->shared.allowed_exchanges;
-	p->shared.scfg.channel_max = ncfg->guest.channel_max;
-	p->shared.scfg.heartbeat = ncfg->guest.heartbeat;
-	p->shared.scfg.handshake_timeout_ms = ncfg->guest.handshake_timeout_ms;
-	for (unsigned i = 0; i < p->nthreads; i++)
-		if (poll_thread_reconfig(p->threads[i], p->shared.allowed_exchanges,
-					 p->shared.scfg.channel_max, p->shared.scfg.heartbeat,
-					 p->shared.scfg.handshake_timeout_ms) < 0)
-			log_error("SIGHUP: out of memory: thread %u keeps its guest session settings "
-				  "until the next reload", i);
-	/* The file as applied is what the next reload compares against. */
-	SWAP(cfg->raw, ncfg->raw);
-	SWAP(cfg->balancer_raw, ncfg->balancer_raw);
-	SWAP(cfg->metrics_raw, ncfg->metrics_raw);
-	SWAP(cfg->identity.statics, ncfg->identity.statics);
-	SWAP(cfg->identity.n_statics, ncfg->identity.n_statics);
-	SWAP(cfg->log_level, ncfg->log_level);
-	proxy_config_free(ncfg);
-	while (cfg->guest.allowed_exchanges[nex])
-		nex++;
-	log_info("SIGHUP: configuration reloaded (log_level %s%s, %zu allowed exchanges, "
-		 "balancer %s, metrics.per_vm %s)", cfg->log_level,
-		 p->log_level_pinned ? " ignored: --log-level given" : "", nex,
-		 bc.enabled ? "on" : "off", mc.per_vm ? "on" : "off");
-}
 
 static void on_signal(struct vmproxy *p)
 {
@@ -955,7 +544,7 @@ int vmproxy_run(struct vmproxy *p)
 	struct epoll_event evs[32];
 
 	while (p->phase != DONE) {
-		int n = epoll_wait(p->epfd, evs, 32, resume_listeners(p));
+		int n = epoll_wait(p->epfd, evs, 32, acceptor_resume_listeners(p));
 
 		if (n < 0 && errno != EINTR)
 			return -errno;
@@ -972,9 +561,9 @@ int vmproxy_run(struct vmproxy *p)
 			} else if (ptr == &p->sigfd) {
 				on_signal(p);
 			} else if (ptr == &p->lookups) {
-				on_lookups_done(p);
+				acceptor_lookups_done(p);
 			} else {
-				accept_some(p, ptr);
+				acceptor_accept(p, ptr);
 			}
 		}
 	}
@@ -1003,57 +592,47 @@ struct poll_report *vmproxy_query_threads(struct vmproxy *p, int timeout_ms, uns
 	return r;
 }
 
-json_t *vmproxy_counters(struct vmproxy *p)
+void vmproxy_counters(struct vmproxy *p, struct vmproxy_counters *c)
 {
-	json_t *o = json_object(), *ls = json_array();
-
-	json_object_set_new(o, "threads", json_integer(p->nthreads));
-	json_object_set_new(o, "accepted", json_integer((json_int_t)atomic_load(&p->accepted)));
-	json_object_set_new(o, "refused_unknown_peer",
-			    json_integer((json_int_t)atomic_load(&p->refused_unknown)));
-	json_object_set_new(o, "refused_limit",
-			    json_integer((json_int_t)atomic_load(&p->refused_limit)));
-	json_object_set_new(o, "refused_libvirt_unreachable",
-			    json_integer((json_int_t)atomic_load(&p->refused_libvirt)));
-	json_object_set_new(o, "refused_lookups_pending",
-			    json_integer((json_int_t)atomic_load(&p->refused_lookups)));
-	json_object_set_new(o, "lookups_pending",
-			    json_integer(p->lookups ? lookup_pending(p->lookups) : 0));
-	json_object_set_new(o, "vms_gone", json_integer((json_int_t)atomic_load(&p->vms_gone)));
-	{
-		struct vm_identity_stats st;
-
-		vm_identity_stats(p->id, &st);
-		json_object_set_new(
-			o, "libvirt",
-			json_pack("{s:s, s:I, s:I, s:I, s:I}", "state",
-				  !st.libvirt_configured ? "none"
-				  : st.libvirt_connected ? "connected"
-							 : "disconnected",
-				  "disconnects", (json_int_t)st.libvirt_disconnects, "reconnects",
-				  (json_int_t)st.libvirt_reconnects, "reconnect_failures",
-				  (json_int_t)st.libvirt_reconnect_failures, "served_from_cache",
-				  (json_int_t)st.served_unreachable));
-	}
-	json_object_set_new(o, "connections", json_integer(total_conns(p)));
-	json_object_set_new(o, "held_messages", json_integer((json_int_t)total_held(p)));
-	json_object_set_new(o, "draining", json_boolean(p->phase != RUNNING));
-	json_object_set_new(o, "balancer_enabled", json_boolean(atomic_load(&p->balancer_enabled)));
+	memset(c, 0, sizeof(*c));
+	c->threads = p->nthreads;
+	c->accepted = atomic_load(&p->accepted);
+	c->refused_unknown_peer = atomic_load(&p->refused_unknown);
+	c->refused_limit = atomic_load(&p->refused_limit);
+	c->refused_libvirt_unreachable = atomic_load(&p->refused_libvirt);
+	c->refused_lookups_pending = atomic_load(&p->refused_lookups);
+	c->lookups_pending = p->lookups ? lookup_pending(p->lookups) : 0;
+	c->vms_gone = atomic_load(&p->vms_gone);
+	vm_identity_stats(p->id, &c->libvirt);
+	c->connections = total_conns(p);
+	c->held_messages = total_held(p);
+	c->draining = p->phase != RUNNING;
+	c->balancer_enabled = atomic_load(&p->balancer_enabled);
 	if (p->load) {
 		pthread_mutex_lock(&p->load_lock);
-		json_object_set_new(o, "load", json_deep_copy(p->load));
+		c->load = json_deep_copy(p->load);
 		pthread_mutex_unlock(&p->load_lock);
 	}
-	for (size_t i = 0; i < p->nlisteners; i++) {
+	c->listeners = p->nlisteners ? calloc(p->nlisteners, sizeof(*c->listeners)) : NULL;
+	for (size_t i = 0; c->listeners && i < p->nlisteners; i++) {
 		const struct listener *l = &p->listeners[i];
+		struct vmproxy_listener_counters *lc = &c->listeners[i];
 
-		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name", l->name,
-						    "accepted", (json_int_t)l->accepted, "refused",
-						    (json_int_t)l->refused, "accept_errors",
-						    (json_int_t)l->accept_errors));
+		snprintf(lc->name, sizeof(lc->name), "%s", l->name);
+		lc->accepted = l->accepted;
+		lc->refused = l->refused;
+		lc->accept_errors = l->accept_errors;
+		c->nlisteners = i + 1;
 	}
-	json_object_set_new(o, "listeners", ls);
-	return o;
+}
+
+void vmproxy_counters_release(struct vmproxy_counters *c)
+{
+	json_decref(c->load);
+	free(c->listeners);
+	c->load = NULL;
+	c->listeners = NULL;
+	c->nlisteners = 0;
 }
 
 void vmproxy_free(struct vmproxy *p)

@@ -6,6 +6,7 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 #include "config.h"
@@ -76,5 +77,32 @@ void vmproxy_set_balancer(struct vmproxy *p, bool enabled);
 int vmproxy_admit(struct vmproxy *p, size_t listener, int fd, const struct sockaddr_storage *ss,
 		  socklen_t len, struct vm_info *vm);
 
-/* Daemon-wide counters as a JSON object (accepted, refused, ...). */
-json_t *vmproxy_counters(struct vmproxy *p);
+/* One listener's counters. */
+struct vmproxy_listener_counters {
+	char name[128];
+	uint64_t accepted, refused, accept_errors;
+};
+
+/* Daemon-wide counters. The admin socket serves them as its "daemon"
+ * object (report_json_counters), /metrics as its vmproxy_* series. */
+struct vmproxy_counters {
+	unsigned threads;
+	uint64_t accepted;
+	uint64_t refused_unknown_peer, refused_limit, refused_libvirt_unreachable,
+		refused_lookups_pending;
+	uint64_t lookups_pending; /* connections waiting for a lookup now */
+	uint64_t vms_gone;
+	struct vm_identity_stats libvirt;
+	uint64_t connections, held_messages;
+	bool draining, balancer_enabled;
+	/* The per-thread rates at the last sample (report_json_load), a new
+	 * reference; NULL if there is none. */
+	json_t *load;
+	struct vmproxy_listener_counters *listeners; /* NULL when out of memory */
+	size_t nlisteners;
+};
+
+/* Fill C from any thread; release it with vmproxy_counters_release. */
+void vmproxy_counters(struct vmproxy *p, struct vmproxy_counters *c);
+/* What vmproxy_counters allocated in C. */
+void vmproxy_counters_release(struct vmproxy_counters *c);

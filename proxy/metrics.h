@@ -27,6 +27,9 @@ void metrics_stop(struct metrics_server *m);
 /* A reload changed metrics.per_vm; accepts NULL (no endpoint). */
 void metrics_set_per_vm(struct metrics_server *m, bool per_vm);
 
-/* The exposition text for THREADS (vmproxy_query_threads) and COUNTERS
- * (vmproxy_counters): malloc'd, NUL-terminated; NULL on allocation failure. */
-char *metrics_render(json_t *threads, json_t *counters, bool per_vm);
+struct vmproxy_counters;
+
+/* The exposition text for THREADS (report_json_threads of
+ * vmproxy_query_threads) and COUNTERS (vmproxy_counters): malloc'd,
+ * NUL-terminated; NULL on allocation failure. */
+char *metrics_render(json_t *threads, const struct vmproxy_counters *counters, bool per_vm);

@@ -3,6 +3,8 @@
 
 #include <stdio.h>
 
+#include "daemon.h"
+
 static json_t *link_json(const struct upstream_stats *st)
 {
 	json_t *o = json_object(), *ref = json_object();
@@ -124,4 +126,48 @@ json_t *report_json_load(const struct poll_report *r, const struct poll_report *
 				  "loop_max_us", (json_int_t)t->loop_max_us));
 	}
 	return load;
+}
+
+json_t *report_json_counters(const struct vmproxy_counters *c)
+{
+	json_t *o = json_object(), *ls = json_array();
+	const struct vm_identity_stats *st = &c->libvirt;
+
+	json_object_set_new(o, "threads", json_integer(c->threads));
+	json_object_set_new(o, "accepted", json_integer((json_int_t)c->accepted));
+	json_object_set_new(o, "refused_unknown_peer",
+			    json_integer((json_int_t)c->refused_unknown_peer));
+	json_object_set_new(o, "refused_limit", json_integer((json_int_t)c->refused_limit));
+	json_object_set_new(o, "refused_libvirt_unreachable",
+			    json_integer((json_int_t)c->refused_libvirt_unreachable));
+	json_object_set_new(o, "refused_lookups_pending",
+			    json_integer((json_int_t)c->refused_lookups_pending));
+	json_object_set_new(o, "lookups_pending", json_integer((json_int_t)c->lookups_pending));
+	json_object_set_new(o, "vms_gone", json_integer((json_int_t)c->vms_gone));
+	json_object_set_new(
+		o, "libvirt",
+		json_pack("{s:s, s:I, s:I, s:I, s:I}", "state",
+			  !st->libvirt_configured ? "none"
+			  : st->libvirt_connected ? "connected"
+						  : "disconnected",
+			  "disconnects", (json_int_t)st->libvirt_disconnects, "reconnects",
+			  (json_int_t)st->libvirt_reconnects, "reconnect_failures",
+			  (json_int_t)st->libvirt_reconnect_failures, "served_from_cache",
+			  (json_int_t)st->served_unreachable));
+	json_object_set_new(o, "connections", json_integer((json_int_t)c->connections));
+	json_object_set_new(o, "held_messages", json_integer((json_int_t)c->held_messages));
+	json_object_set_new(o, "draining", json_boolean(c->draining));
+	json_object_set_new(o, "balancer_enabled", json_boolean(c->balancer_enabled));
+	if (c->load)
+		json_object_set(o, "load", c->load);
+	for (size_t i = 0; i < c->nlisteners; i++) {
+		const struct vmproxy_listener_counters *l = &c->listeners[i];
+
+		json_array_append_new(ls, json_pack("{s:s, s:I, s:I, s:I}", "name", l->name,
+						    "accepted", (json_int_t)l->accepted, "refused",
+						    (json_int_t)l->refused, "accept_errors",
+						    (json_int_t)l->accept_errors));
+	}
+	json_object_set_new(o, "listeners", ls);
+	return o;
 }

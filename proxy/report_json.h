@@ -1,6 +1,6 @@
-/* report_json.h -- poll thread reports as the JSON the admin socket and
- * /metrics serve: the one place the daemon's typed reports become text
- * keys (docs/admin.md names them). */
+/* report_json.h -- poll thread reports and the daemon's counters as the
+ * JSON the admin socket and /metrics serve: the one place the daemon's
+ * typed reports become text keys (docs/admin.md names them). */
 #pragma once
 
 #include <jansson.h>
@@ -17,3 +17,9 @@ json_t *report_json_threads(const struct poll_report *r, unsigned n, bool with_v
  * percent and the gauges. A new reference. */
 json_t *report_json_load(const struct poll_report *r, const struct poll_report *prev,
 			 unsigned nprev, unsigned n, double dt);
+
+struct vmproxy_counters;
+
+/* The admin socket's "daemon" object from C (docs/admin.md). A new
+ * reference. */
+json_t *report_json_counters(const struct vmproxy_counters *c);

@@ -233,6 +233,132 @@ static int print_health(json_t *reply, bool say)
 	return 0;
 }
 
+/* The arguments of CMD (ARGV[ARGI] is CMD) checked before anything is
+ * allocated: 0, or 2 with the complaint on stderr. *THREAD: migrate's
+ * target. */
+static int check_args(const char *cmd, int argi, int argc, char **argv, bool all, long *thread)
+{
+	if (!known_command(cmd)) {
+		fprintf(stderr, "vmproxyctl: unknown command \"%.64s\"\n", cmd);
+		usage(stderr);
+		return 2;
+	}
+	if (all && strcmp(cmd, "vms") != 0) {
+		fprintf(stderr, "vmproxyctl: --all goes with vms\n");
+		return 2;
+	}
+	if (strcmp(cmd, "vm") == 0 && argi + 1 >= argc) {
+		fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
+		return 2;
+	}
+	if (strcmp(cmd, "migrate") == 0) {
+		char *end;
+
+		if (argi + 2 >= argc) {
+			fprintf(stderr, "vmproxyctl: migrate needs a VM and a thread number\n");
+			return 2;
+		}
+		*thread = strtol(argv[argi + 2], &end, 10);
+		if (*end || *thread < 0 || *thread > 65535) {
+			fprintf(stderr, "vmproxyctl: thread must be a number, got \"%s\"\n",
+				argv[argi + 2]);
+			return 2;
+		}
+	}
+	if (strcmp(cmd, "balancer") == 0 && argi + 1 < argc &&
+	    strcmp(argv[argi + 1], "on") != 0 && strcmp(argv[argi + 1], "off") != 0) {
+		fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
+		return 2;
+	}
+	return 0;
+}
+
+/* The request text for CMD (checked by check_args); malloc'd. */
+static char *build_request(const char *cmd, int argi, int argc, char **argv, bool all,
+			   long thread)
+{
+	json_t *req;
+	char *text;
+
+	/* health is a verdict over the status reply. */
+	req = json_pack("{s:s}", "command", strcmp(cmd, "health") == 0 ? "status" : cmd);
+	if (all)
+		json_object_set_new(req, "all", json_true());
+	if (strcmp(cmd, "vm") == 0) {
+		json_object_set_new(req, "vm", json_string(argv[argi + 1]));
+	} else if (strcmp(cmd, "migrate") == 0) {
+		json_object_set_new(req, "vm", json_string(argv[argi + 1]));
+		json_object_set_new(req, "thread", json_integer(thread));
+	} else if (strcmp(cmd, "balancer") == 0 && argi + 1 < argc) {
+		json_object_set_new(req, "enabled", json_boolean(strcmp(argv[argi + 1], "on") == 0));
+	}
+	text = json_dumps(req, JSON_COMPACT);
+	json_decref(req);
+	return text;
+}
+
+/* status: the daemon's counters, the libvirt connection, the threads. */
+static void print_status(json_t *reply)
+{
+	json_t *d = json_object_get(reply, "daemon");
+	json_t *lv = json_object_get(d, "libvirt");
+
+	printf("connections %lld, held messages %lld, accepted %lld, refused (unknown "
+	       "peer) %lld, refused (limits) %lld, refused (libvirt unreachable) %lld, "
+	       "refused (lookups pending) %lld%s\n",
+	       num(d, "connections"), num(d, "held_messages"), num(d, "accepted"),
+	       num(d, "refused_unknown_peer"), num(d, "refused_limit"),
+	       num(d, "refused_libvirt_unreachable"), num(d, "refused_lookups_pending"),
+	       json_is_true(json_object_get(d, "draining")) ? ", draining" : "");
+	printf("libvirt %s, %lld disconnects, %lld reconnects, %lld failed reconnects, "
+	       "%lld peers served from cache while unreachable, %lld lookups pending\n\n",
+	       str(lv, "state"), num(lv, "disconnects"), num(lv, "reconnects"),
+	       num(lv, "reconnect_failures"), num(lv, "served_from_cache"),
+	       num(d, "lookups_pending"));
+	print_threads(json_object_get(reply, "threads"));
+	print_load(json_object_get(d, "load"));
+}
+
+/* Print CMD's REPLY (TEXT as received) for a person, or as JSON. The
+ * exit status. */
+static int print_reply(const char *cmd, json_t *reply, const char *text, bool as_json)
+{
+	int rc = 0;
+
+	if (!json_is_true(json_object_get(reply, "ok"))) {
+		fprintf(stderr, "vmproxyctl: %s\n", str(reply, "error"));
+		rc = 1;
+	} else if (as_json) {
+		fputs(text, stdout);
+		if (strcmp(cmd, "health") == 0)
+			rc = print_health(reply, false);
+	} else if (strcmp(cmd, "health") == 0) {
+		rc = print_health(reply, true);
+	} else if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "drain") == 0) {
+		printf("%s\n", str(reply, "result"));
+	} else if (strcmp(cmd, "balancer") == 0) {
+		printf("balancer %s\n",
+		       json_is_true(json_object_get(json_object_get(reply, "daemon"),
+						    "balancer_enabled"))
+			       ? "on"
+			       : "off");
+	} else if (strcmp(cmd, "status") == 0) {
+		print_status(reply);
+	} else if (strcmp(cmd, "threads") == 0) {
+		print_threads(json_object_get(reply, "threads"));
+	} else if (strcmp(cmd, "vms") == 0) {
+		size_t i;
+		json_t *v;
+		print_vm_header();
+		json_array_foreach(json_object_get(reply, "vms"), i, v)
+			print_vm_row(v);
+	} else {
+		print_vm_header();
+		print_vm_row(json_object_get(reply, "vm"));
+	}
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -245,10 +371,10 @@ int main(int argc, char **argv)
 	};
 	const char *path = DEFAULT_SOCKET, *cmd;
 	bool as_json = false, all = false;
-	json_t *req, *reply;
+	json_t *reply;
 	char *reqtext, *text;
 	long thread = 0;
-	int c, rc = 0;
+	int c, rc;
 
 	while ((c = getopt_long(argc, argv, "s:jhV", opts, NULL)) != -1) {
 		switch (c) {
@@ -279,53 +405,10 @@ int main(int argc, char **argv)
 	cmd = argv[optind];
 	if (strcmp(cmd, "top") == 0)
 		return ctl_top_run(path, argc - optind - 1, argv + optind + 1, roundtrip);
-	/* Arguments are checked before anything is allocated. */
-	if (!known_command(cmd)) {
-		fprintf(stderr, "vmproxyctl: unknown command \"%.64s\"\n", cmd);
-		usage(stderr);
-		return 2;
-	}
-	if (all && strcmp(cmd, "vms") != 0) {
-		fprintf(stderr, "vmproxyctl: --all goes with vms\n");
-		return 2;
-	}
-	if (strcmp(cmd, "vm") == 0 && optind + 1 >= argc) {
-		fprintf(stderr, "vmproxyctl: vm needs a NAME or UUID\n");
-		return 2;
-	}
-	if (strcmp(cmd, "migrate") == 0) {
-		char *end;
-
-		if (optind + 2 >= argc) {
-			fprintf(stderr, "vmproxyctl: migrate needs a VM and a thread number\n");
-			return 2;
-		}
-		thread = strtol(argv[optind + 2], &end, 10);
-		if (*end || thread < 0 || thread > 65535) {
-			fprintf(stderr, "vmproxyctl: thread must be a number, got \"%s\"\n",
-				argv[optind + 2]);
-			return 2;
-		}
-	}
-	if (strcmp(cmd, "balancer") == 0 && optind + 1 < argc &&
-	    strcmp(argv[optind + 1], "on") != 0 && strcmp(argv[optind + 1], "off") != 0) {
-		fprintf(stderr, "vmproxyctl: balancer takes on or off\n");
-		return 2;
-	}
-	/* health is a verdict over the status reply. */
-	req = json_pack("{s:s}", "command", strcmp(cmd, "health") == 0 ? "status" : cmd);
-	if (all)
-		json_object_set_new(req, "all", json_true());
-	if (strcmp(cmd, "vm") == 0) {
-		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
-	} else if (strcmp(cmd, "migrate") == 0) {
-		json_object_set_new(req, "vm", json_string(argv[optind + 1]));
-		json_object_set_new(req, "thread", json_integer(thread));
-	} else if (strcmp(cmd, "balancer") == 0 && optind + 1 < argc) {
-		json_object_set_new(req, "enabled", json_boolean(strcmp(argv[optind + 1], "on") == 0));
-	}
-	reqtext = json_dumps(req, JSON_COMPACT);
-	json_decref(req);
+	rc = check_args(cmd, optind, argc, argv, all, &thread);
+	if (rc)
+		return rc;
+	reqtext = build_request(cmd, optind, argc, argv, all, thread);
 	text = roundtrip(path, reqtext);
 	free(reqtext);
 	if (!text)
@@ -336,52 +419,7 @@ int main(int argc, char **argv)
 		free(text);
 		return 1;
 	}
-	if (!json_is_true(json_object_get(reply, "ok"))) {
-		fprintf(stderr, "vmproxyctl: %s\n", str(reply, "error"));
-		rc = 1;
-	} else if (as_json) {
-		fputs(text, stdout);
-		if (strcmp(cmd, "health") == 0)
-			rc = print_health(reply, false);
-	} else if (strcmp(cmd, "health") == 0) {
-		rc = print_health(reply, true);
-	} else if (strcmp(cmd, "migrate") == 0 || strcmp(cmd, "drain") == 0) {
-		printf("%s\n", str(reply, "result"));
-	} else if (strcmp(cmd, "balancer") == 0) {
-		printf("balancer %s\n",
-		       json_is_true(json_object_get(json_object_get(reply, "daemon"),
-						    "balancer_enabled"))
-			       ? "on"
-			       : "off");
-	} else if (strcmp(cmd, "status") == 0) {
-		json_t *d = json_object_get(reply, "daemon");
-		json_t *lv = json_object_get(d, "libvirt");
-		printf("connections %lld, held messages %lld, accepted %lld, refused (unknown "
-		       "peer) %lld, refused (limits) %lld, refused (libvirt unreachable) %lld, "
-		       "refused (lookups pending) %lld%s\n",
-		       num(d, "connections"), num(d, "held_messages"), num(d, "accepted"),
-		       num(d, "refused_unknown_peer"), num(d, "refused_limit"),
-		       num(d, "refused_libvirt_unreachable"), num(d, "refused_lookups_pending"),
-		       json_is_true(json_object_get(d, "draining")) ? ", draining" : "");
-		printf("libvirt %s, %lld disconnects, %lld reconnects, %lld failed reconnects, "
-		       "%lld peers served from cache while unreachable, %lld lookups pending\n\n",
-		       str(lv, "state"), num(lv, "disconnects"), num(lv, "reconnects"),
-		       num(lv, "reconnect_failures"), num(lv, "served_from_cache"),
-		       num(d, "lookups_pending"));
-		print_threads(json_object_get(reply, "threads"));
-		print_load(json_object_get(d, "load"));
-	} else if (strcmp(cmd, "threads") == 0) {
-		print_threads(json_object_get(reply, "threads"));
-	} else if (strcmp(cmd, "vms") == 0) {
-		size_t i;
-		json_t *v;
-		print_vm_header();
-		json_array_foreach(json_object_get(reply, "vms"), i, v)
-			print_vm_row(v);
-	} else {
-		print_vm_header();
-		print_vm_row(json_object_get(reply, "vm"));
-	}
+	rc = print_reply(cmd, reply, text, as_json);
 	json_decref(reply);
 	free(text);
 	return rc;

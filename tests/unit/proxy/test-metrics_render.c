@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon.h"
 #include "metrics.h"
 #include "report_json.h"
 
@@ -110,13 +111,16 @@ static size_t count_lines(const char *text, const char *prefix)
 static char *render(bool per_vm, struct poll_report *r, unsigned n)
 {
 	json_t *threads = report_json_threads(r, n, per_vm);
-	json_t *counters = json_pack("{s:I, s:I, s:I, s:I, s:b}", "accepted", (json_int_t)11,
-	                             "refused_unknown_peer", (json_int_t)12, "refused_limit",
-	                             (json_int_t)13, "vms_gone", (json_int_t)14, "draining", 1);
-	char *text = metrics_render(threads, counters, per_vm);
+	struct vmproxy_counters counters = {
+		.accepted = 11,
+		.refused_unknown_peer = 12,
+		.refused_limit = 13,
+		.vms_gone = 14,
+		.draining = true,
+	};
+	char *text = metrics_render(threads, &counters, per_vm);
 
 	json_decref(threads);
-	json_decref(counters);
 	assert_non_null(text);
 	return text;
 }
@@ -234,12 +238,74 @@ static void test_per_vm_series_and_escaping(void **state)
 	free(text);
 }
 
+/* Every daemon-wide counter reaches its series with its own value; the
+ * libvirt families have samples only when libvirt is configured. */
+static void test_daemon_counters_reach_their_series(void **state)
+{
+	struct vmproxy_counters c = {
+		.accepted = 101, .refused_unknown_peer = 102, .refused_limit = 103,
+		.refused_libvirt_unreachable = 104, .refused_lookups_pending = 105,
+		.lookups_pending = 106, .vms_gone = 107,
+		.libvirt = { .libvirt_configured = true, .libvirt_disconnects = 108,
+			     .libvirt_reconnects = 109, .libvirt_reconnect_failures = 110,
+			     .served_unreachable = 111 },
+	};
+	static const struct {
+		const char *line;
+		double v;
+	} want[] = {
+		{ "vmproxy_connections_accepted_total", 101 },
+		{ "vmproxy_connections_refused_total{reason=\"unknown_peer\"}", 102 },
+		{ "vmproxy_connections_refused_total{reason=\"limit\"}", 103 },
+		{ "vmproxy_connections_refused_total{reason=\"libvirt_unreachable\"}", 104 },
+		{ "vmproxy_connections_refused_total{reason=\"lookups_pending\"}", 105 },
+		{ "vmproxy_identity_lookups_pending", 106 },
+		{ "vmproxy_vm_stops_total", 107 },
+		{ "vmproxy_libvirt_connected", 0 },
+		{ "vmproxy_libvirt_disconnects_total", 108 },
+		{ "vmproxy_libvirt_reconnects_total", 109 },
+		{ "vmproxy_libvirt_reconnect_failures_total", 110 },
+		{ "vmproxy_libvirt_served_from_cache_total", 111 },
+		{ "vmproxy_draining", 0 },
+	};
+	struct poll_report r[1];
+	json_t *threads;
+	char *text;
+
+	(void)state;
+	fill(&r[0], 0);
+	threads = report_json_threads(r, 1, false);
+	text = metrics_render(threads, &c, false);
+	json_decref(threads);
+	assert_non_null(text);
+	for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++)
+		assert_true(sample(text, want[i].line) == want[i].v);
+	free(text);
+
+	/* Connected, draining; without libvirt_uri no libvirt samples. */
+	c.libvirt.libvirt_connected = true;
+	c.draining = true;
+	threads = report_json_threads(r, 1, false);
+	text = metrics_render(threads, &c, false);
+	assert_true(sample(text, "vmproxy_libvirt_connected") == 1);
+	assert_true(sample(text, "vmproxy_draining") == 1);
+	free(text);
+	c.libvirt.libvirt_configured = false;
+	text = metrics_render(threads, &c, false);
+	json_decref(threads);
+	assert_int_equal(count_lines(text, "vmproxy_libvirt_connected "), 0);
+	assert_int_equal(count_lines(text, "vmproxy_libvirt_disconnects_total "), 0);
+	assert_int_equal(count_lines(text, "# TYPE vmproxy_libvirt_connected gauge"), 1);
+	free(text);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	        cmocka_unit_test(test_every_field_reaches_its_series),
 	        cmocka_unit_test(test_help_and_type_once_per_family),
 	        cmocka_unit_test(test_per_vm_series_and_escaping),
+	        cmocka_unit_test(test_daemon_counters_reach_their_series),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
