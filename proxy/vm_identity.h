@@ -135,6 +135,15 @@ void *vm_identity_libvirt_conn(struct vm_identity *id);
 int vm_identity_test_event(struct vm_identity *id, const char *name, bool device, int event,
 			   int detail);
 
+/* For tests, without the event thread running: the libvirt connection is
+ * lost as libvirt's close callback reports it (VMs known are then served
+ * from the caches, others refused with -ENOTCONN), and one attempt to
+ * reopen it now, as the event thread makes once the backoff has passed: 0
+ * reconnected (caches rebuilt, events registered again), or -ECONNREFUSED
+ * with *WAIT_MS the backoff before the next attempt. */
+void vm_identity_test_lose(struct vm_identity *id);
+int vm_identity_test_reconnect(struct vm_identity *id, uint32_t *wait_ms);
+
 /* Destroy the running domain NAME on the connection this object holds.
  * For tests with libvirt's test driver, whose state is private to each
  * connection. */

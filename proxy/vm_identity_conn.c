@@ -421,6 +421,24 @@ static void reconnect(struct vm_identity *id)
 		 uri, (double)(now - id->down_since_ms) / 1000.0, id->attempts);
 }
 
+void vm_identity_test_lose(struct vm_identity *id)
+{
+	/* As vm_identity_start_events would have set it up. */
+	backoff_init(&id->backoff, RECONNECT_BASE_MS, RECONNECT_MAX_MS, 0);
+	on_close(NULL, VIR_CONNECT_CLOSE_REASON_EOF, id);
+}
+
+int vm_identity_test_reconnect(struct vm_identity *id, uint32_t *wait_ms)
+{
+	reconnect(id);
+	if (atomic_load(&id->connected)) {
+		*wait_ms = 0;
+		return 0;
+	}
+	*wait_ms = (uint32_t)(id->next_attempt_ms - clock_mono_ms());
+	return -ECONNREFUSED;
+}
+
 static bool dev_pending(struct vm_identity *id)
 {
 	bool any;

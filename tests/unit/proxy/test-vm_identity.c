@@ -522,6 +522,68 @@ static void test_event_handling(void **state)
 	vm_identity_free(id);
 }
 
+/* The libvirt connection's life: lost, VMs known before are served from
+ * the caches as last seen and others refused with -ENOTCONN (both
+ * counted); reopening fails while libvirt cannot be reached, each wait
+ * longer than the one before; once it opens again the caches are rebuilt
+ * from the new connection (a domain destroyed on the old one runs again in
+ * the test driver's fresh copy) and new peers resolve. */
+static void test_reconnect_state_machine(void **state)
+{
+	struct vm_identity *id;
+	struct vm_identity_stats st;
+	struct vm_info vm;
+	uint32_t wait1, wait2, wait3, wait;
+	char err[300];
+
+	(void)state;
+	setup_cfg(true, UNKNOWN_PEERS_REJECT);
+	cfg.identity.libvirt_read_write = true; /* to destroy a domain below */
+	if (vm_identity_new(&cfg, &id, err, sizeof(err)) < 0)
+		fail_msg("vm_identity_new: %s", err);
+	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0); /* guest-b known */
+	assert_int_equal(vm_identity_destroy_domain(id, "guest-a"), 0);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), -ENOENT);
+	vm_identity_stats(id, &st);
+	assert_true(st.libvirt_connected);
+
+	vm_identity_test_lose(id);
+	vm_identity_stats(id, &st);
+	assert_false(st.libvirt_connected);
+	assert_int_equal(st.libvirt_disconnects, 1);
+	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0);
+	assert_string_equal(vm.name, "guest-b");
+	assert_int_equal(vm_identity_by_cid(id, 23, &vm), -ENOTCONN); /* never seen */
+	vm_identity_stats(id, &st);
+	assert_int_equal(st.served_unreachable, 1);
+	assert_int_equal(st.refused_unreachable, 1);
+
+	/* libvirt cannot be reached: attempts fail, backing off. */
+	cfg.identity.libvirt_uri = "test:///nonexistent/vmproxy-node.xml";
+	assert_int_equal(vm_identity_test_reconnect(id, &wait1), -ECONNREFUSED);
+	assert_int_equal(vm_identity_test_reconnect(id, &wait2), -ECONNREFUSED);
+	assert_int_equal(vm_identity_test_reconnect(id, &wait3), -ECONNREFUSED);
+	/* 250 ms doubling (with jitter down to half): the third wait is
+	 * longer than the first could be. */
+	if (!(wait1 <= 500 && wait3 > 900 && wait3 <= 2000))
+		fail_msg("waits %u, %u, %u ms", wait1, wait2, wait3);
+	vm_identity_stats(id, &st);
+	assert_false(st.libvirt_connected);
+	assert_int_equal(st.libvirt_reconnect_failures, 3);
+	assert_int_equal(vm_identity_by_cid(id, 22, &vm), 0); /* still served */
+
+	/* Back: connected, counted, caches from the new connection. */
+	cfg.identity.libvirt_uri = uri;
+	assert_int_equal(vm_identity_test_reconnect(id, &wait), 0);
+	vm_identity_stats(id, &st);
+	assert_true(st.libvirt_connected);
+	assert_int_equal(st.libvirt_reconnects, 1);
+	assert_int_equal(vm_identity_by_cid(id, 21, &vm), 0);
+	assert_string_equal(vm.name, "guest-a");
+	assert_int_equal(vm_identity_by_cid(id, 23, &vm), -ENOENT); /* asked again: unknown */
+	vm_identity_free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -537,6 +599,7 @@ int main(void)
 		cmocka_unit_test(test_bad_uri),
 		cmocka_unit_test(test_event_handling),
 		cmocka_unit_test(test_cached_answers),
+		cmocka_unit_test(test_reconnect_state_machine),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
