@@ -14,10 +14,21 @@ import pika
 import pytest
 
 from harness import free_port, wait_for
+from harness.rabbitmq import DEPLOY
 from harness.vmproxyd import from_source, make_vms
 from test_proxy import finish, loadgen
 
 
+
+
+
+def vmproxyd_permissions():
+    """The vmproxyd user's (configure, write, read) permissions as the
+    deployment's definitions give them: what a test that changes them
+    restores, so the scenarios after it (the inboxes') find them intact."""
+    defs = json.load(open(DEPLOY / "rabbitmq" / "definitions.json"))
+    (p,) = [p for p in defs["permissions"] if p["user"] == "vmproxyd"]
+    return p["configure"], p["write"], p["read"]
 
 
 def guest_params(proxy, **kw):
@@ -141,7 +152,7 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
                                                                               events)
             guest.process_data_events(time_limit=0.2)
 
-    grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^vm\\.metrics$", "^$")
+    grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", *vmproxyd_permissions())
     broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^$", "^$")
     try:
         guest.process_data_events(time_limit=0.2)
@@ -240,8 +251,7 @@ def test_mandatory_unroutable_comes_back_before_the_ack(build_dir, broker, proxy
         threads = proxy.admin("threads")["threads"]
         assert threads[0]["upstream"]["returned"] == 1, threads
     finally:
-        broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$",
-                   "^vm\\.metrics$", "^$")
+        broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", *vmproxyd_permissions())
         ach.queue_delete("vm.sparse.q")
         ach.exchange_delete("vm.sparse")
         admin.close()
