@@ -1,6 +1,7 @@
-/* helper.h -- threads for blocking work (upstream connect, TLS handshake and
- * login) so that poll threads never block; a job posts its own result back
- * to the requester's mailbox. */
+/* helper.h -- threads for work that blocks by nature (a link's name
+ * resolution and TLS files, the acceptor's libvirt lookups) so that poll
+ * threads and the acceptor never block; a job posts its own result back
+ * (a poll thread's mailbox, the lookup queue). */
 #pragma once
 
 struct helper_pool;
