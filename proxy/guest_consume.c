@@ -11,14 +11,31 @@
 
 #include "amqp_frame.h"
 
+/* EV as an event of TYPE on channel CH of generation GEN. */
+static void event_init(struct guest_event *ev, enum guest_event_type type, uint16_t ch,
+		       uint32_t gen)
+{
+	memset(ev, 0, sizeof(*ev));
+	ev->type = type;
+	ev->channel = ch;
+	ev->channel_gen = gen;
+}
+
+/* C waits for the inbox's answer to METHOD (a guest request that the
+ * broker answers); EV is the event that asks for it. */
+static void chan_request(struct chan *c, amqp_method_number_t method, bool nowait,
+			 enum guest_event_type type, struct guest_event *ev)
+{
+	c->pending = method;
+	c->pending_nowait = nowait;
+	event_init(ev, type, c->id, c->gen);
+}
+
 static void cons_remove(struct guest_session *s, uint16_t i)
 {
 	struct guest_event ev;
 
-	memset(&ev, 0, sizeof(ev));
-	ev.type = GUEST_EVENT_CANCEL;
-	ev.channel = s->cons[i].ch;
-	ev.channel_gen = s->cons[i].gen;
+	event_init(&ev, GUEST_EVENT_CANCEL, s->cons[i].ch, s->cons[i].gen);
 	ev.consumer_id = s->cons[i].id;
 	s->cons[i] = s->cons[--s->ncons];
 	gs_emit(s, &ev);
@@ -29,10 +46,7 @@ static void emit_settle(struct guest_session *s, struct chan *c, const struct dl
 {
 	struct guest_event ev;
 
-	memset(&ev, 0, sizeof(ev));
-	ev.type = GUEST_EVENT_SETTLE;
-	ev.channel = c->id;
-	ev.channel_gen = c->gen;
+	event_init(&ev, GUEST_EVENT_SETTLE, c->id, c->gen);
 	ev.settle.kind = kind;
 	ev.settle.requeue = requeue;
 	ev.settle.consumer_id = d->cid;
@@ -136,12 +150,7 @@ void gs_on_queue_declare(struct guest_session *s, struct chan *c, const uint8_t 
 	}
 	if (!check_not_pending(s, c, AMQP_QUEUE_DECLARE_METHOD))
 		return;
-	c->pending = AMQP_QUEUE_DECLARE_METHOD;
-	c->pending_nowait = m->nowait;
-	memset(&ev, 0, sizeof(ev));
-	ev.type = GUEST_EVENT_DECLARE;
-	ev.channel = c->id;
-	ev.channel_gen = c->gen;
+	chan_request(c, AMQP_QUEUE_DECLARE_METHOD, m->nowait, GUEST_EVENT_DECLARE, &ev);
 	ev.passive = m->passive;
 	gs_emit(s, &ev);
 }
@@ -168,13 +177,8 @@ void gs_on_get(struct guest_session *s, struct chan *c, const uint8_t *args, siz
 			      s->cfg->max_unacked, c->id);
 		return;
 	}
-	c->pending = AMQP_BASIC_GET_METHOD;
-	c->pending_nowait = false;
+	chan_request(c, AMQP_BASIC_GET_METHOD, false, GUEST_EVENT_GET, &ev);
 	c->get_no_ack = m->no_ack;
-	memset(&ev, 0, sizeof(ev));
-	ev.type = GUEST_EVENT_GET;
-	ev.channel = c->id;
-	ev.channel_gen = c->gen;
 	ev.no_ack = m->no_ack;
 	gs_emit(s, &ev);
 }
@@ -275,12 +279,7 @@ void gs_on_consume(struct guest_session *s, struct chan *c, const uint8_t *args,
 	} else {
 		k->tag_len = (uint8_t)snprintf(k->tag, sizeof(k->tag), "amq.ctag-vmproxy-%u", k->id);
 	}
-	c->pending = AMQP_BASIC_CONSUME_METHOD;
-	c->pending_nowait = m->nowait;
-	memset(&ev, 0, sizeof(ev));
-	ev.type = GUEST_EVENT_CONSUME;
-	ev.channel = c->id;
-	ev.channel_gen = c->gen;
+	chan_request(c, AMQP_BASIC_CONSUME_METHOD, m->nowait, GUEST_EVENT_CONSUME, &ev);
 	ev.consumer_id = k->id;
 	ev.prefetch = c->prefetch;
 	ev.no_ack = m->no_ack;
