@@ -166,6 +166,28 @@ int conf_get_uint(struct conf_ctx *c, json_t *obj, const char *path, const char 
 	return 0;
 }
 
+int conf_get_u32(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		 uint32_t min, uint32_t max, uint32_t *inout)
+{
+	uint64_t v = *inout;
+	int r = conf_get_uint(c, obj, path, key, false, min, max, &v);
+
+	if (r == 0)
+		*inout = (uint32_t)v;
+	return r;
+}
+
+int conf_get_u16(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		 uint16_t min, uint16_t max, uint16_t *inout)
+{
+	uint64_t v = *inout;
+	int r = conf_get_uint(c, obj, path, key, false, min, max, &v);
+
+	if (r == 0)
+		*inout = (uint16_t)v;
+	return r;
+}
+
 /* The value at KEY when it has json type TYPE (JSON_TRUE: either boolean),
  * described as WANT in the error otherwise. */
 static int get_typed(struct conf_ctx *c, json_t *obj, const char *path, const char *key,

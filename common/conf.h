@@ -35,6 +35,13 @@ int conf_get_string(struct conf_ctx *c, json_t *obj, const char *path, const cha
 		    bool required, const char **out);
 int conf_get_uint(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
 		  bool required, uint64_t min, uint64_t max, uint64_t *out);
+/* conf_get_uint into a 32- or 16-bit field that holds its default:
+ * *INOUT is left as it is when KEY is absent (MAX fits the field). */
+int conf_get_u32(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		 uint32_t min, uint32_t max, uint32_t *inout);
+int conf_get_u16(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
+		 uint16_t min, uint16_t max, uint16_t *inout);
+
 int conf_get_bool(struct conf_ctx *c, json_t *obj, const char *path, const char *key,
 		  bool required, bool *out);
 /* An object or array member; *out is a borrowed reference. */

@@ -498,18 +498,14 @@ static int parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 	s = NULL;
 	r |= conf_get_string(c, u, "upstream", "exchange", true, &s);
 	cfg->upstream.exchange = dup_or_null(s);
-	n = 30;
-	r |= conf_get_uint(c, u, "upstream", "heartbeat", false, 0, 3600, &n);
-	cfg->upstream.heartbeat = (uint16_t)n;
-	n = 10000;
-	r |= conf_get_uint(c, u, "upstream", "connect_timeout_ms", false, 100, 600000, &n);
-	cfg->upstream.connect_timeout_ms = (uint32_t)n;
-	n = 30000;
-	r |= conf_get_uint(c, u, "upstream", "stuck_timeout_ms", false, 1000, 3600000, &n);
-	cfg->upstream.stuck_timeout_ms = (uint32_t)n;
-	n = 256;
-	r |= conf_get_uint(c, u, "upstream", "max_in_flight", false, 1, 1000000, &n);
-	cfg->upstream.max_in_flight = (uint32_t)n;
+	cfg->upstream.heartbeat = 30;
+	r |= conf_get_u16(c, u, "upstream", "heartbeat", 0, 3600, &cfg->upstream.heartbeat);
+	cfg->upstream.connect_timeout_ms = 10000;
+	r |= conf_get_u32(c, u, "upstream", "connect_timeout_ms", 100, 600000, &cfg->upstream.connect_timeout_ms);
+	cfg->upstream.stuck_timeout_ms = 30000;
+	r |= conf_get_u32(c, u, "upstream", "stuck_timeout_ms", 1000, 3600000, &cfg->upstream.stuck_timeout_ms);
+	cfg->upstream.max_in_flight = 256;
+	r |= conf_get_u32(c, u, "upstream", "max_in_flight", 1, 1000000, &cfg->upstream.max_in_flight);
 	cfg->upstream.verify_hostname = true;
 	if (tls)
 		r |= parse_upstream_tls(c, tls, cfg);
@@ -539,18 +535,10 @@ static int parse_guest(struct conf_ctx *c, json_t *root, struct proxy_config *cf
 		n = cfg->guest.max_message_bytes;
 		r |= conf_get_uint(c, g, "guest", "max_message_bytes", false, 1, 128u << 20, &n);
 		cfg->guest.max_message_bytes = n;
-		n = cfg->guest.channel_max;
-		r |= conf_get_uint(c, g, "guest", "channel_max", false, 1, 2047, &n);
-		cfg->guest.channel_max = (uint16_t)n;
-		n = cfg->guest.max_connections_per_vm;
-		r |= conf_get_uint(c, g, "guest", "max_connections_per_vm", false, 1, 65535, &n);
-		cfg->guest.max_connections_per_vm = (uint32_t)n;
-		n = cfg->guest.heartbeat;
-		r |= conf_get_uint(c, g, "guest", "heartbeat", false, 0, 3600, &n);
-		cfg->guest.heartbeat = (uint16_t)n;
-		n = cfg->guest.handshake_timeout_ms;
-		r |= conf_get_uint(c, g, "guest", "handshake_timeout_ms", false, 100, 600000, &n);
-		cfg->guest.handshake_timeout_ms = (uint32_t)n;
+		r |= conf_get_u16(c, g, "guest", "channel_max", 1, 2047, &cfg->guest.channel_max);
+		r |= conf_get_u32(c, g, "guest", "max_connections_per_vm", 1, 65535, &cfg->guest.max_connections_per_vm);
+		r |= conf_get_u16(c, g, "guest", "heartbeat", 0, 3600, &cfg->guest.heartbeat);
+		r |= conf_get_u32(c, g, "guest", "handshake_timeout_ms", 100, 600000, &cfg->guest.handshake_timeout_ms);
 		r |= conf_get_array(c, g, "guest", "allowed_exchanges", false, &arr);
 	}
 	if (arr && json_array_size(arr) > 1024)
@@ -602,18 +590,10 @@ static int parse_inbox(struct conf_ctx *c, json_t *root, struct proxy_config *cf
 		r |= conf_get_string(c, o, "inbox", "name", false, &name);
 		r |= conf_get_string(c, o, "inbox", "exchange", false, &exchange);
 		r |= conf_get_enum(c, o, "inbox", "queue_type", false, types, &type);
-		n = cfg->inbox.max_length;
-		r |= conf_get_uint(c, o, "inbox", "max_length", false, 1, 1000000, &n);
-		cfg->inbox.max_length = (uint32_t)n;
-		n = cfg->inbox.message_ttl_ms;
-		r |= conf_get_uint(c, o, "inbox", "message_ttl_ms", false, 1000, 2147483647, &n);
-		cfg->inbox.message_ttl_ms = (uint32_t)n;
-		n = cfg->inbox.max_prefetch;
-		r |= conf_get_uint(c, o, "inbox", "max_prefetch", false, 1, 65535, &n);
-		cfg->inbox.max_prefetch = (uint16_t)n;
-		n = cfg->inbox.max_consumers;
-		r |= conf_get_uint(c, o, "inbox", "max_consumers", false, 1, 64, &n);
-		cfg->inbox.max_consumers = (uint16_t)n;
+		r |= conf_get_u32(c, o, "inbox", "max_length", 1, 1000000, &cfg->inbox.max_length);
+		r |= conf_get_u32(c, o, "inbox", "message_ttl_ms", 1000, 2147483647, &cfg->inbox.message_ttl_ms);
+		r |= conf_get_u16(c, o, "inbox", "max_prefetch", 1, 65535, &cfg->inbox.max_prefetch);
+		r |= conf_get_u16(c, o, "inbox", "max_consumers", 1, 64, &cfg->inbox.max_consumers);
 		n = cfg->inbox.max_message_bytes;
 		r |= conf_get_uint(c, o, "inbox", "max_message_bytes", false, 1, 16u << 20, &n);
 		cfg->inbox.max_message_bytes = n;
@@ -658,12 +638,8 @@ static int parse_limits(struct conf_ctx *c, json_t *root, struct proxy_config *c
 	r |= conf_get_uint(c, l, "limits", "unconfirmed_bytes_per_thread", false, 4096, 1ull << 42,
 			   &n);
 	cfg->limits.unconfirmed_bytes_per_thread = n;
-	n = cfg->limits.max_connections;
-	r |= conf_get_uint(c, l, "limits", "max_connections", false, 1, 10000000, &n);
-	cfg->limits.max_connections = (uint32_t)n;
-	n = cfg->limits.max_pending_lookups;
-	r |= conf_get_uint(c, l, "limits", "max_pending_lookups", false, 1, 65536, &n);
-	cfg->limits.max_pending_lookups = (uint32_t)n;
+	r |= conf_get_u32(c, l, "limits", "max_connections", 1, 10000000, &cfg->limits.max_connections);
+	r |= conf_get_u32(c, l, "limits", "max_pending_lookups", 1, 65536, &cfg->limits.max_pending_lookups);
 	if (!r && cfg->limits.unconfirmed_bytes_per_vm > cfg->limits.unconfirmed_bytes_per_thread)
 		r = conf_error(c, "limits.unconfirmed_bytes_per_vm",
 			       "expected at most limits.unconfirmed_bytes_per_thread (%llu)",
