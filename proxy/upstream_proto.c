@@ -508,6 +508,50 @@ int upstream_proto_inbox_settle(struct upstream_proto *p, uint32_t gen, uint64_t
 	return send_method(p, UPSTREAM_PROTO_INBOX_CHANNEL, AMQP_BASIC_REJECT_METHOD, &rj);
 }
 
+/* Whether R waits only for a consume-ok or a cancel-ok. RabbitMQ sends
+ * those of a quorum queue from the queue's side, after the channel has
+ * gone on to answer the requests behind them: they may come after a later
+ * request's reply, though in the order of their own requests. */
+static bool ib_async_wait(const struct upstream_inbox_pending *r)
+{
+	return (r->kind == UPSTREAM_INBOX_CONSUME && r->replies == 1) ||
+	       r->kind == UPSTREAM_INBOX_CANCEL;
+}
+
+/* The pending request a reply ID answers: the oldest consume (past its
+ * qos-ok) for a consume-ok, the oldest cancel for a cancel-ok, else the
+ * oldest of the others; *PREV is the entry before it. */
+static struct upstream_inbox_pending *ib_answered(struct upstream_proto *p,
+						  amqp_method_number_t id,
+						  struct upstream_inbox_pending **prev)
+{
+	*prev = NULL;
+	for (struct upstream_inbox_pending *r = p->ib.head; r; *prev = r, r = r->next) {
+		if (id == AMQP_BASIC_CONSUME_OK_METHOD) {
+			if (r->kind == UPSTREAM_INBOX_CONSUME && r->replies == 1)
+				return r;
+		} else if (id == AMQP_BASIC_CANCEL_OK_METHOD) {
+			if (r->kind == UPSTREAM_INBOX_CANCEL)
+				return r;
+		} else if (!ib_async_wait(r)) {
+			return r;
+		}
+	}
+	return NULL;
+}
+
+static void ib_unlink(struct upstream_proto *p, struct upstream_inbox_pending *r,
+		      struct upstream_inbox_pending *prev)
+{
+	if (prev)
+		prev->next = r->next;
+	else
+		p->ib.head = r->next;
+	if (p->ib.tail == r)
+		p->ib.tail = prev;
+	p->ib.npending--;
+}
+
 static void ib_deliver(struct upstream_proto *p)
 {
 	uint8_t *m = p->ib.meta;
@@ -523,13 +567,15 @@ static void ib_deliver(struct upstream_proto *p)
 	};
 
 	if (p->ib.get_ok) {
-		/* The answer to the oldest pending basic.get. */
-		struct upstream_inbox_pending *r = p->ib.head;
+		/* The answer to the pending basic.get its get-ok matched. */
+		struct upstream_inbox_pending *prev;
+		struct upstream_inbox_pending *r = ib_answered(p, AMQP_BASIC_GET_OK_METHOD, &prev);
 
-		p->ib.head = r->next;
-		if (!p->ib.head)
-			p->ib.tail = NULL;
-		p->ib.npending--;
+		if (!r) { /* cannot happen: the get-ok matched it */
+			fail(p, 0, "internal error: get-ok without its request");
+			return;
+		}
+		ib_unlink(p, r, prev);
 		if (p->ib.discard) {
 			p->ib.refused++;
 			upstream_proto_inbox_settle(p, p->ib.gen, p->ib.tag, UPSTREAM_REJECT, false);
@@ -635,11 +681,12 @@ static void on_deliver_body(struct upstream_proto *p, const uint8_t *f, size_t l
 		ib_deliver(p);
 }
 
-/* The reply to the oldest pending request: it must be what that request
- * expects. */
+/* The reply to the pending request it answers (ib_answered): it must be
+ * what that request expects. */
 static void ib_answer(struct upstream_proto *p, amqp_method_number_t id, void *m)
 {
-	struct upstream_inbox_pending *r = p->ib.head;
+	struct upstream_inbox_pending *prev;
+	struct upstream_inbox_pending *r = ib_answered(p, id, &prev);
 	bool done = true;
 
 	if (!r)
@@ -693,10 +740,7 @@ static void ib_answer(struct upstream_proto *p, amqp_method_number_t id, void *m
 	}
 	if (!done)
 		return;
-	p->ib.head = r->next;
-	if (!p->ib.head)
-		p->ib.tail = NULL;
-	p->ib.npending--;
+	ib_unlink(p, r, prev);
 	if (p->ops->inbox_reply)
 		p->ops->inbox_reply(p->ud, r->cookie, r->kind, true, 0, NULL, r->count,
 				    r->consumers);
