@@ -33,7 +33,7 @@ import pytest
 from harness import free_port, stop_all, wait_for
 from harness.vmproxyd import VmProxyd, make_vms
 from test_consumer import Consumer
-from test_inbox import CONTROL, InboxGuest, queue_name
+from test_inbox import CONTROL, InboxGuest, queue_name, queue_stats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VMS = 20
@@ -223,13 +223,7 @@ def test_node_loss_loses_no_acked_sample(build_dir, cluster, certs, tmp_path, fa
 
 def inbox_stats(cluster, vm):
     """(ready, unacked, consumers) of VM's inbox, asked at a live node."""
-    out = cluster.live().ctl("list_queues", "-p", cluster.vhost, "name", "messages_ready",
-                             "messages_unacknowledged", "consumers", "--formatter", "json",
-                             "--quiet")
-    for q in json.loads(out or "[]"):
-        if q["name"] == queue_name(vm):
-            return q["messages_ready"], q["messages_unacknowledged"], q["consumers"]
-    return None
+    return queue_stats(cluster.live(), vm)
 
 
 def wait_inbox(cluster, vm, want, timeout=60):
