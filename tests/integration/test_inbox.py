@@ -6,9 +6,12 @@ VM never sees another VM's inbox; the daemon's bounds hold against a guest
 that stops acking or reading.
 """
 import json
+import os
 import socket
 import subprocess
 import struct
+import sys
+import threading
 import time
 
 import pika
@@ -18,6 +21,7 @@ from harness import wait_for
 from harness.vmproxyd import from_source, make_vms
 
 CONTROL = "vm.control"
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def guest(proxy, vm, **kw):
@@ -447,3 +451,125 @@ def test_guest_that_never_reads(broker, inbox_proxy):
     conn.close()
     s.close()
     wait_stats(broker, stuck_vm, (400, 0, 0))
+
+
+class InboxGuest:
+    """guest_inbox.py in a process of its own, consuming VM's inbox through
+    PROXY with PREFETCH: .deliveries (dicts, as they come), .ack() /
+    .hold() / .stop(), .kill() (SIGKILL)."""
+
+    def __init__(self, proxy, vm, prefetch=5, delay=0.02):
+        self.vm = vm
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "guest_inbox.py"), "--source", vm["address"],
+             "--port", str(proxy.port), "--prefetch", str(prefetch), "--delay", str(delay)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=HERE)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        wait_for(lambda: self._exited() or "ready" in self.lines, 60,
+                 "guest of %s ready" % vm["name"])
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def _exited(self):
+        if self.proc.poll() is not None:
+            self.reader.join(5)
+            raise AssertionError("guest of %s exited %s: %s\n%s" % (
+                self.vm["name"], self.proc.returncode, self.lines, self.proc.stderr.read()))
+        return False
+
+    @property
+    def deliveries(self):
+        return [json.loads(l) for l in list(self.lines) if l.startswith('{"tag"')]
+
+    def wait_deliveries(self, n, timeout=60):
+        return wait_for(lambda: self._exited() or len(self.deliveries) >= n, timeout,
+                        "%d deliveries to %s (have %d)" % (n, self.vm["name"],
+                                                           len(self.deliveries)))
+
+    def command(self, cmd):
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def ack(self):
+        self.command("ack")
+
+    def hold(self):
+        self.command("hold")
+
+    def stop(self):
+        """Close the connection; returns the summary line (acked tags)."""
+        self.command("stop")
+        self.proc.stdin.close()
+        assert self.proc.wait(60) == 0, self.proc.stderr.read()
+        self.reader.join(10)
+        return json.loads(self.lines[-1])
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.reader.join(10)
+
+
+@pytest.fixture
+def inbox_guest():
+    """inbox_guest(proxy, vm, **kw) -> InboxGuest, killed at teardown if the
+    test left it running (after a failure)."""
+    started = []
+
+    def make(proxy, vm, **kw):
+        g = InboxGuest(proxy, vm, **kw)
+        started.append(g)
+        return g
+    yield make
+    for g in started:
+        g.kill()
+
+
+def test_killed_guest_gets_its_unacked_again(broker, inbox_proxy, inbox_guest):
+    """A guest process SIGKILLed with deliveries unacked: vmproxyd sees its
+    connection end, nacks them back to the queue (none dropped, none acked
+    for it), and the VM's next guest connection gets them first, with
+    redelivered=true, then the rest; everything is acked exactly once at
+    the broker (the inbox ends empty with nothing unacked, no inbox channel
+    closed by the broker for an unknown or twice-acked tag) and the other
+    VM's guest sees none of it."""
+    proxy, (vm, other) = inbox_proxy()
+    first = inbox_guest(proxy, vm, prefetch=5)
+    bystander = inbox_guest(proxy, other, prefetch=5)
+    bystander.ack()
+    sent = ["%s-%02d" % (vm["name"], i) for i in range(12)]
+    send(broker, vm, [b.encode() for b in sent], key="x")
+    send(broker, other, [b"for the other VM"] * 3, key="x")
+    first.wait_deliveries(5)
+    wait_stats(broker, vm, (7, 5, 1))
+    held = [d["body"] for d in first.deliveries]
+    assert held == sent[:5] and not any(d["redelivered"] for d in first.deliveries)
+    first.kill()
+    # Back at the broker, not lost: all 12 ready again, none unacked.
+    wait_stats(broker, vm, (12, 0, 0), timeout=60)
+    second = inbox_guest(proxy, vm, prefetch=5)
+    second.ack()
+    second.wait_deliveries(12)
+    wait_stats(broker, vm, (0, 0, 1), timeout=60)
+    got = second.deliveries
+    print("killed guest held %d; the next one got %d (%d redelivered)"
+          % (len(held), len(got), sum(d["redelivered"] for d in got)))
+    assert [d["body"] for d in got[:5]] == held, got
+    assert all(d["redelivered"] for d in got[:5]), got
+    assert [d["body"] for d in got[5:]] == sent[5:], got
+    assert not any(d["redelivered"] for d in got[5:]), got
+    assert all(d["routing_key"] == "x" for d in got), got
+    summary = second.stop()
+    assert sorted(summary["acked"]) == [d["tag"] for d in got], summary
+    wait_stats(broker, vm, (0, 0, 0))
+    bystander.wait_deliveries(3)
+    assert [d["body"] for d in bystander.deliveries] == ["for the other VM"] * 3
+    bystander.stop()
+    wait_stats(broker, other, (0, 0, 0))
+    assert "closed the inbox channel" not in proxy.log_text()

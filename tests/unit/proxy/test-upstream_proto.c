@@ -1197,6 +1197,59 @@ static void test_inbox_protocol_errors(void **state)
 	fx_free(&x);
 }
 
+/* RabbitMQ sends a quorum queue's consume-ok and cancel-ok from the
+ * queue's side: a later request's reply may overtake them. Each reply
+ * still answers its own request, and the link stays up. */
+static void test_inbox_consume_ok_overtaken(void **state)
+{
+	struct fx x;
+	amqp_queue_declare_ok_t dok = { .queue = amqp_cstring_bytes("vm.v.inbox"),
+					.message_count = 2 };
+	amqp_queue_bind_ok_t bok = { 0 };
+	amqp_basic_qos_ok_t qok = { 0 };
+	amqp_basic_consume_ok_t cok = { .consumer_tag = amqp_cstring_bytes("t2") };
+	amqp_basic_cancel_ok_t xok = { .consumer_tag = amqp_cstring_bytes("t2") };
+
+	(void)state;
+	fx_init(&x, BROKER_AUTH_PLAIN);
+	handshake(&x, 131072);
+	subscribe(&x, "t1", 5);
+	assert_int_equal(upstream_proto_inbox_consume(&x.p, "vm.u.inbox", "t2", 5, 10), 0);
+	assert_int_equal(upstream_proto_inbox_declare(&x.p, "vm.v.inbox", NULL, 11), 0);
+	assert_int_equal(upstream_proto_inbox_bind(&x.p, "vm.v.inbox", "vm.control", "v.#", 12), 0);
+	x.rec.nreply = 0;
+	send_method(&x, IB, AMQP_BASIC_QOS_OK_METHOD, &qok);
+	send_method(&x, IB, AMQP_QUEUE_DECLARE_OK_METHOD, &dok);
+	send_method(&x, IB, AMQP_QUEUE_BIND_OK_METHOD, &bok);
+	send_method(&x, IB, AMQP_BASIC_CONSUME_OK_METHOD, &cok);
+	assert_true(upstream_proto_ready(&x.p));
+	assert_int_equal(x.rec.nreply, 3);
+	assert_int_equal(x.rec.reply[0].cookie, 11);
+	assert_int_equal(x.rec.reply[0].kind, UPSTREAM_INBOX_DECLARE);
+	assert_int_equal(x.rec.reply[0].count, 2);
+	assert_int_equal(x.rec.reply[1].cookie, 12);
+	assert_int_equal(x.rec.reply[2].cookie, 10);
+	assert_int_equal(x.rec.reply[2].kind, UPSTREAM_INBOX_CONSUME);
+	/* A cancel overtaken by a declare's reply. */
+	assert_int_equal(upstream_proto_inbox_cancel(&x.p, "t2", 20), 0);
+	assert_int_equal(upstream_proto_inbox_declare(&x.p, "vm.v.inbox", NULL, 21), 0);
+	send_method(&x, IB, AMQP_QUEUE_DECLARE_OK_METHOD, &dok);
+	send_method(&x, IB, AMQP_BASIC_CANCEL_OK_METHOD, &xok);
+	assert_true(upstream_proto_ready(&x.p));
+	assert_int_equal(x.rec.nreply, 5);
+	assert_int_equal(x.rec.reply[3].cookie, 21);
+	assert_int_equal(x.rec.reply[4].cookie, 20);
+	assert_int_equal(x.rec.reply[4].kind, UPSTREAM_INBOX_CANCEL);
+	assert_int_equal(x.p.ib.npending, 0);
+	assert_null(x.p.ib.head);
+	assert_null(x.p.ib.tail);
+	/* Nothing is owed now: a consume-ok ends the link as before. */
+	send_method(&x, IB, AMQP_BASIC_CONSUME_OK_METHOD, &cok);
+	assert_int_equal(x.p.st, UPSTREAM_PROTO_CLOSED);
+	assert_int_equal(x.p.error_code, 503);
+	fx_free(&x);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1228,6 +1281,7 @@ int main(void)
 		cmocka_unit_test(test_inbox_channel_close),
 				cmocka_unit_test(test_inbox_protocol_errors),
 		cmocka_unit_test(test_inbox_get),
+		cmocka_unit_test(test_inbox_consume_ok_overtaken),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
