@@ -23,7 +23,9 @@ if ! /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 
 if [ ! -d "$build" ]; then
-	meson setup "$build" "$top" --buildtype=release -Db_ndebug=true
+	# As the Debian packages are built (debian/rules): with link-time
+	# optimisation.
+	meson setup "$build" "$top" --buildtype=release -Db_ndebug=true -Db_lto=true
 fi
 ninja -C "$build" proxy/vmproxyd proxy/vmproxyctl tests/bench/loadgen
 
