@@ -5,8 +5,9 @@ followed by sha256(salt + password)).
 
 usage: hash-password.py --definitions IN OUT [USER...]
            copy the definitions IN to OUT (mode 0640) with a new random
-           password for each USER (every user of IN when none is named),
-           and print "USER PASSWORD" once per user on standard output
+           password for each USER (every user of IN when none is named:
+           32 letters and digits, safe to paste into a command line or a
+           URL), and print "USER PASSWORD" once per user on standard output
        hash-password.py -            read a password from standard input,
                                      print its hash
        hash-password.py PASSWORD [SALT_HEX]   print its hash (a random salt
@@ -18,7 +19,10 @@ import hashlib
 import json
 import os
 import secrets
+import string
 import sys
+
+ALPHABET = string.ascii_letters + string.digits
 
 
 def password_hash(password, salt=None):
@@ -45,7 +49,9 @@ def write_definitions(src, dst, names):
     for u in users:
         if names and u["name"] not in names:
             continue
-        password = secrets.token_urlsafe(24)
+        # Letters and digits only: a password starting with "-" is taken
+        # for an option by rabbitmqctl and other tools it is pasted into.
+        password = "".join(secrets.choice(ALPHABET) for _ in range(32))
         u["password_hash"] = password_hash(password)
         u["hashing_algorithm"] = "rabbit_password_hashing_sha256"
         out.append((u["name"], password))
