@@ -257,8 +257,9 @@ void inbox_subscribe(struct inbox *ib, struct inbox_cons *k, enum req_what what)
 
 	k->st = CONS_SUBSCRIBING;
 	if (!r) {
-		if (k->conn && k->conn->sess)
-			guest_session_cancel_consumer(k->conn->sess, k->cid, "out of memory");
+		if (inbox_session(k->conn))
+			guest_session_cancel_consumer(inbox_session(k->conn), k->cid,
+			                              "out of memory");
 		inbox_wake(ib, k->conn);
 		return;
 	}

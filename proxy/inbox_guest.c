@@ -51,7 +51,7 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
 		char queue[VM_UUID_LEN + 16];
 
 		if (!r) {
-			guest_session_fail(c->sess, ev->channel, ev->channel_gen, 541,
+			guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
 			                   "out of memory");
 			break;
 		}
@@ -67,7 +67,7 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
 		char queue[VM_UUID_LEN + 16];
 
 		if (!r) {
-			guest_session_fail(c->sess, ev->channel, ev->channel_gen, 541,
+			guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
 			                   "out of memory");
 			break;
 		}
@@ -83,7 +83,7 @@ void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_i
 		struct inbox_cons *k = inbox_cons_new(ib, c, vm, ev);
 
 		if (!k) {
-			guest_session_fail(c->sess, ev->channel, ev->channel_gen, 541,
+			guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
 			                   "out of memory");
 			break;
 		}
@@ -145,10 +145,10 @@ static void requeue_detached(void *ud, uint64_t up_tag, uint32_t up_gen)
 
 void inbox_conn_leaving(struct inbox *ib, struct guest_conn *c)
 {
-	if (!c->sess)
+	if (!inbox_session(c))
 		return;
-	guest_session_detach_deliveries(c->sess, requeue_detached, ib);
-	cut_loose(ib, c, c->sess);
+	guest_session_detach_deliveries(inbox_session(c), requeue_detached, ib);
+	cut_loose(ib, c, inbox_session(c));
 }
 
 struct arrival {
@@ -169,7 +169,7 @@ static void adopt_consumer(void *ud, uint16_t channel, uint32_t channel_gen, uin
 	struct inbox_cons *k = inbox_cons_new(a->ib, a->c, a->vm, &ev);
 
 	if (!k) {
-		guest_session_cancel_consumer(a->c->sess, cid, "out of memory");
+		guest_session_cancel_consumer(inbox_session(a->c), cid, "out of memory");
 		return;
 	}
 	k->st = CONS_DOWN;
@@ -179,9 +179,9 @@ void inbox_conn_arrived(struct inbox *ib, struct guest_conn *c, const struct vm_
 {
 	struct arrival a = {ib, c, vm};
 
-	if (!c->sess)
+	if (!inbox_session(c))
 		return;
-	guest_session_foreach_consumer(c->sess, adopt_consumer, &a);
+	guest_session_foreach_consumer(inbox_session(c), adopt_consumer, &a);
 	if (ib->up && upstream_inbox_proto(ib->up)) {
 		for (struct inbox_cons *k = ib->cons, *n; k; k = n) {
 			n = k->next;

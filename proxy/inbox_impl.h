@@ -94,6 +94,13 @@ struct inbox {
 
 /* ---- inbox.c: consumers and requests -------------------------------------------- */
 
+/* The engine of connection C; NULL without a connection or once its
+ * socket is shut (deliveries and replies then have no guest to go to). */
+static inline struct guest_session *inbox_session(const struct guest_conn *c)
+{
+	return c ? guest_conn_session(c) : NULL;
+}
+
 /* The consumer whose broker tag is TAG, or NULL. */
 struct inbox_cons *inbox_cons_by_tag(struct inbox *ib, amqp_bytes_t tag);
 /* A new consumer of C (of VM) for the CONSUME event EV (or one like it),

@@ -12,7 +12,7 @@
 static void req_done(struct inbox *ib, struct inbox_req *r)
 {
 	struct guest_conn *c = r->conn;
-	struct guest_session *s = c ? c->sess : NULL;
+	struct guest_session *s = inbox_session(c);
 	struct inbox_cons *k = r->k;
 
 	switch (r->what) {
@@ -29,16 +29,17 @@ static void req_done(struct inbox *ib, struct inbox_req *r)
 		if (!k)
 			break;
 		if (r->failed) {
-			if (k->conn && k->conn->sess) {
+			if (inbox_session(k->conn)) {
 				char why[300];
 				snprintf(why, sizeof(why),
 				         "inbox consumer refused by the broker: %u %s", r->code,
 				         r->text);
 				if (r->what == REQ_CONSUME)
-					guest_session_fail(k->conn->sess, k->ch, k->ch_gen,
+					guest_session_fail(inbox_session(k->conn), k->ch, k->ch_gen,
 					                   r->code ? r->code : 506, r->text);
 				else
-					guest_session_cancel_consumer(k->conn->sess, k->cid, why);
+					guest_session_cancel_consumer(inbox_session(k->conn),
+					                              k->cid, why);
 				log_warn("thread=%u: consumer %s of %s: %s", ib->thread_id, k->tag,
 				         k->queue, why);
 			}
@@ -58,8 +59,8 @@ static void req_done(struct inbox *ib, struct inbox_req *r)
 			break;
 		}
 		c = k->conn;
-		if (r->what == REQ_CONSUME && c->sess)
-			guest_session_consume_ok(c->sess, k->ch, k->ch_gen, k->cid);
+		if (r->what == REQ_CONSUME && inbox_session(c))
+			guest_session_consume_ok(inbox_session(c), k->ch, k->ch_gen, k->cid);
 		break;
 	case REQ_CANCEL:
 		if (k)
@@ -121,10 +122,10 @@ void inbox_on_got(struct inbox *ib, uint64_t cookie, const struct upstream_proto
 	struct guest_conn *c = r->conn;
 	int64_t t = -ENOENT;
 
-	if (c && c->sess && !r->failed)
-		t = guest_session_get_ok(c->sess, r->ch, r->ch_gen, d->redelivered, d->exchange,
-		                         guest_key(d->routing_key, r->uuid), count, d->properties,
-		                         d->body, d->delivery_tag, d->gen);
+	if (inbox_session(c) && !r->failed)
+		t = guest_session_get_ok(inbox_session(c), r->ch, r->ch_gen, d->redelivered,
+		                         d->exchange, guest_key(d->routing_key, r->uuid), count,
+		                         d->properties, d->body, d->delivery_tag, d->gen);
 	if (p) {
 		if (t == -EMSGSIZE)
 			upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_REJECT,
@@ -136,8 +137,8 @@ void inbox_on_got(struct inbox *ib, uint64_t cookie, const struct upstream_proto
 			upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_ACK,
 			                            false);
 	}
-	if (t == -EMSGSIZE && c && c->sess)
-		guest_session_fail(c->sess, r->ch, r->ch_gen, 506,
+	if (t == -EMSGSIZE && inbox_session(c))
+		guest_session_fail(inbox_session(c), r->ch, r->ch_gen, 506,
 		                   "the message's properties do not fit the frame size");
 	inbox_wake(ib, c);
 	inbox_req_free(ib, r); /* the get was the chain's last request */
@@ -152,13 +153,13 @@ void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d)
 
 	if (!p)
 		return;
-	if (!k || k->st != CONS_LIVE || !k->conn || !k->conn->sess) {
+	if (!k || k->st != CONS_LIVE || !inbox_session(k->conn)) {
 		/* Cancelled meanwhile: back to the queue, for the next consumer. */
 		upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_NACK, true);
 		return;
 	}
 	rk = guest_key(rk, k->uuid);
-	t = guest_session_deliver(k->conn->sess, k->ch, k->ch_gen, k->cid, d->redelivered,
+	t = guest_session_deliver(inbox_session(k->conn), k->ch, k->ch_gen, k->cid, d->redelivered,
 	                          d->exchange, rk, d->properties, d->body, d->delivery_tag, d->gen);
 	if (t == -EMSGSIZE) {
 		upstream_proto_inbox_settle(p, d->gen, d->delivery_tag, UPSTREAM_REJECT, false);
@@ -176,7 +177,7 @@ void inbox_on_deliver(struct inbox *ib, const struct upstream_proto_delivery *d)
 		log_warn("thread=%u: consumer %s: the guest channel is at its bound of unacked "
 		         "deliveries; cancelled",
 		         ib->thread_id, k->tag);
-		guest_session_cancel_consumer(c->sess, k->cid,
+		guest_session_cancel_consumer(inbox_session(c), k->cid,
 		                              "too many unacknowledged deliveries on the channel");
 		inbox_wake(ib, c);
 		return;
@@ -199,8 +200,9 @@ void inbox_on_cancelled(struct inbox *ib, amqp_bytes_t tag)
 	log_warn("thread=%u: the broker cancelled consumer %s of %s", ib->thread_id, k->tag,
 	         k->queue);
 	k->st = CONS_DOWN;
-	if (c && c->sess)
-		guest_session_cancel_consumer(c->sess, k->cid, "the inbox queue was deleted");
+	if (inbox_session(c))
+		guest_session_cancel_consumer(inbox_session(c), k->cid,
+		                              "the inbox queue was deleted");
 	/* The session's CANCEL event frees a DOWN consumer; else do it here. */
 	k = inbox_cons_by_tag(ib, tag);
 	if (k) {

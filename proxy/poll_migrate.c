@@ -65,9 +65,9 @@ void pt_migrate_out(struct poll_thread *pt, struct migrate_out_mail *mo, uint64_
 	v->mig_next = pt->migrating;
 	pt->migrating = v;
 	log_info("vm=%s: moving from thread %u to %u: pausing its %u connections until its %llu "
-		 "held messages are confirmed", v->info.name, pt->id, mo->to, v->nconns,
+		 "held messages are confirmed", v->info.name, pt->id, mo->to, v->conns.count,
 		 (unsigned long long)v->held_msgs);
-	for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+	for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c))
 		pt_mark_dirty(pt, c);
 }
 
@@ -83,7 +83,7 @@ static void migrate_abandon(struct poll_thread *pt, struct vm_state *v, uint64_t
 			   (unsigned long long)(now - v->migrate_started));
 	v->migrate_res = NULL;
 	v->migrating = false;
-	for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+	for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c))
 		pt_mark_dirty(pt, c);
 	pt_vm_unref(pt, v);
 }
@@ -97,7 +97,7 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 	char uuid[VM_UUID_LEN + 1];
 	unsigned to;
 
-	if (v->nconns == 0) {
+	if (v->conns.count == 0) {
 		pt_migrate_result_set(v->migrate_res, 0, "vm %s has no connections left to move",
 				   v->info.name);
 		v->migrate_res = NULL;
@@ -110,17 +110,16 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 		migrate_abandon(pt, v, now);
 		return;
 	}
-	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+	for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c)) {
 		/* Inbox consumers stay with this thread's link: cancel them. */
 		inbox_conn_leaving(pt->inbox, c);
 	}
-	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
+	for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c)) {
 		/* Last chance to send acks from here; what is left moves along. */
 		int r = guest_conn_flush(c, now, &pt->guest_writes);
 		if (r < 0 && r != -EAGAIN)
-			c->closing = true;
-		epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-		c->ep_events = 0;
+			guest_conn_close_later(c);
+		guest_conn_unwatch(c, pt->epfd);
 		pt_conn_detach(pt, c, false);
 	}
 	for (pv = &pt->vms[pt_hash_uuid(v->info.uuid) % VM_BUCKETS]; *pv != v; pv = &(*pv)->hash_next)
@@ -146,10 +145,10 @@ static void migrate_handover(struct poll_thread *pt, struct vm_state *v, uint64_
 void pt_migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t now)
 {
 	struct vm_state *v = im->vm, *have = pt_vm_find(pt, v->info.uuid);
-	struct guest_conn *list = v->conns, *c, *next;
+	struct guest_conn *list = v->conns.head, *c, *next;
 	struct migrate_result *res = v->migrate_res;
 	uint64_t took = now - v->migrate_started;
-	unsigned n = v->nconns;
+	unsigned n = v->conns.count;
 
 	v->migrate_res = NULL;
 	if (have) {
@@ -165,27 +164,22 @@ void pt_migrate_in(struct poll_thread *pt, struct migrate_in_mail *im, uint64_t 
 		v->hash_next = pt->vms[b];
 		pt->vms[b] = v;
 		pt->nvms++;
-		v->conns = NULL;
-		v->nconns = 0;
+		v->conns = (struct guest_conn_list){ NULL, 0 };
 		v->refs = 0;
 	}
 	for (c = list; c; c = next) {
-		/* No interest yet: conn_update_epoll sets it (and resumes the
-		 * engine's receive timer) when the dirty list is flushed. */
-		struct epoll_event e = { .events = 0, .data.ptr = c };
-
-		next = c->vm_next;
-		c->vm = v;
-		c->pt = pt;
-				if (c->sess)
-			guest_session_set_config(c->sess, &pt->scfg);
+		next = guest_conn_vm_next(c);
+		guest_conn_set_owner(c, pt, v);
+		if (guest_conn_session(c))
+			guest_session_set_config(guest_conn_session(c), &pt->scfg);
 		v->refs++;
 		pt_conn_attach(pt, c);
 		inbox_conn_arrived(pt->inbox, c, &v->info);
-		c->ep_events = 0;
-		if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0)
-			c->closing = true;
-		c->deadline = 0;
+		/* No interest yet: conn_update_epoll sets it (and resumes the
+		 * engine's receive timer) when the dirty list is flushed. */
+		if (guest_conn_watch(c, pt->epfd, false) < 0)
+			guest_conn_close_later(c);
+		guest_conn_set_deadline(c, 0);
 		pt_conn_update_blocked(pt, c); /* this thread's bound and link now */
 	}
 	pt->migrations_in++;
@@ -203,7 +197,7 @@ void pt_process_migrations(struct poll_thread *pt, uint64_t now)
 	struct vm_state **pv = &pt->migrating, *v;
 
 	while ((v = *pv)) {
-		if (v->held_msgs == 0 || v->nconns == 0) {
+		if (v->held_msgs == 0 || v->conns.count == 0) {
 			*pv = v->mig_next;
 			v->mig_next = NULL;
 			migrate_handover(pt, v, now);
@@ -241,7 +235,7 @@ bool pt_vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t now)
 	switch (gm->how) {
 	case VM_STOPPED:
 		log_info("vm=%s thread=%u: VM stopped or went away: closing its %u connections",
-			 v->info.name, pt->id, v->nconns);
+			 v->info.name, pt->id, v->conns.count);
 		pt_close_vm_conns(pt, v, 320, "CONNECTION_FORCED - VM is no longer running");
 		break;
 	case VM_MIGRATING_AWAY:
@@ -255,19 +249,19 @@ bool pt_vm_gone(struct poll_thread *pt, struct vm_gone_mail *gm, uint64_t now)
 		log_info("vm=%s thread=%u: VM migrating to another host: its %u connections are "
 			 "no longer read and are closed once its %llu held messages are confirmed "
 			 "(at most %u ms)",
-			 v->info.name, pt->id, v->nconns, (unsigned long long)v->held_msgs,
+			 v->info.name, pt->id, v->conns.count, (unsigned long long)v->held_msgs,
 			 gm->settle_ms);
-		for (struct guest_conn *c = v->conns; c; c = c->vm_next)
+		for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c))
 			pt_mark_dirty(pt, c);
 		break;
 	case VM_CID_CHANGED:
-		for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
-			if (!c->cid || c->cid == gm->cid)
+		for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c)) {
+			if (!guest_conn_cid(c) || guest_conn_cid(c) == gm->cid)
 				continue;
 			guest_session_close(
-				c->sess, 320,
+				guest_conn_session(c), 320,
 				"CONNECTION_FORCED - the VM no longer has this vsock CID");
-			c->deadline = 0;
+			guest_conn_set_deadline(c, 0);
 			pt_mark_dirty(pt, c);
 			n++;
 		}
@@ -306,7 +300,7 @@ void pt_process_leaving(struct poll_thread *pt, uint64_t now)
 			else
 				log_info("vm=%s thread=%u: migrated away, every message settled: "
 					 "closing its %u connections",
-					 v->info.name, pt->id, v->nconns);
+					 v->info.name, pt->id, v->conns.count);
 			pt_close_vm_conns(pt, v, 320,
 				       "CONNECTION_FORCED - VM migrated to another host");
 		}

@@ -25,14 +25,16 @@
  * sends is held, up to the bounds, and published when the link works). */
 void pt_conn_update_blocked(struct poll_thread *pt, struct guest_conn *c)
 {
-	if (!c->sess)
+	struct guest_session *s = guest_conn_session(c);
+
+	if (!s)
 		return;
-	if (c->vm->blocked || pt->blocked)
-		guest_session_set_blocked(c->sess, true, BOUND_REASON);
+	if (guest_conn_vm(c)->blocked || pt->blocked)
+		guest_session_set_blocked(s, true, BOUND_REASON);
 	else if (pt->link_unable)
-		guest_session_set_blocked(c->sess, true, pt->link_reason);
+		guest_session_set_blocked(s, true, pt->link_reason);
 	else
-		guest_session_set_blocked(c->sess, false, NULL);
+		guest_session_set_blocked(s, false, NULL);
 	pt_mark_dirty(pt, c);
 }
 
@@ -49,7 +51,7 @@ static void vm_set_blocked(struct poll_thread *pt, struct vm_state *v, bool bloc
 			 v->info.name, pt->id, (unsigned long long)v->held_bytes);
 	else
 		log_info("vm=%s thread=%u: below the bound again, resuming", v->info.name, pt->id);
-	for (c = v->conns; c; c = c->vm_next)
+	for (c = v->conns.head; c; c = guest_conn_vm_next(c))
 		pt_conn_update_blocked(pt, c);
 }
 
@@ -63,12 +65,12 @@ void pt_check_bounds(struct poll_thread *pt, struct vm_state *v)
 		pt->blocked = true;
 		log_warn("thread=%u: %llu unconfirmed bytes held, over the thread bound: "
 			 "pausing all its guests", pt->id, (unsigned long long)pt->held_bytes);
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+		for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c))
 			pt_conn_update_blocked(pt, c);
 	} else if (pt->blocked && pt->held_bytes <= pt_max / 2) {
 		pt->blocked = false;
 		log_info("thread=%u: below the thread bound again", pt->id);
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+		for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c))
 			pt_conn_update_blocked(pt, c);
 	}
 	if (v) {
@@ -114,6 +116,7 @@ static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
 {
 	struct poll_thread *pt = ud;
 	struct guest_conn *c = m->conn;
+	struct guest_session *s = guest_conn_session(c);
 	struct vm_state *v = m->vm;
 
 	vm_queue_settled(&v->q);
@@ -121,8 +124,8 @@ static void op_confirmed(void *ud, struct upstream_msg *m, bool ack)
 		v->acked++;
 	else
 		v->nacked++;
-	if (m->confirm && c->sess) {
-		guest_session_settle(c->sess, m->channel, m->chan_gen, m->guest_tag, ack);
+	if (m->confirm && s) {
+		guest_session_settle(s, m->channel, m->chan_gen, m->guest_tag, ack);
 		pt_mark_dirty(pt, c);
 	}
 	v->refs++; /* msg_free may drop the last reference */
@@ -148,15 +151,15 @@ static void op_returned(void *ud, struct upstream_msg *m, uint16_t code, const c
 {
 	struct poll_thread *pt = ud;
 	struct guest_conn *c = m->conn;
+	struct guest_session *s = guest_conn_session(c);
 	amqp_bytes_t ex = { m->ex_len, m->data + m->rk_len + m->props_len };
 	amqp_bytes_t rk = { (size_t)(m->rk_len - m->guest_rk_off), m->data + m->guest_rk_off };
 	amqp_bytes_t props = { m->props_len, m->data + m->rk_len };
 	amqp_bytes_t body = { m->body_len, m->body };
 
 	/* Back to the guest with the names it used, before its confirm. */
-	if (c->sess) {
-		guest_session_return(c->sess, m->channel, m->chan_gen, code, text, ex, rk, props,
-				     body);
+	if (s) {
+		guest_session_return(s, m->channel, m->chan_gen, code, text, ex, rk, props, body);
 		pt_mark_dirty(pt, c);
 	}
 }
@@ -228,7 +231,7 @@ static void op_publishing(void *ud, bool able, uint16_t code)
 	} else {
 		log_info("thread=%u: the link publishes again: guests are unblocked", pt->id);
 	}
-	for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+	for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c))
 		pt_conn_update_blocked(pt, c);
 }
 
@@ -257,10 +260,11 @@ void pt_inbox_wake(void *ud, struct guest_conn *c)
 static void reject_publish(struct poll_thread *pt, struct guest_conn *c,
 			   const struct guest_publish *pub, const char *why)
 {
-	log_warn("vm=%s conn=%u: message dropped: %s", c->vm->info.name, c->id, why);
+	log_warn("vm=%s conn=%u: message dropped: %s", guest_conn_vm(c)->info.name,
+		 guest_conn_id(c), why);
 	if (pub->confirm) {
-		guest_session_settle(c->sess, pub->channel, pub->channel_gen, pub->delivery_tag,
-				     false);
+		guest_session_settle(guest_conn_session(c), pub->channel, pub->channel_gen,
+				     pub->delivery_tag, false);
 		pt_mark_dirty(pt, c);
 	}
 	free(pub->body);
@@ -268,10 +272,10 @@ static void reject_publish(struct poll_thread *pt, struct guest_conn *c,
 
 void pt_on_publish(struct poll_thread *pt, struct guest_conn *c, const struct guest_publish *pub)
 {
-	struct vm_state *v = c->vm;
+	struct vm_state *v = guest_conn_vm(c);
 	size_t uuid_len = strlen(v->info.uuid);
 	size_t rk_len = uuid_len + 1 + pub->routing_key.len;
-	struct stamp st = { v->info.uuid, v->info.name, c->cid, pt->sh->cfg->hostname,
+	struct stamp st = { v->info.uuid, v->info.name, guest_conn_cid(c), pt->sh->cfg->hostname,
 			    (int64_t)clock_wall_ms() };
 	struct upstream_msg *m;
 	int plen;
@@ -311,9 +315,8 @@ void pt_on_publish(struct poll_thread *pt, struct guest_conn *c, const struct gu
 	m->size = (uint32_t)(sizeof(*m) + rk_len + (size_t)plen + pub->exchange.len + pub->body_len);
 	m->conn = c;
 	m->vm = v;
-	c->refs++;
+	guest_conn_ref(c);
 	v->refs++;
-	c->msgs_in++;
 	v->msgs_in++;
 	v->bytes_in += pub->body_len;
 	pt->msgs_in++;

@@ -36,7 +36,7 @@ void pt_report(struct poll_thread *pt, struct poll_report *r)
 			struct poll_vm_report *vr = &r->vms[k++];
 
 			vr->info = v->info;
-			vr->connections = v->nconns;
+			vr->connections = v->conns.count;
 			vr->held_bytes = v->held_bytes;
 			vr->held_messages = v->held_msgs;
 			vr->messages_in = v->msgs_in;
@@ -51,7 +51,7 @@ void pt_report(struct poll_thread *pt, struct poll_report *r)
 	upstream_get_stats(pt->up, &r->link);
 	r->thread = pt->id;
 	r->cpu = pt->cpu;
-	r->connections = pt->nconns;
+	r->connections = pt->conns.count;
 	r->vm_count = pt->nvms;
 	r->held_bytes = pt->held_bytes;
 	r->held_messages = pt->held_msgs;

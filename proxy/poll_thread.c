@@ -65,19 +65,15 @@ void pt_vm_unref(struct poll_thread *pt, struct vm_state *v)
 
 static void conn_unref(struct poll_thread *pt, struct guest_conn *c)
 {
-	if (--c->refs > 0)
-		return;
-	pt_vm_unref(pt, c->vm);
-	free(c);
+	struct vm_state *v = guest_conn_vm(c);
+
+	if (guest_conn_unref(c))
+		pt_vm_unref(pt, v);
 }
 
 void pt_mark_dirty(struct poll_thread *pt, struct guest_conn *c)
 {
-	if (c->dirty || !c->sess)
-		return;
-	c->dirty = true;
-	c->dirty_next = pt->dirty;
-	pt->dirty = c;
+	guest_conn_push_dirty(&pt->dirty, c);
 }
 
 void pt_msg_free(struct poll_thread *pt, struct upstream_msg *m)
@@ -100,16 +96,18 @@ void pt_msg_free(struct poll_thread *pt, struct upstream_msg *m)
 static void on_session_event(void *ud, const struct guest_event *ev)
 {
 	struct guest_conn *c = ud;
-	struct poll_thread *pt = c->pt;
+	struct poll_thread *pt = guest_conn_thread(c);
+	struct vm_state *v = guest_conn_vm(c);
+	uint32_t id = id;
 
 	switch (ev->type) {
 	case GUEST_EVENT_OPENED: {
 		char user[80];
-		const char *u = guest_session_user(c->sess);
+		const char *u = guest_session_user(guest_conn_session(c));
 		log_info("vm=%s conn=%u: AMQP connection open from %s, user \"%s\"",
-			 c->vm->info.name, c->id, c->peer,
+			 v->info.name, id, guest_conn_peer(c),
 			 log_sanitize(user, sizeof(user), u, (unsigned)strlen(u)));
-		if (c->vm->blocked || pt->blocked || pt->link_unable)
+		if (v->blocked || pt->blocked || pt->link_unable)
 			pt_conn_update_blocked(pt, c);
 		break;
 	}
@@ -121,7 +119,7 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 	case GUEST_EVENT_CANCEL:
 	case GUEST_EVENT_SETTLE:
 	case GUEST_EVENT_GET:
-		inbox_guest_event(pt->inbox, c, &c->vm->info, ev);
+		inbox_guest_event(pt->inbox, c, &v->info, ev);
 		break;
 	case GUEST_EVENT_CHANNEL_CLOSED:
 		break;
@@ -131,9 +129,9 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 		char text[300];
 		log_escape(text, sizeof(text), ev->text ? ev->text : "");
 		if (ev->reply_code == 200 || ev->reply_code == 0)
-			log_info("vm=%s conn=%u: closed: %s", c->vm->info.name, c->id, text);
+			log_info("vm=%s conn=%u: closed: %s", v->info.name, id, text);
 		else
-			log_warn("vm=%s conn=%u: closed with %u: %s", c->vm->info.name, c->id,
+			log_warn("vm=%s conn=%u: closed with %u: %s", v->info.name, id,
 				 ev->reply_code, text);
 		break;
 	}
@@ -146,90 +144,43 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 /* Link C (whose vm is set) into its VM's and the thread's lists. */
 void pt_conn_attach(struct poll_thread *pt, struct guest_conn *c)
 {
-	struct vm_state *v = c->vm;
-
-	c->vm_prev = NULL;
-	c->vm_next = v->conns;
-	if (v->conns)
-		v->conns->vm_prev = c;
-	v->conns = c;
-	v->nconns++;
-	c->all_prev = NULL;
-	c->all_next = pt->conns;
-	if (pt->conns)
-		pt->conns->all_prev = c;
-	pt->conns = c;
-	pt->nconns++;
-	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	guest_conn_link(c, &guest_conn_vm(c)->conns, &pt->conns);
+	atomic_store_explicit(&pt->g.connections, pt->conns.count, memory_order_relaxed);
 }
 
 /* Unlink C from the thread's list, and from its VM's list when FROM_VM. */
 void pt_conn_detach(struct poll_thread *pt, struct guest_conn *c, bool from_vm)
 {
-	struct vm_state *v = c->vm;
-
-	if (from_vm) {
-		if (c->vm_prev)
-			c->vm_prev->vm_next = c->vm_next;
-		else
-			v->conns = c->vm_next;
-		if (c->vm_next)
-			c->vm_next->vm_prev = c->vm_prev;
-		c->vm_prev = c->vm_next = NULL;
-		v->nconns--;
-	}
-	if (c->all_prev)
-		c->all_prev->all_next = c->all_next;
-	else
-		pt->conns = c->all_next;
-	if (c->all_next)
-		c->all_next->all_prev = c->all_prev;
-	c->all_prev = c->all_next = NULL;
-	pt->nconns--;
-	atomic_store_explicit(&pt->g.connections, pt->nconns, memory_order_relaxed);
+	guest_conn_unlink(c, from_vm ? &guest_conn_vm(c)->conns : NULL, &pt->conns);
+	atomic_store_explicit(&pt->g.connections, pt->conns.count, memory_order_relaxed);
 }
 
 static void conn_close(struct poll_thread *pt, struct guest_conn *c)
 {
-	struct vm_state *v = c->vm;
+	struct vm_state *v = guest_conn_vm(c);
 	struct guest_session *sess;
 
-	if (!c->sess)
+	if (!guest_conn_session(c))
 		return;
-	sess = c->sess;
-	c->sess = NULL; /* what the inbox hands back marks nothing dirty */
+	/* Shut first: what the inbox hands back marks nothing dirty. */
+	sess = guest_conn_shut(c, pt->epfd);
 	inbox_conn_closing(pt->inbox, c, sess);
-	epoll_ctl(pt->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-	close(c->fd);
-	c->fd = -1;
 	guest_session_free(sess);
 	partition_release_conn(pt->sh->partition, v->info.uuid);
 	pt_conn_detach(pt, c, true);
-	log_debug("vm=%s conn=%u: socket closed (%llu bytes in, %llu out)", v->info.name, c->id,
-		  (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+	log_debug("vm=%s conn=%u: socket closed (%llu bytes in, %llu out)", v->info.name,
+		  guest_conn_id(c), (unsigned long long)guest_conn_bytes_in(c),
+		  (unsigned long long)guest_conn_bytes_out(c));
 	conn_unref(pt, c);
 }
 
 void pt_conn_update_epoll(struct poll_thread *pt, struct guest_conn *c, bool want_out,
 			      uint64_t now)
 {
-	uint32_t ev = 0;
-	struct epoll_event e;
+	const struct vm_state *v = guest_conn_vm(c);
+	bool read = !v->blocked && !pt->blocked && !v->migrating && !v->leaving && !pt->paused;
 
-	if (guest_session_wants_read(c->sess) && !c->vm->blocked && !pt->blocked &&
-	    !c->vm->migrating && !c->vm->leaving && !pt->paused)
-		ev |= EPOLLIN;
-	if (want_out)
-		ev |= EPOLLOUT;
-	if (ev == c->ep_events)
-		return;
-	e.events = ev;
-	e.data.ptr = c;
-	if (epoll_ctl(pt->epfd, EPOLL_CTL_MOD, c->fd, &e) == 0) {
-		if ((ev ^ c->ep_events) & EPOLLIN)
-			guest_session_set_reading(c->sess, ev & EPOLLIN, now);
-		c->ep_events = ev;
-	}
+	guest_conn_set_interest(c, pt->epfd, read, want_out, now);
 }
 
 /* Write output, update epoll interest, close when the engine is done. */
@@ -237,14 +188,14 @@ static void conn_service(struct poll_thread *pt, struct guest_conn *c, uint64_t 
 {
 	int r;
 
-	if (!c->sess)
+	if (!guest_conn_session(c))
 		return;
 	r = guest_conn_flush(c, now, &pt->guest_writes);
 	if (r < 0 && r != -EAGAIN) {
 		conn_close(pt, c);
 		return;
 	}
-	if (guest_session_done(c->sess) || c->closing) {
+	if (guest_session_done(guest_conn_session(c)) || guest_conn_closing(c)) {
 		conn_close(pt, c);
 		return;
 	}
@@ -253,12 +204,10 @@ static void conn_service(struct poll_thread *pt, struct guest_conn *c, uint64_t 
 
 static void flush_dirty(struct poll_thread *pt, uint64_t now)
 {
-	while (pt->dirty) {
-		struct guest_conn *c = pt->dirty;
+	struct guest_conn *c;
 
-		pt->dirty = c->dirty_next;
-		c->dirty = false;
-		c->refs++; /* conn_service may close it */
+	while ((c = guest_conn_pop_dirty(&pt->dirty))) {
+		guest_conn_ref(c); /* conn_service may close it */
 		conn_service(pt, c, now);
 		conn_unref(pt, c);
 	}
@@ -273,12 +222,13 @@ static void conn_handle_events(struct poll_thread *pt, struct guest_conn *c, uin
 		pt->guest_reads++;
 		r = guest_conn_read(c, pt->read_buf, sizeof(pt->read_buf), now);
 		if (r == 0 || (r < 0 && r != -EAGAIN)) {
-			log_debug("vm=%s conn=%u: peer went away", c->vm->info.name, c->id);
-			c->closing = true;
+			log_debug("vm=%s conn=%u: peer went away", guest_conn_vm(c)->info.name,
+				  guest_conn_id(c));
+			guest_conn_close_later(c);
 		}
-		c->deadline = 0; /* re-evaluate timers at the next scan */
+		guest_conn_set_deadline(c, 0); /* re-evaluate timers at the next scan */
 	} else if (events & (EPOLLERR | EPOLLHUP)) {
-		c->closing = true;
+		guest_conn_close_later(c);
 	}
 	pt_mark_dirty(pt, c);
 }
@@ -288,9 +238,9 @@ static void conn_handle_events(struct poll_thread *pt, struct guest_conn *c, uin
  * looked (the mail is then not ours to free). */
 static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_t now)
 {
+	const char *why = "out of memory";
 	struct guest_conn *c;
-	struct vm_state *v = NULL;
-	struct epoll_event e;
+	struct vm_state *v;
 	unsigned owner;
 
 	if (partition_lookup(pt->sh->partition, nm->vm.uuid, &owner) == 0 && owner != pt->id &&
@@ -298,51 +248,41 @@ static bool adopt_conn(struct poll_thread *pt, struct new_conn_mail *nm, uint64_
 		mailbox_post(&pt->sh->threads[owner]->mb, &nm->mail);
 		return false;
 	}
-	c = calloc(1, sizeof(*c));
-	if (!c)
-		goto fail;
-	c->pt = pt;
-	c->sess = guest_session_new(&pt->scfg, c, now);
-	v = c->sess ? vm_get(pt, &nm->vm) : NULL;
-	if (!v)
-		goto fail;
-	v->refs++; /* the connection's */
-	c->fd = nm->fd;
-	c->id = nm->conn_id;
-	c->cid = nm->vm.cid;
-	v->info.cid = nm->vm.cid; /* the VM's newest connection: a restart may change it */
-	c->vm = v;
-	c->refs = 1;
-	snprintf(c->peer, sizeof(c->peer), "%s", nm->peer);
-	e.events = EPOLLIN;
-	e.data.ptr = c;
-	if (epoll_ctl(pt->epfd, EPOLL_CTL_ADD, c->fd, &e) < 0) {
-		pt_vm_unref(pt, v);
-		goto fail;
+	c = guest_conn_new(nm->fd, nm->conn_id, nm->vm.cid, nm->peer, &pt->scfg, now);
+	v = c ? vm_get(pt, &nm->vm) : NULL;
+	if (v) {
+		v->refs++; /* the connection's */
+		if (guest_conn_watch(c, pt->epfd, true) < 0) {
+			pt_vm_unref(pt, v);
+			v = NULL;
+			why = "epoll failure";
+		}
 	}
-	c->ep_events = EPOLLIN;
+	if (!v) {
+		log_error("vm=%s conn=%u: cannot adopt connection: %s", nm->vm.name, nm->conn_id,
+			  why);
+		if (c)
+			guest_conn_discard(c); /* closes the socket */
+		else
+			close(nm->fd);
+		partition_release_conn(pt->sh->partition, nm->vm.uuid);
+		return true;
+	}
+	v->info.cid = nm->vm.cid; /* the VM's newest connection: a restart may change it */
+	guest_conn_set_owner(c, pt, v);
 	pt_conn_attach(pt, c);
 	pt_mark_dirty(pt, c); /* epoll interest follows the VM's state */
-	log_debug("vm=%s conn=%u: adopted by thread %u from %s", v->info.name, c->id, pt->id,
-		  c->peer);
-	return true;
-fail:
-	log_error("vm=%s conn=%u: cannot adopt connection: %s", nm->vm.name, nm->conn_id,
-		  c ? "out of memory or epoll failure" : "out of memory");
-	if (c && c->sess)
-		guest_session_free(c->sess);
-	free(c);
-	close(nm->fd);
-	partition_release_conn(pt->sh->partition, nm->vm.uuid);
+	log_debug("vm=%s conn=%u: adopted by thread %u from %s", v->info.name, guest_conn_id(c),
+		  pt->id, guest_conn_peer(c));
 	return true;
 }
 
 void pt_close_vm_conns(struct poll_thread *pt, struct vm_state *v, uint16_t code,
 			   const char *text)
 {
-	for (struct guest_conn *c = v->conns; c; c = c->vm_next) {
-		guest_session_close(c->sess, code, text);
-		c->deadline = 0; /* the close-ok timeout: armed at the next scan */
+	for (struct guest_conn *c = v->conns.head; c; c = guest_conn_vm_next(c)) {
+		guest_session_close(guest_conn_session(c), code, text);
+		guest_conn_set_deadline(c, 0); /* the close-ok timeout: armed at the next scan */
 		pt_mark_dirty(pt, c);
 	}
 }
@@ -374,14 +314,15 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 	}
 	case MAIL_PAUSE:
 		pt->paused = true;
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next)
+		for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c))
 			pt_mark_dirty(pt, c);
 		free(m);
 		break;
 	case MAIL_DRAIN:
-		for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-			guest_session_close(c->sess, 320, "CONNECTION_FORCED - vmproxyd shutdown");
-			c->deadline = 0;
+		for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c)) {
+			guest_session_close(guest_conn_session(c), 320,
+					    "CONNECTION_FORCED - vmproxyd shutdown");
+			guest_conn_set_deadline(c, 0);
 			pt_mark_dirty(pt, c);
 		}
 		free(m);
@@ -420,10 +361,10 @@ static void handle_mail(struct poll_thread *pt, struct mail *m, uint64_t now)
 
 static void scan_timers(struct poll_thread *pt, uint64_t now)
 {
-	for (struct guest_conn *c = pt->conns; c; c = c->all_next) {
-		if (c->deadline > now)
+	for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c)) {
+		if (guest_conn_deadline(c) > now)
 			continue;
-		c->deadline = guest_session_tick(c->sess, now);
+		guest_conn_set_deadline(c, guest_session_tick(guest_conn_session(c), now));
 		pt_mark_dirty(pt, c);
 	}
 	pt->next_scan = now + SCAN_EVERY_MS;
@@ -597,11 +538,9 @@ static void discard_mail(struct mail *m)
 		struct vm_state *v = ((struct migrate_in_mail *)m)->vm;
 		struct guest_conn *c, *next;
 		pt_migrate_result_set(v->migrate_res, -ECANCELED, "the daemon is stopping");
-		for (c = v->conns; c; c = next) {
-			next = c->vm_next;
-			close(c->fd);
-			guest_session_free(c->sess);
-			free(c);
+		for (c = v->conns.head; c; c = next) {
+			next = guest_conn_vm_next(c);
+			guest_conn_discard(c);
 		}
 		free(v);
 		free(m);
@@ -648,8 +587,8 @@ void poll_thread_free(struct poll_thread *pt)
 	upstream_free(pt->up);
 	pt->up = NULL;
 	inbox_set_link(pt->inbox, NULL);
-	while (pt->conns)
-		conn_close(pt, pt->conns);
+	while (pt->conns.head)
+		conn_close(pt, pt->conns.head);
 	for (size_t b = 0; b < VM_BUCKETS; b++) {
 		struct vm_state *v = pt->vms[b];
 

@@ -4,8 +4,9 @@
  * them, confirms and backpressure), poll_migrate.c (VMs moving to another
  * thread or away to another host) and poll_request.c (what other threads
  * ask of it). Functions named pt_ are theirs alone. Ownership: a guest_conn
- * lives while its socket is open or while any of its messages is held
- * (refs); a vm_state while it has connections or held messages. Neither is
+ * (opaque, guest_conn.h) lives while its socket is open or while any of its
+ * messages is held (its references); a vm_state while it has connections or
+ * held messages. Neither is
  * freed inside an engine callback: a closing connection is marked and
  * closed after the dispatch round. */
 #pragma once
@@ -33,8 +34,7 @@
 struct vm_state {
 	struct vm_info info;
 	struct vm_state *hash_next;
-	struct guest_conn *conns;
-	uint32_t nconns;
+	struct guest_conn_list conns;
 	uint32_t refs; /* connections + held messages */
 	uint64_t held_bytes, held_msgs;
 	struct upstream_msg *pend_head, *pend_tail; /* waiting for the link */
@@ -135,8 +135,7 @@ struct poll_thread {
 
 	struct vm_state *vms[VM_BUCKETS];
 	uint32_t nvms;
-	struct guest_conn *conns; /* all, doubly linked */
-	uint32_t nconns;
+	struct guest_conn_list conns; /* all of them */
 	unsigned nleaving; /* VMs leaving for another host (vm_state.leaving) */
 	struct guest_conn *dirty;
 	struct vm_queue ring; /* VMs with messages waiting */
