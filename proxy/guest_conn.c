@@ -8,6 +8,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "list.h"
+
 struct guest_conn {
 	struct guest_session *sess; /* NULL once the socket is shut */
 	struct vm_state *vm;
@@ -256,18 +258,10 @@ struct guest_conn *guest_conn_pop_dirty(struct guest_conn **list)
 void guest_conn_link(struct guest_conn *c, struct guest_conn_list *vm, struct guest_conn_list *all)
 {
 	if (vm) {
-		c->vm_prev = NULL;
-		c->vm_next = vm->head;
-		if (vm->head)
-			vm->head->vm_prev = c;
-		vm->head = c;
+		DLIST_PUSH(vm->head, c, vm_prev, vm_next);
 		vm->count++;
 	}
-	c->all_prev = NULL;
-	c->all_next = all->head;
-	if (all->head)
-		all->head->all_prev = c;
-	all->head = c;
+	DLIST_PUSH(all->head, c, all_prev, all_next);
 	all->count++;
 }
 
@@ -275,22 +269,10 @@ void guest_conn_unlink(struct guest_conn *c, struct guest_conn_list *vm,
 		       struct guest_conn_list *all)
 {
 	if (vm) {
-		if (c->vm_prev)
-			c->vm_prev->vm_next = c->vm_next;
-		else
-			vm->head = c->vm_next;
-		if (c->vm_next)
-			c->vm_next->vm_prev = c->vm_prev;
-		c->vm_prev = c->vm_next = NULL;
+		DLIST_UNLINK(vm->head, c, vm_prev, vm_next);
 		vm->count--;
 	}
-	if (c->all_prev)
-		c->all_prev->all_next = c->all_next;
-	else
-		all->head = c->all_next;
-	if (c->all_next)
-		c->all_next->all_prev = c->all_prev;
-	c->all_prev = c->all_next = NULL;
+	DLIST_UNLINK(all->head, c, all_prev, all_next);
 	all->count--;
 }
 

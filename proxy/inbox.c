@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "field.h"
+#include "list.h"
 
 int inbox_new(const struct proxy_config *cfg, unsigned thread_id, inbox_wake_fn wake,
               void *userdata, struct inbox **out)
@@ -161,21 +162,13 @@ struct inbox_req *inbox_req_new(struct inbox *ib, enum req_what what, struct gue
 	r->ch = ch;
 	r->ch_gen = ch_gen;
 	r->k = k;
-	r->next = ib->reqs;
-	if (ib->reqs)
-		ib->reqs->prev = r;
-	ib->reqs = r;
+	DLIST_PUSH(ib->reqs, r, prev, next);
 	return r;
 }
 
 void inbox_req_free(struct inbox *ib, struct inbox_req *r)
 {
-	if (r->prev)
-		r->prev->next = r->next;
-	else
-		ib->reqs = r->next;
-	if (r->next)
-		r->next->prev = r->prev;
+	DLIST_UNLINK(ib->reqs, r, prev, next);
 	free(r);
 }
 
