@@ -22,6 +22,16 @@ char *config_dup_or_null(const char *s)
 	return s ? strdup(s) : NULL;
 }
 
+int config_get_string_dup(struct conf_ctx *c, json_t *obj, const char *section, const char *key,
+			  bool required, char **out)
+{
+	const char *s = NULL;
+	int r = conf_get_string(c, obj, section, key, required, &s);
+
+	*out = config_dup_or_null(s);
+	return s && !*out ? -ENOMEM : r;
+}
+
 static int parse_threads(struct conf_ctx *c, json_t *root, struct proxy_config *cfg)
 {
 	static const char *const keys[] = { "count", "cpus", NULL };
@@ -111,12 +121,8 @@ static int parse_misc(struct conf_ctx *c, json_t *root, struct proxy_config *cfg
 	r |= conf_get_object(c, root, "", "admin", false, &a);
 	if (a) {
 		r |= conf_check_keys(c, a, "admin", admin_keys);
-		s = NULL;
-		r |= conf_get_string(c, a, "admin", "socket", false, &s);
-		cfg->admin.socket = config_dup_or_null(s);
-		s = NULL;
-		r |= conf_get_string(c, a, "admin", "group", false, &s);
-		cfg->admin.group = config_dup_or_null(s);
+		r |= config_get_string_dup(c, a, "admin", "socket", false, &cfg->admin.socket);
+		r |= config_get_string_dup(c, a, "admin", "group", false, &cfg->admin.group);
 	}
 	r |= conf_get_uint(c, root, "", "drain_timeout_ms", false, 0, 3600000, &n);
 	cfg->drain_timeout_ms = (uint32_t)n;

@@ -14,6 +14,10 @@
 
 /* A copy of S, or NULL when S is NULL (or out of memory). */
 char *config_dup_or_null(const char *s);
+/* conf_get_string's KEY of OBJ, copied into *OUT (NULL when absent or
+ * invalid); -ENOMEM when the copy fails. */
+int config_get_string_dup(struct conf_ctx *c, json_t *obj, const char *section, const char *key,
+			  bool required, char **out);
 
 /* ---- config_listen.c: listeners and identity ---------------------------------- */
 

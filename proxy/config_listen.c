@@ -105,22 +105,23 @@ static int parse_vm_socket_listener(struct conf_ctx *c, json_t *v, const char *p
 
 	if (!fc) {
 		r |= conf_check_keys(c, v, p, unix_keys);
-		r |= conf_get_string(c, v, p, "path", true, &s);
-		l->path = config_dup_or_null(s);
+		r |= config_get_string_dup(c, v, p, "path", true, &l->path);
 	} else {
 		/* Firecracker hands a guest's connection to host port P to
 		 * "<uds_path>_P". */
 		r |= conf_check_keys(c, v, p, fc_keys);
 		r |= conf_get_uint(c, v, p, "port", false, 1, 0xfffffffe, &port);
 		l->port = (uint32_t)port;
-		r |= conf_get_string(c, v, p, "uds_path", true, &s);
-		l->uds_path = config_dup_or_null(s);
-		if (s && (l->path = malloc(strlen(s) + 16)) != NULL)
-			sprintf(l->path, "%s_%u", s, l->port);
+		r |= config_get_string_dup(c, v, p, "uds_path", true, &l->uds_path);
+		if (l->uds_path) {
+			l->path = malloc(strlen(l->uds_path) + 16);
+			if (!l->path)
+				r |= -ENOMEM;
+			else
+				sprintf(l->path, "%s_%u", l->uds_path, l->port);
+		}
 	}
-	s = NULL;
-	r |= conf_get_string(c, v, p, "vm", true, &s);
-	l->vm = config_dup_or_null(s);
+	r |= config_get_string_dup(c, v, p, "vm", true, &l->vm);
 	s = NULL;
 	r |= conf_get_string(c, v, p, "uuid", false, &s);
 	if (s) {
@@ -200,7 +201,6 @@ int config_parse_identity(struct conf_ctx *c, json_t *root, struct proxy_config 
 	static const char *const entry_keys[] = { "address", "vm", "uuid", NULL };
 	static const char *const policies[] = { "reject", "by_address", NULL };
 	json_t *id = NULL, *arr = NULL, *v;
-	const char *s = NULL;
 	unsigned pol = 0;
 	size_t i;
 	int r = 0;
@@ -211,8 +211,8 @@ int config_parse_identity(struct conf_ctx *c, json_t *root, struct proxy_config 
 	if (!id)
 		return 0;
 	r |= conf_check_keys(c, id, "identity", keys);
-	r |= conf_get_string(c, id, "identity", "libvirt_uri", false, &s);
-	cfg->identity.libvirt_uri = config_dup_or_null(s);
+	r |= config_get_string_dup(c, id, "identity", "libvirt_uri", false,
+				   &cfg->identity.libvirt_uri);
 	r |= conf_get_bool(c, id, "identity", "libvirt_read_write", false,
 			   &cfg->identity.libvirt_read_write);
 	r |= conf_get_enum(c, id, "identity", "unknown_peers", false, policies, &pol);

@@ -75,21 +75,14 @@ static int parse_upstream_hosts(struct conf_ctx *c, json_t *u, struct proxy_conf
 static int parse_upstream_tls(struct conf_ctx *c, json_t *tls, struct proxy_config *cfg)
 {
 	static const char *const tls_keys[] = { "ca", "cert", "key", "verify_hostname", NULL };
-	const char *s;
 	int r = 0;
 
 	r |= conf_check_keys(c, tls, "upstream.tls", tls_keys);
-	s = NULL;
-	r |= conf_get_string(c, tls, "upstream.tls", "ca", true, &s);
-	cfg->upstream.ca = config_dup_or_null(s);
+	r |= config_get_string_dup(c, tls, "upstream.tls", "ca", true, &cfg->upstream.ca);
 	r |= check_readable(c, "upstream.tls.ca", cfg->upstream.ca);
-	s = NULL;
-	r |= conf_get_string(c, tls, "upstream.tls", "cert", false, &s);
-	cfg->upstream.cert = config_dup_or_null(s);
+	r |= config_get_string_dup(c, tls, "upstream.tls", "cert", false, &cfg->upstream.cert);
 	r |= check_readable(c, "upstream.tls.cert", cfg->upstream.cert);
-	s = NULL;
-	r |= conf_get_string(c, tls, "upstream.tls", "key", cfg->upstream.cert != NULL, &s);
-	cfg->upstream.key = config_dup_or_null(s);
+	r |= config_get_string_dup(c, tls, "upstream.tls", "key", cfg->upstream.cert != NULL, &cfg->upstream.key);
 	r |= check_readable(c, "upstream.tls.key", cfg->upstream.key);
 	r |= conf_get_bool(c, tls, "upstream.tls", "verify_hostname", false,
 			   &cfg->upstream.verify_hostname);
@@ -104,19 +97,14 @@ static int parse_upstream_auth(struct conf_ctx *c, json_t *u, struct proxy_confi
 	static const char *const mechs[] = { "PLAIN", "EXTERNAL", NULL };
 	json_t *auth = NULL;
 	unsigned mech = 0;
-	const char *s;
 	int r = 0;
 
 	r |= conf_get_object(c, u, "upstream", "auth", false, &auth);
 	if (auth) {
 		r |= conf_check_keys(c, auth, "upstream.auth", auth_keys);
 		r |= conf_get_enum(c, auth, "upstream.auth", "mechanism", false, mechs, &mech);
-		s = NULL;
-		r |= conf_get_string(c, auth, "upstream.auth", "user", false, &s);
-		cfg->upstream.user = config_dup_or_null(s);
-		s = NULL;
-		r |= conf_get_string(c, auth, "upstream.auth", "password", false, &s);
-		cfg->upstream.password = config_dup_or_null(s);
+		r |= config_get_string_dup(c, auth, "upstream.auth", "user", false, &cfg->upstream.user);
+		r |= config_get_string_dup(c, auth, "upstream.auth", "password", false, &cfg->upstream.password);
 	}
 	cfg->upstream.mechanism = mech == 1 ? BROKER_AUTH_EXTERNAL : BROKER_AUTH_PLAIN;
 	if (cfg->upstream.mechanism == BROKER_AUTH_EXTERNAL && !cfg->upstream.cert)
@@ -154,9 +142,7 @@ int config_parse_upstream(struct conf_ctx *c, json_t *root, struct proxy_config 
 	s = "/";
 	r |= conf_get_string(c, u, "upstream", "vhost", false, &s);
 	cfg->upstream.vhost = strdup(s);
-	s = NULL;
-	r |= conf_get_string(c, u, "upstream", "exchange", true, &s);
-	cfg->upstream.exchange = config_dup_or_null(s);
+	r |= config_get_string_dup(c, u, "upstream", "exchange", true, &cfg->upstream.exchange);
 	cfg->upstream.heartbeat = 30;
 	r |= conf_get_u16(c, u, "upstream", "heartbeat", 0, 3600, &cfg->upstream.heartbeat);
 	cfg->upstream.connect_timeout_ms = 10000;
