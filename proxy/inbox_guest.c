@@ -41,44 +41,41 @@ static void on_settle(struct inbox *ib, const struct guest_settle *st)
 	upstream_proto_inbox_settle(p, st->up_gen, st->up_tag, how, requeue);
 }
 
+/* A declare or a get of the VM's inbox: one request chain, answered from
+ * the broker's replies (at once when nothing needed sending). */
+static void queue_request(struct inbox *ib, struct guest_conn *c, const struct vm_info *vm,
+                          const struct guest_event *ev, enum req_what what)
+{
+	bool get = what == REQ_GET;
+	struct inbox_req *r = inbox_req_new(ib, what, c, ev->channel, ev->channel_gen, NULL);
+	char queue[VM_UUID_LEN + 16];
+
+	if (!r) {
+		guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
+		                   "out of memory");
+		return;
+	}
+	if (get) {
+		r->no_ack = ev->no_ack;
+		snprintf(r->uuid, sizeof(r->uuid), "%s", vm->uuid);
+	}
+	snprintf(queue, sizeof(queue), "vm.%s.inbox", vm->uuid);
+	if (!inbox_send_chain(ib, r, queue, vm->uuid, NULL, get) && r->replies == 0)
+		inbox_on_reply(ib, (uint64_t)(uintptr_t)r,
+		               get ? UPSTREAM_INBOX_GET : UPSTREAM_INBOX_DECLARE, false, 0, NULL, 0,
+		               0);
+}
+
 void inbox_guest_event(struct inbox *ib, struct guest_conn *c, const struct vm_info *vm,
                        const struct guest_event *ev)
 {
 	switch (ev->type) {
-	case GUEST_EVENT_DECLARE: {
-		struct inbox_req *r =
-		        inbox_req_new(ib, REQ_DECLARE, c, ev->channel, ev->channel_gen, NULL);
-		char queue[VM_UUID_LEN + 16];
-
-		if (!r) {
-			guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
-			                   "out of memory");
-			break;
-		}
-		snprintf(queue, sizeof(queue), "vm.%s.inbox", vm->uuid);
-		if (!inbox_send_chain(ib, r, queue, vm->uuid, NULL, false) && r->replies == 0)
-			inbox_on_reply(ib, (uint64_t)(uintptr_t)r, UPSTREAM_INBOX_DECLARE, false, 0,
-			               NULL, 0, 0);
+	case GUEST_EVENT_DECLARE:
+		queue_request(ib, c, vm, ev, REQ_DECLARE);
 		break;
-	}
-	case GUEST_EVENT_GET: {
-		struct inbox_req *r =
-		        inbox_req_new(ib, REQ_GET, c, ev->channel, ev->channel_gen, NULL);
-		char queue[VM_UUID_LEN + 16];
-
-		if (!r) {
-			guest_session_fail(inbox_session(c), ev->channel, ev->channel_gen, 541,
-			                   "out of memory");
-			break;
-		}
-		r->no_ack = ev->no_ack;
-		snprintf(r->uuid, sizeof(r->uuid), "%s", vm->uuid);
-		snprintf(queue, sizeof(queue), "vm.%s.inbox", vm->uuid);
-		if (!inbox_send_chain(ib, r, queue, vm->uuid, NULL, true) && r->replies == 0)
-			inbox_on_reply(ib, (uint64_t)(uintptr_t)r, UPSTREAM_INBOX_GET, false, 0,
-			               NULL, 0, 0);
+	case GUEST_EVENT_GET:
+		queue_request(ib, c, vm, ev, REQ_GET);
 		break;
-	}
 	case GUEST_EVENT_CONSUME: {
 		struct inbox_cons *k = inbox_cons_new(ib, c, vm, ev);
 

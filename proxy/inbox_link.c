@@ -17,10 +17,13 @@ static void req_done(struct inbox *ib, struct inbox_req *r)
 
 	switch (r->what) {
 	case REQ_DECLARE:
+	case REQ_GET: /* a get only when nothing was got: empty, or failed */
 		if (!s)
 			break;
 		if (r->failed)
 			guest_session_fail(s, r->ch, r->ch_gen, r->code ? r->code : 506, r->text);
+		else if (r->what == REQ_GET)
+			guest_session_get_empty(s, r->ch, r->ch_gen);
 		else
 			guest_session_declare_ok(s, r->ch, r->ch_gen, r->count, r->consumers);
 		break;
@@ -65,15 +68,6 @@ static void req_done(struct inbox *ib, struct inbox_req *r)
 	case REQ_CANCEL:
 		if (k)
 			inbox_cons_free(ib, k);
-		break;
-	case REQ_GET:
-		/* Here only when nothing was got: empty, or failed. */
-		if (!s)
-			break;
-		if (r->failed)
-			guest_session_fail(s, r->ch, r->ch_gen, r->code ? r->code : 506, r->text);
-		else
-			guest_session_get_empty(s, r->ch, r->ch_gen);
 		break;
 	}
 	inbox_wake(ib, c);
