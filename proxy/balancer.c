@@ -135,6 +135,33 @@ static double vm_rate(const struct balancer *b, const char *uuid, uint64_t now_m
 	return (double)(now_msgs - p->messages_in) / dt;
 }
 
+static double rate(double now, double prev, double dt)
+{
+	return dt > 0 && now >= prev ? (now - prev) / dt : 0;
+}
+
+void balancer_thread_rates(const struct poll_report *r, const struct poll_report *prev,
+			   unsigned nprev, unsigned n, double dt, struct thread_rates *out)
+{
+	static const struct poll_report none;
+
+	for (unsigned i = 0; i < n; i++) {
+		const struct poll_report *t = &r[i], *p = prev && i < nprev ? &prev[i] : &none;
+
+		out[i] = (struct thread_rates){
+			.messages_in_per_s = rate((double)t->messages_in, (double)p->messages_in, dt),
+			.bytes_in_per_s = rate((double)t->bytes_in, (double)p->bytes_in, dt),
+			.messages_out_per_s = rate((double)t->messages_out, (double)p->messages_out, dt),
+			.bytes_out_per_s = rate((double)t->bytes_out, (double)p->bytes_out, dt),
+			.cpu_percent = 100 * rate(t->cpu_seconds, p->cpu_seconds, dt),
+			.connections = t->connections,
+			.held_messages = t->held_messages,
+			.held_bytes = t->held_bytes,
+			.loop_max_us = t->loop_max_us,
+		};
+	}
+}
+
 int balancer_observe(struct balancer *b, const struct poll_report *reports, unsigned n,
 		     uint64_t now_ms, struct bal_move *move)
 {

@@ -74,6 +74,19 @@ void balancer_free(struct balancer *b);
 int balancer_step(struct balancer *b, const struct bal_thread *threads, size_t n, uint64_t now_ms,
 		  struct bal_move *move);
 
+/* One poll thread's rates between two of its reports (the admin socket's
+ * "load"), and its gauges at the newer one. */
+struct thread_rates {
+	double messages_in_per_s, bytes_in_per_s, messages_out_per_s, bytes_out_per_s;
+	double cpu_percent;
+	uint64_t connections, held_messages, held_bytes, loop_max_us;
+};
+
+/* The rates of the N reports R against PREV (NPREV reports, DT seconds
+ * earlier; a thread missing there counts from zero) into OUT[0..N). */
+void balancer_thread_rates(const struct poll_report *r, const struct poll_report *prev,
+			   unsigned nprev, unsigned n, double dt, struct thread_rates *out);
+
 /* A sample of the N poll threads' REPORTS (thread order, with their VM
  * lists) at NOW_MS: a VM's load is its messages_in per second since the
  * previous sample (0 when it was not in it or its counter went back, as

@@ -40,6 +40,7 @@ int vmproxy_new(struct proxy_config *cfg, struct vmproxy **out)
 	}
 	p->cfg = cfg;
 	p->epfd = p->stopfd = p->sigfd = p->timerfd = -1;
+	pthread_mutex_init(&p->load_lock, NULL);
 	*out = p;
 	return 0;
 }
@@ -148,8 +149,6 @@ static int start_balancer(struct vmproxy *p, char *err, size_t errlen)
 		return r;
 	balancer_init(&p->balancer, &bc);
 	atomic_store(&p->balancer_enabled, bc.enabled);
-	p->load = json_array();
-	pthread_mutex_init(&p->load_lock, NULL);
 	return 0;
 }
 
@@ -373,9 +372,13 @@ static int post_migrate(struct vmproxy *p, const char *uuid, unsigned from, unsi
  * the admin socket's and /metrics' "load". */
 static void thread_load(struct vmproxy *p, struct poll_report *r, unsigned n, double dt)
 {
-	json_t *load = report_json_load(r, p->prev_threads, p->nprev_threads, n, dt);
-	struct poll_report *keep = calloc(n, sizeof(*keep));
+	struct thread_rates *load = calloc(n ? n : 1, sizeof(*load)), *old = NULL;
+	struct poll_report *keep = calloc(n ? n : 1, sizeof(*keep));
 
+	if (load)
+		balancer_thread_rates(r, p->prev_threads, p->nprev_threads, n, dt, load);
+	else
+		log_warn("out of memory: the threads' load is not updated");
 	for (unsigned i = 0; keep && i < n; i++) {
 		keep[i] = r[i];
 		keep[i].vms = NULL;
@@ -385,9 +388,13 @@ static void thread_load(struct vmproxy *p, struct poll_report *r, unsigned n, do
 	p->prev_threads = keep;
 	p->nprev_threads = keep ? n : 0;
 	pthread_mutex_lock(&p->load_lock);
-	json_decref(p->load);
-	p->load = load;
+	if (load) {
+		old = p->load;
+		p->load = load;
+		p->nload = n;
+	}
 	pthread_mutex_unlock(&p->load_lock);
+	free(old);
 }
 
 /* Sample every thread, keep the load and let the balancer decide; carry
@@ -608,11 +615,13 @@ void vmproxy_counters(struct vmproxy *p, struct vmproxy_counters *c)
 	c->held_messages = total_held(p);
 	c->draining = p->phase != RUNNING;
 	c->balancer_enabled = atomic_load(&p->balancer_enabled);
-	if (p->load) {
-		pthread_mutex_lock(&p->load_lock);
-		c->load = json_deep_copy(p->load);
-		pthread_mutex_unlock(&p->load_lock);
+	pthread_mutex_lock(&p->load_lock);
+	c->load = p->nload ? malloc(p->nload * sizeof(*c->load)) : NULL;
+	if (c->load) {
+		memcpy(c->load, p->load, p->nload * sizeof(*c->load));
+		c->nload = p->nload;
 	}
+	pthread_mutex_unlock(&p->load_lock);
 	c->listeners = p->nlisteners ? calloc(p->nlisteners, sizeof(*c->listeners)) : NULL;
 	for (size_t i = 0; c->listeners && i < p->nlisteners; i++) {
 		const struct listener *l = &p->listeners[i];
@@ -628,9 +637,10 @@ void vmproxy_counters(struct vmproxy *p, struct vmproxy_counters *c)
 
 void vmproxy_counters_release(struct vmproxy_counters *c)
 {
-	json_decref(c->load);
+	free(c->load);
 	free(c->listeners);
 	c->load = NULL;
+	c->nload = 0;
 	c->listeners = NULL;
 	c->nlisteners = 0;
 }
@@ -668,10 +678,8 @@ void vmproxy_free(struct vmproxy *p)
 		close(p->timerfd);
 	balancer_free(&p->balancer);
 	free(p->prev_threads);
-	if (p->load) {
-		json_decref(p->load);
-		pthread_mutex_destroy(&p->load_lock);
-	}
+	free(p->load);
+	pthread_mutex_destroy(&p->load_lock);
 	for (size_t i = 0; i < p->nretired; i++) {
 		for (char **e = p->retired[i]; *e; e++)
 			free(*e);

@@ -4,11 +4,11 @@
  * tests run it in-process. */
 #pragma once
 
-#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "balancer.h"
 #include "config.h"
 #include "poll_thread.h"
 #include "vm_identity.h"
@@ -95,9 +95,10 @@ struct vmproxy_counters {
 	struct vm_identity_stats libvirt;
 	uint64_t connections, held_messages;
 	bool draining, balancer_enabled;
-	/* The per-thread rates at the last sample (report_json_load), a new
-	 * reference; NULL if there is none. */
-	json_t *load;
+	/* The per-thread rates at the last sample, a copy (NULL: none yet,
+	 * or out of memory). */
+	struct thread_rates *load;
+	unsigned nload;
 	struct vmproxy_listener_counters *listeners; /* NULL when out of memory */
 	size_t nlisteners;
 };

@@ -51,7 +51,8 @@ struct vmproxy {
 	struct poll_report *prev_threads; /* the previous sample's reports (no VM lists) */
 	unsigned nprev_threads;
 	pthread_mutex_t load_lock; /* guards load, read by admin and metrics */
-	json_t *load;		/* per thread rates at the last sample */
+	struct thread_rates *load; /* per thread rates at the last sample */
+	unsigned nload;
 	_Atomic bool balancer_enabled;
 	bool log_level_pinned;	      /* --log-level given: reloads keep it */
 	char ***retired;	      /* exchange lists replaced by reloads: a session may

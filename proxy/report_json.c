@@ -96,35 +96,21 @@ json_t *report_json_threads(const struct poll_report *r, unsigned n, bool with_v
 	return a;
 }
 
-static double rate(double now, double prev, double dt)
-{
-	return dt > 0 && now >= prev ? (now - prev) / dt : 0;
-}
-
-json_t *report_json_load(const struct poll_report *r, const struct poll_report *prev,
-			 unsigned nprev, unsigned n, double dt)
+json_t *report_json_load(const struct thread_rates *l, unsigned n)
 {
 	json_t *load = json_array();
 
-	for (unsigned i = 0; i < n; i++) {
-		const struct poll_report *t = &r[i], *pr = prev && i < nprev ? &prev[i] : NULL;
-
+	for (unsigned i = 0; i < n; i++)
 		json_array_append_new(
-			load,
-			json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}", "thread",
-				  (int)i, "messages_in_per_s",
-				  rate((double)t->messages_in, pr ? (double)pr->messages_in : 0, dt),
-				  "bytes_in_per_s",
-				  rate((double)t->bytes_in, pr ? (double)pr->bytes_in : 0, dt),
-				  "messages_out_per_s",
-				  rate((double)t->messages_out, pr ? (double)pr->messages_out : 0, dt),
-				  "bytes_out_per_s",
-				  rate((double)t->bytes_out, pr ? (double)pr->bytes_out : 0, dt),
-				  "cpu_percent", 100 * rate(t->cpu_seconds, pr ? pr->cpu_seconds : 0, dt),
-				  "connections", (json_int_t)t->connections, "held_messages",
-				  (json_int_t)t->held_messages, "held_bytes", (json_int_t)t->held_bytes,
-				  "loop_max_us", (json_int_t)t->loop_max_us));
-	}
+			load, json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}", "thread",
+					(int)i, "messages_in_per_s", l[i].messages_in_per_s,
+					"bytes_in_per_s", l[i].bytes_in_per_s, "messages_out_per_s",
+					l[i].messages_out_per_s, "bytes_out_per_s",
+					l[i].bytes_out_per_s, "cpu_percent", l[i].cpu_percent,
+					"connections", (json_int_t)l[i].connections,
+					"held_messages", (json_int_t)l[i].held_messages,
+					"held_bytes", (json_int_t)l[i].held_bytes, "loop_max_us",
+					(json_int_t)l[i].loop_max_us));
 	return load;
 }
 
@@ -158,8 +144,7 @@ json_t *report_json_counters(const struct vmproxy_counters *c)
 	json_object_set_new(o, "held_messages", json_integer((json_int_t)c->held_messages));
 	json_object_set_new(o, "draining", json_boolean(c->draining));
 	json_object_set_new(o, "balancer_enabled", json_boolean(c->balancer_enabled));
-	if (c->load)
-		json_object_set(o, "load", c->load);
+	json_object_set_new(o, "load", report_json_load(c->load, c->nload));
 	for (size_t i = 0; i < c->nlisteners; i++) {
 		const struct vmproxy_listener_counters *l = &c->listeners[i];
 

@@ -11,14 +11,13 @@
  * and, when WITH_VMS, its "vms" array. A new reference. */
 json_t *report_json_threads(const struct poll_report *r, unsigned n, bool with_vms);
 
-/* The per-thread rates between reports R (N of them) and the previous
- * sample's PREV (NPREV; none at the first sample) DT seconds apart: an
- * array of objects with messages and bytes in and out per second, CPU
- * percent and the gauges. A new reference. */
-json_t *report_json_load(const struct poll_report *r, const struct poll_report *prev,
-			 unsigned nprev, unsigned n, double dt);
-
+struct thread_rates;
 struct vmproxy_counters;
+
+/* The per-thread rates L (N of them, in thread order): an array of
+ * objects with messages and bytes in and out per second, CPU percent and
+ * the gauges. A new reference. */
+json_t *report_json_load(const struct thread_rates *l, unsigned n);
 
 /* The admin socket's "daemon" object from C (docs/admin.md). A new
  * reference. */

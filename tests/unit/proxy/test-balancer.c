@@ -221,6 +221,42 @@ static void test_observe_rates(void **state)
 	balancer_free(&b); /* twice is harmless */
 }
 
+/* The admin socket's per-thread load: rates against the previous sample,
+ * from zero for a thread it did not have, none for a counter that went
+ * back (a restart of the count) or without time between. */
+static void test_thread_rates(void **state)
+{
+	struct poll_report prev[1] = { { .messages_in = 100, .bytes_in = 1000, .messages_out = 50,
+					  .bytes_out = 500, .cpu_seconds = 1.0 } };
+	struct poll_report now[2] = {
+		{ .messages_in = 300, .bytes_in = 5000, .messages_out = 40, .bytes_out = 900,
+		  .cpu_seconds = 1.5, .connections = 3, .held_messages = 7, .held_bytes = 70,
+		  .loop_max_us = 12 },
+		{ .messages_in = 20, .bytes_in = 200, .cpu_seconds = 0.2 },
+	};
+	struct thread_rates out[2];
+
+	(void)state;
+	balancer_thread_rates(now, prev, 1, 2, 2.0, out);
+	assert_true(out[0].messages_in_per_s == 100.0);
+	assert_true(out[0].bytes_in_per_s == 2000.0);
+	assert_true(out[0].messages_out_per_s == 0.0); /* went back */
+	assert_true(out[0].bytes_out_per_s == 200.0);
+	assert_true(out[0].cpu_percent == 25.0);
+	assert_int_equal(out[0].connections, 3);
+	assert_int_equal(out[0].held_messages, 7);
+	assert_int_equal(out[0].held_bytes, 70);
+	assert_int_equal(out[0].loop_max_us, 12);
+	assert_true(out[1].messages_in_per_s == 10.0); /* new thread: from zero */
+	assert_true(out[1].bytes_in_per_s == 100.0);
+	assert_true(out[1].cpu_percent == 10.0);
+
+	balancer_thread_rates(now, NULL, 0, 1, 0, out); /* the first sample */
+	assert_true(out[0].messages_in_per_s == 0.0);
+	assert_true(out[0].cpu_percent == 0.0);
+	assert_int_equal(out[0].connections, 3);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -233,6 +269,7 @@ int main(void)
 		cmocka_unit_test(test_hold_time),
 		cmocka_unit_test(test_config_errors),
 		cmocka_unit_test(test_observe_rates),
+		cmocka_unit_test(test_thread_rates),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

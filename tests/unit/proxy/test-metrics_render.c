@@ -299,6 +299,37 @@ static void test_daemon_counters_reach_their_series(void **state)
 	free(text);
 }
 
+/* The admin socket's "load": each thread's rates under the keys
+ * vmproxyctl status reads, with their own values. */
+static void test_load_keys(void **state)
+{
+	struct thread_rates l[2] = {
+		{ 1.5, 2.5, 3.5, 4.5, 5.5, 6, 7, 8, 9 },
+		{ 11.5, 12.5, 13.5, 14.5, 15.5, 16, 17, 18, 19 },
+	};
+	static const char *const dkeys[] = { "messages_in_per_s", "bytes_in_per_s",
+					     "messages_out_per_s", "bytes_out_per_s",
+					     "cpu_percent" };
+	static const char *const ikeys[] = { "connections", "held_messages", "held_bytes",
+					     "loop_max_us" };
+	json_t *a = report_json_load(l, 2);
+
+	(void)state;
+	assert_int_equal(json_array_size(a), 2);
+	for (unsigned t = 0; t < 2; t++) {
+		json_t *o = json_array_get(a, t);
+
+		assert_int_equal(json_integer_value(json_object_get(o, "thread")), t);
+		for (unsigned k = 0; k < 5; k++)
+			assert_true(json_real_value(json_object_get(o, dkeys[k])) ==
+				    10.0 * t + 1.5 + k);
+		for (unsigned k = 0; k < 4; k++)
+			assert_int_equal(json_integer_value(json_object_get(o, ikeys[k])),
+					 10 * t + 6 + k);
+	}
+	json_decref(a);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -306,6 +337,7 @@ int main(void)
 	        cmocka_unit_test(test_help_and_type_once_per_family),
 	        cmocka_unit_test(test_per_vm_series_and_escaping),
 	        cmocka_unit_test(test_daemon_counters_reach_their_series),
+	        cmocka_unit_test(test_load_keys),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
