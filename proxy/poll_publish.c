@@ -17,12 +17,14 @@
 /* ---- backpressure ------------------------------------------------------ */
 
 #define BOUND_REASON "vmproxy: unconfirmed message limit"
+#define ALARM_REASON "vmproxy: the management broker blocks publishers (resource alarm)"
 
-/* A guest is blocked while its VM or its thread is over a bound, or the
- * thread's link cannot publish; unblocked once none of the three holds,
- * so one ending does not unblock a guest another still applies to. The
- * bounds stop reading the guest; the link alone does not (what the guest
- * sends is held, up to the bounds, and published when the link works). */
+/* A guest is blocked while its VM or its thread is over a bound, the
+ * thread's link cannot publish, or the broker blocks the link (a resource
+ * alarm); unblocked once none of these holds, so one ending does not
+ * unblock a guest another still applies to. The bounds stop reading the
+ * guest; the link and the broker alone do not (what the guest sends is
+ * held, up to the bounds, and published when the link can). */
 void pt_conn_update_blocked(struct poll_thread *pt, struct guest_conn *c)
 {
 	struct guest_session *s = guest_conn_session(c);
@@ -33,6 +35,8 @@ void pt_conn_update_blocked(struct poll_thread *pt, struct guest_conn *c)
 		guest_session_set_blocked(s, true, BOUND_REASON);
 	else if (pt->link_unable)
 		guest_session_set_blocked(s, true, pt->link_reason);
+	else if (pt->broker_blocked)
+		guest_session_set_blocked(s, true, ALARM_REASON);
 	else
 		guest_session_set_blocked(s, false, NULL);
 	pt_mark_dirty(pt, c);
@@ -235,6 +239,20 @@ static void op_publishing(void *ud, bool able, uint16_t code)
 		pt_conn_update_blocked(pt, c);
 }
 
+/* The guests hear of a broker's alarm in our words (the broker's own
+ * reason, "low on memory" say, is logged by the link). */
+static void op_broker_flow(void *ud, bool blocked)
+{
+	struct poll_thread *pt = ud;
+
+	pt->broker_blocked = blocked;
+	if (blocked)
+		log_warn("thread=%u: the broker blocks the link: guests that take "
+			 "connection.blocked are told \"%s\"", pt->id, ALARM_REASON);
+	for (struct guest_conn *c = pt->conns.head; c; c = guest_conn_all_next(c))
+		pt_conn_update_blocked(pt, c);
+}
+
 const struct upstream_ops pt_upstream_ops = {
 	.peek = op_peek,
 	.pop = op_pop,
@@ -243,6 +261,7 @@ const struct upstream_ops pt_upstream_ops = {
 	.state_changed = op_state_changed,
 	.returned = op_returned,
 	.publishing = op_publishing,
+	.broker_flow = op_broker_flow,
 	.inbox_reply = op_inbox_reply,
 	.inbox_deliver = op_inbox_deliver,
 	.inbox_got = op_inbox_got,

@@ -107,7 +107,7 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 		log_info("vm=%s conn=%u: AMQP connection open from %s, user \"%s\"",
 			 v->info.name, id, guest_conn_peer(c),
 			 log_sanitize(user, sizeof(user), u, (unsigned)strlen(u)));
-		if (v->blocked || pt->blocked || pt->link_unable)
+		if (v->blocked || pt->blocked || pt->link_unable || pt->broker_blocked)
 			pt_conn_update_blocked(pt, c);
 		break;
 	}

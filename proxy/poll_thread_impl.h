@@ -150,6 +150,7 @@ struct poll_thread {
 	bool blocked; /* the whole thread is over its bound */
 	bool link_unable; /* the link cannot publish: guests are told */
 	char link_reason[96]; /* what connection.blocked says then */
+	bool broker_blocked;  /* the broker blocks the link (resource alarm): guests are told */
 	uint64_t held_bytes, held_msgs;
 	uint64_t next_scan;
 

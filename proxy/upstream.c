@@ -218,6 +218,15 @@ void uplink_set_publishing(struct upstream *up, bool able, uint16_t code)
 		up->ops->publishing(up->ud, able, code);
 }
 
+void uplink_set_broker_blocked(struct upstream *up, bool blocked)
+{
+	if (blocked == up->broker_blocked)
+		return;
+	up->broker_blocked = blocked;
+	if (up->ops->broker_flow)
+		up->ops->broker_flow(up->ud, blocked);
+}
+
 /* The connection ended in failure: everything unsettled is republished on
  * the next one. A connection that never had a message confirmed (a refusal
  * right after login, say) counts as a failed attempt like a failed connect,
@@ -251,7 +260,7 @@ void uplink_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 	uplink_close(up, now);
 	uplink_requeue_all(up);
 	up->state = LINK_DOWN;
-	up->broker_blocked = false;
+	uplink_set_broker_blocked(up, false);
 	up->reconnect_at = now + delay;
 	if (was_up)
 		up->ops->state_changed(up->ud, false);

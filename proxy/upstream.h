@@ -69,6 +69,10 @@ struct upstream_ops {
 	 * publish. One failure after a connection that worked is not enough:
 	 * the link reconnects with its backoff started again. May be NULL. */
 	void (*publishing)(void *userdata, bool able, uint16_t code);
+	/* The broker blocked the link's publishing (BLOCKED: connection.blocked,
+	 * a resource alarm) or unblocked it; unblocked also when the link that
+	 * was blocked ends. May be NULL. */
+	void (*broker_flow)(void *userdata, bool blocked);
 	/* The inbox channel's events, as upstream_proto_ops describes them;
 	 * inbox_closed also comes when the link ends. May be NULL. */
 	void (*inbox_reply)(void *userdata, uint64_t cookie, enum upstream_inbox_req kind, bool ok,

@@ -108,6 +108,9 @@ void uplink_fail(struct upstream *up, uint64_t now, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 /* Tell the owner (ops->publishing) the link can or cannot publish. */
 void uplink_set_publishing(struct upstream *up, bool able, uint16_t code);
+/* Record whether the broker blocks the link, telling the owner
+ * (ops->broker_flow) of a change. */
+void uplink_set_broker_blocked(struct upstream *up, bool blocked);
 /* Advance the state machine as far as it goes without waiting. */
 void uplink_step(struct upstream *up, uint64_t now);
 

@@ -226,7 +226,7 @@ static void proto_flow(void *ud, bool blocked, const char *reason)
 
 	if (blocked == up->broker_blocked)
 		return;
-	up->broker_blocked = blocked;
+	uplink_set_broker_blocked(up, blocked);
 	if (blocked)
 		log_warn("thread=%u upstream %s: broker blocked the link: \"%s\"", up->thread_id,
 			 up->st.node, reason);
@@ -382,7 +382,7 @@ void uplink_service(struct upstream *up, uint64_t now, bool readable)
 	/* close-ok for our close: a planned reconnect, to the home node. */
 	uplink_close(up, now);
 	up->state = LINK_DOWN;
-	up->broker_blocked = false;
+	uplink_set_broker_blocked(up, false);
 	up->reconnect_at = now;
 	up->node = up->cfg->upstream.n_hosts ? up->spread % up->cfg->upstream.n_hosts : 0;
 	up->node_tries = 0;

@@ -255,3 +255,65 @@ def test_mandatory_unroutable_comes_back_before_the_ack(build_dir, broker, proxy
         ach.queue_delete("vm.sparse.q")
         ach.exchange_delete("vm.sparse")
         admin.close()
+
+
+def test_broker_alarm_blocks_the_guests(build_dir, broker, proxy_factory):
+    """The broker raises its memory alarm (vm_memory_high_watermark 0): it
+    blocks the link at its next publish. A pika guest (it takes
+    connection.blocked) is told so in vmproxyd's words, not the broker's,
+    once; the link shows broker_blocked; when the alarm clears the guest is
+    unblocked, and everything it published, during the alarm included,
+    arrives in order."""
+    vms = make_vms(1, base="127.10.43.1")
+    proxy = proxy_factory(vms, threads=1).start()
+    broker.purge(broker.queue)
+    with from_source(vms[0]["address"]):
+        guest = pika.BlockingConnection(guest_params(proxy))
+    events = []
+    guest.add_on_connection_blocked_callback(
+        lambda _c, frame: events.append(("blocked", frame.method.reason)))
+    guest.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
+    gch = guest.channel()
+
+    def publish(seq):
+        gch.basic_publish("metrics", "pika", json.dumps({"vm": "pika", "seq": seq}).encode())
+
+    def guest_until(pred, timeout, what):
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, "pika guest: no %s in %d s: %r" % (what, timeout,
+                                                                              events)
+            guest.process_data_events(time_limit=0.2)
+
+    def link_blocked():
+        return proxy.admin("threads")["threads"][0]["upstream"]["broker_blocked"]
+
+    publish(1)
+    wait_for(lambda: link_totals(proxy)[0]["acked"] >= 1, 30, "the first message confirmed")
+    broker.ctl("set_vm_memory_high_watermark", "0")
+    try:
+        seq = 1
+        # The broker blocks a connection when it publishes during the alarm.
+        end = time.monotonic() + 30
+        while not link_blocked():
+            assert time.monotonic() < end, "the link not blocked in 30 s: %r" % events
+            seq += 1
+            publish(seq)
+            guest.process_data_events(time_limit=0.5)
+        guest_until(lambda: events, 30, "connection.blocked")
+        assert events == [("blocked", "vmproxy: the management broker blocks publishers "
+                                      "(resource alarm)")], events
+        for _ in range(3):
+            seq += 1
+            publish(seq)
+        guest.process_data_events(time_limit=1)
+        assert len(events) == 1, events
+    finally:
+        broker.ctl("set_vm_memory_high_watermark", "0.4")
+    guest_until(lambda: len(events) > 1, 60, "connection.unblocked")
+    assert events[1:] == [("unblocked",)], events
+    wait_for(lambda: not link_blocked(), 10, "the link unblocked")
+    guest.close()
+    got = [json.loads(b)["seq"] for _, _, b in broker.get_all(broker.queue, timeout=30)
+           if json.loads(b)["vm"] == "pika"]
+    assert got == list(range(1, seq + 1)), got

@@ -43,6 +43,7 @@ struct fx {
 	bool acked[MAX_MSGS];
 	int nconfirmed, nrequeued, ups, downs;
 	int unables, ables; /* ops->publishing calls */
+	int blocks, unblocks; /* ops->broker_flow calls */
 	uint16_t unable_code;
 	/* the broker's side */
 	uint8_t rx[1 << 16], copy[1 << 16];
@@ -106,9 +107,26 @@ static void op_publishing(void *ud, bool able, uint16_t code)
 	}
 }
 
+static void op_broker_flow(void *ud, bool blocked)
+{
+	struct fx *f = ud;
+
+	if (blocked)
+		f->blocks++;
+	else
+		f->unblocks++;
+}
+
 /* No returns here (NULL). */
-static const struct upstream_ops ops = { op_peek, op_pop, op_confirmed, op_requeue,
-					 op_state, NULL, op_publishing };
+static const struct upstream_ops ops = {
+	.peek = op_peek,
+	.pop = op_pop,
+	.confirmed = op_confirmed,
+	.requeue = op_requeue,
+	.state_changed = op_state,
+	.publishing = op_publishing,
+	.broker_flow = op_broker_flow,
+};
 
 /* A message whose guest_tag is ID, queued at the back. */
 static void enqueue(struct fx *f, uint64_t id)
@@ -550,6 +568,68 @@ static void test_failed_connect_makes_the_link_unable_until_up(void **state)
 	assert_int_equal(f->unables, 1);
 }
 
+static bool seen_block(struct fx *f)
+{
+	return f->blocks > 0;
+}
+
+static bool seen_unblock(struct fx *f)
+{
+	return f->unblocks > 0;
+}
+
+static bool seen_second_block(struct fx *f)
+{
+	return f->blocks > 1;
+}
+
+/* A broker's resource alarm (connection.blocked): the owner hears it once
+ * and the link publishes nothing while it lasts; connection.unblocked ends
+ * it and what waited is published. A link lost while blocked is unblocked
+ * for the owner (the next one has not been blocked). */
+static void test_broker_block_reaches_the_owner(void **state)
+{
+	struct fx *f = *state;
+	struct wire_buf b = { 0 };
+	amqp_connection_blocked_t bl = { .reason = amqp_cstring_bytes("low on memory") };
+	amqp_connection_unblocked_t ub = { 0 };
+	struct wire_frame fr[64];
+
+	handshake(f);
+	enqueue(f, 1);
+	want_publishes = 1;
+	assert_true(run_until(f, seen_publishes, 3000));
+	wire_method(&b, 0, AMQP_CONNECTION_BLOCKED_METHOD, &bl);
+	wire_method(&b, 0, AMQP_CONNECTION_BLOCKED_METHOD, &bl); /* said twice */
+	broker_send(f, &b);
+	assert_true(run_until(f, seen_block, 3000));
+	enqueue(f, 2);
+	for (int i = 0; i < 20; i++) {
+		loop_once(f, 1);
+		broker_read(f);
+		take_frames(f, fr, 64);
+	}
+	assert_int_equal(f->publishes, 1);
+	assert_int_equal(f->blocks, 1);
+	assert_int_equal(f->unblocks, 0);
+
+	wire_method(&b, 0, AMQP_CONNECTION_UNBLOCKED_METHOD, &ub);
+	broker_send(f, &b);
+	assert_true(run_until(f, seen_unblock, 3000));
+	want_publishes = 2;
+	assert_true(run_until(f, seen_publishes, 3000));
+	assert_int_equal(f->blocks, 1);
+
+	wire_method(&b, 0, AMQP_CONNECTION_BLOCKED_METHOD, &bl);
+	broker_send(f, &b);
+	assert_true(run_until(f, seen_second_block, 3000));
+	broker_hang_up(f);
+	want_downs = 1;
+	assert_true(run_until(f, seen_downs, 3000));
+	assert_int_equal(f->blocks, 2);
+	assert_int_equal(f->unblocks, 2);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -558,6 +638,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_silent_broker_times_out, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refusal_makes_the_link_unable_until_a_confirm,
 						setup, teardown),
+		cmocka_unit_test_setup_teardown(test_broker_block_reaches_the_owner, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_failed_connect_makes_the_link_unable_until_up,
 						setup, teardown),
 	};
