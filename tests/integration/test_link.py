@@ -35,6 +35,26 @@ def guest_params(proxy, **kw):
     return pika.ConnectionParameters(host="127.0.0.1", port=proxy.port, **kw)
 
 
+def blocked_guest(proxy, address):
+    """A pika guest from ADDRESS (it takes connection.blocked) recording
+    what it is told: (connection, channel, events, until), where
+    until(pred, timeout, what) runs its I/O until pred() or fails."""
+    with from_source(address):
+        guest = pika.BlockingConnection(guest_params(proxy))
+    events = []
+    guest.add_on_connection_blocked_callback(
+        lambda _c, frame: events.append(("blocked", frame.method.reason)))
+    guest.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
+
+    def until(pred, timeout, what):
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, "pika guest: no %s in %d s: %r" % (what, timeout,
+                                                                              events)
+            guest.process_data_events(time_limit=0.2)
+    return guest, guest.channel(), events, until
+
+
 def link_totals(proxy):
     threads = proxy.admin("threads")["threads"]
     tot = {}
@@ -137,20 +157,7 @@ def test_refused_publishing_backs_off_and_recovers(build_dir, broker, proxy_fact
     proxy = proxy_factory(vms, threads=1,
                           extra={"metrics": {"listen": "127.0.0.1:%d" % mport}}).start()
     broker.purge(broker.queue)
-    with from_source(vms[0]["address"]):
-        guest = pika.BlockingConnection(guest_params(proxy))
-    events = []
-    guest.add_on_connection_blocked_callback(
-        lambda _c, frame: events.append(("blocked", frame.method.reason)))
-    guest.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
-    gch = guest.channel()
-
-    def guest_until(pred, timeout, what):
-        end = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < end, "pika guest: no %s in %d s: %r" % (what, timeout,
-                                                                              events)
-            guest.process_data_events(time_limit=0.2)
+    guest, gch, events, guest_until = blocked_guest(proxy, vms[0]["address"])
 
     grant = ("set_permissions", "-p", broker.vhost, "vmproxyd", *vmproxyd_permissions())
     broker.ctl("set_permissions", "-p", broker.vhost, "vmproxyd", "^$", "^$", "^$")
@@ -267,23 +274,10 @@ def test_broker_alarm_blocks_the_guests(build_dir, broker, proxy_factory):
     vms = make_vms(1, base="127.10.43.1")
     proxy = proxy_factory(vms, threads=1).start()
     broker.purge(broker.queue)
-    with from_source(vms[0]["address"]):
-        guest = pika.BlockingConnection(guest_params(proxy))
-    events = []
-    guest.add_on_connection_blocked_callback(
-        lambda _c, frame: events.append(("blocked", frame.method.reason)))
-    guest.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
-    gch = guest.channel()
+    guest, gch, events, guest_until = blocked_guest(proxy, vms[0]["address"])
 
     def publish(seq):
         gch.basic_publish("metrics", "pika", json.dumps({"vm": "pika", "seq": seq}).encode())
-
-    def guest_until(pred, timeout, what):
-        end = time.monotonic() + timeout
-        while not pred():
-            assert time.monotonic() < end, "pika guest: no %s in %d s: %r" % (what, timeout,
-                                                                              events)
-            guest.process_data_events(time_limit=0.2)
 
     def link_blocked():
         return proxy.admin("threads")["threads"][0]["upstream"]["broker_blocked"]
