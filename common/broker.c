@@ -91,6 +91,78 @@ static int setup_tls(const struct broker_opts *o, amqp_socket_t *s, char *err, s
 	return 0;
 }
 
+/* Connect socket object S as O says (its descriptor, or host and port with
+ * TLS when asked), within TV. O's descriptor is closed on failure. */
+static int open_socket(const struct broker_opts *o, amqp_socket_t *s, struct timeval *tv,
+		       char *err, size_t errlen)
+{
+	int r;
+
+	if (o->fd >= 0) {
+		/* rabbitmq-c expects the non-blocking sockets it makes itself:
+		 * with a blocking one its "noblock" reads would block. */
+		int fl = fcntl(o->fd, F_GETFL);
+		if (fl < 0 || fcntl(o->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+			snprintf(err, errlen, "socket: %s", strerror(errno));
+			r = -errno;
+			close(o->fd);
+			return r;
+		}
+		amqp_tcp_socket_set_sockfd(s, o->fd);
+		return 0;
+	}
+	if (o->tls) {
+		r = setup_tls(o, s, err, errlen);
+		if (r < 0)
+			return r;
+	}
+	r = amqp_socket_open_noblock(s, o->host, o->port, tv);
+	if (r != AMQP_STATUS_OK) {
+		snprintf(err, errlen, "connect %s:%u%s: %s", o->host, o->port,
+			 o->tls ? " (TLS)" : "", amqp_error_string2(r));
+		return r == AMQP_STATUS_TIMEOUT ? -ETIMEDOUT : -ECONNREFUSED;
+	}
+	return 0;
+}
+
+/* connection.start-ok with our client properties, and the login O asks for. */
+static amqp_rpc_reply_t login(amqp_connection_state_t conn, const struct broker_opts *o)
+{
+	amqp_table_entry_t caps[] = {
+		field_bool("connection.blocked", true),
+		field_bool("authentication_failure_close", true),
+		field_bool("publisher_confirms", true),
+		field_bool("basic.nack", true),
+		field_bool("consumer_cancel_notify", true),
+	};
+	amqp_table_entry_t props[4];
+	amqp_table_t table;
+	const char *vhost = o->vhost ? o->vhost : "/";
+	int channel_max = o->channel_max ? o->channel_max : 16;
+	int frame_max = o->frame_max ? (int)o->frame_max : 131072;
+	int n = 0;
+
+	props[n++] = field_table("capabilities", caps, (int)(sizeof(caps) / sizeof(caps[0])));
+	if (o->connection_name)
+		props[n++] = field_utf8("connection_name", o->connection_name);
+	if (o->product) {
+		/* Ours replace rabbitmq-c's own product and version. */
+		props[n++] = field_utf8("product", o->product);
+		props[n++] = field_utf8("version", VMPROXY_VERSION);
+	}
+	table.num_entries = n;
+	table.entries = props;
+	if (o->auth == BROKER_AUTH_EXTERNAL)
+		/* RabbitMQ takes the name from the certificate; rabbitmq-c
+		 * fails to allocate an empty response. */
+		return amqp_login_with_properties(conn, vhost, channel_max, frame_max, o->heartbeat,
+						  &table, AMQP_SASL_METHOD_EXTERNAL,
+						  o->user && *o->user ? o->user : "cert");
+	return amqp_login_with_properties(conn, vhost, channel_max, frame_max, o->heartbeat, &table,
+					  AMQP_SASL_METHOD_PLAIN, o->user ? o->user : "guest",
+					  o->password ? o->password : "guest");
+}
+
 int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, char *err,
 		   size_t errlen)
 {
@@ -121,73 +193,10 @@ int broker_connect(const struct broker_opts *o, amqp_connection_state_t *out, ch
 	tv.tv_usec = (timeout_ms % 1000) * 1000;
 	amqp_set_handshake_timeout(conn, &tv);
 	amqp_set_rpc_timeout(conn, &tv);
-
-	if (o->fd >= 0) {
-		/* rabbitmq-c expects the non-blocking sockets it makes itself:
-		 * with a blocking one its "noblock" reads would block. */
-		int fl = fcntl(o->fd, F_GETFL);
-		if (fl < 0 || fcntl(o->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-			snprintf(err, errlen, "socket: %s", strerror(errno));
-			r = -errno;
-			close(o->fd);
-			goto fail;
-		}
-		amqp_tcp_socket_set_sockfd(s, o->fd);
-	} else {
-		if (o->tls) {
-			r = setup_tls(o, s, err, errlen);
-			if (r < 0)
-				goto fail;
-		}
-		r = amqp_socket_open_noblock(s, o->host, o->port, &tv);
-		if (r != AMQP_STATUS_OK) {
-			snprintf(err, errlen, "connect %s:%u%s: %s", o->host, o->port,
-				 o->tls ? " (TLS)" : "", amqp_error_string2(r));
-			r = r == AMQP_STATUS_TIMEOUT ? -ETIMEDOUT : -ECONNREFUSED;
-			goto fail;
-		}
-	}
-
-	{
-		amqp_table_entry_t caps[] = {
-			field_bool("connection.blocked", true),
-			field_bool("authentication_failure_close", true),
-			field_bool("publisher_confirms", true),
-			field_bool("basic.nack", true),
-			field_bool("consumer_cancel_notify", true),
-		};
-		amqp_table_entry_t props[4];
-		amqp_table_t table;
-		int n = 0;
-
-		props[n++] = field_table("capabilities", caps, (int)(sizeof(caps) / sizeof(caps[0])));
-		if (o->connection_name)
-			props[n++] = field_utf8("connection_name", o->connection_name);
-		if (o->product) {
-			/* Ours replace rabbitmq-c's own product and version. */
-			props[n++] = field_utf8("product", o->product);
-			props[n++] = field_utf8("version", VMPROXY_VERSION);
-		}
-		table.num_entries = n;
-		table.entries = props;
-
-		if (o->auth == BROKER_AUTH_EXTERNAL)
-			rr = amqp_login_with_properties(conn, o->vhost ? o->vhost : "/",
-							o->channel_max ? o->channel_max : 16,
-							o->frame_max ? (int)o->frame_max : 131072,
-							o->heartbeat, &table,
-							AMQP_SASL_METHOD_EXTERNAL,
-							/* RabbitMQ takes the name from the
-							 * certificate; rabbitmq-c fails to
-							 * allocate an empty response. */
-							o->user && *o->user ? o->user : "cert");
-		else
-			rr = amqp_login_with_properties(
-				conn, o->vhost ? o->vhost : "/", o->channel_max ? o->channel_max : 16,
-				o->frame_max ? (int)o->frame_max : 131072, o->heartbeat, &table,
-				AMQP_SASL_METHOD_PLAIN, o->user ? o->user : "guest",
-				o->password ? o->password : "guest");
-	}
+	r = open_socket(o, s, &tv, err, errlen);
+	if (r < 0)
+		goto fail;
+	rr = login(conn, o);
 	if (rr.reply_type != AMQP_RESPONSE_NORMAL) {
 		snprintf(err, errlen, "login to %s:%u vhost \"%s\": %s", o->host ? o->host : "fd",
 			 o->port, o->vhost ? o->vhost : "/",
