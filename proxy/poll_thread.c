@@ -98,7 +98,7 @@ static void on_session_event(void *ud, const struct guest_event *ev)
 	struct guest_conn *c = ud;
 	struct poll_thread *pt = guest_conn_thread(c);
 	struct vm_state *v = guest_conn_vm(c);
-	uint32_t id = id;
+	uint32_t id = guest_conn_id(c);
 
 	switch (ev->type) {
 	case GUEST_EVENT_OPENED: {

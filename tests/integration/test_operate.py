@@ -147,8 +147,15 @@ def test_reload_changes_log_level_and_exchanges_without_dropping_guests(
     # Debug lines appear: a new connection's acceptance is logged at debug.
     with from_source(vms[2]["address"]):
         pika.BlockingConnection(guest_params(proxy)).close()
-    wait_for(lambda: re.search(r"debug: vm=%s conn=\d+: accepted" % vms[2]["name"],
-                               proxy.log_text()), 30, "a debug line")
+    accepted = wait_for(lambda: re.search(r"debug: vm=%s conn=(\d+): accepted"
+                                          % vms[2]["name"], proxy.log_text()),
+                        30, "a debug line")
+    # Every line of that connection names it by the id it was accepted with.
+    conn_id = accepted.group(1)
+    wait_for(lambda: "vm=%s conn=%s: closed" % (vms[2]["name"], conn_id) in proxy.log_text(),
+             30, "its close logged")
+    log = proxy.log_text()
+    assert "vm=%s conn=%s: AMQP connection open" % (vms[2]["name"], conn_id) in log, log
 
     # A new listener port needs a restart: refused, named, nothing changes.
     old_port = proxy.port
